@@ -1,0 +1,1 @@
+"""How a run fits in memory and time: sampler, precision, chunking, placement, decode."""

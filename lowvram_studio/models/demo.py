@@ -1,0 +1,132 @@
+"""The built-in demo model: the real SVD architecture at a size that runs on two CPU cores.
+
+Every component is the class a real SVD / SVD-XT checkpoint uses, so every engine technique that
+works here works on the full-size model. The weights are random (seeded, identical on every start)
+until trained demo weights ship in ``assets/``; the UI and CLI say so (see ``DEMO_WEIGHTS_NOTE``).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKLTemporalDecoder,
+    EulerDiscreteScheduler,
+    StableVideoDiffusionPipeline,
+    UNetSpatioTemporalConditionModel,
+)
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+DEMO_MODEL_NAME = "demo"
+DEMO_WEIGHTS_NOTE = (
+    "The built-in demo model has random weights: it shows what every memory setting costs, but its "
+    "video is noise. For real videos load an SVD / SVD-XT model (a diffusers folder with "
+    "model_index.json, e.g. --model /path/to/stable-video-diffusion-img2vid-xt)."
+)
+
+# The scheduler configuration that ships with stabilityai/stable-video-diffusion-img2vid(-xt).
+SVD_SCHEDULER_CONFIG: dict = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "trained_betas": None,
+    "use_karras_sigmas": True,
+}
+
+# Small versions of the SVD configs: same block types and depth, narrow channels. GroupNorm in
+# these classes uses 32 groups, so every width is a multiple of 32.
+DEMO_UNET_CONFIG: dict = {
+    "sample_size": 16,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": (
+        "CrossAttnDownBlockSpatioTemporal",
+        "CrossAttnDownBlockSpatioTemporal",
+        "CrossAttnDownBlockSpatioTemporal",
+        "DownBlockSpatioTemporal",
+    ),
+    "up_block_types": (
+        "UpBlockSpatioTemporal",
+        "CrossAttnUpBlockSpatioTemporal",
+        "CrossAttnUpBlockSpatioTemporal",
+        "CrossAttnUpBlockSpatioTemporal",
+    ),
+    "block_out_channels": (32, 64, 64, 64),
+    "addition_time_embed_dim": 16,
+    "projection_class_embeddings_input_dim": 48,
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": (2, 4, 4, 4),
+    "num_frames": 14,
+}
+
+DEMO_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "block_out_channels": (32, 32, 64, 64),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "sample_size": 128,
+    "scaling_factor": 0.18215,
+    "force_upcast": True,
+}
+
+DEMO_IMAGE_ENCODER_CONFIG: dict = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 224,
+    "patch_size": 32,
+    "projection_dim": 64,
+}
+
+# CLIP's normalisation constants, as in SVD's feature_extractor/preprocessor_config.json.
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _seeded(seed: int, build):
+    """Build a module under a fixed CPU RNG state so its random init is the same on every start."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_demo_pipeline() -> StableVideoDiffusionPipeline:
+    """Return the demo pipeline in fp32 on the CPU; deterministic, nothing downloaded."""
+    unet = _seeded(1, lambda: UNetSpatioTemporalConditionModel(**DEMO_UNET_CONFIG))
+    vae = _seeded(2, lambda: AutoencoderKLTemporalDecoder(**DEMO_VAE_CONFIG))
+    image_encoder = _seeded(
+        3, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**DEMO_IMAGE_ENCODER_CONFIG))
+    )
+    feature_extractor = CLIPImageProcessor(
+        crop_size={"height": 224, "width": 224},
+        size={"shortest_edge": 224},
+        image_mean=CLIP_IMAGE_MEAN,
+        image_std=CLIP_IMAGE_STD,
+    )
+    scheduler = EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
+    pipeline = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (unet, vae, image_encoder):
+        module.eval().requires_grad_(False)
+    return pipeline

@@ -1,0 +1,1 @@
+"""What a run cost: VRAM sampling, run records, reports."""

@@ -1,0 +1,1 @@
+"""The studio: Gradio app and its background worker."""
