@@ -1,0 +1,307 @@
+"""RunSettings: every knob of a run, validated in one place, with a JSON round trip.
+
+The CLI flags, the UI controls, the run record and the benchmarks all speak these field names
+(DESIGN §7); a new engine knob is a new field here, never a renamed one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class Precision(str, Enum):
+    """Storage precision of a component. ``auto`` lets the precision policy pick for the GPU."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+
+class OffloadMode(str, Enum):
+    """Where weights live while they are not computing (engine/placement.py)."""
+
+    NONE = "none"  # everything stays on the GPU
+    MODEL = "model"  # whole components move to the GPU when used (accelerate hooks)
+    STREAM = "stream"  # UNet blocks stream in with prefetch on a CUDA stream (group offloading)
+
+
+class WindowBlend(str, Enum):
+    """How overlapping temporal windows are weighted where they meet (engine/windows.py)."""
+
+    FLAT = "flat"
+    LINEAR = "linear"
+    PYRAMID = "pyramid"
+
+
+class PruneMode(str, Enum):
+    """Which reuse the pruning threshold drives (engine/pruning.py)."""
+
+    STEPS = "steps"  # reuse deep-block residuals across sampler steps
+    FRAMES = "frames"  # reuse a near-duplicate neighbour's spatial-layer output
+    BOTH = "both"
+
+
+class DeviceChoice(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class SettingsError(ValueError):
+    """Raised with every problem found, each phrased as 'what is wrong; what to do'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+VRAM_BUDGETS = ("off", "auto", "4GB", "6GB", "8GB", "12GB", "24GB")
+INTERPOLATION_FACTORS = (1, 2, 4)
+MAX_SIDE = 2048
+MAX_FRAMES = 256
+MAX_STEPS = 200
+
+
+@dataclass
+class RunSettings:
+    """Every knob of one run. Defaults suit the built-in demo model on a CPU."""
+
+    # What to make
+    height: int = 128
+    width: int = 128
+    num_frames: int = 14
+    num_inference_steps: int = 20
+    seed: int = 0
+    fps: int = 7  # SVD's fps conditioning; also the frame rate of the written video
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 3.0
+    device: DeviceChoice = DeviceChoice.AUTO
+
+    # Precision (engine/precision.py)
+    unet_dtype: Precision = Precision.AUTO
+    vae_dtype: Precision = Precision.FP32
+    encoder_dtype: Precision = Precision.FP32
+
+    # Lossless chunking (engine/chunking.py); 0 = off
+    cfg_split: bool = False
+    spatial_chunk: int = 0  # frames per chunk in spatial layers
+    temporal_chunk: int = 0  # spatial positions per chunk in temporal layers
+    ff_chunk: int = 0  # tokens per chunk in feed-forward layers
+
+    # Placement (engine/placement.py)
+    offload: OffloadMode = OffloadMode.NONE
+
+    # Decode (engine/vae.py); decode_chunk 0 = all frames at once, vae_tile 0 = no tiling
+    decode_chunk: int = 0
+    vae_tile: int = 0
+
+    # Temporal windows (engine/windows.py); chunk_size 0 = the whole clip at once
+    chunk_size: int = 0
+    overlap: int = 2
+    window_blend: WindowBlend = WindowBlend.PYRAMID
+
+    # Static-frame pruning / feature reuse (engine/pruning.py); 0 = off
+    prune_threshold: float = 0.0
+    prune_mode: PruneMode = PruneMode.STEPS
+
+    # Planning and delivery
+    vram_budget: str = "off"
+    interpolate: int = 1
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- validation -------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every problem with these settings, as user-facing sentences (empty when valid)."""
+        out: list[str] = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                out.append(message)
+
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and value % 64 == 0 and 64 <= value <= MAX_SIDE,
+                f"{name} must be a multiple of 64 between 64 and {MAX_SIDE}; got {value!r}",
+            )
+        check(
+            isinstance(self.num_frames, int) and 2 <= self.num_frames <= MAX_FRAMES,
+            f"num_frames must be between 2 and {MAX_FRAMES}; got {self.num_frames!r}",
+        )
+        check(
+            isinstance(self.num_inference_steps, int) and 1 <= self.num_inference_steps <= MAX_STEPS,
+            f"num_inference_steps must be between 1 and {MAX_STEPS}; got {self.num_inference_steps!r}",
+        )
+        check(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+            f"seed must be a whole number from 0 to 2**63-1; got {self.seed!r}",
+        )
+        check(isinstance(self.fps, int) and 1 <= self.fps <= 60, f"fps must be between 1 and 60; got {self.fps!r}")
+        check(
+            isinstance(self.motion_bucket_id, int) and 0 <= self.motion_bucket_id <= 1023,
+            f"motion_bucket_id must be between 0 and 1023; got {self.motion_bucket_id!r}",
+        )
+        check(
+            0.0 <= self.noise_aug_strength <= 1.0,
+            f"noise_aug_strength must be between 0 and 1; got {self.noise_aug_strength!r}",
+        )
+        check(
+            0.0 <= self.min_guidance_scale <= 20.0 and 0.0 <= self.max_guidance_scale <= 20.0,
+            "guidance scales must be between 0 and 20; got "
+            f"min {self.min_guidance_scale!r}, max {self.max_guidance_scale!r}",
+        )
+        check(
+            self.min_guidance_scale <= self.max_guidance_scale,
+            f"min_guidance_scale ({self.min_guidance_scale}) must not exceed max_guidance_scale "
+            f"({self.max_guidance_scale}); lower the minimum or raise the maximum",
+        )
+        for name in ("spatial_chunk", "temporal_chunk", "ff_chunk", "decode_chunk"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0, f"{name} must be 0 (off) or a positive whole number; got {value!r}")
+        check(
+            isinstance(self.vae_tile, int) and (self.vae_tile == 0 or (self.vae_tile >= 64 and self.vae_tile % 8 == 0)),
+            f"vae_tile must be 0 (off) or a multiple of 8 of at least 64 pixels; got {self.vae_tile!r}",
+        )
+        check(
+            isinstance(self.chunk_size, int) and (self.chunk_size == 0 or self.chunk_size >= 2),
+            f"chunk_size must be 0 (whole clip) or at least 2 frames; got {self.chunk_size!r}",
+        )
+        if self.chunk_size:
+            check(
+                isinstance(self.overlap, int) and 0 <= self.overlap < self.chunk_size,
+                f"overlap must be at least 0 and smaller than chunk_size ({self.chunk_size}); got {self.overlap!r}",
+            )
+        check(
+            0.0 <= self.prune_threshold <= 1.0,
+            f"prune_threshold must be between 0 (off) and 1; got {self.prune_threshold!r}",
+        )
+        check(
+            self.vram_budget in VRAM_BUDGETS or _parse_gib(self.vram_budget) is not None,
+            f"vram_budget must be one of {', '.join(VRAM_BUDGETS)} or a size such as 5GB; got {self.vram_budget!r}",
+        )
+        check(
+            self.interpolate in INTERPOLATION_FACTORS,
+            f"interpolate must be 1, 2 or 4; got {self.interpolate!r}",
+        )
+        return out
+
+    def validate(self) -> "RunSettings":
+        """Raise ``SettingsError`` listing every problem; return self when valid."""
+        found = self.problems()
+        if found:
+            raise SettingsError(found)
+        return self
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def guidance_enabled(self) -> bool:
+        """SVD runs classifier-free guidance when the maximum scale exceeds 1 (as diffusers does)."""
+        return self.max_guidance_scale > 1.0
+
+    def lossy_settings(self) -> list[str]:
+        """Names of the settings that change the output against the reference run (DESIGN §3)."""
+        lossy = []
+        if self.unet_dtype not in (Precision.FP32,):
+            lossy.append("unet_dtype")
+        if self.vae_dtype != Precision.FP32:
+            lossy.append("vae_dtype")
+        if self.encoder_dtype != Precision.FP32:
+            lossy.append("encoder_dtype")
+        if self.decode_chunk and self.decode_chunk < self.num_frames:
+            lossy.append("decode_chunk")
+        if self.vae_tile:
+            lossy.append("vae_tile")
+        if self.chunk_size and self.chunk_size < self.num_frames:
+            lossy.append("chunk_size")
+        if self.prune_threshold > 0:
+            lossy.append("prune_threshold")
+        if self.interpolate > 1:
+            lossy.append("interpolate")
+        return lossy
+
+    # ---- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in data.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSettings":
+        """Build settings from a dict; unknown keys are an error naming them (see ``from_dict_lenient``)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SettingsError([f"unknown setting(s) {', '.join(unknown)}; remove them or update LowVRAM Studio"])
+        return cls(**_coerce(data))
+
+    @classmethod
+    def from_dict_lenient(cls, data: dict[str, Any]) -> tuple["RunSettings", list[str]]:
+        """Like ``from_dict`` but ignores unknown keys, returning their names (records of other versions)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**_coerce({k: v for k, v in data.items() if k in known})), sorted(set(data) - known)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSettings":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "RunSettings":
+        return dataclasses.replace(self, **_coerce(changes))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+
+_ENUM_FIELDS = {
+    "unet_dtype": Precision,
+    "vae_dtype": Precision,
+    "encoder_dtype": Precision,
+    "offload": OffloadMode,
+    "window_blend": WindowBlend,
+    "prune_mode": PruneMode,
+    "device": DeviceChoice,
+}
+
+
+def _coerce(data: dict[str, Any]) -> dict[str, Any]:
+    """Turn enum strings into enums, with a message naming the allowed values."""
+    out = dict(data)
+    problems = []
+    for name, enum in _ENUM_FIELDS.items():
+        if name in out and not isinstance(out[name], enum):
+            try:
+                out[name] = enum(str(out[name]).lower())
+            except ValueError:
+                allowed = ", ".join(e.value for e in enum)
+                problems.append(f"{name} must be one of {allowed}; got {out[name]!r}")
+    if problems:
+        raise SettingsError(problems)
+    return out
+
+
+def _parse_gib(text: str) -> float | None:
+    """'5GB' / '5.5gb' / '6' -> GiB as float; None if it is not a size."""
+    cleaned = str(text).strip().lower().removesuffix("gib").removesuffix("gb").strip()
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return value if 0.5 <= value <= 1024 else None
+
+
+def budget_gib(vram_budget: str) -> float | None:
+    """The budget in GiB for a fixed budget string, None for 'off' and 'auto'."""
+    if vram_budget in ("off", "auto"):
+        return None
+    return _parse_gib(vram_budget)
