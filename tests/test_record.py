@@ -109,3 +109,10 @@ def test_env_names_versions_and_no_gpu_here():
     assert env["torch"].startswith("2.") and env["diffusers"] and env["gradio"]
     assert env["gpu_name"] is None and env["driver"] is None and env["vram_total_mib"] is None
     assert env["ram_total_mib"] > 0
+
+
+def test_phase_peaks_name_the_phase_that_sets_the_peak():
+    record = recorded_failure()
+    peaks = record.phase_peaks()
+    assert set(peaks) == {"encode image", "denoise", "decode"}
+    assert max(peaks.values()) <= record.results["ram_peak_mib"]

@@ -242,6 +242,16 @@ class RunRecord:
             spans.append(PhaseSpan(phase, start, max(end, start)))
         return spans
 
+    def phase_peaks(self) -> dict[str, float]:
+        """Highest ``curve_metric()`` value within each phase: which phase sets the peak."""
+        t, mib = self.curve()
+        out: dict[str, float] = {}
+        for span in self.phase_spans():
+            inside = mib[(t >= span.start_s) & (t <= span.end_s)]
+            if inside.size:
+                out[span.phase.value] = max(out.get(span.phase.value, 0.0), float(inside.max()))
+        return out
+
     def step_times(self) -> list[float]:
         """Seconds at which denoise steps finished (for step ticks on a curve)."""
         return [self._seconds(e["time"]) for e in self.events if e["phase"] == Phase.DENOISE.value and e.get("step")]
