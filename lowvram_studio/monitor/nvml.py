@@ -113,12 +113,12 @@ def open_gpu(cuda_index: int = 0) -> NvmlGpu | None:
     """Open the GPU that CUDA calls ``cuda_index``; None when NVML or the GPU is not there."""
     nvml = _pynvml()
     if nvml is None:
-        LOG.info("nvidia-ml-py is not installed; memory is measured as CPU RAM")
+        LOG.debug("nvidia-ml-py is not installed; memory is measured as CPU RAM")
         return None
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as error:
-        LOG.info("no NVIDIA driver (%s); memory is measured as CPU RAM", error)
+        LOG.debug("no NVIDIA driver (%s); memory is measured as CPU RAM", error)
         return None
     try:
         handle, index = _handle_for_cuda_index(nvml, cuda_index)
