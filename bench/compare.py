@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lowvram_studio.compare import CompareResult, run_compare  # noqa: E402
 from lowvram_studio.monitor.record import RunRecord  # noqa: E402
+from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
 LOG = logging.getLogger("bench.compare")
@@ -142,6 +143,8 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
+    # before CUDA is initialised: what other processes use, for the process-peak fallback
+    device_baseline = measure_idle_baseline().device_used_mib
     pipeline, model_info = build_pipeline(args.smoke)
     LOG.info("model built in %.1f s", time.perf_counter() - started)
     settings = RunSettings.from_dict(
@@ -150,7 +153,10 @@ def main() -> int:
             "seed": 0, "device": "cpu" if args.smoke else "cuda", **json.loads(args.optimized),
         }
     )
-    result = run_compare(pipeline, synthetic_image(args.size), settings, out_dir / f"{stem}_run", model_info=model_info)
+    result = run_compare(
+        pipeline, synthetic_image(args.size), settings, out_dir / f"{stem}_run", model_info=model_info,
+        monitor_config=MonitorConfig(device_baseline_mib=device_baseline),
+    )
 
     case = f"{args.size}x{args.size}x{args.frames}"
     rows = bench_rows(result, case, args.steps)

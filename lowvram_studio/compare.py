@@ -103,6 +103,7 @@ def run_compare(
     on_event: EventCallback | None = None,
     cancel: CancelToken | None = None,
     model_info: dict[str, Any] | None = None,
+    monitor_config: MonitorConfig | None = None,
 ) -> CompareResult:
     """Run (a), (b), (c) and write ``compare.json``, ``curves.png``, ``table.md`` into ``out_dir``.
 
@@ -110,6 +111,8 @@ def run_compare(
     are restored at the end) or a factory called once per run (each run starts from fresh weights).
     ``out_dir`` must not hold compare files already: the compare refuses to start rather than
     overwrite them. Events reach ``on_event`` with ``data["compare_run"]`` naming the run.
+    ``monitor_config`` sets the sampler; give it ``device_baseline_mib`` (measured at start-up,
+    before CUDA) so process peaks have a fallback where the driver hides per-process figures.
     """
     from lowvram_studio.engine.sampler import generate
 
@@ -120,7 +123,7 @@ def run_compare(
         run.settings.validate()
     notes = _precision_notes(runs)
     model_info = dict(model_info or {})
-    config = MonitorConfig()
+    config = monitor_config or MonitorConfig()
 
     reference: np.ndarray | None = None
     records: list[RunRecord] = []

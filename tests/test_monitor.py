@@ -186,6 +186,14 @@ def test_process_peak_prefers_the_driver_per_process_figure():
     assert process_peak_mib(samples, baseline) == 1100
 
 
+def test_a_baseline_taken_after_cuda_started_is_not_subtracted():
+    # it holds our own context and weights: subtracting it would understate the process peak
+    samples = [Sample(t=0, device_used_mib=5000)]
+    late = IdleBaseline(device_used_mib=4000, process_used_mib=None, torch_reserved_mib=3000, rss_mib=None, cuda_initialized=True)
+    assert process_peak_mib(samples, late) is None
+    assert process_peak_mib(samples, late, device_baseline_mib=500) == 4500
+
+
 def test_sampler_costs_under_one_percent_of_a_run():
     # Count the work instead of timing the run: how many readings the sampler made while the
     # "run" (a busy main thread) lasted, times what one reading costs.

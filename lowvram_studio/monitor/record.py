@@ -157,7 +157,11 @@ class RunRecord:
             memory_label=monitor.memory_label,
             t0=monitor.started_at,
             baseline=baseline.to_dict() if baseline else None,
-            monitor={"rate_hz": monitor.config.rate_hz, "cpu_fraction": monitor.overhead_fraction},
+            monitor={
+                "rate_hz": monitor.config.rate_hz,
+                "cpu_fraction": monitor.overhead_fraction,
+                "device_baseline_mib": monitor.config.device_baseline_mib,
+            },
             info=_jsonable(info),
         )
 

@@ -57,16 +57,25 @@ class MonitorConfig:
     rate_hz: float = 50.0
     cuda_index: int = 0
     reset_torch_peak: bool = True  # so torch_peak_mib is this run's, not the process lifetime's
+    # Device memory used by other processes, measured before this process initialised CUDA
+    # (``measure_idle_baseline()`` at start-up). The process-peak fallback subtracts it.
+    device_baseline_mib: float | None = None
 
 
 @dataclass(frozen=True)
 class IdleBaseline:
-    """Memory in use before a run starts; the process-peak fallback subtracts ``device_used_mib``."""
+    """Memory in use before a run starts, with nothing of the run allocated yet.
+
+    Taken before this process initialised CUDA (``cuda_initialized`` False), ``device_used_mib`` is
+    what other processes use: the process-peak fallback subtracts it. Taken later it also holds this
+    process's context and weights, so it is recorded but not subtracted.
+    """
 
     device_used_mib: float | None
     process_used_mib: float | None
     torch_reserved_mib: float | None
     rss_mib: float | None
+    cuda_initialized: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,7 +229,7 @@ class VramMonitor:
         """The four peak figures of the run record (DESIGN §3), None where not measured."""
         samples = self.samples
         return {
-            "process_peak_mib": process_peak_mib(samples, baseline),
+            "process_peak_mib": process_peak_mib(samples, baseline, self.config.device_baseline_mib),
             "torch_peak_mib": self.torch_peak_mib,
             "device_peak_mib": peak(samples, "device_used_mib"),
             "ram_peak_mib": peak(samples, "rss_mib"),
@@ -249,6 +258,7 @@ def measure_idle_baseline(cuda_index: int = 0, readings: int = 5, interval_s: fl
         process_used_mib=median("process_used_mib"),
         torch_reserved_mib=median("torch_reserved_mib"),
         rss_mib=median("rss_mib"),
+        cuda_initialized=_cuda_initialized(),
     )
 
 
@@ -258,25 +268,38 @@ def peak(samples: list[Sample], name: str) -> float | None:
     return max(values) if values else None
 
 
-def process_peak_mib(samples: list[Sample], baseline: IdleBaseline | None) -> float | None:
-    """Per-process NVML peak; where the driver hides processes: device peak minus the idle baseline."""
+def process_peak_mib(
+    samples: list[Sample], baseline: IdleBaseline | None, device_baseline_mib: float | None = None
+) -> float | None:
+    """Per-process NVML peak (CUDA context included).
+
+    Where the driver hides processes (WDDM, containers): the device peak minus what other processes
+    used, i.e. ``device_baseline_mib`` or a ``baseline`` taken before this process initialised CUDA.
+    Without either the figure is None: subtracting a later baseline would drop our own context and
+    weights and understate the peak.
+    """
     direct = peak(samples, "process_used_mib")
     if direct is not None:
         return direct
     device = peak(samples, "device_used_mib")
-    if device is None or baseline is None or baseline.device_used_mib is None:
+    if device_baseline_mib is None and baseline is not None and not baseline.cuda_initialized:
+        device_baseline_mib = baseline.device_used_mib
+    if device is None or device_baseline_mib is None:
         return None
-    return max(device - baseline.device_used_mib, 0.0)
+    return max(device - device_baseline_mib, 0.0)
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
 
 
 def _reset_torch_peak(cuda_index: int) -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats(cuda_index)
+    if _cuda_initialized():
+        sys.modules["torch"].cuda.reset_peak_memory_stats(cuda_index)
 
 
 def _torch_max_allocated_mib(cuda_index: int) -> float | None:
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
+    if not _cuda_initialized():
         return None
-    return torch.cuda.max_memory_allocated(cuda_index) / MIB
+    return sys.modules["torch"].cuda.max_memory_allocated(cuda_index) / MIB
