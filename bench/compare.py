@@ -28,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lowvram_studio.compare import CompareResult, run_compare  # noqa: E402
+from lowvram_studio.models.load import LoadedModel, load_model  # noqa: E402
 from lowvram_studio.monitor.record import RunRecord  # noqa: E402
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
@@ -64,15 +65,14 @@ def synthetic_image(size: int) -> Image.Image:
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
-def build_pipeline(smoke: bool):
+def build_model(smoke: bool) -> LoadedModel:
+    """The demo model (--smoke) or full-size SVD-XT with random weights, fp32 on the GPU."""
     if smoke:
-        from lowvram_studio.models.demo import build_demo_pipeline
-
-        return build_demo_pipeline(), {"name": "demo", "source": "built-in, random weights"}
+        return load_model("demo")
     from lowvram_studio.models.svd_configs import build_svd_xt_pipeline
 
-    pipeline = build_svd_xt_pipeline(dtype=torch.float32, device="cuda")
-    return pipeline, {"name": "svd-xt-architecture", "source": "config, random weights seed 0"}
+    pipeline = build_svd_xt_pipeline(dtype=torch.float32, device="cuda", seed=0)
+    return LoadedModel(pipeline, name="svd-xt-architecture", source="svd_configs, random weights seed 0", kind="config")
 
 
 def bench_rows(result: CompareResult, case: str, steps: int) -> list[dict]:
@@ -145,7 +145,7 @@ def main() -> int:
     started = time.perf_counter()
     # before CUDA is initialised: what other processes use, for the process-peak fallback
     device_baseline = measure_idle_baseline().device_used_mib
-    pipeline, model_info = build_pipeline(args.smoke)
+    model = build_model(args.smoke)
     LOG.info("model built in %.1f s", time.perf_counter() - started)
     settings = RunSettings.from_dict(
         {
@@ -154,17 +154,17 @@ def main() -> int:
         }
     )
     result = run_compare(
-        pipeline, synthetic_image(args.size), settings, out_dir / f"{stem}_run", model_info=model_info,
+        model, synthetic_image(args.size), settings, out_dir / f"{stem}_run",
         monitor_config=MonitorConfig(device_baseline_mib=device_baseline),
     )
 
     case = f"{args.size}x{args.size}x{args.frames}"
     rows = bench_rows(result, case, args.steps)
-    env = {**result.records[0].env, "torch_cuda": torch.version.cuda}
+    env = result.records[0].env
     data = {"env": env, "command": " ".join(sys.argv), "notes": result.notes, "rows": rows}
     (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     table = rows_markdown(rows)
-    (out_dir / f"{stem}.md").write_text(f"# compare {case}, {args.steps} steps, {env.get('gpu_name') or 'CPU'}\n\n"
+    (out_dir / f"{stem}.md").write_text(f"# compare {case}, {args.steps} steps, {env.get('gpu') or 'CPU'}\n\n"
                                          f"{table}\n{result.table_md}", encoding="utf-8")
     shutil.copyfile(result.files["png"], out_dir / f"{stem}.png")
 

@@ -26,14 +26,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image
 
+from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
-from lowvram_studio.monitor.record import RunRecord, describe_model, record_run, write_text_atomic
+from lowvram_studio.engine.sampler import _prepare_components, generate, resolve_device
+from lowvram_studio.models.load import LoadedModel
+from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline
-from lowvram_studio.settings import DeviceChoice, Precision, RunSettings
+from lowvram_studio.settings import Precision, RunSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ WHAT_TO_MAKE = (
 )
 TORCH_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 
-PipelineSource = DiffusionPipeline | Callable[[], DiffusionPipeline]
+ModelSource = LoadedModel | Callable[[], LoadedModel]
 
 
 class CompareError(ValueError):
@@ -96,44 +98,41 @@ def compare_runs(settings: RunSettings) -> list[CompareRun]:
 
 
 def run_compare(
-    pipeline: PipelineSource,
+    model: ModelSource,
     image: Image.Image,
     settings: RunSettings,
     out_dir: str | Path,
     on_event: EventCallback | None = None,
     cancel: CancelToken | None = None,
-    model_info: dict[str, Any] | None = None,
     monitor_config: MonitorConfig | None = None,
 ) -> CompareResult:
     """Run (a), (b), (c) and write ``compare.json``, ``curves.png``, ``table.md`` into ``out_dir``.
 
-    ``pipeline`` is a loaded pipeline (cast in place between runs; its exact weights and dtypes
-    are restored at the end) or a factory called once per run (each run starts from fresh weights).
+    ``model`` is a loaded model (cast in place between runs; its exact weights and dtypes are
+    restored at the end) or a factory called once per run (each run starts from fresh weights).
     ``out_dir`` must not hold compare files already: the compare refuses to start rather than
     overwrite them. Events reach ``on_event`` with ``data["compare_run"]`` naming the run.
     ``monitor_config`` sets the sampler; give it ``device_baseline_mib`` (measured at start-up,
     before CUDA) so process peaks have a fallback where the driver hides per-process figures.
     """
-    from lowvram_studio.engine.sampler import generate
-
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     runs = compare_runs(settings.validate())
     for run in runs:
         run.settings.validate()
     notes = _precision_notes(runs)
-    model_info = dict(model_info or {})
     config = monitor_config or MonitorConfig()
+    image = media.fit_image(image, settings.width, settings.height)
 
     reference: np.ndarray | None = None
     records: list[RunRecord] = []
-    with _pipelines(pipeline, runs) as pipelines:
-        for index, (run, pipe) in enumerate(zip(runs, pipelines, strict=True)):
+    with _models(model, runs) as models:
+        for index, (run, loaded) in enumerate(zip(runs, models, strict=True)):
             if cancel is not None:
                 cancel.raise_if_cancelled()
             emit = _tagged(on_event, run.label, index, len(runs))
             emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing (UNet {run.settings.unet_dtype.value})"))
-            apply_compare_precision(pipe, run.settings)
+            apply_compare_precision(loaded.pipeline, run.settings)
             release_memory()
             baseline = measure_idle_baseline(config.cuda_index)
             events: list[RunEvent] = []
@@ -143,9 +142,11 @@ def run_compare(
                 emit(event)
 
             result, record = record_run(
-                lambda pipe=pipe, run=run, collect=collect: generate(pipe, image, run.settings, on_event=collect, cancel=cancel),
+                lambda pipe=loaded.pipeline, run=run, collect=collect: generate(
+                    pipe, image, run.settings, on_event=collect, cancel=cancel
+                ),
                 run.settings,
-                model={**model_info, **describe_model(pipe, model_info.get("name", ""), model_info.get("source", ""))},
+                model=loaded.describe(),
                 label=run.label,
                 config=config,
                 baseline=baseline,
@@ -159,25 +160,23 @@ def run_compare(
             elif index == 0:
                 notes.append(f"{run.label} did not complete ({record.error}); no PSNR/SSIM against it")
             records.append(record)
-            del result, pipe  # nothing may hold this run's pipeline or frames while the next one starts
+            del result, loaded  # nothing may hold this run's pipeline or frames while the next one starts
             release_memory()
 
     return _write(records, out_dir, notes)
 
 
-def apply_compare_precision(pipeline: DiffusionPipeline, settings: RunSettings) -> None:
-    """Cast UNet, VAE and image encoder to the run's dtypes.
+def apply_compare_precision(pipeline: Any, settings: RunSettings) -> None:
+    """Put UNet, VAE and image encoder on the run's device in its dtypes, before the monitor starts.
 
-    The one place compare changes precision: swap for the engine's precision policy
-    (engine/precision.py ``apply_precision``) when it lands.
+    The one place compare changes precision; it uses the sampler's own preparation so the run
+    finds nothing left to cast (swap for engine/precision.py ``apply_precision`` when it lands).
     """
-    for component, precision in zip(COMPONENTS, (settings.unet_dtype, settings.vae_dtype, settings.encoder_dtype), strict=True):
+    for field_name in ("unet_dtype", "vae_dtype", "encoder_dtype"):
+        precision = getattr(settings, field_name)
         if precision not in TORCH_DTYPES:
-            raise CompareError(
-                f"compare runs {component} in fp32, fp16 or bf16; got {precision.value}; "
-                f"choose one of those for {component.replace('image_', '')}_dtype"
-            )
-        getattr(pipeline, component).to(dtype=TORCH_DTYPES[precision])
+            raise CompareError(f"compare runs fp32, fp16 or bf16; got {field_name} {precision.value}; choose one of those")
+    _prepare_components(pipeline, settings, resolve_device(settings.device))
 
 
 def release_memory() -> None:
@@ -225,16 +224,10 @@ def _check_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _run_device(settings: RunSettings) -> str:
-    if settings.device == DeviceChoice.AUTO:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return settings.device.value
-
-
 def _precision_notes(runs: list[CompareRun]) -> list[str]:
     """Say up front what fp16 means on this device (CPU: it runs, through slow kernels)."""
     notes = []
-    if _run_device(runs[0].settings) == "cpu":
+    if resolve_device(runs[0].settings.device).type == "cpu":
         notes.append(
             "on CPU, fp16 runs through PyTorch's slow reference convolutions: the FP16 runs are slower "
             "than FP32 here; memory is measured as CPU RAM (peak RSS) and still shows the weight savings"
@@ -243,30 +236,31 @@ def _precision_notes(runs: list[CompareRun]) -> list[str]:
 
 
 @contextmanager
-def _pipelines(source: PipelineSource, runs: list[CompareRun]) -> Iterator[Iterator[DiffusionPipeline]]:
-    """One pipeline per run: fresh from a factory, or the given one, restored exactly afterwards."""
-    if not isinstance(source, DiffusionPipeline):
-        yield _fresh_pipelines(source, len(runs))
+def _models(source: ModelSource, runs: list[CompareRun]) -> Iterator[Iterator[LoadedModel]]:
+    """One model per run: fresh from a factory, or the given one, restored exactly afterwards."""
+    if not isinstance(source, LoadedModel):
+        yield _fresh_models(source, len(runs))
         return
-    saved = _save_lossy_components(source, runs)
+    pipeline = source.pipeline
+    saved = _save_lossy_components(pipeline, runs)
     try:
         yield iter([source] * len(runs))
     finally:
         for component, (dtype, state) in saved.items():
-            module = getattr(source, component)
+            module = getattr(pipeline, component)
             module.to(dtype=dtype)
             if state is not None:
                 module.load_state_dict(state)
 
 
-def _fresh_pipelines(factory: Callable[[], DiffusionPipeline], count: int) -> Iterator[DiffusionPipeline]:
+def _fresh_models(factory: Callable[[], LoadedModel], count: int) -> Iterator[LoadedModel]:
     for _ in range(count):
-        pipeline = factory()
-        yield pipeline
-        del pipeline  # drop this run's pipeline before the factory builds the next
+        model = factory()
+        yield model
+        del model  # drop this run's model before the factory builds the next
 
 
-def _save_lossy_components(pipeline: DiffusionPipeline, runs: list[CompareRun]) -> dict[str, tuple[torch.dtype, Any]]:
+def _save_lossy_components(pipeline: Any, runs: list[CompareRun]) -> dict[str, tuple[torch.dtype, Any]]:
     """Original dtypes, plus a CPU copy of weights that a run narrows (fp32 -> fp16 -> fp32 is not exact)."""
     saved = {}
     for component, field_name in zip(COMPONENTS, ("unet_dtype", "vae_dtype", "encoder_dtype"), strict=True):

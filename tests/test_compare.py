@@ -8,6 +8,7 @@ import time
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
 from lowvram_studio.engine.events import Phase, RunEvent
 from lowvram_studio.monitor.record import RunRecord
@@ -82,3 +83,98 @@ def test_table_has_the_write_up_shape_and_every_figure(tmp_path):
     assert lines[2].startswith("| CPU | 4 |") and " OOM |" in lines[2] and lines[2].endswith("| n/a | 2 |")
     assert "| FP32 original OOM |" in table
     assert "| 0.5 | 2 | 38.25 dB | 0.97 |" in table
+
+
+# ---- the three real runs -----------------------------------------------------------------------
+from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: E402
+
+from lowvram_studio.compare import COMPARE_FILES, CompareError, load_compare, run_compare  # noqa: E402
+from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.models.demo import DEMO_UNET_CONFIG, build_demo_pipeline  # noqa: E402
+from lowvram_studio.models.load import LoadedModel  # noqa: E402
+
+# One denoise step of two frames without guidance: seconds on two cores, and a UNet wide enough
+# (60 M parameters, 240 MB in fp32) that its weights, not activations, set the memory peak.
+TINY_RUN = RunSettings(height=64, width=64, num_frames=2, num_inference_steps=1, max_guidance_scale=1.0, seed=0)
+
+
+def weights_heavy_model() -> LoadedModel:
+    demo = build_demo_pipeline()
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(**{**DEMO_UNET_CONFIG, "block_out_channels": (128, 256, 256, 256)})
+    pipeline = StableVideoDiffusionPipeline(
+        vae=demo.vae, image_encoder=demo.image_encoder, unet=unet.eval().requires_grad_(False),
+        scheduler=demo.scheduler, feature_extractor=demo.feature_extractor,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return LoadedModel(pipeline, "weights-heavy demo", "tests", "demo")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # These runs are tiny: on a busy 2-core machine OpenMP's spinning threads cost 10x the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, test_image):
+    model = weights_heavy_model()
+    before = {k: v.clone() for k, v in model.pipeline.unet.state_dict().items()}
+    events = []
+    result = run_compare(model, test_image, TINY_RUN.replace(decode_chunk=1), tmp_path_factory.mktemp("cmp"), on_event=events.append)
+    return result, model, before, events
+
+
+def test_compare_writes_json_png_and_table_that_load_back(compared):
+    result, *_ = compared
+    assert sorted(p.name for p in result.out_dir.iterdir()) == sorted(COMPARE_FILES)
+    loaded = load_compare(result.out_dir)
+    assert [r.label for r in loaded] == ["FP32 original", "FP16 only", "FP16 + chosen optimizations"]
+    assert [r.to_dict() for r in loaded] == [r.to_dict() for r in result.records]
+    assert [r.model["dtypes"]["unet"] for r in loaded] == ["float32", "float16", "float16"]
+    assert all(r.baseline["rss_mib"] > 0 and r.results["frames"] == 2 and r.error is None for r in loaded)
+    assert matplotlib.image.imread(result.files["png"]).shape[1] > 800
+    assert (result.out_dir / "table.md").read_text() == result.table_md
+    assert "| CPU | 2 |" in result.table_md and "slow reference convolutions" in result.table_md
+
+
+def test_fp32_run_peaks_above_fp16_in_cpu_ram(compared):
+    result, *_ = compared
+    fp32, fp16, optimized = (r.results["ram_peak_mib"] for r in result.records)
+    assert fp32 - fp16 > 60  # the UNet's weights: 240 MB in fp32, 120 MB in fp16
+    assert fp32 - optimized > 60
+
+
+def test_fp16_is_close_to_fp32_and_lossy_decode_costs_fidelity(compared):
+    result, *_ = compared
+    fp32, fp16, optimized = (r.results for r in result.records)
+    assert fp32["psnr_db"] is None  # the reference itself
+    assert fp16["psnr_db"] > 30 and fp16["ssim"] > 0.95
+    assert optimized["psnr_db"] < fp16["psnr_db"]  # decode_chunk 1 < 2 frames is lossy
+
+
+def test_compare_restores_the_model_and_tags_events(compared):
+    result, model, before, events = compared
+    unet = model.pipeline.unet
+    assert next(unet.parameters()).dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert [e.data["compare_run"] for e in events if e.phase == Phase.ENCODE] == [r.label for r in result.records]
+    record = result.records[0]
+    assert [s.phase for s in record.phase_spans()] == [Phase.LOAD, Phase.ENCODE, Phase.DENOISE, Phase.DECODE]
+
+
+def test_compare_refuses_a_folder_with_compare_files(compared, test_image):
+    result, model, *_ = compared
+    with pytest.raises(CompareError, match="already holds compare.json, curves.png, table.md; choose another"):
+        run_compare(model, test_image, TINY_RUN, result.out_dir)
+
+
+def test_psnr_of_a_real_run_against_itself_is_infinite_and_against_another_seed_low(demo_pipeline, test_image):
+    first = generate(demo_pipeline, test_image, TINY_RUN).frames
+    again = generate(demo_pipeline, test_image, TINY_RUN).frames
+    other = generate(demo_pipeline, test_image, TINY_RUN.replace(seed=1)).frames
+    assert math.isinf(psnr_ssim(again, first)[0])
+    assert psnr_ssim(other, first)[0] < 25  # far below fp16 vs fp32 (> 30 dB)

@@ -11,22 +11,19 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import psutil
 
 from lowvram_studio.engine.events import Phase, RunEvent
-from lowvram_studio.monitor.nvml import MIB, GpuInfo, open_gpu
 from lowvram_studio.monitor.vram import CPU_RAM, IdleBaseline, MonitorConfig, Sample, VramMonitor, measure_idle_baseline
+from lowvram_studio.sysinfo import collect_env
 
 if TYPE_CHECKING:
     from lowvram_studio.settings import RunSettings
@@ -150,7 +147,7 @@ class RunRecord:
             label=label,
             settings=settings.to_dict(),
             model=dict(model),
-            env=env if env is not None else collect_env(monitor.gpu_info),
+            env=env if env is not None else collect_env(),
             results=results,
             events=[event.to_dict() for event in events],
             samples=monitor.samples,
@@ -161,6 +158,7 @@ class RunRecord:
                 "rate_hz": monitor.config.rate_hz,
                 "cpu_fraction": monitor.overhead_fraction,
                 "device_baseline_mib": monitor.config.device_baseline_mib,
+                "gpu": monitor.gpu_info.name if monitor.gpu_info else None,
             },
             info=_jsonable(info),
         )
@@ -308,40 +306,6 @@ def _describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def describe_model(pipeline: Any, name: str, source: str) -> dict[str, Any]:
-    """The record's ``model`` block: name, where it came from, each component's dtype and size."""
-    out: dict[str, Any] = {"name": name, "source": source, "dtypes": {}, "params_m": {}}
-    for component in ("unet", "vae", "image_encoder"):
-        module = getattr(pipeline, component, None)
-        if module is None:
-            continue
-        first = next(module.parameters(), None)
-        out["dtypes"][component] = str(first.dtype).removeprefix("torch.") if first is not None else None
-        out["params_m"][component] = round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
-    return out
-
-
-def collect_env(gpu: GpuInfo | None = None) -> dict[str, Any]:
-    """Versions and hardware for the record's ``env`` (GPU via NVML; never initialises CUDA)."""
-    if gpu is None:
-        opened = open_gpu()
-        if opened is not None:
-            gpu = opened.info()
-            opened.close()
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "ram_total_mib": psutil.virtual_memory().total / MIB,
-    }
-    for package in ("torch", "diffusers", "transformers", "gradio", "nvidia-ml-py"):
-        env[package.replace("-", "_")] = _version(package)
-    env["gpu_name"] = gpu.name if gpu else None
-    env["driver"] = gpu.driver if gpu else None
-    env["vram_total_mib"] = gpu.total_mib if gpu else None
-    return env
-
-
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write via a temporary file in the same folder and ``os.replace``: all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -349,13 +313,6 @@ def write_text_atomic(path: Path, text: str) -> Path:
         tmp.write(text)
     os.replace(tmp.name, path)
     return path
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _empty_results() -> dict[str, Any]:

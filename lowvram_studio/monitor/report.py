@@ -134,7 +134,7 @@ def compare_table_md(records: Sequence[RunRecord], reference: int = 0, optimized
     on_gpu = ref.memory_label != "CPU RAM"
     memory_key = "process_peak_mib" if on_gpu else "ram_peak_mib"
     memory_name = "VRAM (process peak)" if on_gpu else "CPU RAM (peak RSS)"
-    device = ref.env.get("gpu_name") or "CPU"
+    device = ref.env.get("gpu") or "CPU"
     lines = [
         f"| device | frames | {ref.label} {memory_name} | {opt.label} {memory_name} | {ref.label} FPS | {opt.label} FPS |",
         "|---|---|---|---|---|---|",
