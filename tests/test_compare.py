@@ -136,6 +136,7 @@ def test_compare_writes_json_png_and_table_that_load_back(compared):
     assert [r.to_dict() for r in loaded] == [r.to_dict() for r in result.records]
     assert [r.model["dtypes"]["unet"] for r in loaded] == ["float32", "float16", "float16"]
     assert all(r.baseline["rss_mib"] > 0 and r.results["frames"] == 2 and r.error is None for r in loaded)
+    assert all(r.device == "cpu" and r.phase_seconds["denoise"] > 0 for r in loaded)
     assert matplotlib.image.imread(result.files["png"]).shape[1] > 800
     assert (result.out_dir / "table.md").read_text() == result.table_md
     assert "| CPU | 2 |" in result.table_md and "slow reference convolutions" in result.table_md

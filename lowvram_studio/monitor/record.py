@@ -80,6 +80,8 @@ class RunRecord:
     baseline: dict[str, Any] | None = None  # IdleBaseline.to_dict() measured before the run
     monitor: dict[str, Any] = field(default_factory=dict)  # rate_hz, cpu_fraction
     info: dict[str, Any] = field(default_factory=dict)  # the engine's technique figures
+    device: str | None = None  # where the run computed ("cuda", "cpu")
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why the run produced no frames (e.g. out of memory)
     version: int = RECORD_VERSION
 
@@ -108,7 +110,10 @@ class RunRecord:
             output_fps=frames / seconds if seconds > 0 else None,
             pruned_fraction=_float_or_none(result.info.get("pruned_fraction")),
         )
-        return cls._build(result.settings, monitor, model, label, baseline, env, results, result.events, result.info)
+        record = cls._build(result.settings, monitor, model, label, baseline, env, results, result.events, result.info)
+        record.device = str(result.device)
+        record.phase_seconds = dict(result.phase_seconds)
+        return record
 
     @classmethod
     def from_failure(
@@ -202,17 +207,8 @@ class RunRecord:
         return max(t - self.t0, 0.0) if self.t0 is not None else t
 
     def to_dataframe(self, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
-        """Long format (``t_s``, ``mib``, ``series``) for ``gr.LinePlot(x="t_s", y="mib", color="series")``.
-
-        ``metrics`` picks Sample fields (default: every measured one); unmeasured values are dropped.
-        """
-        rows = []
-        for name in metrics or tuple(SERIES):
-            for s in self.samples:
-                value = getattr(s, name)
-                if value is not None:
-                    rows.append((self._seconds(s.t), value, SERIES[name]))
-        return pd.DataFrame(rows, columns=["t_s", "mib", "series"])
+        """Long format (``t_s``, ``mib``, ``series``) for ``gr.LinePlot(x="t_s", y="mib", color="series")``."""
+        return samples_dataframe(self.samples, self.t0, metrics)
 
     def curve_metric(self) -> str | None:
         """The Sample field that best answers "how much memory did this run take"."""
@@ -257,6 +253,21 @@ class RunRecord:
     def step_times(self) -> list[float]:
         """Seconds at which denoise steps finished (for step ticks on a curve)."""
         return [self._seconds(e["time"]) for e in self.events if e["phase"] == Phase.DENOISE.value and e.get("step")]
+
+
+def samples_dataframe(samples: list[Sample], t0: float | None, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Samples in long format (``t_s`` since ``t0``, ``mib``, ``series``); also for a live curve.
+
+    ``metrics`` picks Sample fields (default: every one); unmeasured values are dropped, so a
+    CPU run shows only "CPU RAM". While a run goes: ``samples_dataframe(monitor.samples, monitor.started_at)``.
+    """
+    rows = []
+    for name in metrics or tuple(SERIES):
+        for s in samples:
+            value = getattr(s, name)
+            if value is not None:
+                rows.append((max(s.t - t0, 0.0) if t0 is not None else s.t, value, SERIES[name]))
+    return pd.DataFrame(rows, columns=["t_s", "mib", "series"])
 
 
 def record_run(

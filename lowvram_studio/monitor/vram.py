@@ -159,6 +159,7 @@ class VramMonitor:
         if self.config.reset_torch_peak:
             _reset_torch_peak(self.config.cuda_index)
         self.started_at = time.perf_counter()
+        self._samples.append(self._reader.read())  # the curve starts at t = 0 however late the thread runs
         self._thread = threading.Thread(target=self._run, name="lowvram-vram-monitor", daemon=True)
         self._thread.start()
         return self
@@ -189,16 +190,16 @@ class VramMonitor:
         assert self._reader is not None
         cpu_start = time.thread_time()
         interval = 1.0 / self.config.rate_hz
-        deadline = time.perf_counter()
+        deadline = self.started_at
         try:
             while True:
-                self._samples.append(self._reader.read())
                 deadline += interval
                 now = time.perf_counter()
                 if deadline < now:  # the run held the GIL past a tick: skip to the next tick on the grid
                     deadline += math.ceil((now - deadline) / interval) * interval
                 if self._stop.wait(deadline - now):
                     break
+                self._samples.append(self._reader.read())
         finally:
             self._thread_cpu_s = time.thread_time() - cpu_start
 
