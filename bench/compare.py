@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lowvram_studio.compare import CompareResult, run_compare  # noqa: E402
 from lowvram_studio.models.load import LoadedModel, load_model  # noqa: E402
 from lowvram_studio.monitor.record import RunRecord  # noqa: E402
+from lowvram_studio.monitor.report import memory_figure  # noqa: E402
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
@@ -78,6 +79,7 @@ def build_model(smoke: bool) -> LoadedModel:
 def bench_rows(result: CompareResult, case: str, steps: int) -> list[dict]:
     by_label = {r.label: r for r in result.records}
     fp16 = by_label.get("FP16 only")
+    memory_key, _ = memory_figure(result.records)
     rows = []
     for record in result.records:
         r = record.results
@@ -93,7 +95,7 @@ def bench_rows(result: CompareResult, case: str, steps: int) -> list[dict]:
                 "ram_peak_mib": r["ram_peak_mib"],
                 "denoise_peak_mib": phases.get("denoise"),
                 "decode_peak_mib": phases.get("decode"),
-                "peak_vs_fp16": _ratio(r["process_peak_mib"] or r["ram_peak_mib"], fp16, "process_peak_mib", "ram_peak_mib"),
+                "peak_vs_fp16": _ratio(r[memory_key], fp16, memory_key),
                 "seconds_per_step": r["seconds_per_step"],
                 "ratio_vs_fp16": _ratio(r["seconds_per_step"], fp16, "seconds_per_step"),
                 "seconds_total": r["seconds_total"],
@@ -108,11 +110,14 @@ def bench_rows(result: CompareResult, case: str, steps: int) -> list[dict]:
     return rows
 
 
-def _ratio(value: float | None, reference: RunRecord | None, *keys: str) -> float | None:
-    if value is None or reference is None:
+def _ratio(value: float | None, reference: RunRecord | None, key: str) -> float | None:
+    if value is None or reference is None or not reference.results[key]:
         return None
-    base = next((reference.results[k] for k in keys if reference.results[k] is not None), None)
-    return value / base if base else None
+    return value / reference.results[key]
+
+
+def _divide(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def rows_markdown(rows: list[dict]) -> str:
@@ -170,6 +175,11 @@ def main() -> int:
 
     print(result.table_md)
     print(table)
+    _, name = memory_figure(result.records)
+    fp32_row = rows[0]
+    print(f"FP32 / FP16 {name}: {_cell(fp32_row['peak_vs_fp16'])}x (denoise phase: "
+          f"{_cell(_divide(rows[0]['denoise_peak_mib'], rows[1]['denoise_peak_mib']))}x); "
+          f"FP16 PSNR vs FP32: {_cell(rows[1]['psnr_db'])} dB")
     print(f"written: {out_dir}/{stem}.{{json,md,png}} and {result.out_dir}/; total {time.perf_counter() - started:.0f} s")
     return 0
 

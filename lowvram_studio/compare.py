@@ -119,7 +119,7 @@ def run_compare(
     _check_out_dir(out_dir)
     runs = compare_runs(settings.validate())
     for run in runs:
-        run.settings.validate()
+        _check_precision(run.settings.validate())
     notes = _precision_notes(runs)
     config = monitor_config or MonitorConfig()
     image = media.fit_image(image, settings.width, settings.height)
@@ -172,11 +172,14 @@ def apply_compare_precision(pipeline: Any, settings: RunSettings) -> None:
     The one place compare changes precision; it uses the sampler's own preparation so the run
     finds nothing left to cast (swap for engine/precision.py ``apply_precision`` when it lands).
     """
+    _prepare_components(pipeline, settings, resolve_device(settings.device))
+
+
+def _check_precision(settings: RunSettings) -> None:
     for field_name in ("unet_dtype", "vae_dtype", "encoder_dtype"):
         precision = getattr(settings, field_name)
         if precision not in TORCH_DTYPES:
             raise CompareError(f"compare runs fp32, fp16 or bf16; got {field_name} {precision.value}; choose one of those")
-    _prepare_components(pipeline, settings, resolve_device(settings.device))
 
 
 def release_memory() -> None:

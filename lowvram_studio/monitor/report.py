@@ -17,6 +17,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lowvram_studio.engine.events import Phase
 from lowvram_studio.monitor.record import SERIES, RunRecord
+from lowvram_studio.monitor.vram import CPU_RAM
 
 PHASE_COLORS = {
     Phase.LOAD: "#d9d9d9",
@@ -120,8 +121,8 @@ def _metric_name(record: RunRecord) -> str:
 
 
 def _legend(record: RunRecord) -> str:
-    peak = record.results.get("process_peak_mib") if record.memory_label != "CPU RAM" else record.results.get("ram_peak_mib")
-    return f"{record.label} (peak {_mib(peak)})" + (" OOM" if record.error else "")
+    key, name = memory_figure([record])
+    return f"{record.label} ({name.split(' (')[1][:-1]} {_mib(record.results[key])})" + _oom(record)
 
 
 def compare_table_md(records: Sequence[RunRecord], reference: int = 0, optimized: int = -1) -> str:
@@ -131,9 +132,7 @@ def compare_table_md(records: Sequence[RunRecord], reference: int = 0, optimized
     table names every figure and adds s/step and PSNR/SSIM against ``records[reference]``.
     """
     ref, opt = records[reference], records[optimized]
-    on_gpu = ref.memory_label != "CPU RAM"
-    memory_key = "process_peak_mib" if on_gpu else "ram_peak_mib"
-    memory_name = "VRAM (process peak)" if on_gpu else "CPU RAM (peak RSS)"
+    memory_key, memory_name = memory_figure(records)
     device = ref.env.get("gpu") or "CPU"
     lines = [
         f"| device | frames | {ref.label} {memory_name} | {opt.label} {memory_name} | {ref.label} FPS | {opt.label} FPS |",
@@ -153,6 +152,16 @@ def compare_table_md(records: Sequence[RunRecord], reference: int = 0, optimized
             f"| {_num(r['output_fps'], 3)} | {_db(r['psnr_db'])} | {_num(r['ssim'], 4)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def memory_figure(records: Sequence[RunRecord]) -> tuple[str, str]:
+    """Which peak stands for "memory" in a table, and its name: the process peak (context included)
+    on a GPU, the torch peak where the driver hides processes, the peak RSS on CPU."""
+    if all(r.memory_label == CPU_RAM for r in records):
+        return "ram_peak_mib", "CPU RAM (peak RSS)"
+    if any(r.results["process_peak_mib"] is not None for r in records):
+        return "process_peak_mib", "VRAM (process peak)"
+    return "torch_peak_mib", "VRAM (torch peak)"
 
 
 def _mib(value: float | None) -> str:
