@@ -39,7 +39,7 @@ CONFIG_NAMES = {"FP32 original": "fp32-original", "FP16 only": "fp16-only", "FP1
 ROW_COLUMNS = (
     "case", "config", "steps", "process_peak_mib", "torch_peak_mib", "device_peak_mib", "ram_peak_mib",
     "denoise_peak_mib", "decode_peak_mib", "peak_vs_fp16", "seconds_per_step", "ratio_vs_fp16", "seconds_total",
-    "output_fps", "psnr_db", "ssim", "monitor_cpu_fraction", "samples", "error",
+    "output_fps", "psnr_db", "ssim", "process_figure", "monitor_cpu_fraction", "samples", "error",
 )
 
 
@@ -102,12 +102,20 @@ def bench_rows(result: CompareResult, case: str, steps: int) -> list[dict]:
                 "output_fps": r["output_fps"],
                 "psnr_db": r["psnr_db"],
                 "ssim": r["ssim"],
+                "process_figure": _process_figure_source(record),
                 "monitor_cpu_fraction": record.monitor.get("cpu_fraction"),
                 "samples": len(record.samples),
                 "error": record.error,
             }
         )
     return rows
+
+
+def _process_figure_source(record: RunRecord) -> str | None:
+    """Where the process peak came from: the driver's per-process list, or device used minus others."""
+    if any(s.process_used_mib is not None for s in record.samples):
+        return "nvml-process"
+    return "device-minus-baseline" if record.results["process_peak_mib"] is not None else None
 
 
 def _ratio(value: float | None, reference: RunRecord | None, key: str) -> float | None:

@@ -208,3 +208,24 @@ def test_sampler_costs_under_one_percent_of_a_run():
     readings = len(monitor.samples)
     assert readings <= config.rate_hz * wall + 2  # no busy loop, no burst after a stall
     assert readings * seconds_per_reading / wall < 0.01
+
+
+def test_once_cuda_is_up_torch_figures_are_read_and_the_gpu_found_by_uuid(monkeypatch):
+    # Fakes at the hardware boundary only: the driver (pynvml) and torch's CUDA queries.
+    FakeDriver().install(monkeypatch)
+    asked = []
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByUUID", lambda uuid: asked.append(uuid) or "gpu-by-uuid")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid="1234abcd-0000"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 300 * MIB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 512 * MIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: 700 * MIB)
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", resets.append)
+    with VramMonitor(MonitorConfig(cuda_index=0)) as monitor:
+        time.sleep(0.03)
+    assert asked == ["GPU-1234abcd-0000"] and resets == [0]
+    sample = monitor.samples[-1]
+    assert (sample.torch_allocated_mib, sample.torch_reserved_mib) == (300, 512)
+    assert monitor.peaks()["torch_peak_mib"] == 700
+    assert measure_idle_baseline().cuda_initialized

@@ -138,7 +138,10 @@ def _handle_for_cuda_index(nvml: Any, cuda_index: int) -> tuple[Any, int | None]
     """
     uuid = _torch_uuid(cuda_index)
     if uuid is not None:
-        return nvml.nvmlDeviceGetHandleByUUID(uuid), None
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(uuid), None
+        except nvml.NVMLError as error:  # e.g. a MIG slice: its UUID is not a GPU's
+            LOG.debug("NVML does not know %s (%s); mapping the CUDA index instead", uuid, error)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     if visible:
         entry = visible.split(",")[cuda_index].strip()
@@ -156,4 +159,7 @@ def _torch_uuid(cuda_index: int) -> str | None:
     if torch is None or not torch.cuda.is_initialized():
         return None
     uuid = getattr(torch.cuda.get_device_properties(cuda_index), "uuid", None)
-    return f"GPU-{uuid}" if uuid is not None else None
+    if uuid is None:
+        return None
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
