@@ -23,8 +23,10 @@ Methodology for Optical Flow", IJCV 2011, §3.3, and Jiang et al., "Super SloMo"
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import cv2
 import numpy as np
@@ -60,7 +62,7 @@ class InterpolationConfig:
 
     method: FlowMethod = FlowMethod.DIS
     dis_preset: DisPreset = DisPreset.MEDIUM
-    # Farnebäck parameters (OpenCV's names); the defaults suit motions up to ~30 px.
+    # Farnebäck parameters (OpenCV's names and its documented example values).
     farneback_pyr_scale: float = 0.5
     farneback_levels: int = 5
     farneback_winsize: int = 15
@@ -81,6 +83,7 @@ class InterpolatedClip:
     generated: np.ndarray  # (F_out,) bool: True where the frame is a generated one
     times: np.ndarray  # (F_out,) float: position in generated-frame units (0, 0.5, 1, ... for x2)
     factor: int
+    method: str  # "none" (factor 1), "cross-fade", or the flow method
 
     @property
     def generated_indices(self) -> list[int]:
@@ -89,6 +92,16 @@ class InterpolatedClip:
     @property
     def interpolated_indices(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.generated)]
+
+    def to_record(self) -> dict[str, Any]:
+        """The run record's view: which delivered frames the model generated and which were interpolated."""
+        return {
+            "interpolate": self.factor,
+            "method": self.method,
+            "delivered_frames": len(self.frames),
+            "generated_frames": self.generated_indices,
+            "interpolated_frames": self.interpolated_indices,
+        }
 
 
 def output_fps(fps: float, factor: int) -> float:
@@ -103,8 +116,14 @@ def delivered_frame_count(num_generated: int, factor: int) -> int:
     return (num_generated - 1) * factor + 1
 
 
+ProgressCallback = Callable[[int, int], None]
+
+
 def interpolate_frames(
-    frames: np.ndarray, factor: int, config: InterpolationConfig | None = None
+    frames: np.ndarray,
+    factor: int,
+    config: InterpolationConfig | None = None,
+    progress: ProgressCallback | None = None,
 ) -> InterpolatedClip:
     """Insert ``factor - 1`` frames between each pair of neighbours of ``frames``.
 
@@ -112,39 +131,50 @@ def interpolate_frames(
     ``(F - 1) * factor + 1`` frames of the input's dtype; frame ``i * factor`` is input frame ``i``
     unchanged, and factor 1 returns the input values as they are. Intermediate times are
     ``k / factor`` for k = 1 .. factor - 1 (x4: 1/4, 1/2, 3/4).
+
+    ``progress(done, total)`` is called after each neighbour pair (k-diffusion's callback style); it
+    may raise (e.g. ``CancelToken.raise_if_cancelled``) to stop between pairs.
     """
     config = config or InterpolationConfig()
     _check_inputs(frames, factor)
-    count = delivered_frame_count(len(frames), factor)
-    times = np.arange(count, dtype=np.float64) / factor
-    generated = np.arange(count) % factor == 0
     if factor == 1:
-        return InterpolatedClip(frames=frames.copy(), generated=generated, times=times, factor=1)
+        return _clip(frames.copy(), factor, "none")
 
-    out = np.empty((count, *frames.shape[1:]), dtype=frames.dtype)
+    out = np.empty((delivered_frame_count(len(frames), factor), *frames.shape[1:]), dtype=frames.dtype)
     out[::factor] = frames
-    steps = [k / factor for k in range(1, factor)]
-    for i in range(len(frames) - 1):
+    pairs = len(frames) - 1
+    for i in range(pairs):
         first, second = _as_float(frames[i]), _as_float(frames[i + 1])
         pair = _PairFlow.estimate(first, second, config)
-        for k, t in enumerate(steps, start=1):
-            out[i * factor + k] = _from_float(pair.frame_at(first, second, t), frames.dtype)
-    logger.info("interpolated %d frames to %d (x%d, %s flow)", len(frames), count, factor, config.method.value)
-    return InterpolatedClip(frames=out, generated=generated, times=times, factor=factor)
+        for k in range(1, factor):
+            out[i * factor + k] = _from_float(pair.frame_at(first, second, k / factor), frames.dtype)
+        if progress is not None:
+            progress(i + 1, pairs)
+    method = FlowMethod(config.method).value
+    logger.info("interpolated %d frames to %d (x%d, %s flow)", len(frames), len(out), factor, method)
+    return _clip(out, factor, method)
 
 
 def cross_fade(frames: np.ndarray, factor: int) -> InterpolatedClip:
     """The naive baseline: in-between frames as a linear blend of the neighbours (no motion)."""
     _check_inputs(frames, factor)
-    count = delivered_frame_count(len(frames), factor)
-    times = np.arange(count, dtype=np.float64) / factor
+    times = _times(len(frames), factor)
     source = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float32)
     lower = np.minimum(np.floor(times).astype(int), len(frames) - 2)
     weight = (times - lower).astype(np.float32)[:, None, None, None]
-    blended = (1 - weight) * source[lower] + weight * source[lower + 1]
-    out = _from_float(blended, frames.dtype)
+    out = _from_float((1 - weight) * source[lower] + weight * source[lower + 1], frames.dtype)
     out[::factor] = frames
-    return InterpolatedClip(frames=out, generated=np.arange(count) % factor == 0, times=times, factor=factor)
+    return _clip(out, factor, "cross-fade")
+
+
+def _times(num_generated: int, factor: int) -> np.ndarray:
+    return np.arange(delivered_frame_count(num_generated, factor), dtype=np.float64) / factor
+
+
+def _clip(out: np.ndarray, factor: int, method: str) -> InterpolatedClip:
+    """Wrap delivered frames with the delivery rule's times and generated flags."""
+    times = _times((len(out) - 1) // factor + 1, factor)
+    return InterpolatedClip(frames=out, generated=np.arange(len(out)) % factor == 0, times=times, factor=factor, method=method)
 
 
 # ---- checks -------------------------------------------------------------------------------------
