@@ -174,7 +174,8 @@ def _times(num_generated: int, factor: int) -> np.ndarray:
 def _clip(out: np.ndarray, factor: int, method: str) -> InterpolatedClip:
     """Wrap delivered frames with the delivery rule's times and generated flags."""
     times = _times((len(out) - 1) // factor + 1, factor)
-    return InterpolatedClip(frames=out, generated=np.arange(len(out)) % factor == 0, times=times, factor=factor, method=method)
+    generated = np.arange(len(out)) % factor == 0
+    return InterpolatedClip(frames=out, generated=generated, times=times, factor=factor, method=method)
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -205,7 +206,9 @@ def _check_inputs(frames: np.ndarray, factor: int) -> None:
     if frames.dtype not in (np.float32, np.float64, np.float16):
         raise ValueError(f"frames must be float in [0, 1] or uint8; got dtype {frames.dtype}")
     if not np.isfinite(frames).all():
-        raise ValueError("frames contain NaN or infinity; the decode produced invalid values, fix it before interpolating")
+        raise ValueError(
+            "frames contain NaN or infinity; the decode produced invalid values, fix it before interpolating"
+        )
 
 
 # ---- the work ------------------------------------------------------------------------------------
@@ -247,13 +250,15 @@ def estimate_flow(first: np.ndarray, second: np.ndarray, config: InterpolationCo
     )
 
 
-def _sample(image: np.ndarray, grid: np.ndarray, flow: np.ndarray, border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
-    """Backward warp: image(grid + flow) with bilinear interpolation."""
+def _sample(image: np.ndarray, grid: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """Backward warp: image(grid + flow), bilinear; outside samples repeat the edge (weighted out later)."""
     where = grid + flow
-    return cv2.remap(image, where[..., 0], where[..., 1], cv2.INTER_LINEAR, borderMode=border)
+    return cv2.remap(image, where[..., 0], where[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def _consistency(forward: np.ndarray, backward: np.ndarray, grid: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+def _consistency(
+    forward: np.ndarray, backward: np.ndarray, grid: np.ndarray, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Forward-backward check: error |F01(x) + F10(x + F01(x))| in px and its weight exp(-e²/2σ²)."""
     error = np.linalg.norm(forward + _sample(backward, grid, forward), axis=-1)
     return error, np.exp(-0.5 * (error / sigma) ** 2).astype(np.float32)
@@ -349,5 +354,5 @@ def _inside(grid: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """1 where grid + flow samples inside the frame, else 0 (content that entered from outside)."""
     h, w = flow.shape[:2]
     where = grid + flow
-    ok = (where[..., 0] >= -0.5) & (where[..., 0] <= w - 0.5) & (where[..., 1] >= -0.5) & (where[..., 1] <= h - 0.5)
-    return ok.astype(np.float32)
+    x, y = where[..., 0], where[..., 1]
+    return ((x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)).astype(np.float32)
