@@ -8,12 +8,15 @@ full-size SVD-XT with random weights seeded 0 (case A, 512x512, CFG on, decode i
   generate-12-x2   12 frames generated at fps 4 (the same motion span), then x2 interpolation
                                                                  -> 23 frames at 8 fps
 
-The delivery rule keeps every generated frame and inserts one between neighbours, so 12 become 23.
+each in fp16 under two decode profiles: ``decode-all`` (the VAE decodes all frames at once, as
+diffusers fp16) and ``decode-2`` (decode_chunk=2, how a small card runs, where the decode peak no
+longer dominates). The delivery rule keeps every generated frame and inserts one
+between neighbours, so 12 become 23.
 Process peak: NVML per-process used memory (device used minus the idle baseline where the
 container hides our PID); torch peak: ``torch.cuda.max_memory_allocated``. Interpolation runs on
 the CPU (OpenCV), so it adds time, not VRAM.
 
-    python bench/interpolation.py --out bench/results/interpolation_YYYYMMDD.json   # H100, ~2 min
+    python bench/interpolation.py --out bench/results/interpolation_YYYYMMDD.json   # H100, ~3 min
     python bench/interpolation.py --smoke --out /tmp/interp_smoke.json            # demo model, CPU
 """
 
@@ -52,6 +55,10 @@ class Case:
     config: str
     generated: int
     factor: int
+
+
+# Engine profiles: RunSettings changes on top of the base settings (fp16 everywhere on the GPU).
+PROFILES: dict[str, dict[str, Any]] = {"decode-all": {"decode_chunk": 0}, "decode-2": {"decode_chunk": 2}}
 
 
 # ---- memory sampling ------------------------------------------------------------------------------
@@ -117,10 +124,20 @@ def _own_process_mib(handle: Any) -> float | None:
 
 
 def open_nvml() -> tuple[Any, float | None, dict[str, Any]]:
-    """NVML handle of GPU 0, device memory used before we create a CUDA context, and GPU facts."""
-    import pynvml
+    """NVML handle of GPU 0, device memory used before we create a CUDA context, and GPU facts.
 
-    pynvml.nvmlInit()
+    Without NVML (module missing, no driver) the bench goes on with torch peaks only.
+    """
+    try:
+        import pynvml
+    except ImportError as error:
+        logger.warning("nvidia-ml-py missing (%s): process and device peaks will be null", error)
+        return None, None, {"gpu": None}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as error:
+        logger.warning("NVML unavailable (%s): process and device peaks will be null", error)
+        return None, None, {"gpu": None}
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
     info = pynvml.nvmlDeviceGetMemoryInfo(handle)
     facts = {
@@ -142,13 +159,16 @@ def input_image(width: int, height: int) -> Image.Image:
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
-def run_case(pipeline: Any, image: Image.Image, base: RunSettings, case: Case, fps: int, sampler_args: dict) -> dict:
+def run_case(
+    pipeline: Any, image: Image.Image, base: RunSettings, profile: str, case: Case, fps: int, sampler_args: dict
+) -> dict:
     """Generate ``case.generated`` frames, interpolate by ``case.factor``; peaks and times of both."""
     import torch
 
     from lowvram_studio.engine.sampler import generate
 
-    settings = base.replace(num_frames=case.generated, fps=max(1, fps // case.factor)).validate()
+    changes = {**PROFILES[profile], "num_frames": case.generated, "fps": max(1, fps // case.factor)}
+    settings = base.replace(**changes).validate()
     cuda = torch.cuda.is_available() and settings.device.value != "cpu"
     gc.collect()
     if cuda:
@@ -163,7 +183,8 @@ def run_case(pipeline: Any, image: Image.Image, base: RunSettings, case: Case, f
     delivered = len(clip.frames)
     return {
         "case": "A" if (settings.height, settings.width) == (512, 512) else f"{settings.height}x{settings.width}",
-        "config": case.config,
+        "profile": profile,
+        "config": f"{profile}/{case.config}",
         "steps": settings.num_inference_steps,
         "height": settings.height,
         "width": settings.width,
@@ -186,11 +207,11 @@ def run_case(pipeline: Any, image: Image.Image, base: RunSettings, case: Case, f
     }
 
 
-def add_ratios(rows: list[dict], reference: str) -> None:
-    """Peak and time of every row relative to the reference row (generate-24)."""
-    ref = next(r for r in rows if r["config"] == reference)
-    peak_key = "process_peak_mib" if ref["process_peak_mib"] else "ram_peak_mib"
+def add_ratios(rows: list[dict], reference: Case) -> None:
+    """Peak and time of every row relative to its profile's reference row (generate-24)."""
     for row in rows:
+        ref = next(r for r in rows if r["profile"] == row["profile"] and r["config"].endswith("/" + reference.config))
+        peak_key = "process_peak_mib" if ref["process_peak_mib"] else "ram_peak_mib"
         row["peak_ratio_vs_reference"] = _ratio(row[peak_key], ref[peak_key])
         row["torch_peak_ratio_vs_reference"] = _ratio(row["torch_peak_mib"], ref["torch_peak_mib"])
         row["time_ratio_vs_reference"] = _ratio(row["seconds_total"], ref["seconds_total"])
@@ -255,15 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="sampler steps (25 = published figures, DESIGN §5)")
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--frames", type=int, default=24, help="frames of the reference run")
+    parser.add_argument("--frames", type=int, default=None, help="frames of the reference run (24; smoke: 8)")
     parser.add_argument("--factor", type=int, default=2, choices=(2, 4), help="interpolation factor")
     parser.add_argument("--fps", type=int, default=8, help="frame rate of the delivered video")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra RunSettings field for every run, e.g. --set decode_chunk=4")
+                        help="extra RunSettings field for every run (profiles apply on top), e.g. --set seed=1")
     parser.add_argument("--smoke", action="store_true", help="demo model on the CPU at 64x64, 2 steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
+    args.frames = args.frames or (8 if args.smoke else 24)
     if args.frames % args.factor:
         parser.error(f"--frames {args.frames} is not divisible by --factor {args.factor}; pick e.g. --frames 24")
     cases = [
@@ -295,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     sampler_args = {"nvml_handle": nvml, "baseline_mib": baseline}
 
     # Warm-up (kernels, cuDNN/cuBLAS handles) so neither measured row pays for first use.
-    run_case(pipeline, image, base.replace(num_inference_steps=1), cases[1], args.fps, sampler_args)
-    rows = [run_case(pipeline, image, base, case, args.fps, sampler_args) for case in cases]
-    add_ratios(rows, reference=cases[0].config)
+    run_case(pipeline, image, base.replace(num_inference_steps=1), "decode-all", cases[1], args.fps, sampler_args)
+    rows = [
+        run_case(pipeline, image, base, profile, case, args.fps, sampler_args) for profile in PROFILES for case in cases
+    ]
+    add_ratios(rows, reference=cases[0])
 
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     report = {"env": environment(facts), "command": command, "base_settings": base.to_dict(), "rows": rows}
