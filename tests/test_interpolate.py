@@ -14,6 +14,7 @@ import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
 from lowvram_studio.engine.events import CancelToken, RunCancelled
+from lowvram_studio.engine.sampler import generate
 from lowvram_studio.interpolate import (
     FlowMethod,
     InterpolationConfig,
@@ -216,6 +217,14 @@ def test_record_lists_generated_and_interpolated_frames():
         "generated_frames": [0, 4, 8],
         "interpolated_frames": [1, 2, 3, 5, 6, 7],
     }
+
+
+def test_frames_from_the_demo_model_interpolate_to_the_delivered_clip(demo_pipeline, test_image, small_settings):
+    result = generate(demo_pipeline, test_image, small_settings.replace(num_frames=4, num_inference_steps=1))
+    clip = interpolate_frames(result.frames, 2)
+    assert clip.frames.shape == (7, 64, 64, 3)
+    np.testing.assert_array_equal(clip.frames[clip.generated], result.frames)
+    assert ((clip.frames >= 0) & (clip.frames <= 1)).all()
 
 
 def test_farneback_flow_also_beats_cross_fade():
