@@ -26,6 +26,7 @@ from lowvram_studio.monitor.vram import CPU_RAM, IdleBaseline, MonitorConfig, Sa
 from lowvram_studio.sysinfo import collect_env
 
 if TYPE_CHECKING:
+    from lowvram_studio.engine.sampler import RunResult
     from lowvram_studio.settings import RunSettings
 
 LOG = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class RunRecord:
     memory_label: str = CPU_RAM  # "VRAM" when NVML watched a GPU, "CPU RAM" otherwise
     t0: float | None = None  # perf_counter() when sampling started: t = 0 of the curve
     baseline: dict[str, Any] | None = None  # IdleBaseline.to_dict() measured before the run
-    monitor: dict[str, Any] = field(default_factory=dict)  # rate_hz, cpu_fraction
+    monitor: dict[str, Any] = field(default_factory=dict)  # rate_hz, cpu_fraction, device_baseline_mib, gpu
     info: dict[str, Any] = field(default_factory=dict)  # the engine's technique figures
     device: str | None = None  # where the run computed ("cuda", "cpu")
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -89,7 +90,7 @@ class RunRecord:
     @classmethod
     def from_result(
         cls,
-        result: Any,
+        result: "RunResult",
         monitor: VramMonitor,
         *,
         model: dict[str, Any],
@@ -271,7 +272,7 @@ def samples_dataframe(samples: list[Sample], t0: float | None, metrics: tuple[st
 
 
 def record_run(
-    run: Callable[[], Any],
+    run: Callable[[], "RunResult"],
     settings: "RunSettings",
     *,
     model: dict[str, Any],
@@ -280,7 +281,7 @@ def record_run(
     baseline: IdleBaseline | None = None,
     record_out_of_memory: bool = False,
     events: list[RunEvent] | None = None,
-) -> tuple[Any | None, RunRecord]:
+) -> tuple["RunResult | None", RunRecord]:
     """Run ``run()`` (a call of the sampler's ``generate``) under a fresh monitor; return (result, record).
 
     With ``record_out_of_memory`` an out-of-memory error becomes a record with ``error`` set and
