@@ -144,18 +144,26 @@ def run_compare(
                 events.append(event)
                 emit(event)
 
-            result, record = record_run(
-                lambda pipe=loaded.pipeline, run=run, collect=collect: generate(
-                    pipe, image, run.settings, on_event=collect, cancel=cancel
-                ),
-                run.settings,
-                model=loaded.describe(),
-                label=run.label,
-                config=config,
-                baseline=baseline,
-                record_out_of_memory=True,
-                events=events,
-            )
+            try:
+                result, record = record_run(
+                    lambda pipe=loaded.pipeline, run=run, collect=collect: generate(
+                        pipe, image, run.settings, on_event=collect, cancel=cancel
+                    ),
+                    run.settings,
+                    model=loaded.describe(),
+                    label=run.label,
+                    config=config,
+                    baseline=baseline,
+                    record_out_of_memory=True,
+                    events=events,
+                )
+            except RuntimeError as error:
+                if "not implemented for 'Half'" not in str(error):
+                    raise
+                raise CompareError(
+                    f"{run.label}: this PyTorch cannot run an fp16 operation on "
+                    f"{resolve_device(run.settings.device).type} ({error}); run compare on a GPU"
+                ) from error
             if result is not None and index == 0:
                 reference = np.asarray(result.frames, dtype=np.float32)
             elif result is not None:
