@@ -922,5 +922,6 @@ def save_original_checkpoint(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=original_metadata(pipeline))
     return path
