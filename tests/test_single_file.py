@@ -162,6 +162,13 @@ def test_progress_reports_every_byte_read(demo_file):
     assert calls[-1][1] <= demo_file.stat().st_size
 
 
+def test_cli_progress_bar_counts_bytes(demo_file, capsys):
+    sf.load_single_file(demo_file, on_progress=sf.tqdm_progress("svd_xt"))
+
+    bar = capsys.readouterr().err
+    assert "svd_xt" in bar and "100%" in bar
+
+
 def test_mapping_covers_every_real_svd_xt_key_and_shape():
     data = json.loads(KEY_DATA.read_text())
 

@@ -588,8 +588,11 @@ def _recorded_configs(header: SafetensorsHeader) -> dict[str, dict]:
 
 def inspect_single_file(path: str | Path, num_frames: int | None = None) -> SingleFileInfo:
     """Validate a single-file checkpoint and describe it (variant, components, configs) from its header."""
-    path = check_checkpoint_path(path)
-    header = read_header(path)
+    return _describe(read_header(check_checkpoint_path(path)), num_frames)
+
+
+def _describe(header: SafetensorsHeader, num_frames: int | None) -> SingleFileInfo:
+    path = header.path
     _check_is_svd(header)
     recorded = _recorded_configs(header)
     variant = _variant_from(path, header.metadata)
@@ -648,36 +651,53 @@ def _module_config(component: str, module: torch.nn.Module) -> dict:
 
 
 class _TensorReader:
-    """Reads one tensor at a time at its offset into a fresh buffer, then casts it.
+    """Reads tensors at their offsets straight into their final, target-dtype tensors.
 
     Plain reads instead of a memory map keep the file's pages out of the process's resident memory,
-    so peak RAM is the loaded model plus one source tensor.
+    and a cast goes through one small reused staging buffer, so nothing is allocated and freed per
+    tensor (freed buffers fragment the C heap, which then cannot shrink): peak RAM is the model
+    plus the staging buffer.
     """
+
+    STAGING_BYTES = 16 * 2**20
 
     def __init__(self, header: SafetensorsHeader, total: int, on_progress: ProgressCallback | None):
         self.header = header
         self.file = header.path.open("rb", buffering=0)
+        self.staging = torch.empty(self.STAGING_BYTES, dtype=torch.uint8)
         self.done = 0
         self.total = total
         self.on_progress = on_progress
 
-    def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        entry = self.header.entries[key]
-        size = entry.end - entry.begin
-        buffer = torch.empty(size, dtype=torch.uint8)
-        self.file.seek(entry.begin)
-        view = memoryview(buffer.numpy())
+    def _read_bytes(self, offset: int, target: torch.Tensor, key: str) -> None:
+        view = memoryview(target.numpy())
+        self.file.seek(offset)
         got = 0
-        while got < size:
+        while got < len(view):
             n = self.file.readinto(view[got:])
             if not n:
                 raise SingleFileError(f"{self.header.path} ended early while reading {key}; download it again.")
             got += n
-        tensor = buffer.view(entry.dtype).reshape(entry.shape)
-        self.done += size
+
+    def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        entry = self.header.entries[key]
+        target_dtype = dtype if entry.dtype.is_floating_point else entry.dtype
+        out = torch.empty(entry.shape, dtype=target_dtype)
+        flat = out.reshape(-1)
+        if target_dtype == entry.dtype:
+            self._read_bytes(entry.begin, flat.view(torch.uint8), key)
+        else:
+            itemsize = entry.dtype.itemsize
+            step = self.STAGING_BYTES // itemsize
+            for start in range(0, flat.numel(), step):
+                count = min(step, flat.numel() - start)
+                chunk = self.staging[: count * itemsize]
+                self._read_bytes(entry.begin + start * itemsize, chunk, key)
+                flat[start : start + count].copy_(chunk.view(entry.dtype))
+        self.done += entry.end - entry.begin
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
-        return tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
+        return out
 
     def close(self) -> None:
         self.file.close()
@@ -789,8 +809,8 @@ def load_single_file(
     the native frame count read from metadata / the file name. ``vae`` / ``image_encoder`` supply the
     components a UNet-only file lacks. Raises :class:`SingleFileError` with the cause and the fix.
     """
-    info = inspect_single_file(path, num_frames)
-    header = read_header(info.path)
+    header = read_header(check_checkpoint_path(path))
+    info = _describe(header, num_frames)
     given = {"vae": vae, "image_encoder": image_encoder}
     for component, module in given.items():
         if component not in info.configs and module is None:
