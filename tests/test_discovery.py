@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import save_file
 
 from lowvram_studio.models import single_file as sf
-from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.models.discovery import (
     CandidateKind,
     DiscoveryConfig,
@@ -127,14 +126,13 @@ def test_models_dirs_accept_folders_and_files_and_list_each_model_once(tmp_path,
     assert found[-1].source == "models-dir"
 
 
-def test_discovered_single_file_loads(tmp_path):
-    demo = build_demo_pipeline()
-    sf.save_original_checkpoint(demo, tmp_path / "checkpoints" / "svd_xt.safetensors")
+def test_discovered_single_file_loads(tmp_path, demo_pipeline):
+    sf.save_original_checkpoint(demo_pipeline, tmp_path / "checkpoints" / "svd_xt.safetensors")
 
     (candidate,) = discover_models(DiscoveryConfig(models_dirs=[tmp_path]))
     pipeline = sf.load_single_file(candidate.path)
 
-    assert torch.equal(pipeline.unet.conv_in.weight, demo.unet.conv_in.weight)
+    assert torch.equal(pipeline.unet.conv_in.weight, demo_pipeline.unet.conv_in.weight)
 
 
 def test_format_lists_candidates_and_explains_an_empty_result(comfyui, tmp_path):

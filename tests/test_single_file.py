@@ -7,7 +7,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -15,8 +14,8 @@ from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from lowvram_studio.engine.sampler import generate
 from lowvram_studio.models import single_file as sf
-from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.models.svd_configs import SVD_IMAGE_ENCODER_CONFIG, SVD_VAE_CONFIG, SVD_XT_UNET_CONFIG
 
 KEY_DATA = Path(__file__).parent / "data" / "svd_xt_original_keys.json"
@@ -93,8 +92,8 @@ def write_key_data() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo() -> StableVideoDiffusionPipeline:
-    return build_demo_pipeline()
+def demo(demo_pipeline) -> StableVideoDiffusionPipeline:
+    return demo_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +121,12 @@ def test_original_layout_file_loads_back_to_identical_weights_and_configs(demo, 
     assert not any(p.is_meta for c in COMPONENTS for p in getattr(loaded, c).parameters())
 
 
-def test_loaded_single_file_generates_identical_frames(demo, demo_file):
+def test_loaded_single_file_generates_identical_frames(demo, demo_file, test_image, small_settings):
     loaded = sf.load_single_file(demo_file)
-    image = PIL.Image.fromarray((np.mgrid[0:64, 0:64, 0:3].sum(0) % 256).astype(np.uint8))
-    kwargs = dict(height=64, width=64, num_frames=4, num_inference_steps=2, decode_chunk_size=4, output_type="np")
+    settings = small_settings.replace(num_frames=4, num_inference_steps=2)
 
-    expected = demo(image, generator=torch.Generator().manual_seed(0), **kwargs).frames[0]
-    got = loaded(image, generator=torch.Generator().manual_seed(0), **kwargs).frames[0]
+    expected = generate(demo, test_image, settings).frames
+    got = generate(loaded, test_image, settings).frames
 
     np.testing.assert_array_equal(got, expected)
 
