@@ -112,15 +112,17 @@ def write_files(folder: Path, smoke: bool) -> dict[str, Path]:
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         start = time.perf_counter()
         # Stability's files have no VAE quant conv; leave the random one out like they do.
-        files[name] = save_original_checkpoint(pipeline, folder / f"svd_xt_{name}.safetensors", dtype, keep_quant_conv=False)
-        print(f"wrote {files[name]} ({files[name].stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s", flush=True)
+        path = folder / f"svd_xt_{name}.safetensors"
+        files[name] = save_original_checkpoint(pipeline, path, dtype, keep_quant_conv=False)
+        print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s", flush=True)
     del pipeline
     gc.collect()
     return files
 
 
 def _run_child(path: Path, target: str, method: str) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--target", target, "--method", method]
+    script = str(Path(__file__).resolve())
+    command = [sys.executable, script, "--child", str(path), "--target", target, "--method", method]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"child {command} failed:\n{result.stderr[-4000:]}")
@@ -171,11 +173,14 @@ def run(smoke: bool, folder: Path) -> list[dict]:
                 "read_gib_per_s": round(path.stat().st_size / 2**30 / figures["seconds"], 2),
             }
         )
-        print(f"{rows[-1]['config']}: peak +{added:.0f} MiB for a {figures['model_size_mib']:.0f} MiB model, {figures['seconds']:.1f} s", flush=True)
+        model = figures["model_size_mib"]
+        print(f"{rows[-1]['config']}: peak +{added:.0f} MiB, model {model:.0f} MiB, {figures['seconds']:.1f} s", flush=True)
     return rows
 
 
-COLUMNS = ("config", "file_size_mib", "model_size_mib", "peak_ram_mib", "ratio", "baseline_rss_mib", "seconds", "read_gib_per_s")
+COLUMNS = (
+    "config", "file_size_mib", "model_size_mib", "peak_ram_mib", "ratio", "baseline_rss_mib", "seconds", "read_gib_per_s"
+)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -190,9 +195,10 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"single_file_load_{time.strftime('%Y%m%d')}.json")
+    default_out = REPO / "bench" / "results" / f"single_file_load_{time.strftime('%Y%m%d')}.json"
+    parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--smoke", action="store_true", help="demo model on the CPU: checks the script in seconds")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir in /tmp)")
+    parser.add_argument("--workdir", type=Path, default=None, help="folder for the checkpoints (default: a temp dir)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--target", choices=DTYPES, help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=("ours", "load_file"), help=argparse.SUPPRESS)

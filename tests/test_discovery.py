@@ -68,8 +68,9 @@ def comfyui(tmp_path) -> Path:
     _safetensors(checkpoints / "v1-5-pruned.safetensors", SD15_KEYS)
     (checkpoints / "broken.safetensors").write_bytes(b"not safetensors at all")
     (checkpoints / "svd_old.ckpt").write_bytes(b"\x80\x02pickle")
-    _diffusers_folder(root / "models" / "diffusers" / "stable-video-diffusion-img2vid-xt", "StableVideoDiffusionPipeline")
-    _diffusers_folder(root / "models" / "diffusers" / "sdxl-base", "StableDiffusionXLPipeline")
+    diffusers = root / "models" / "diffusers"
+    _diffusers_folder(diffusers / "stable-video-diffusion-img2vid-xt", "StableVideoDiffusionPipeline")
+    _diffusers_folder(diffusers / "sdxl-base", "StableDiffusionXLPipeline")
     return root
 
 
@@ -110,16 +111,16 @@ def test_environment_sets_comfyui_root_and_hf_cache(tmp_path, comfyui):
     assert config.hf_cache == tmp_path / "hf" / "hub"
 
     assert hf_cache_dir({"HF_HUB_CACHE": "/x/hub", "HF_HOME": "/y"}) == Path("/x/hub")
-    assert DiscoveryConfig.from_env(comfyui_root=tmp_path, environ={"COMFYUI_ROOT": "/elsewhere"}).comfyui_root == tmp_path
+    explicit = DiscoveryConfig.from_env(comfyui_root=tmp_path, environ={"COMFYUI_ROOT": "/elsewhere"})
+    assert explicit.comfyui_root == tmp_path
 
 
 def test_models_dirs_accept_folders_and_files_and_list_each_model_once(tmp_path, comfyui):
     extra = _safetensors(tmp_path / "downloads" / "svd_xt_1_1.safetensors", SVD_KEYS)
     diffusers_folder = comfyui / "models" / "diffusers" / "stable-video-diffusion-img2vid-xt"
 
-    found = discover_models(
-        DiscoveryConfig(comfyui_root=comfyui, models_dirs=[extra, diffusers_folder, comfyui / "models", tmp_path / "missing"])
-    )
+    dirs = [extra, diffusers_folder, comfyui / "models", tmp_path / "missing"]
+    found = discover_models(DiscoveryConfig(comfyui_root=comfyui, models_dirs=dirs))
 
     names = [c.name for c in found]
     assert names == ["stable-video-diffusion-img2vid-xt", "svd", "svd_xt", "svd_xt_1_1"]

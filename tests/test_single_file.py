@@ -75,7 +75,9 @@ def _mapped_full_size_keys() -> dict[str, list[int]]:
 def write_key_data() -> None:
     """Regenerate tests/data/svd_xt_original_keys.json (run this file as a script)."""
     keys = _mapped_full_size_keys()
-    params = {c: sum(int(np.prod(s)) for k, s in keys.items() if k.startswith(p)) for c, p in sf.COMPONENT_PREFIXES.items()}
+    params = {
+        c: sum(int(np.prod(s)) for k, s in keys.items() if k.startswith(p)) for c, p in sf.COMPONENT_PREFIXES.items()
+    }
     KEY_DATA.parent.mkdir(exist_ok=True)
     about = (
         "Every tensor of Stability's svd_xt.safetensors that the diffusers pipeline uses, with its shape: the "
@@ -144,7 +146,8 @@ def test_fp16_file_loads_into_fp16_and_fp32(demo, tmp_path):
 
 
 def test_fp32_file_casts_per_component(demo, demo_file):
-    loaded = sf.load_single_file(demo_file, dtype={"unet": torch.float16, "vae": torch.float32, "image_encoder": torch.float16})
+    dtypes = {"unet": torch.float16, "vae": torch.float32, "image_encoder": torch.float16}
+    loaded = sf.load_single_file(demo_file, dtype=dtypes)
 
     assert loaded.unet.dtype == torch.float16
     assert loaded.vae.dtype == torch.float32
@@ -196,7 +199,11 @@ def test_configs_derived_from_real_svd_xt_shapes_equal_the_published_configs():
 
 def test_variant_is_read_from_the_file_name(demo, tmp_path):
     state = sf.to_original_state_dict(demo)
-    names = {"svd.safetensors": ("svd", 14), "svd_xt.safetensors": ("svd_xt", 25), "svd_xt_1_1.safetensors": ("svd_xt_1_1", 25)}
+    names = {
+        "svd.safetensors": ("svd", 14),
+        "svd_xt.safetensors": ("svd_xt", 25),
+        "svd_xt_1_1.safetensors": ("svd_xt_1_1", 25),
+    }
     for name, (variant, frames) in names.items():
         save_file(state, str(tmp_path / name))
         info = sf.inspect_single_file(tmp_path / name)

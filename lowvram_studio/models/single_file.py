@@ -193,11 +193,12 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     try:
         for key, info in header.items():
             begin, end = info["data_offsets"]
-            entries[key] = TensorEntry(
-                _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]), data_start + begin, data_start + end
-            )
+            shape = tuple(int(s) for s in info["shape"])
+            entries[key] = TensorEntry(_SAFETENSORS_DTYPES[info["dtype"]], shape, data_start + begin, data_start + end)
     except (KeyError, TypeError, ValueError) as exc:
-        raise SingleFileError(f"{path} has a corrupt safetensors header near {key!r} ({exc!r}); download it again.") from exc
+        raise SingleFileError(
+            f"{path} has a corrupt safetensors header near {key!r} ({exc!r}); download it again."
+        ) from exc
     data_end = max((e.end for e in entries.values()), default=data_start)
     if data_end > file_size:
         raise SingleFileError(
@@ -664,7 +665,7 @@ class _TensorReader:
     def __init__(self, header: SafetensorsHeader, total: int, on_progress: ProgressCallback | None):
         self.header = header
         self.file = header.path.open("rb", buffering=0)
-        self.staging = torch.empty(self.STAGING_BYTES, dtype=torch.uint8)
+        self.staging: torch.Tensor | None = None  # allocated on the first cast
         self.done = 0
         self.total = total
         self.on_progress = on_progress
@@ -687,6 +688,8 @@ class _TensorReader:
         if target_dtype == entry.dtype:
             self._read_bytes(entry.begin, flat.view(torch.uint8), key)
         else:
+            if self.staging is None:
+                self.staging = torch.empty(self.STAGING_BYTES, dtype=torch.uint8)
             itemsize = entry.dtype.itemsize
             step = self.STAGING_BYTES // itemsize
             for start in range(0, flat.numel(), step):
