@@ -222,6 +222,28 @@ def test_unused_parts_of_stability_files_are_skipped(demo, tmp_path):
     _assert_same_weights(demo, sf.load_single_file(path))
 
 
+def test_unknown_extra_parts_are_skipped_with_a_warning(demo, tmp_path, caplog):
+    state = sf.to_original_state_dict(demo)
+    state["model_ema.decay"] = torch.zeros(())
+    path = tmp_path / "svd_xt.safetensors"
+    save_file(state, str(path), metadata=sf.original_metadata(demo))
+
+    with caplog.at_level("WARNING", logger=sf.__name__):
+        loaded = sf.load_single_file(path)
+    assert "skipping 1 keys outside the SVD components: model_ema.decay" in caplog.text
+    assert torch.equal(loaded.unet.conv_out.bias, demo.unet.conv_out.bias)
+
+
+def test_image_decoder_variant_is_rejected(demo, tmp_path):
+    """svd_image_decoder.safetensors: the VAE decoder has no temporal layers."""
+    state = {k: v for k, v in sf.to_original_state_dict(demo).items() if not (".time_stack." in k and "decoder" in k)}
+    path = tmp_path / "svd_image_decoder.safetensors"
+    save_file(state, str(path))
+
+    with pytest.raises(sf.SingleFileError, match="per-frame image decoder"):
+        sf.load_single_file(path)
+
+
 def test_unet_only_file_asks_for_the_missing_components(demo, tmp_path):
     state = {k: v for k, v in sf.to_original_state_dict(demo).items() if k.startswith(sf.UNET_PREFIX)}
     path = tmp_path / "svd_xt_unet.safetensors"
