@@ -150,16 +150,16 @@ def check_checkpoint_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SingleFileError(
-            f"{path} is a pickle checkpoint ({path.suffix}); loading it runs whatever code it contains, "
-            "so LowVRAM Studio refuses it. Use the .safetensors version of the model (Stability publishes "
-            "svd.safetensors / svd_xt.safetensors), or convert it once in a sandbox you trust."
+            f"{path} is a pickle checkpoint ({path.suffix}): loading it runs whatever code it contains, so "
+            "LowVRAM Studio refuses it; use the .safetensors version of the model (Stability publishes "
+            "svd.safetensors / svd_xt.safetensors) or convert it once in a sandbox you trust"
         )
     if not path.is_file():
-        raise SingleFileError(f"{path} does not exist or is not a file; check the path.")
+        raise SingleFileError(f"{path} does not exist or is not a file; check the path")
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise SingleFileError(
             f"{path} is not a .safetensors file; single-file models must be safetensors "
-            "(e.g. svd_xt.safetensors), diffusers models a folder with model_index.json."
+            "(e.g. svd_xt.safetensors), diffusers models a folder with model_index.json"
         )
     return path
 
@@ -175,19 +175,19 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     with path.open("rb") as f:
         raw_len = f.read(8)
         if len(raw_len) < 8:
-            raise SingleFileError(f"{path} is empty or truncated ({file_size} bytes); download it again.")
+            raise SingleFileError(f"{path} is empty or truncated ({file_size} bytes); download it again")
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
             raise SingleFileError(
                 f"{path} is not a valid safetensors file (header length {header_len} bytes in a "
-                f"{file_size}-byte file): it is truncated or not safetensors; download it again."
+                f"{file_size}-byte file): it is truncated or not safetensors; download it again"
             )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SingleFileError(f"{path} has a corrupt safetensors header ({exc}); download it again.") from exc
+            raise SingleFileError(f"{path} has a corrupt safetensors header ({exc}); download it again") from exc
     if not isinstance(header, dict):
-        raise SingleFileError(f"{path} has a corrupt safetensors header (not a JSON object); download it again.")
+        raise SingleFileError(f"{path} has a corrupt safetensors header (not a JSON object); download it again")
     data_start = 8 + header_len
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, TensorEntry] = {}
@@ -198,19 +198,19 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             entries[key] = TensorEntry(_SAFETENSORS_DTYPES[info["dtype"]], shape, data_start + begin, data_start + end)
     except (KeyError, TypeError, ValueError) as exc:
         raise SingleFileError(
-            f"{path} has a corrupt safetensors header near {key!r} ({exc!r}); download it again."
+            f"{path} has a corrupt safetensors header near {key!r} ({exc!r}); download it again"
         ) from exc
     data_end = max((e.end for e in entries.values()), default=data_start)
     if data_end > file_size:
         raise SingleFileError(
             f"{path} is truncated: its header describes {data_end / 2**30:.2f} GiB but the file has "
-            f"{file_size / 2**30:.2f} GiB (an interrupted download?); download it again."
+            f"{file_size / 2**30:.2f} GiB (an interrupted download?); download it again"
         )
     try:
         with safe_open(str(path), framework="pt"):
             pass
     except SafetensorError as exc:
-        raise SingleFileError(f"{path} is not a valid safetensors file ({exc}); download it again.") from exc
+        raise SingleFileError(f"{path} is not a valid safetensors file ({exc}); download it again") from exc
     return SafetensorsHeader(path, entries, {str(k): str(v) for k, v in metadata.items()}, file_size)
 
 
@@ -561,19 +561,19 @@ def _check_is_svd(header: SafetensorsHeader) -> None:
         sample = ", ".join(list(header.entries)[:3])
         raise SingleFileError(
             f"{header.path} is not a Stability single-file checkpoint: no '{UNET_PREFIX}' keys (first keys: "
-            f"{sample}). Use svd.safetensors / svd_xt.safetensors, or a diffusers folder with model_index.json."
+            f"{sample}); use svd.safetensors / svd_xt.safetensors, or a diffusers folder with model_index.json"
         )
     if not any(".time_stack." in k for k in unet_keys):
         raise SingleFileError(
             f"{header.path} is an image model (a Stable Diffusion checkpoint: its UNet has no temporal "
-            "'time_stack' layers), not Stable Video Diffusion; pick an SVD / SVD-XT checkpoint."
+            "'time_stack' layers), not Stable Video Diffusion; pick an SVD / SVD-XT checkpoint"
         )
     if f"{VAE_PREFIX}decoder.conv_in.weight" in header.entries and not any(
         k.startswith(f"{VAE_PREFIX}decoder.") and ".time_stack." in k for k in header.entries
     ):
         raise SingleFileError(
             f"{header.path} holds SVD with the per-frame image decoder (svd_image_decoder), which the "
-            "diffusers temporal VAE cannot express; use the standard svd.safetensors / svd_xt.safetensors."
+            "diffusers temporal VAE cannot express; use the standard svd.safetensors / svd_xt.safetensors"
         )
 
 
@@ -612,7 +612,8 @@ def _describe(header: SafetensorsHeader, num_frames: int | None) -> SingleFileIn
         except (KeyError, StopIteration, IndexError, ValueError) as exc:
             raise SingleFileError(
                 f"{path}: the {component} tensors under '{prefix}' do not form an SVD {component} "
-                f"(cannot read its size: missing {exc}); the file is damaged or a different model."
+                f"(cannot read its size: missing {exc}): a damaged file or a different model; use Stability's "
+                "svd / svd_xt / svd_xt_1_1 .safetensors"
             ) from exc
     configs["unet"]["num_frames"] = frames
     bytes_by_dtype: dict[torch.dtype, int] = {}
@@ -678,7 +679,7 @@ class _TensorReader:
         while got < len(view):
             n = self.file.readinto(view[got:])
             if not n:
-                raise SingleFileError(f"{self.header.path} ended early while reading {key}; download it again.")
+                raise SingleFileError(f"{self.header.path} ended early while reading {key}; download it again")
             got += n
 
     def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -741,8 +742,8 @@ def _plan_component(header: SafetensorsHeader, component: str, config: Mapping):
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} {component} keys: {_first(prefix + k for k in unexpected)}")
         raise SingleFileError(
-            f"{header.path} does not match the SVD architecture ({'; '.join(parts)}). It is a different or "
-            "damaged model; use Stability's svd / svd_xt / svd_xt_1_1 .safetensors."
+            f"{header.path} does not match the SVD architecture ({'; '.join(parts)}): a different or "
+            "damaged model; use Stability's svd / svd_xt / svd_xt_1_1 .safetensors"
         )
     return module, expected, sources
 
@@ -771,7 +772,8 @@ def _load_component(
             if tuple(value.shape) != expected[name]:
                 raise SingleFileError(
                     f"{reader.header.path}: {prefix + key} has shape {tuple(tensor.shape)}, which does not fit "
-                    f"{component} {name} {expected[name]}; the file is damaged or a different model."
+                    f"{component} {name} {expected[name]}: a damaged file or a different model; use Stability's "
+                    "svd / svd_xt / svd_xt_1_1 .safetensors"
                 )
             state[name] = value
     module.load_state_dict(state, strict=True, assign=True)
@@ -819,9 +821,8 @@ def load_single_file(
     for component, module in given.items():
         if component not in info.configs and module is None:
             raise SingleFileError(
-                f"{info.path} holds no {component.replace('_', ' ')} (only "
-                f"{', '.join(info.configs)}); pass one from a diffusers SVD folder "
-                f"(e.g. --model with its '{component}' subfolder) or use the full svd_xt.safetensors."
+                f"{info.path} holds no {component.replace('_', ' ')} (only {', '.join(info.configs)}); use "
+                "the full svd_xt.safetensors or a diffusers SVD folder (or pass the component when loading)"
             )
     plans = {c: _plan_component(header, c, cfg) for c, cfg in info.configs.items() if given.get(c) is None}
     needed_bytes = {}
