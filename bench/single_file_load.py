@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -35,10 +36,20 @@ MATRIX = [
 ]
 
 
-def _rss_mib() -> float:
-    import psutil
+def _proc_status_mib(field: str) -> float | None:
+    """A memory line of /proc/self/status in MiB (Linux; psutil may be missing on the GPU machine)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
-    return psutil.Process().memory_info().rss / 2**20
+
+def _rss_mib() -> float:
+    rss = _proc_status_mib("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _reset_peak_rss() -> bool:
@@ -52,13 +63,8 @@ def _reset_peak_rss() -> bool:
 
 def _peak_rss_mib() -> float:
     """VmHWM (peak resident set) from /proc, else ru_maxrss (then since process start)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _proc_status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
 
 
 def child(path: Path, target: str, method: str) -> dict:
@@ -131,20 +137,18 @@ def _run_child(path: Path, target: str, method: str) -> dict:
 
 def _env() -> dict:
     import diffusers
-    import psutil
     import safetensors
     import torch
 
-    env = {
+    return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "safetensors": safetensors.__version__,
-        "cpu_count": psutil.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_count": os.cpu_count(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    return env
 
 
 def run(smoke: bool, folder: Path) -> list[dict]:
@@ -188,7 +192,9 @@ def markdown(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
     note = (
         "\npeak_ram_mib = peak RSS (VmHWM, reset after imports) of a fresh process minus its RSS after imports; "
-        "ratio = peak_ram / loaded model size (target <= 1.2). Page cache warm (files just written).\n"
+        "ratio = peak_ram / loaded model size (target <= 1.2). Page cache warm (files just written). "
+        "About 25-40 MiB are fixed (module objects, lazy imports, the 16 MiB cast buffer), so --smoke ratios "
+        "of the 10 MiB demo model check the script, not the bound.\n"
     )
     return "\n".join(lines) + "\n" + note
 
