@@ -84,6 +84,7 @@ def test_comfyui_folders_list_only_svd_models(comfyui):
     ]
     svd_xt = found[2]
     assert svd_xt.path == comfyui / "models" / "checkpoints" / "svd_xt.safetensors"
+    assert json.loads(json.dumps(svd_xt.to_dict()))["kind"] == "single-file"
     assert svd_xt.size_bytes == svd_xt.path.stat().st_size
     assert found[0].size_bytes > 1000
 

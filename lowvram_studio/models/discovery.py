@@ -41,6 +41,11 @@ class ModelCandidate:
     size_bytes: int
     source: str = ""  # "comfyui", "hf-cache" or "models-dir"
 
+    def to_dict(self) -> dict:
+        """JSON-ready (``lowvram-studio models --json``)."""
+        return {"name": self.name, "path": str(self.path), "kind": self.kind.value, "size_bytes": self.size_bytes,
+                "source": self.source}
+
 
 @dataclass
 class DiscoveryConfig:
