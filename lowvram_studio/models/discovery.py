@@ -43,8 +43,13 @@ class ModelCandidate:
 
     def to_dict(self) -> dict:
         """JSON-ready (``lowvram-studio models --json``)."""
-        return {"name": self.name, "path": str(self.path), "kind": self.kind.value, "size_bytes": self.size_bytes,
-                "source": self.source}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "kind": self.kind.value,
+            "size_bytes": self.size_bytes,
+            "source": self.source,
+        }
 
 
 @dataclass
