@@ -69,8 +69,8 @@ class TrainConfig:
     unet_minutes: float = 13.0
     vae_steps: int | None = None  # a step budget replaces the minute budget (reproducible runs, smoke)
     unet_steps: int | None = None
-    vae_batch: int = 12
-    unet_batch: int = 48
+    vae_batch: int = 16
+    unet_batch: int = 64
     vae_lr: float = 4e-4
     unet_lr: float = 4e-4
     warmup_steps: int = 200
@@ -506,10 +506,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lowvram_studio.demo_training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/demo-ckpt"))
     parser.add_argument("--minutes", type=float, default=9.0, help="wall budget of this invocation")
-    parser.add_argument("--vae-minutes", type=float, default=TrainConfig.vae_minutes)
-    parser.add_argument("--unet-minutes", type=float, default=TrainConfig.unet_minutes)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None)
+    budget = "phase budget, minutes of training wall time (default: TrainConfig); may change on resume"
+    parser.add_argument("--vae-minutes", type=float, default=None, help=budget)
+    parser.add_argument("--unet-minutes", type=float, default=None, help=budget)
+    parser.add_argument("--vae-batch", type=int, default=None, help="clips per VAE step")
+    parser.add_argument("--unet-batch", type=int, default=None, help="clips per UNet step")
+    parser.add_argument("--seed", type=int, default=None, help="a new run's seed (default 0)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2, at most 14)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--export", type=Path, default=None, help="write fp16 safetensors here when training is done")
     parser.add_argument("--evaluate", type=Path, default=None, help="write the quality evaluation JSON here")
@@ -518,22 +521,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The checkpoint's config when resuming (else the smoke or default one), then explicit flags."""
+    state_path = args.ckpt_dir / "state.json"
+    if state_path.exists():
+        config = TrainConfig(**json.loads(state_path.read_text())["config"])
+        if args.seed is not None and args.seed != config.seed:
+            raise SystemExit(f"error: --seed {args.seed} differs from the checkpoint's seed {config.seed}; use a new --ckpt-dir")
+    else:
+        config = smoke_config() if args.smoke else TrainConfig()
+        config = replace(config, seed=args.seed or 0)
+    overrides = {
+        "vae_minutes": args.vae_minutes, "unet_minutes": args.unet_minutes,
+        "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "workers": args.workers,
+    }
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     args = parse_args(argv)
-    config = smoke_config() if args.smoke else TrainConfig()
-    config = replace(config, seed=args.seed)
-    if not args.smoke:
-        config = replace(config, vae_minutes=args.vae_minutes, unet_minutes=args.unet_minutes)
-    if args.workers is not None:
-        config = replace(config, workers=args.workers)
+    config = resolve_config(args)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if (args.ckpt_dir / "state.json").exists():
-        saved = json.loads((args.ckpt_dir / "state.json").read_text())["config"]
-        config = TrainConfig(**{**saved, "workers": config.workers})
     threads = torch.get_num_threads()
     if args.smoke and device.type == "cpu":
         # Tiny tensors: a second thread buys nothing, and on a busy machine the OpenMP barrier of
