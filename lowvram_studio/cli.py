@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe torch, CUDA, GPU, VRAM and NVML")
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
+    models = sub.add_parser("models", help="list SVD models found on this machine")
+    models.add_argument("--models-dir", action="append", default=[], type=Path, help="another folder to search (repeatable)")
+    models.add_argument("--comfyui-root", type=Path, default=None, help="ComfyUI folder (default: $COMFYUI_ROOT)")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+
     ui = sub.add_parser("ui", help="start the studio in the browser")
     ui.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     ui.add_argument("--listen", action="store_true", help="accept connections from other machines (binds 0.0.0.0)")
@@ -136,10 +141,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .jobs import check_outputs_free, run_job
     from .media import load_image
     from .models.load import load_model
+    from .models.single_file import tqdm_progress
 
     check_outputs_free(args.out, args.gif)
     image = load_image(args.image)
-    model = load_model(args.model)
+    model = load_model(args.model, on_progress=tqdm_progress(f"loading {Path(args.model).name}"))
     if model.note:
         print(f"note: {model.note}", file=sys.stderr)
     settings = settings_from_args(args, model.pipeline)
@@ -160,13 +166,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.discovery import DiscoveryConfig, discover_models, format_candidates
+
+    config = DiscoveryConfig.from_env(args.models_dir, args.comfyui_root)
+    found = discover_models(config)
+    print(json.dumps([c.to_dict() for c in found], indent=2) if args.json else format_candidates(found, config))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui.app import launch_studio
 
     return launch_studio(args)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "ui": cmd_ui}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "models": cmd_models, "ui": cmd_ui}
 
 
 def configure_logging(verbose: bool) -> None:
@@ -181,13 +196,13 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)  # before importing models: transformers warns at import
+
     from .engine.events import RunCancelled
     from .media import MediaError
     from .models.load import ModelError
     from .settings import SettingsError
-
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except (UserError, MediaError, ModelError, SettingsError) as exc:

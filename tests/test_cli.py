@@ -79,3 +79,17 @@ def test_interpolation_delivers_more_frames_at_a_higher_rate(tmp_path):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["results"]["interpolation"]["generated_frames"] == [0, 2, 4, 6]
     assert record["settings"]["interpolate"] == 2
+
+
+def test_pickle_checkpoint_is_refused_without_traceback(tmp_path):
+    checkpoint = tmp_path / "svd_xt.ckpt"
+    checkpoint.write_bytes(b"not really a pickle")
+    done = run_cli("generate", "--image", str(ASSET), "--out", str(tmp_path / "o.mp4"), "--model", str(checkpoint))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {checkpoint} is a pickle checkpoint")
+
+
+def test_models_lists_what_it_found(tmp_path):
+    done = run_cli("models", "--models-dir", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
