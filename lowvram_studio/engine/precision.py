@@ -177,6 +177,14 @@ def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
         logger.info("precision: %s %s", name, precision.describe())
 
 
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a component's inputs must have: its compute dtype (not its fp8 storage dtype)."""
+    applied = getattr(module, "_lowvram_precision", None)
+    if applied is not None:
+        return applied.compute
+    return next(module.parameters()).dtype
+
+
 def _alternatives(dtype_name: str, gpu: GpuInfo | None) -> str:
     if dtype_name == "fp16":
         return "bf16 or fp32" if gpu is None or gpu.supports_bf16 else "fp32"
