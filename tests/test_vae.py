@@ -25,7 +25,7 @@ def latents():
 
 def plain_decode(vae, latents):
     with torch.no_grad():
-        return vae.decode(latents / vae.config.scaling_factor, num_frames=latents.shape[0]).sample
+        return vae.decode(1 / vae.config.scaling_factor * latents, num_frames=latents.shape[0]).sample
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -148,6 +148,15 @@ class PrecisionPolicy:
         return {name: self.component(name).describe() for name in COMPONENTS}
 
 
+def precision_applied(pipeline: Any, policy: PrecisionPolicy) -> bool:
+    """True when every component already runs as ``policy`` says."""
+    return all(
+        getattr(getattr(pipeline, name), "_lowvram_precision", None) == policy.component(name)
+        for name in COMPONENTS
+        if getattr(pipeline, name, None) is not None
+    )
+
+
 def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
     """Cast each pipeline component to its compute dtype and attach layerwise casting where storage differs.
 

@@ -123,12 +123,12 @@ def decode_latents(
 
     With ``chunk=0`` and ``tile=0`` this equals diffusers' ``decode_latents`` with all frames at once.
     """
-    latents = latents / vae.config.scaling_factor
+    latents = 1 / vae.config.scaling_factor * latents.to(compute_dtype(vae))  # diffusers' exact arithmetic
     frames = latents.shape[0]
     chunk = config.chunk or frames
     out = None
     for start in range(0, frames, chunk):
-        piece = latents[start : start + chunk].to(compute_dtype(vae))
+        piece = latents[start : start + chunk]
         tiled = config.tile and config.tile_latent < max(piece.shape[-2:])
         pixels = (_decode_tiled(vae, piece, config) if tiled else _decode(vae, piece)).float()
         if out is None:
