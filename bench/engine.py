@@ -60,6 +60,7 @@ MIB = 2**20
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25)}
 SMOKE_CASES = {"A": (64, 64, 4), "B": (64, 128, 5)}
 CONFIGS = ("diffusers-fp32", "diffusers-fp16", "diffusers-best", "ours-lossless", "ours-stream")
+OURS = {"ours-lossless": "model", "ours-stream": "stream"}
 REFERENCE = "diffusers-fp16"
 
 
@@ -401,8 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up run per row (0 = none)")
     parser.add_argument("--release-steps", type=int, default=3, help="steps per run of the release check (0 = skip)")
     parser.add_argument("--spatial-chunk", type=int, default=5, help="ours: frames per spatial-layer call")
-    parser.add_argument("--temporal-chunk", type=int, default=4608, help="ours: positions per temporal-block call")
-    parser.add_argument("--ff-chunk", type=int, default=16384, help="ours: tokens per feed-forward call")
+    parser.add_argument("--temporal-chunk", type=int, default=2304, help="ours: positions per temporal-block call")
+    parser.add_argument("--ff-chunk", type=int, default=4096, help="ours: tokens per feed-forward call")
     parser.add_argument("--decode-chunk", type=int, default=5, help="ours: frames per VAE decode call (0 = all)")
     parser.add_argument("--vae-tile", type=int, default=256, help="ours: VAE tile side in pixels (0 = none)")
     parser.add_argument("--smoke", action="store_true", help="demo model on the CPU at tiny sizes (logic check)")
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("case %s: %.1f TFLOP per CFG step", name, flops[name] / 1e12)
 
     # 1. fp32 pipeline: diffusers-fp32 rows; later, cast in place, ours (same seed-0 weights as fp16's)
-    need_ours = bool(wanted & {"ours-lossless", "ours-stream"})
+    need_ours = bool(wanted & set(OURS))
     fp32 = build_pipeline(torch.float32, device, args.smoke) if (need_ours or "diffusers-fp32" in wanted) else None
     if "diffusers-fp32" in wanted:
         count_flops(fp32.unet)
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         free(device)
 
     # 3. ours on the fp32-built pipeline (the policy casts the UNet to fp16: the same weights as above)
-    for name, offload in (("ours-lossless", "model"), ("ours-stream", "stream")):
+    for name, offload in OURS.items():
         if name not in wanted:
             continue
         if not flops:

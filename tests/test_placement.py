@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lowvram_studio.engine.placement import (
@@ -15,8 +14,9 @@ from lowvram_studio.engine.placement import (
     placement_hooks,
     release_memory,
 )
+from lowvram_studio.engine.sampler import generate
 from lowvram_studio.models.demo import build_demo_pipeline
-from lowvram_studio.settings import OffloadMode
+from lowvram_studio.settings import OffloadMode, RunSettings
 
 
 @pytest.fixture(scope="module")
@@ -24,25 +24,18 @@ def pipeline():
     return build_demo_pipeline()
 
 
-def frames(pipeline) -> np.ndarray:
+SETTINGS = RunSettings(height=64, width=64, num_frames=4, num_inference_steps=2, device="cpu")
+
+
+def frames(pipeline, offload: OffloadMode) -> np.ndarray:
     image = Image.fromarray(np.full((64, 64, 3), 120, dtype=np.uint8))
-    out = pipeline(
-        image,
-        height=64,
-        width=64,
-        num_frames=4,
-        num_inference_steps=2,
-        decode_chunk_size=4,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    return out.frames[0]
+    return generate(pipeline, image, SETTINGS.replace(offload=offload)).frames
 
 
 @pytest.fixture(scope="module")
 def reference(pipeline):
     clear_placement(pipeline)
-    return frames(pipeline)
+    return frames(pipeline, OffloadMode.NONE)
 
 
 @pytest.mark.parametrize(
@@ -60,10 +53,9 @@ def reference(pipeline):
     ],
 )
 def test_placement_attaches_its_hooks_and_frames_stay_equal(pipeline, reference, mode, expected):
-    apply_placement(pipeline, PlacementConfig(mode, "cpu"))
     try:
+        out = frames(pipeline, mode)  # the sampler applies the placement itself
         assert placement_hooks(pipeline) == expected
-        out = frames(pipeline)
         make_room(pipeline, "unet")
         release_memory(pipeline)
     finally:
