@@ -186,8 +186,19 @@ def feed_forward_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if isinstance(m, FeedForward)]
 
 
+def chunking_applied(unet: torch.nn.Module) -> ChunkingConfig:
+    """The chunking the UNet runs with now (all zero when none)."""
+    return getattr(unet, "_lowvram_chunking", ChunkingConfig())
+
+
 def apply_chunking(unet: torch.nn.Module, config: ChunkingConfig) -> None:
-    """Attach the chunk hooks ``config`` asks for (replacing earlier ones); output is unchanged."""
+    """Attach the chunk hooks ``config`` asks for (replacing earlier ones); output is unchanged.
+
+    Apply before weight placement: a placement hook must wrap the chunk hooks of a module it shares,
+    or every chunk would load that module's weights again.
+    """
+    if chunking_applied(unet) == config:
+        return
     remove_chunking(unet)
     plan = (
         (config.spatial_chunk, spatial_layers, _FrameChunkHook, SPATIAL_HOOK),
@@ -202,6 +213,7 @@ def apply_chunking(unet: torch.nn.Module, config: ChunkingConfig) -> None:
             HookRegistry.check_if_exists_or_initialize(layer).register_hook(hook_class(size), name)
         logger.debug("chunking: %s=%d on %d layers", name, size, len(layers))
     HookRegistry.check_if_exists_or_initialize(unet).invalidate_child_registries_cache()
+    unet._lowvram_chunking = config
 
 
 def remove_chunking(unet: torch.nn.Module) -> None:
@@ -210,6 +222,7 @@ def remove_chunking(unet: torch.nn.Module) -> None:
     for name in HOOK_NAMES:
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
+    unet._lowvram_chunking = ChunkingConfig()
 
 
 def chunk_hook_counts(unet: torch.nn.Module) -> dict[str, int]:

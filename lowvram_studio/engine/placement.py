@@ -7,8 +7,11 @@ Modes (``OffloadMode``), all through maintained hooks, no home-made mover:
              ``cpu_offload_with_hook``, the mechanism behind diffusers' ``enable_model_cpu_offload``);
              ``make_room`` sends the others back first, so the image encoder and the VAE are off the
              GPU while the UNet works.
-* ``stream`` the UNet streams block by block with the next block prefetched on a CUDA stream
-             (diffusers group offloading, block level); the image encoder streams layer by layer
+* ``stream`` the UNet streams with the next piece prefetched on a CUDA stream (diffusers group
+             offloading, block level, descending into the down/mid/up blocks so that each resnet,
+             transformer and resampler is one group: ~150 MB at most instead of up_blocks[1]'s 1 GB, and
+             the mid block no longer rides in the synchronously copied top-level group); the image encoder
+             streams layer by layer
              (its blocks sit deeper than group offloading's block search reaches); the VAE moves whole
              as in ``model`` (its ``decode`` is not ``forward``, which group offloading hooks, while
              accelerate's hook fires on ``decode`` through diffusers' ``apply_forward_hook``).
@@ -58,6 +61,13 @@ def _offload_hooks(pipeline: Any) -> dict[str, Any]:
     return pipeline._lowvram_offload_hooks
 
 
+def unet_stream_blocks(unet: torch.nn.Module) -> list[str]:
+    """Names group offloading descends into (it matches them at every level): the UNet's block lists,
+    the mid block and the blocks' indices, so groups form at the resnets/attentions/samplers lists."""
+    count = max(len(unet.down_blocks), len(unet.up_blocks))
+    return ["down_blocks", "mid_block", "up_blocks", *(str(i) for i in range(count))]
+
+
 def _stream_options(device: torch.device) -> dict[str, Any]:
     on_cuda = device.type == "cuda"
     return {
@@ -96,7 +106,14 @@ def apply_placement(pipeline: Any, config: PlacementConfig) -> None:
         for name, module in modules.items():
             _, hooks[name] = cpu_offload_with_hook(module, device)
     else:
-        apply_group_offloading(modules["unet"], offload_type="block_level", num_blocks_per_group=1, **_stream_options(device))
+        unet = modules["unet"]
+        apply_group_offloading(
+            unet,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            block_modules=unet_stream_blocks(unet),
+            **_stream_options(device),
+        )
         apply_group_offloading(modules["image_encoder"], offload_type="leaf_level", **_stream_options(device))
         _, hooks["vae"] = cpu_offload_with_hook(modules["vae"], device)
     pipeline._lowvram_placement = config

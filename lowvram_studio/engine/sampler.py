@@ -19,7 +19,7 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 
 from ..settings import DeviceChoice, RunSettings
-from .chunking import ChunkingConfig, apply_chunking, chunk_hook_counts, split_cfg_call
+from .chunking import ChunkingConfig, apply_chunking, chunk_hook_counts, chunking_applied, split_cfg_call
 from .events import CancelToken, EventCallback, Phase, RunEvent
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
 from .precision import PrecisionPolicy, apply_precision, check_finite, compute_dtype, detect_gpu, precision_applied
@@ -80,11 +80,12 @@ def resolve_device(choice: DeviceChoice) -> torch.device:
 def prepare_pipeline(pipeline: StableVideoDiffusionPipeline, settings: RunSettings, device: torch.device) -> PrecisionPolicy:
     """Apply the run's precision, weight placement and chunking (each a no-op when already in place)."""
     policy = PrecisionPolicy.from_settings(settings, detect_gpu(device))
-    if not precision_applied(pipeline, policy):
-        clear_placement(pipeline)  # dtype casts must not run under placement hooks
+    chunking = ChunkingConfig.from_settings(settings)
+    if not precision_applied(pipeline, policy) or chunking_applied(pipeline.unet) != chunking:
+        clear_placement(pipeline)  # casts and chunk hooks go in under the placement hooks, never over them
         apply_precision(pipeline, policy)
+        apply_chunking(pipeline.unet, chunking)
     apply_placement(pipeline, PlacementConfig.from_settings(settings, device))
-    apply_chunking(pipeline.unet, ChunkingConfig.from_settings(settings))
     return policy
 
 
