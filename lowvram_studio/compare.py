@@ -30,7 +30,7 @@ from PIL import Image
 
 from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
-from lowvram_studio.engine.sampler import _prepare_components, generate, resolve_device
+from lowvram_studio.engine.sampler import generate, prepare_pipeline, resolve_device
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
@@ -183,7 +183,7 @@ def apply_compare_precision(pipeline: Any, settings: RunSettings) -> None:
     The one place compare changes precision; it uses the sampler's own preparation so the run
     finds nothing left to cast (swap for engine/precision.py ``apply_precision`` when it lands).
     """
-    _prepare_components(pipeline, settings, resolve_device(settings.device))
+    prepare_pipeline(pipeline, settings, resolve_device(settings.device))
 
 
 def _check_precision(settings: RunSettings) -> None:
