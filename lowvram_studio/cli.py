@@ -45,7 +45,7 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--prune-threshold": ("prune_threshold", float, "static-frame pruning L1 threshold (lossy; 0 = off)"),
     "--prune-mode": ("prune_mode", str, "steps | frames | both"),
     "--vram-budget": ("vram_budget", str, "off | auto | 4GB | 6GB | 8GB | 12GB | 24GB | e.g. 5GB"),
-    "--interpolate": ("interpolate", int, "deliver 1x, 2x or 4x the generated frames by interpolation (lossy)"),
+    "--interpolate": ("interpolate", int, "optical-flow interpolation: N generated frames become (N-1)*k+1 (lossy; 1 = off)"),
 }
 
 
@@ -75,8 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gif", action="store_true", help="also write OUT.gif")
     _add_setting_flags(gen)
 
+    cmp = sub.add_parser("compare", help="run FP32, FP16 and FP16 + your optimizations side by side")
+    cmp.add_argument("--image", required=True, type=Path, help="input image")
+    cmp.add_argument("--out", required=True, type=Path, help="folder for compare.json, curves.png and table.md")
+    cmp.add_argument("--model", default="demo", help="demo | a diffusers SVD folder | svd_xt.safetensors")
+    _add_setting_flags(cmp)
+
     info = sub.add_parser("info", help="describe torch, CUDA, GPU, VRAM and NVML")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    models = sub.add_parser("models", help="list SVD models found on this machine")
+    models.add_argument("--models-dir", action="append", default=[], type=Path, help="another folder to search (repeatable)")
+    models.add_argument("--comfyui-root", type=Path, default=None, help="ComfyUI folder (default: $COMFYUI_ROOT)")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
 
     ui = sub.add_parser("ui", help="start the studio in the browser")
     ui.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
@@ -136,10 +147,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .jobs import check_outputs_free, run_job
     from .media import load_image
     from .models.load import load_model
+    from .models.single_file import tqdm_progress
 
     check_outputs_free(args.out, args.gif)
     image = load_image(args.image)
-    model = load_model(args.model)
+    model = load_model(args.model, on_progress=tqdm_progress(f"loading {Path(args.model).name}"))
     if model.note:
         print(f"note: {model.note}", file=sys.stderr)
     settings = settings_from_args(args, model.pipeline)
@@ -152,11 +164,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .media import load_image
+    from .models.load import load_model
+    from .monitor.vram import MonitorConfig, measure_idle_baseline
+
+    image = load_image(args.image)
+    device_baseline = measure_idle_baseline().device_used_mib  # before this process starts CUDA
+    model = load_model(args.model)
+    settings = settings_from_args(args, model.pipeline)
+    result = run_compare(model, image, settings, args.out, on_event=_progress_printer(),
+                         monitor_config=MonitorConfig(device_baseline_mib=device_baseline))
+    print(result.table_md)
+    print("wrote " + ", ".join(str(path) for path in result.files.values()))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .sysinfo import collect_env, format_env
 
     env = collect_env()
     print(json.dumps(env, indent=2) if args.json else format_env(env))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.discovery import DiscoveryConfig, discover_models, format_candidates
+
+    config = DiscoveryConfig.from_env(args.models_dir, args.comfyui_root)
+    found = discover_models(config)
+    print(json.dumps([c.to_dict() for c in found], indent=2) if args.json else format_candidates(found, config))
     return 0
 
 
@@ -166,7 +204,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return launch_studio(args)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "ui": cmd_ui}
+COMMANDS = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "models": cmd_models, "ui": cmd_ui}
 
 
 def configure_logging(verbose: bool) -> None:
@@ -181,16 +219,17 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)  # before importing models: transformers warns at import
+
+    from .compare import CompareError
     from .engine.events import RunCancelled
     from .media import MediaError
     from .models.load import ModelError
     from .settings import SettingsError
-
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
-    except (UserError, MediaError, ModelError, SettingsError) as exc:
+    except (UserError, MediaError, ModelError, SettingsError, CompareError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunCancelled:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lowvram_studio.media import read_video
+from lowvram_studio.models.demo import demo_model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "assets" / "ball_and_box.png"
@@ -31,9 +32,9 @@ def test_generate_writes_mp4_and_record(tmp_path):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["settings"]["num_frames"] == 8 and record["settings"]["seed"] == 0
     assert record["results"]["frames"] == 8 and record["results"]["seconds_per_step"] > 0
-    assert record["model"]["name"] == "demo" and "random weights" in record["model"]["note"]
+    assert record["model"]["name"] == "demo" and record["model"]["note"] == demo_model_info().note
     assert {"version", "settings", "model", "env", "results", "events", "samples"} <= set(record)
-    assert "random weights" in done.stderr  # the demo model says so
+    assert demo_model_info().note in done.stderr  # the demo model says what its weights are
 
 
 @pytest.mark.parametrize(
@@ -67,3 +68,39 @@ def test_info_json_describes_the_machine():
     assert done.returncode == 0, done.stderr
     env = json.loads(done.stdout)
     assert env["torch"] and "nvml" in env and env["diffusers"]
+
+
+def test_interpolation_delivers_more_frames_at_a_higher_rate(tmp_path):
+    out = tmp_path / "x2.mp4"
+    done = run_cli("generate", "--image", str(ASSET), "--out", str(out), "--frames", "4", "--height", "64",
+                   "--width", "64", "--steps", "2", "--fps", "6", "--interpolate", "2")
+    assert done.returncode == 0, done.stderr
+    frames, fps = read_video(out)
+    assert frames.shape[0] == 7 and fps == 12
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["results"]["interpolation"]["generated_frames"] == [0, 2, 4, 6]
+    assert record["settings"]["interpolate"] == 2
+
+
+def test_pickle_checkpoint_is_refused_without_traceback(tmp_path):
+    checkpoint = tmp_path / "svd_xt.ckpt"
+    checkpoint.write_bytes(b"not really a pickle")
+    done = run_cli("generate", "--image", str(ASSET), "--out", str(tmp_path / "o.mp4"), "--model", str(checkpoint))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {checkpoint} is a pickle checkpoint")
+
+
+def test_models_lists_what_it_found(tmp_path):
+    done = run_cli("models", "--models-dir", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+
+
+def test_compare_writes_report_files(tmp_path):
+    done = run_cli("compare", "--image", str(ASSET), "--out", str(tmp_path / "cmp"), "--frames", "4",
+                   "--height", "64", "--width", "64", "--steps", "2", "--decode-chunk", "2")
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (tmp_path / "cmp").iterdir())
+    assert {"compare.json", "curves.png", "table.md"} <= set(names)
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert len(report["runs"]) == 3

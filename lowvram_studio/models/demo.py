@@ -1,11 +1,17 @@
 """The built-in demo model: the real SVD architecture at a size that runs on two CPU cores.
 
 Every component is the class a real SVD / SVD-XT checkpoint uses, so every engine technique that
-works here works on the full-size model. The weights are random (seeded, identical on every start)
-until trained demo weights ship in ``assets/``; the UI and CLI say so (see ``DEMO_WEIGHTS_NOTE``).
+works here works on the full-size model. The weights come from ``assets/demo-model/`` (fp16
+safetensors trained on procedural video by ``lowvram_studio.demo_training``); when they are missing the
+model falls back to seeded random weights, identical on every start, and says so
+(``DemoModelInfo.note``, ``DEMO_WEIGHTS_NOTE``).
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -14,14 +20,29 @@ from diffusers import (
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
 )
+from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "demo"
 DEMO_WEIGHTS_NOTE = (
-    "The built-in demo model has random weights: it shows what every memory setting costs, but its "
-    "video is noise. For real videos load an SVD / SVD-XT model (a diffusers folder with "
-    "model_index.json, e.g. --model /path/to/stable-video-diffusion-img2vid-xt)."
+    "The built-in demo model has random weights (trained weights not found in assets/demo-model): it "
+    "shows what every memory setting costs, but its video is noise. Restore assets/demo-model/*.safetensors "
+    "(git checkout assets) or load an SVD / SVD-XT model (a diffusers folder with model_index.json, "
+    "e.g. --model /path/to/stable-video-diffusion-img2vid-xt)."
 )
+TRAINED_WEIGHTS_NOTE = (
+    "The built-in demo model is trained on procedural clips (moving arrows, spinning pinwheels, pans, "
+    "zooms) at 128x128: it moves simple shapes, not real footage. For real videos load an SVD / SVD-XT model."
+)
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
+# Component name -> file name in the weights folder (fp16 safetensors, diffusers state-dict keys).
+WEIGHT_FILES: dict[str, str] = {
+    "vae": "vae.safetensors",
+    "unet": "unet.safetensors",
+    "image_encoder": "image_encoder.safetensors",
+}
 
 # The scheduler configuration that ships with stabilityai/stable-video-diffusion-img2vid(-xt).
 SVD_SCHEDULER_CONFIG: dict = {
@@ -75,7 +96,7 @@ DEMO_VAE_CONFIG: dict = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "block_out_channels": (32, 32, 64, 64),
+    "block_out_channels": (32, 64, 128, 128),
     "layers_per_block": 1,
     "latent_channels": 4,
     "sample_size": 128,
@@ -98,6 +119,23 @@ CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+@dataclass(frozen=True)
+class DemoModelInfo:
+    """Which weights the demo model runs on, and the line the UI / CLI shows about it."""
+
+    trained: bool
+    weights_dir: Path | None
+    note: str
+
+
+def demo_model_info(weights: Path | None = None) -> DemoModelInfo:
+    """Trained when every weight file exists in ``weights`` (default: assets/demo-model)."""
+    folder = Path(weights) if weights is not None else DEFAULT_WEIGHTS_DIR
+    if all((folder / name).is_file() for name in WEIGHT_FILES.values()):
+        return DemoModelInfo(trained=True, weights_dir=folder, note=TRAINED_WEIGHTS_NOTE)
+    return DemoModelInfo(trained=False, weights_dir=None, note=DEMO_WEIGHTS_NOTE)
+
+
 def _seeded(seed: int, build):
     """Build a module under a fixed CPU RNG state so its random init is the same on every start."""
     with torch.random.fork_rng(devices=[]):
@@ -105,8 +143,12 @@ def _seeded(seed: int, build):
         return build()
 
 
-def build_demo_pipeline() -> StableVideoDiffusionPipeline:
-    """Return the demo pipeline in fp32 on the CPU; deterministic, nothing downloaded."""
+def build_demo_pipeline(weights: Path | None = None, random_init: bool = False) -> StableVideoDiffusionPipeline:
+    """Return the demo pipeline in fp32 on the CPU; deterministic, nothing downloaded.
+
+    Loads the trained weights from ``weights`` (default: assets/demo-model) when they are there,
+    else (or with ``random_init``) keeps the seeded random init; ``demo_model_info`` says which.
+    """
     unet = _seeded(1, lambda: UNetSpatioTemporalConditionModel(**DEMO_UNET_CONFIG))
     vae = _seeded(2, lambda: AutoencoderKLTemporalDecoder(**DEMO_VAE_CONFIG))
     image_encoder = _seeded(
@@ -118,6 +160,19 @@ def build_demo_pipeline() -> StableVideoDiffusionPipeline:
         image_mean=CLIP_IMAGE_MEAN,
         image_std=CLIP_IMAGE_STD,
     )
+    info = DemoModelInfo(False, None, DEMO_WEIGHTS_NOTE) if random_init else demo_model_info(weights)
+    if weights is not None and not random_init and not info.trained:
+        raise FileNotFoundError(
+            f"demo weights not found in {weights}: it needs {', '.join(WEIGHT_FILES.values())}; "
+            "export them with python -m lowvram_studio.demo_training.train --export DIR, or omit weights"
+        )
+    if info.trained:
+        components = {"vae": vae, "unet": unet, "image_encoder": image_encoder}
+        for name, filename in WEIGHT_FILES.items():
+            state = load_file(str(info.weights_dir / filename))
+            components[name].load_state_dict({k: v.float() for k, v in state.items()})
+    else:
+        logger.info(info.note)
     scheduler = EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
     pipeline = StableVideoDiffusionPipeline(
         vae=vae,

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from .demo import DEMO_MODEL_NAME, DEMO_WEIGHTS_NOTE, build_demo_pipeline
+from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
+from .single_file import SingleFileError, load_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +70,28 @@ def native_size(pipeline: StableVideoDiffusionPipeline) -> tuple[int, int, int]:
     return side, side, frames
 
 
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """``demo``, a diffusers folder, a ``.safetensors`` single file, or an HF id already in the cache."""
+def load_model(
+    source: str | Path, dtype: torch.dtype = torch.float32, on_progress: Callable[[int, int], None] | None = None
+) -> LoadedModel:
+    """``demo``, a diffusers folder, a ``.safetensors`` single file, or an HF id already in the cache.
+
+    ``on_progress(bytes_done, bytes_total)`` follows the reading of a single file (multi-GB files).
+    """
     text = str(source).strip()
     if text in ("", DEMO_MODEL_NAME):
-        return LoadedModel(build_demo_pipeline(), DEMO_MODEL_NAME, DEMO_MODEL_NAME, "demo", DEMO_WEIGHTS_NOTE)
+        return LoadedModel(build_demo_pipeline(), DEMO_MODEL_NAME, DEMO_MODEL_NAME, "demo", demo_model_info().note)
     path = Path(text).expanduser()
     if path.is_dir():
         return LoadedModel(_load_folder(path, dtype), path.name, str(path), "diffusers-folder")
     if path.is_file():
-        return _load_file(path, dtype)
+        return _load_file(path, dtype, on_progress)
     if _looks_like_hub_id(text):
         folder = _cached_snapshot(text)
         return LoadedModel(_load_folder(folder, dtype), text, str(folder), "hf-cache")
     raise ModelError(
         f"model {text!r} was not found: it is not 'demo', an existing folder or file, or a Hugging Face id; "
-        "give the path of a diffusers SVD folder (with model_index.json) or an svd_xt.safetensors file"
+        "give the path of a diffusers SVD folder (with model_index.json) or an svd_xt.safetensors file "
+        "(`lowvram-studio models` lists the ones found on this machine)"
     )
 
 
@@ -136,10 +144,11 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> StableVideoDiffusionPipeli
     return pipeline
 
 
-def _load_file(path: Path, dtype: torch.dtype) -> LoadedModel:
-    from .single_file import load_single_file  # optional heavy path, imported only when used
-
-    pipeline = load_single_file(path, dtype=dtype)
+def _load_file(path: Path, dtype: torch.dtype, on_progress: Callable[[int, int], None] | None) -> LoadedModel:
+    try:
+        pipeline = load_single_file(path, dtype=dtype, on_progress=on_progress)
+    except SingleFileError as exc:
+        raise ModelError(str(exc)) from exc
     return LoadedModel(pipeline, path.stem, str(path), "single-file")
 
 

@@ -1,0 +1,574 @@
+"""Train the built-in demo model (SVD architecture, a few M parameters) on procedural video.
+
+Two phases share one wall-clock budget and one checkpoint folder:
+
+1. **VAE**: ``AutoencoderKLTemporalDecoder`` learns to reconstruct clips (encoder per frame, temporal
+   decoder over the clip; L1 + MSE + a small KL). At the end its latent scale is folded into the
+   weights so that ``latents * scaling_factor`` (0.18215, as the pipeline uses it) has unit variance.
+2. **UNet**: ``UNetSpatioTemporalConditionModel`` and the small CLIP image encoder learn to denoise
+   with SVD's conditioning, exactly as ``StableVideoDiffusionPipeline`` feeds them at inference:
+   the noise-augmented first frame's VAE latent (posterior mode, *not* multiplied by the scaling
+   factor) concatenated on channels to every frame, the image embedding as the one cross-attention
+   token, and ``added_time_ids = [fps - 1, motion_bucket_id, noise_aug_strength]``. The objective is
+   EDM's denoiser loss in the parametrisation the Euler v-prediction scheduler inverts (Karras et al.
+   2022, "Elucidating the design space", table 1, with sigma_data = 1; SVD paper appendix D):
+   ``D(x) = c_skip x + c_out F(c_in x, c_noise)``, ``c_in = 1/sqrt(s^2+1)``, ``c_skip = 1/(s^2+1)``,
+   ``c_out = -s/sqrt(s^2+1)``, ``c_noise = 0.25 ln s`` (``EulerDiscreteScheduler`` with
+   ``timestep_type="continuous"``), loss weight ``(s^2+1)/s^2`` — i.e. plain MSE on F's target.
+   Conditioning is dropped together (zeros, as the pipeline's unconditional branch) for CFG.
+
+Every invocation trains for ``--minutes`` of wall time, checkpoints every few minutes and at the end,
+and resumes from ``--ckpt-dir``; ``--export DIR`` writes fp16 safetensors and the training log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from lowvram_studio.demo_training.procedural import ClipSpec, make_clip
+from lowvram_studio.models.demo import (
+    CLIP_IMAGE_MEAN,
+    CLIP_IMAGE_STD,
+    DEMO_IMAGE_ENCODER_CONFIG,
+    DEMO_UNET_CONFIG,
+    DEMO_VAE_CONFIG,
+    WEIGHT_FILES,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 15 * 2**20  # checkpoint shards come back through the device's $OUT (16 MiB per file)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; stored in the checkpoint and the exported log."""
+
+    seed: int = 0
+    num_frames: int = 14
+    size: int = 128
+    vae_minutes: float = 4.5
+    unet_minutes: float = 13.0
+    vae_steps: int | None = None  # a step budget replaces the minute budget (reproducible runs, smoke)
+    unet_steps: int | None = None
+    vae_batch: int = 16
+    unet_batch: int = 64
+    vae_lr: float = 4e-4
+    unet_lr: float = 4e-4
+    warmup_steps: int = 200
+    kl_weight: float = 1e-4
+    p_mean: float = 0.7  # SVD's log-normal training sigmas
+    p_std: float = 1.6
+    high_sigma_fraction: float = 0.1  # extra samples log-uniform up to sigma_max, where inference starts
+    sigma_min: float = 0.002
+    sigma_max: float = 700.0
+    cond_dropout: float = 0.1
+    noise_aug_mean: float = 0.02
+    workers: int = field(default_factory=lambda: max(0, min(14, (os.cpu_count() or 2) - 2)))
+    save_every_minutes: float = 3.0
+    log_every: int = 25  # steps averaged into one training-log entry
+    clip_pool: int | None = None  # cycle through this many clips (smoke: see the loss fall in a few steps)
+
+
+def smoke_config() -> TrainConfig:
+    """A few steps at tiny size: proves the loop on a CPU in well under a minute."""
+    return TrainConfig(
+        num_frames=2, size=64, vae_steps=5, unet_steps=3, vae_batch=1, unet_batch=1,
+        vae_lr=1e-3, unet_lr=1e-3, warmup_steps=1, workers=0, log_every=1, clip_pool=1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class ClipStream(IterableDataset):
+    """Endless procedural clips; clip ``i`` has seed ``first_seed + i``, split across workers."""
+
+    def __init__(self, first_seed: int, spec: ClipSpec, pool: int | None = None) -> None:
+        self.first_seed = first_seed
+        self.spec = spec
+        self.pool = pool
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            cv2.setNumThreads(1)  # one clip per worker at a time; OpenCV's own threads only contend
+        i = worker
+        while True:
+            clip = make_clip(self.first_seed + (i % self.pool if self.pool else i), self.spec)
+            yield torch.from_numpy(clip.frames), clip.motion_bucket_id
+            i += workers
+
+
+def training_seed(config: TrainConfig, phase: str, clips_seen: int) -> int:
+    """First clip seed of a phase's stream; held-out evaluation seeds start at 10**9."""
+    return config.seed * 10**8 + (0 if phase == "vae" else 5 * 10**7) + clips_seen
+
+
+def make_loader(config: TrainConfig, phase: str, clips_seen: int, batch: int) -> DataLoader:
+    spec = ClipSpec(num_frames=config.num_frames, size=config.size)
+    dataset = ClipStream(training_seed(config, phase, clips_seen), spec, config.clip_pool)
+    extra = {"prefetch_factor": 4, "persistent_workers": True} if config.workers else {}
+    return DataLoader(dataset, batch_size=batch, num_workers=config.workers, pin_memory=torch.cuda.is_available(), **extra)
+
+
+def to_model_range(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float (B, F, 3, H, W) in [-1, 1], as VideoProcessor.preprocess gives."""
+    x = frames.to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float()
+    return x / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def build_models(seed: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    return {
+        "vae": AutoencoderKLTemporalDecoder(**DEMO_VAE_CONFIG),
+        "unet": UNetSpatioTemporalConditionModel(**DEMO_UNET_CONFIG),
+        "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**DEMO_IMAGE_ENCODER_CONFIG)),
+    }
+
+
+@torch.no_grad()
+def fold_latent_scale(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor) -> float:
+    """Rescale the VAE so that posterior means times scaling_factor have unit std; returns the factor.
+
+    Multiplies the mean rows of ``quant_conv`` by s (log-variance rows shift by 2 ln s) and divides the
+    decoder's ``conv_in`` weights by s: encode -> decode is unchanged, only the latent unit moves.
+    """
+    latents = vae.encode(x).latent_dist.mode().float()
+    target = 1.0 / vae.config.scaling_factor
+    s = target / float(latents.std())
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= s
+    vae.quant_conv.bias[:c] *= s
+    vae.quant_conv.bias[c:] += 2 * math.log(s)
+    vae.decoder.conv_in.weight /= s
+    return s
+
+
+def clip_embeddings(image_encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 1, D), the preprocessing of the pipeline's ``_encode_image``."""
+    x = _resize_with_antialiasing(images, (224, 224))
+    x = (x + 1.0) / 2.0
+    mean = torch.tensor(CLIP_IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_IMAGE_STD, device=x.device).view(1, 3, 1, 1)
+    return image_encoder((x - mean) / std).image_embeds.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def vae_loss(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Reconstruction (L1 + MSE) of whole clips plus a small KL; x is (B, F, 3, H, W)."""
+    b, f = x.shape[:2]
+    flat = x.flatten(0, 1)
+    posterior = vae.encode(flat).latent_dist
+    z = posterior.sample()
+    recon = vae.decode(z, num_frames=f).sample.float()
+    mse = F.mse_loss(recon, flat)
+    l1 = (recon - flat).abs().mean()
+    kl = posterior.kl().mean() / z[0].numel()
+    loss = l1 + mse + config.kl_weight * kl
+    return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+
+
+def sample_sigmas(b: int, config: TrainConfig, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """Log-normal(P_mean, P_std) sigmas, a fraction log-uniform over [sigma_min, sigma_max]."""
+    normal = torch.randn(b, generator=generator, device=device) * config.p_std + config.p_mean
+    lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
+    uniform = torch.rand(b, generator=generator, device=device) * (hi - lo) + lo
+    pick = torch.rand(b, generator=generator, device=device) < config.high_sigma_fraction
+    return torch.where(pick, uniform, normal).exp()
+
+
+def edm_preconditioning(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_in, c_skip, c_out, c_noise) of EDM with sigma_data = 1 in the sign convention of
+    ``EulerDiscreteScheduler`` v-prediction: denoised = c_skip * x + c_out * F(c_in * x, c_noise)."""
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    c_skip = 1 / (sigma**2 + 1)
+    c_out = -sigma / (sigma**2 + 1).sqrt()
+    return c_in, c_skip, c_out, 0.25 * sigma.log()
+
+
+def unet_loss(models: dict, x: torch.Tensor, buckets: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """SVD's EDM v-prediction loss with the pipeline's conditioning; x is (B, F, 3, H, W)."""
+    vae, unet, encoder = models["vae"], models["unet"], models["image_encoder"]
+    b, f = x.shape[:2]
+    device = x.device
+    first = x[:, 0]
+    # Noise augmentation strength: log-normal around the pipeline default (0.02), clipped.
+    aug = (torch.randn(b, generator=generator, device=device) * 0.8 + math.log(config.noise_aug_mean)).exp().clamp(max=0.3)
+    with torch.no_grad():
+        latents = vae.encode(x.flatten(0, 1)).latent_dist.sample(generator).float()
+        latents = latents.unflatten(0, (b, f)) * vae.config.scaling_factor
+        noisy_first = first + aug.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator, device=device)
+        image_latents = vae.encode(noisy_first).latent_dist.mode().float()  # unscaled, as the pipeline
+    embeddings = clip_embeddings(encoder, first)
+    keep = (torch.rand(b, generator=generator, device=device) >= config.cond_dropout).float()
+    embeddings = embeddings * keep.view(b, 1, 1)
+    image_latents = (image_latents * keep.view(b, 1, 1, 1)).unsqueeze(1).expand(-1, f, -1, -1, -1)
+    fps = torch.randint(4, 31, (b,), generator=generator, device=device).float()
+    added_time_ids = torch.stack([fps - 1, buckets.to(device).float(), aug], dim=1)
+
+    sigma = sample_sigmas(b, config, device, generator)
+    s = sigma.view(b, 1, 1, 1, 1)
+    noisy = latents + s * torch.randn(latents.shape, generator=generator, device=device)
+    c_in, c_skip, c_out, c_noise = edm_preconditioning(s)
+    model_input = torch.cat([c_in * noisy, image_latents], dim=2)
+    out = unet(model_input, c_noise.flatten(), embeddings, added_time_ids).sample.float()
+    target = (latents - c_skip * noisy) / c_out
+    loss = F.mse_loss(out, target)
+    return loss, {"loss": loss.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (each file under MAX_FILE_BYTES so the folder can travel through $OUT)
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> None:
+    for old in folder.glob(f"{name}-*.safetensors"):
+        old.unlink()
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    index = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > MAX_FILE_BYTES:
+            save_file(shard, str(folder / f"{name}-{index:02d}.safetensors"))
+            shard, size, index = {}, 0, index + 1
+        shard[key] = t
+        size += nbytes
+    save_file(shard, str(folder / f"{name}-{index:02d}.safetensors"))
+
+
+def load_sharded(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob(f"{name}-*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW moments in bf16 (half the bytes; resuming is close, not bit-exact), steps in fp32."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{index}.{key}"] = value.float() if key == "step" else value.to(torch.bfloat16)
+    return out
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def rng_blob() -> dict[str, str]:
+    blob = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        blob["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return blob
+
+
+def restore_rng(blob: dict[str, str]) -> None:
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(blob["cpu"]))
+    if "cuda" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(blob["cuda"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; JSON in the checkpoint folder."""
+
+    phase: str = "vae"  # vae -> unet -> done
+    step: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
+    seconds: dict = field(default_factory=lambda: {"vae": 0.0, "unet": 0.0})
+    clips: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
+    latent_scale_fold: float | None = None
+    log: dict = field(default_factory=lambda: {"vae": [], "unet": []})
+
+
+class Trainer:
+    """Runs the phases inside one invocation's wall budget and owns the checkpoint folder."""
+
+    def __init__(self, config: TrainConfig, ckpt_dir: Path, device: torch.device) -> None:
+        self.config = config
+        self.ckpt_dir = ckpt_dir
+        self.device = device
+        self.models = build_models(config.seed)
+        self.state = TrainState()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed + 17)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        self._resume()
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def _trainable(self) -> list[torch.nn.Module]:
+        if self.state.phase == "vae":
+            return [self.models["vae"]]
+        return [self.models["unet"], self.models["image_encoder"]]
+
+    def _make_optimizer(self) -> None:
+        params = [p for m in self._trainable() for p in m.parameters()]
+        lr = self.config.vae_lr if self.state.phase == "vae" else self.config.unet_lr
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+        for name, module in self.models.items():
+            module.to(self.device)
+            trainable = any(module is m for m in self._trainable())
+            module.train(trainable).requires_grad_(trainable)
+
+    def _resume(self) -> None:
+        state_path = self.ckpt_dir / "state.json"
+        if state_path.exists():
+            saved = json.loads(state_path.read_text())
+            self.state = TrainState(**saved["state"])
+            restore_rng(saved["rng"])
+            self.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(saved["generator"])), dtype=torch.uint8))
+            for name in ("vae", "unet", "image_encoder"):
+                tensors = load_sharded(self.ckpt_dir, name)
+                if tensors:
+                    self.models[name].load_state_dict({k: v.float() for k, v in tensors.items()})
+            logger.info("resumed: phase %s, steps %s", self.state.phase, self.state.step)
+        self._make_optimizer()
+        moments = load_sharded(self.ckpt_dir, f"optim_{self.state.phase}")
+        if moments:
+            load_optimizer(self.optimizer, moments)
+
+    def save(self) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for name, module in self.models.items():
+            frozen_vae = name == "vae" and self.state.phase != "vae"
+            tensors = {k: (v.half() if frozen_vae else v.float()) for k, v in module.state_dict().items()}
+            save_sharded(tensors, self.ckpt_dir, name)
+        for stale in self.ckpt_dir.glob("optim_*.safetensors"):
+            stale.unlink()
+        if self.state.phase != "done":
+            save_sharded(optimizer_tensors(self.optimizer), self.ckpt_dir, f"optim_{self.state.phase}")
+        generator = base64.b64encode(self.generator.get_state().cpu().numpy().tobytes()).decode()
+        saved = {"config": asdict(self.config), "state": asdict(self.state), "rng": rng_blob(), "generator": generator}
+        tmp = self.ckpt_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(self.ckpt_dir / "state.json")
+        (self.ckpt_dir / "training_log.json").write_text(json.dumps(self.training_log(), indent=1))
+        logger.info("checkpoint saved: phase %s, steps %s", self.state.phase, self.state.step)
+
+    def training_log(self) -> dict:
+        return {"config": asdict(self.config), "device": str(self.device), **asdict(self.state)}
+
+    # -- schedule ------------------------------------------------------------------------------
+    def _progress(self, phase: str) -> float:
+        steps_budget = getattr(self.config, f"{phase}_steps")
+        if steps_budget is not None:
+            return self.state.step[phase] / steps_budget
+        return self.state.seconds[phase] / (60 * getattr(self.config, f"{phase}_minutes"))
+
+    def _learning_rate(self, phase: str) -> float:
+        base = self.config.vae_lr if phase == "vae" else self.config.unet_lr
+        warm = min(1.0, (self.state.step[phase] + 1) / self.config.warmup_steps)
+        p = min(1.0, self._progress(phase))
+        return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run(self, minutes: float) -> None:
+        """Train until this invocation's budget (minus time to save) or every phase is done."""
+        start = time.perf_counter()
+        deadline = start + 60 * minutes - 20
+        last_save = start
+        while self.state.phase != "done" and time.perf_counter() < deadline:
+            phase = self.state.phase
+            batch = self.config.vae_batch if phase == "vae" else self.config.unet_batch
+            loader = make_loader(self.config, phase, self.state.clips[phase], batch)
+            window: list[dict] = []
+            last = time.perf_counter()
+            for frames, buckets in loader:
+                fetched = time.perf_counter()
+                x = to_model_range(frames, self.device)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._learning_rate(phase)
+                with self.autocast:
+                    if phase == "vae":
+                        loss, stats = vae_loss(self.models["vae"], x, self.config)
+                    else:
+                        loss, stats = unet_loss(self.models, x, buckets, self.config, self.generator)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                stats["data_wait_s"] = torch.tensor(fetched - last)
+                self.optimizer.step()
+                now = time.perf_counter()
+                self.state.step[phase] += 1
+                self.state.clips[phase] += x.shape[0]
+                self.state.seconds[phase] += now - last  # wall time, data waits included
+                last = now
+                window.append(stats)
+                if len(window) == self.config.log_every or self._progress(phase) >= 1.0:
+                    self._log(phase, window)
+                    window = []
+                if self._progress(phase) >= 1.0:
+                    self._finish_phase(phase, x)
+                    break
+                if now >= deadline:
+                    break
+                if now - last_save > 60 * self.config.save_every_minutes:
+                    self.save()
+                    last_save = now
+            if window:
+                self._log(phase, window)
+            del loader
+        self.save()
+
+    def _log(self, phase: str, window: list[dict]) -> None:
+        # Stats stay on the device until here: no host sync per step.
+        entry = {k: float(torch.stack([w[k].float().cpu() for w in window]).mean()) for k in window[0]}
+        if "mse" in entry:
+            entry["psnr_db"] = 10 * math.log10(4.0 / max(entry["mse"], 1e-10))  # [-1, 1]: peak-to-peak 2
+        if self.device.type == "cuda":
+            entry["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        entry.update(step=self.state.step[phase], seconds=round(self.state.seconds[phase], 2), lr=self._learning_rate(phase))
+        self.state.log[phase].append(entry)
+        logger.info(
+            "%s step %d %.0fs loss %.4f (data wait %.3fs/step)",
+            phase, entry["step"], entry["seconds"], entry["loss"], entry["data_wait_s"],
+        )
+
+    def _finish_phase(self, phase: str, x: torch.Tensor) -> None:
+        if phase == "vae":
+            vae = self.models["vae"]
+            vae.eval()
+            with torch.no_grad():
+                for p in vae.parameters():  # the exported VAE is fp16: train the UNet on exactly it
+                    p.copy_(p.half().float())
+            self.state.latent_scale_fold = fold_latent_scale(vae, x.flatten(0, 1).float())
+            with torch.no_grad():
+                for p in vae.parameters():
+                    p.copy_(p.half().float())
+            logger.info("VAE done; latent scale folded by %.4f", self.state.latent_scale_fold)
+            self.state.phase = "unet"
+        else:
+            self.state.phase = "done"
+        self._make_optimizer()
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def export(trainer: Trainer, folder: Path) -> dict[str, int]:
+    """fp16 safetensors per component (the names demo.py loads) plus the training log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name, filename in WEIGHT_FILES.items():
+        tensors = {k: v.detach().half().contiguous().cpu() for k, v in trainer.models[name].state_dict().items()}
+        save_file(tensors, str(folder / filename), metadata={"format": "pt", "trained_steps": json.dumps(trainer.state.step)})
+        sizes[filename] = (folder / filename).stat().st_size
+    (folder / "training_log.json").write_text(json.dumps(trainer.training_log(), indent=1))
+    logger.info("exported %s (%.1f MB)", folder, sum(sizes.values()) / 1e6)
+    return sizes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lowvram_studio.demo_training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/demo-ckpt"))
+    parser.add_argument("--minutes", type=float, default=9.0, help="wall budget of this invocation")
+    budget = "phase budget, minutes of training wall time (default: TrainConfig); may change on resume"
+    parser.add_argument("--vae-minutes", type=float, default=None, help=budget)
+    parser.add_argument("--unet-minutes", type=float, default=None, help=budget)
+    parser.add_argument("--vae-batch", type=int, default=None, help="clips per VAE step")
+    parser.add_argument("--unet-batch", type=int, default=None, help="clips per UNet step")
+    parser.add_argument("--seed", type=int, default=None, help="a new run's seed (default 0)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2, at most 14)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--export", type=Path, default=None, help="write fp16 safetensors here when training is done")
+    parser.add_argument("--evaluate", type=Path, default=None, help="write the quality evaluation JSON here")
+    parser.add_argument("--eval-clips", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="a few steps at tiny size (CPU test)")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The checkpoint's config when resuming (else the smoke or default one), then explicit flags."""
+    state_path = args.ckpt_dir / "state.json"
+    if state_path.exists():
+        config = TrainConfig(**json.loads(state_path.read_text())["config"])
+        if args.seed is not None and args.seed != config.seed:
+            raise SystemExit(f"error: --seed {args.seed} differs from the checkpoint's seed {config.seed}; use a new --ckpt-dir")
+    else:
+        config = smoke_config() if args.smoke else TrainConfig()
+        config = replace(config, seed=args.seed or 0)
+    overrides = {
+        "vae_minutes": args.vae_minutes, "unet_minutes": args.unet_minutes,
+        "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "workers": args.workers,
+    }
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    args = parse_args(argv)
+    config = resolve_config(args)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    threads = torch.get_num_threads()
+    if args.smoke and device.type == "cpu":
+        # Tiny tensors: a second thread buys nothing, and on a busy machine the OpenMP barrier of
+        # two threads on two shared cores makes every op ~10x slower.
+        torch.set_num_threads(1)
+    try:
+        trainer = Trainer(config, args.ckpt_dir, device)
+        trainer.run(args.minutes)
+    finally:
+        torch.set_num_threads(threads)
+    if trainer.state.phase != "done":
+        print(f"training continues: phase {trainer.state.phase}, steps {trainer.state.step}; run again to resume")
+        return 0
+    if args.export is not None:
+        sizes = export(trainer, args.export)
+        print(f"exported {args.export}: {sizes}")
+    if args.evaluate is not None:
+        from lowvram_studio.demo_training.evaluate import evaluate_folder
+
+        report = evaluate_folder(args.export, args.evaluate, num_clips=args.eval_clips, device=device, smoke=args.smoke)
+        print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Demo-model training: the objective matches the inference scheduler, the smoke run learns and
+exports weights the demo pipeline loads, and trained weights (when shipped) really move."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
+from PIL import Image
+
+from lowvram_studio.demo_training import train
+from lowvram_studio.demo_training.evaluate import STILL_FLOOR, measure_motion
+from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass, make_clip
+from lowvram_studio.models.demo import (
+    DEMO_VAE_CONFIG,
+    SVD_SCHEDULER_CONFIG,
+    build_demo_pipeline,
+    demo_model_info,
+)
+
+
+def test_training_objective_matches_euler_v_prediction_scheduler():
+    scheduler = EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(20)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 4, 8, 8)
+    model_output = torch.randn_like(x)
+    for index in (0, 7, 19):
+        scheduler._step_index = index
+        sigma = scheduler.sigmas[index]
+        t = scheduler.timesteps[index]
+        c_in, c_skip, c_out, c_noise = train.edm_preconditioning(sigma)
+        torch.testing.assert_close(c_noise, t)
+        torch.testing.assert_close(scheduler.scale_model_input(x, t), c_in * x)
+        scheduler._step_index = index
+        denoised = scheduler.step(model_output, t, x).pred_original_sample
+        torch.testing.assert_close(denoised, c_skip * x + c_out * model_output)
+
+
+def test_latent_scale_fold_keeps_reconstruction_and_sets_unit_scaled_std():
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(**DEMO_VAE_CONFIG).eval()
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mode(), num_frames=4).sample
+        train.fold_latent_scale(vae, x)
+        latents = vae.encode(x).latent_dist.mode()
+        after = vae.decode(latents, num_frames=4).sample
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert float(latents.std() * vae.config.scaling_factor) == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    args = ["--smoke", "--ckpt-dir", str(root / "ckpt"), "--minutes", "5", "--export", str(root / "model")]
+    assert train.main(args) == 0
+    return root
+
+
+def test_smoke_training_reduces_vae_loss_and_runs_both_phases(smoke_run):
+    log = json.loads((smoke_run / "model" / "training_log.json").read_text())
+    assert log["phase"] == "done"
+    vae_losses = [entry["loss"] for entry in log["log"]["vae"]]
+    assert len(vae_losses) == 5 and vae_losses[-1] < vae_losses[0]
+    unet_losses = [entry["loss"] for entry in log["log"]["unet"]]
+    assert len(unet_losses) == 3 and all(np.isfinite(unet_losses))
+
+
+def test_smoke_checkpoint_files_fit_through_device_out(smoke_run):
+    files = list((smoke_run / "ckpt").iterdir())
+    assert len(files) <= 8
+    assert all(f.stat().st_size < 16 * 2**20 for f in files)
+
+
+def test_exported_weights_load_into_demo_pipeline(smoke_run):
+    folder = smoke_run / "model"
+    info = demo_model_info(folder)
+    assert info.trained and info.weights_dir == folder
+    assert sum(f.stat().st_size for f in folder.glob("*.safetensors")) < 25e6
+    pipeline = build_demo_pipeline(weights=folder)
+    image = Image.fromarray(make_clip(3, ClipSpec(num_frames=2, size=64)).frames[0])
+    frames = pipeline(image, height=64, width=64, num_frames=2, num_inference_steps=2, output_type="np").frames
+    assert frames.shape == (1, 2, 64, 64, 3)
+    assert np.isfinite(frames).all()
+
+
+def test_missing_explicit_weights_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="demo weights not found"):
+        build_demo_pipeline(weights=tmp_path)
+
+
+def test_random_init_says_so():
+    info = demo_model_info(weights=None) if not demo_model_info().trained else None
+    if info is not None:
+        assert not info.trained and "random weights" in info.note
+    pipeline = build_demo_pipeline(random_init=True)
+    assert pipeline.unet.config.in_channels == 8
+
+
+@pytest.mark.skipif(not demo_model_info().trained, reason="trained demo weights not in assets/demo-model")
+def test_trained_model_moves_a_moving_shape_and_keeps_a_still_scene_still():
+    pipeline = build_demo_pipeline()
+    spec = ClipSpec(num_frames=8, size=128)
+    speeds = {}
+    for motion in (MotionClass.RIGHT, MotionClass.STILL):
+        clip = make_clip(10**9 + 7, spec, motion)
+        frames = pipeline(
+            Image.fromarray(clip.frames[0]), height=128, width=128, num_frames=8, num_inference_steps=10,
+            motion_bucket_id=clip.motion_bucket_id, generator=torch.Generator().manual_seed(0), output_type="np",
+        ).frames[0]
+        speeds[motion] = measure_motion(frames).speed
+    assert speeds[MotionClass.RIGHT] > STILL_FLOOR > speeds[MotionClass.STILL]
