@@ -9,6 +9,8 @@ Cases A 512x512x24 and B 576x1024x25. Configurations:
   ours-lossless    our sampler: UNet fp16, VAE/encoder fp32, CFG split + frame/token/FF chunking,
                    whole-model placement (UNet weights on the GPU while denoising), chunked+tiled decode
   ours-stream      the same with UNet block streaming (diffusers group offloading on a CUDA stream)
+  ours-fidelity    ours-lossless's denoise with diffusers-fp16's decode (VAE fp16, all frames at once): isolates
+                   the fidelity of the lossless engine from the lossy decode; its peak is that decode's
 
 Per row: process peak (NVML per process; fallback device used minus the idle baseline), torch peak
 (max_memory_allocated), device peak, s/step (mean over steps 2..N, synchronised), total seconds (model
@@ -59,8 +61,16 @@ PEAK_FLOPS = 989e12  # H100 SXM dense fp16/bf16 tensor-core peak
 MIB = 2**20
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25)}
 SMOKE_CASES = {"A": (64, 64, 4), "B": (64, 128, 5)}
-CONFIGS = ("diffusers-fp32", "diffusers-fp16", "diffusers-best", "ours-lossless", "ours-stream")
-OURS = {"ours-lossless": "model", "ours-stream": "stream"}
+CONFIGS = ("diffusers-fp32", "diffusers-fp16", "diffusers-best", "ours-lossless", "ours-stream", "ours-fidelity")
+# ours: (offload, settings overrides); ours-fidelity runs last: it casts the shared VAE to fp16.
+OURS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ours-lossless": ("model", {}),
+    "ours-stream": ("stream", {}),
+    "ours-fidelity": ("model", {"vae_dtype": "fp16", "decode_chunk": 0, "vae_tile": 0}),
+}
+NOTES = {
+    "ours-fidelity": "fidelity check: ours-lossless denoise, diffusers-fp16's decode (VAE fp16, all frames, no tiles)",
+}
 REFERENCE = "diffusers-fp16"
 
 
@@ -238,9 +248,12 @@ def seconds_per_step(timed: Timed) -> float | None:
     return (times[-1] - times[0]) / (len(times) - 1)
 
 
-def ours_settings(args: argparse.Namespace, case, steps: int, offload: str, device: torch.device) -> RunSettings:
+def ours_settings(
+    args: argparse.Namespace, case, steps: int, config: str, device: torch.device
+) -> RunSettings:
     height, width, frames = case
     tiled = width > args.vae_tile or height > args.vae_tile
+    offload, overrides = OURS[config]
     return RunSettings.from_dict(
         {
             "height": height,
@@ -259,6 +272,7 @@ def ours_settings(args: argparse.Namespace, case, steps: int, offload: str, devi
             "offload": offload,
             "decode_chunk": args.decode_chunk,
             "vae_tile": args.vae_tile if tiled else 0,
+            **overrides,
         }
     ).validate()
 
@@ -273,7 +287,7 @@ def measure(
     warmup_steps: int,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Warm up, then one measured run; a row with every figure (null where it could not be measured)."""
-    row: dict[str, Any] = {"case": case_name, "config": name, "steps": steps}
+    row: dict[str, Any] = {"case": case_name, "config": name, "steps": steps, "note": NOTES.get(name, "")}
     try:
         if warmup_steps:
             run(warmup_steps)
@@ -294,7 +308,7 @@ def measure(
         logger.info("%s %s: %s", case_name, name, {k: row[k] for k in ("process_peak_mib", "seconds_per_step")})
         return row, timed.frames
     except torch.cuda.OutOfMemoryError as error:
-        row["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        row["error"] = f"out of memory: {str(error).splitlines()[0][:120]}"
         logger.warning("%s %s: out of memory", case_name, name)
         free(device)
         return row, None
@@ -375,7 +389,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fmt(r.get('torch_peak_mib'))} | {fmt(r.get('device_peak_mib'))} | {fmt(r.get('seconds_per_step'), 3)} | "
             f"{fmt(r.get('ratio_vs_fp16'))} | {fmt(r.get('seconds_total'), 1)} | {fmt(r.get('total_ratio_vs_fp16'))} | "
             f"{fmt(r.get('output_fps'))} | {fmt(r.get('psnr_db'), 1)} | {fmt(mfu * 100 if mfu else None, 1)} | "
-            f"{r.get('error', '')} |"
+            f"{r.get('error') or r.get('note', '')} |"
         )
     release = report.get("release")
     if release:
@@ -403,7 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--release-steps", type=int, default=3, help="steps per run of the release check (0 = skip)")
     parser.add_argument("--spatial-chunk", type=int, default=5, help="ours: frames per spatial-layer call")
     parser.add_argument("--temporal-chunk", type=int, default=2304, help="ours: positions per temporal-block call")
-    parser.add_argument("--ff-chunk", type=int, default=4096, help="ours: tokens per feed-forward call")
+    parser.add_argument("--ff-chunk", type=int, default=8192, help="ours: tokens per feed-forward call")
     parser.add_argument("--decode-chunk", type=int, default=5, help="ours: frames per VAE decode call (0 = all)")
     parser.add_argument("--vae-tile", type=int, default=256, help="ours: VAE tile side in pixels (0 = none)")
     parser.add_argument("--smoke", action="store_true", help="demo model on the CPU at tiny sizes (logic check)")
@@ -493,29 +507,35 @@ def main(argv: list[str] | None = None) -> int:
         free(device)
 
     # 3. ours on the fp32-built pipeline (the policy casts the UNet to fp16: the same weights as above)
-    for name, offload in OURS.items():
-        if name not in wanted:
-            continue
+    report["ours_settings"] = {
+        k: getattr(args, k) for k in ("spatial_chunk", "temporal_chunk", "ff_chunk", "decode_chunk", "vae_tile")
+    }
+
+    def run_ours_config(name: str) -> None:
         if not flops:
             count_flops(fp32.unet.to(device))
             fp32.to("cpu")
             free(device)
         for case_name, case in cases.items():
             record(name, case_name, args.steps,
-                   lambda s, c=case, i=images[case_name], o=offload: run_ours(
-                       fp32, i, ours_settings(args, c, s, o, device)))
+                   lambda s, c=case, i=images[case_name]: run_ours(fp32, i, ours_settings(args, c, s, name, device)))
         clear_placement(fp32)
         free(device)
 
-    add_comparisons(rows, frames, flops)
-    report["ours_settings"] = {
-        k: getattr(args, k) for k in ("spatial_chunk", "temporal_chunk", "ff_chunk", "decode_chunk", "vae_tile")
-    }
+    for name in ("ours-lossless", "ours-stream"):
+        if name in wanted:
+            run_ours_config(name)
     if args.release_steps and "ours-lossless" in wanted:
         case_name = "A" if "A" in cases else next(iter(cases))
-        settings = ours_settings(args, cases[case_name], args.release_steps, "model", device)
+        settings = ours_settings(args, cases[case_name], args.release_steps, "ours-lossless", device)
         settings.extra["case"] = case_name
         report["release"] = release_check(fp32, images[case_name], settings, probe, device)
+        clear_placement(fp32)
+        free(device)
+    if "ours-fidelity" in wanted:
+        run_ours_config("ours-fidelity")
+
+    add_comparisons(rows, frames, flops)
     report["env"]["process_memory_method"] = probe.method
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,8 @@ def largest_activation(vae, run) -> int:
 
 
 def test_tile_starts_cover_the_axis_with_overlap():
-    assert tile_starts(24, 8, 2) == [0, 6, 12, 16]
+    assert tile_starts(24, 8, 2) == [0, 5, 11, 16]
+    assert tile_starts(72, 32, 8) == [0, 20, 40]
     assert tile_starts(8, 8, 2) == [0]
     assert tile_starts(5, 8, 2) == [0]
 

@@ -17,6 +17,7 @@ so tiles of any count and size meet smoothly.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,13 +54,12 @@ class DecodeConfig:
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared cells."""
+    """Start offsets of the fewest tiles of size ``tile`` that cover ``length`` sharing at least ``overlap``
+    cells, spread evenly so every seam gets the same (largest possible) overlap."""
     if tile >= length:
         return [0]
-    stride = max(tile - overlap, 1)
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
+    count = math.ceil((length - tile) / max(tile - overlap, 1)) + 1
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
 
 def _ramp(size: int, ramp_in: int, ramp_out: int, device: torch.device) -> torch.Tensor:
