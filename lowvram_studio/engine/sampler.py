@@ -21,6 +21,9 @@ from diffusers import StableVideoDiffusionPipeline
 
 from ..settings import DeviceChoice, Precision, RunSettings
 from .events import CancelToken, EventCallback, Phase, RunEvent
+from .oom import OomRetry, decode_with_fallback
+from .planner import ModelDims, Planner
+from .windows import WindowConfig, describe_windows, seam_ratio, window_boundaries, windowed_noise_prediction
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,10 @@ class Conditioning:
     image_embeddings: torch.Tensor  # (B, 1, D)
     image_latents: torch.Tensor  # (B, F, 4, h, w)
     added_time_ids: torch.Tensor  # (B, 3)
+
+    def frames(self, frames: slice) -> "Conditioning":
+        """The conditioning of a temporal window: same image and time ids, that window's image latents."""
+        return Conditioning(self.image_embeddings, self.image_latents[:, frames], self.added_time_ids)
 
 
 class _EventLog:
@@ -207,6 +214,13 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     started = time.perf_counter()
     phase_seconds: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    windows = WindowConfig.from_settings(settings)
+
+    def report_retry(retry: OomRetry) -> None:
+        info.setdefault("oom_retries", []).append(retry.to_dict())
+        log.emit(Phase(retry.phase), message=retry.message, data={"oom_retry": retry.to_dict()})
+
     try:
         with torch.inference_mode():
             # 1. Load: components onto the run's device, in their dtypes
@@ -229,7 +243,14 @@ def generate(
             mark = log.emit(Phase.DENOISE, step=0, total=total).time
             for index, timestep in enumerate(scheduler.timesteps):
                 cancel.raise_if_cancelled()
-                noise_pred = predict_noise(pipeline, latents, timestep, cond, settings, guidance)
+                noise_pred = windowed_noise_prediction(
+                    lambda part, frames: predict_noise(
+                        pipeline, part, timestep, cond.frames(frames), settings, guidance[:, frames]
+                    ),
+                    latents,
+                    index,
+                    windows,
+                )
                 latents = scheduler.step(noise_pred, timestep, latents).prev_sample
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -241,8 +262,12 @@ def generate(
 
             # 4. Decode
             mark = log.emit(Phase.DECODE).time
-            frames = decode_frames(pipeline, latents, settings)
+            planner = Planner(ModelDims.from_pipeline(pipeline), device_type=device.type)
+            frames = decode_with_fallback(lambda s: decode_frames(pipeline, latents, s), settings, planner, report_retry)
             phase_seconds[Phase.DECODE.value] = time.perf_counter() - mark
+            if windows.active(settings.num_frames):
+                info["windows"] = describe_windows(settings.num_frames, windows)
+                info["seam_ratio"] = seam_ratio(frames, window_boundaries(settings.num_frames, total - 1, windows))
     finally:
         release_memory(device)
     return RunResult(
@@ -253,4 +278,5 @@ def generate(
         seconds_per_step=denoise_seconds / max(total, 1),
         phase_seconds=phase_seconds,
         device=str(device),
+        info=info,
     )
