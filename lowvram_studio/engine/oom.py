@@ -28,6 +28,8 @@ from .planner import Planner
 logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 4
+# What a decode retry can change without re-running the denoise loop.
+DECODE_MOVES = ("vae_tile", "decode_chunk")
 T = TypeVar("T")
 
 
@@ -113,7 +115,7 @@ def decode_with_fallback(
         message = _first_line(error)
         del error
         free_memory()
-        tighter = planner.tighten(current, Phase.DECODE) if attempt <= max_retries else None
+        tighter = planner.tighten(current, Phase.DECODE, allowed=DECODE_MOVES) if attempt <= max_retries else None
         if tighter is None:
             break
         retry = OomRetry(Phase.DECODE.value, attempt, message, tighter[1], _diff(current, tighter[0]))

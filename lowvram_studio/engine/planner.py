@@ -461,30 +461,39 @@ class Planner:
 
     def ladder(self, settings: RunSettings, context_mib: float | None = None) -> list[Rung]:
         """Rungs from the request to the tightest settings; each adds the first move (in priority order)
-        that lowers the predicted peak. The path does not depend on the budget."""
+        that lowers the phase setting the predicted peak without raising the peak. The path does not
+        depend on the budget."""
         current, reasons = self.base(settings)
         rungs = [Rung(current, self.predict(current, context_mib), list(reasons))]
         while True:
-            step = self._first_helping_move(current, rungs[-1].prediction.peak_mib, None, context_mib)
+            step = self._first_helping_move(current, rungs[-1].prediction, None, context_mib)
             if step is None:
                 return rungs
             current, reason, prediction = step
-            reasons = [*rungs[-1].reasons, reason]
-            rungs.append(Rung(current, prediction, reasons))
+            rungs.append(Rung(current, prediction, [*rungs[-1].reasons, reason]))
 
     def _first_helping_move(
-        self, settings: RunSettings, peak_mib: float, phase: Phase | None, context_mib: float | None
+        self,
+        settings: RunSettings,
+        before: Prediction,
+        phase: Phase | None,
+        context_mib: float | None,
+        allowed: tuple[str, ...] | None = None,
     ) -> tuple[RunSettings, str, Prediction] | None:
+        """First move in priority order that lowers ``phase`` (default: the peak phase) by ``min_gain``
+        and does not raise the peak."""
+        target = phase.value if phase is not None else before.peak_phase
         for move in MOVES:
-            if phase is not None and phase not in move.phases:
+            if Phase(target) not in move.phases or (allowed is not None and move.name not in allowed):
                 continue
             tighter = move.apply(settings, self.dims)
             if tighter is None:
                 continue
-            prediction = self.predict(tighter, context_mib)
-            new_peak = prediction.peak_mib if phase is None else prediction.phases[phase.value]
-            if new_peak <= peak_mib * (1 - self.min_gain):
-                return tighter, f"{move.reason(tighter)}; predicted {_gib(peak_mib)} -> {_gib(new_peak)}", prediction
+            after = self.predict(tighter, context_mib)
+            lowers = after.phases[target] <= before.phases[target] * (1 - self.min_gain)
+            if lowers and after.peak_mib <= before.peak_mib + 1e-6:
+                change = f"{_gib(before.peak_mib)} -> {_gib(after.peak_mib)}"
+                return tighter, f"{move.reason(tighter)}; predicted peak {change}", after
         return None
 
     def plan(self, settings: RunSettings, budget: Budget) -> Plan:
@@ -501,29 +510,36 @@ class Planner:
         ]
         return Plan(last.settings, last.prediction, reasons, budget, False, len(rungs) - 1)
 
-    def tighten(self, settings: RunSettings, phase: Phase, target: float = 0.85) -> tuple[RunSettings, list[str]] | None:
-        """The next tighter settings after an out-of-memory error in ``phase``: moves for that phase in
-        priority order until the phase's predicted peak falls to ``target`` of what failed (at least one
-        move). None when no move for that phase is left."""
-        failed = self.predict(settings).phases.get(phase.value)
-        if failed is None:  # a phase the model does not cover (load, interpolate): tighten the whole run
-            phase, failed = Phase.DENOISE, self.predict(settings).phases[Phase.DENOISE.value]
-        current, current_peak, reasons = settings, failed, []
-        while current_peak > failed * target:
-            step = self._first_helping_move(current, current_peak, phase, None)
+    def tighten(
+        self, settings: RunSettings, phase: Phase, target: float = 0.85, allowed: tuple[str, ...] | None = None
+    ) -> tuple[RunSettings, list[str]] | None:
+        """The next tighter settings after an out-of-memory error in ``phase``: moves for that phase (and in
+        ``allowed``, by name, when given) in priority order until the phase's predicted weights and
+        activations fall to ``target`` of what failed; at least one move. None when none is left."""
+        if phase not in PHASES:  # load / interpolate / export: the model has no such phase; tighten the run
+            phase = Phase.DENOISE
+        prediction = self.predict(settings)
+        fixed = prediction.context_mib + self.model.coefficients.get("overhead_mib", 0.0)
+        goal = fixed + (prediction.phases[phase.value] - fixed) * target
+        current, reasons = settings, []
+        while prediction.phases[phase.value] > goal:
+            step = self._first_helping_move(current, prediction, phase, None, allowed)
             if step is None and not reasons:
-                step = self._first_applicable_move(current, phase)
+                step = self._first_applicable_move(current, phase, allowed)
             if step is None:
                 break
             current, reason, prediction = step
             reasons.append(reason)
-            current_peak = prediction.phases[phase.value]
         return (current, reasons) if reasons else None
 
-    def _first_applicable_move(self, settings: RunSettings, phase: Phase) -> tuple[RunSettings, str, Prediction] | None:
+    def _first_applicable_move(
+        self, settings: RunSettings, phase: Phase, allowed: tuple[str, ...] | None
+    ) -> tuple[RunSettings, str, Prediction] | None:
         """Any move for the phase, even one the model thinks does not help: the model just proved wrong."""
         for move in MOVES:
-            tighter = move.apply(settings, self.dims) if phase in move.phases else None
+            if phase not in move.phases or (allowed is not None and move.name not in allowed):
+                continue
+            tighter = move.apply(settings, self.dims)
             if tighter is not None:
                 return tighter, move.reason(tighter), self.predict(tighter)
         return None
