@@ -27,7 +27,7 @@ from .planner import Planner
 
 logger = logging.getLogger(__name__)
 
-MAX_RETRIES = 4
+MAX_RETRIES = 5
 # What a decode retry can change without re-running the denoise loop.
 DECODE_MOVES = ("vae_tile", "decode_chunk")
 T = TypeVar("T")

@@ -511,12 +511,13 @@ class Planner:
         return Plan(last.settings, last.prediction, reasons, budget, False, len(rungs) - 1)
 
     def tighten(
-        self, settings: RunSettings, phase: Phase, target: float = 0.85, allowed: tuple[str, ...] | None = None
+        self, settings: RunSettings, phase: Phase, target: float = 0.7, allowed: tuple[str, ...] | None = None
     ) -> tuple[RunSettings, list[str]] | None:
         """The next tighter settings after an out-of-memory error in ``phase``: moves for that phase (and in
         ``allowed``, by name, when given) in priority order until the phase's predicted weights and
         activations fall to ``target`` of what failed; at least one move. None when none is left."""
-        if phase not in PHASES:  # load / interpolate / export: the model has no such phase; tighten the run
+        phase = Phase.ENCODE if phase == Phase.LOAD else phase  # loading fails on weights: the encode-phase moves
+        if phase not in PHASES:  # interpolate / export: the model has no such phase; tighten the denoise loop
             phase = Phase.DENOISE
         prediction = self.predict(settings)
         fixed = prediction.context_mib + self.model.coefficients.get("overhead_mib", 0.0)
