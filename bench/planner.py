@@ -5,7 +5,9 @@
 
 Every row runs ``run_with_replan(generate)`` once and measures its process peak (NVML per-process, or
 device used minus the idle baseline when the container hides PIDs; never below context + torch's
-reserved peak, which is what the GPU must hold). Runs take 2 denoising steps: the peak of a step does
+reserved peak, which is what the GPU must hold) from the start of encode to the end of decode: when
+the load phase has placed the weights, cached blocks are returned to the driver, so weights an
+earlier row left on the GPU do not count. Runs take 2 denoising steps: the peak of a step does
 not depend on how many steps follow, so memory figures equal those of 25-step runs (times do not).
 Rows:
 
@@ -48,6 +50,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.oom import OutOfMemoryAfterRetries, run_with_replan  # noqa: E402
 from lowvram_studio.engine.planner import (  # noqa: E402
     MIB,
@@ -150,6 +153,11 @@ class PeakSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
+    def reset(self) -> None:
+        """Start the peak afresh (after the load phase has returned what it freed)."""
+        value = self.read()
+        self.peak_mib = 0.0 if value is None else value
+
     def read(self) -> float | None:
         if self.memory is None:
             return psutil.Process().memory_info().rss / MIB
@@ -228,9 +236,9 @@ class Bench:
                 if cap_budget is not None and self.on_cuda:
                     with simulated_budget(PRESETS[cap_budget]) as cap_mib:
                         row["allocator_cap_mib"] = round(cap_mib)
-                        result = self._generate(settings, image, events)
+                        result = self._generate(settings, image, events, sampler)
                 else:
-                    result = self._generate(settings, image, events)
+                    result = self._generate(settings, image, events, sampler)
             row.update(completed=True, **self._figures(result, sampler.peak_mib))
         except OutOfMemoryAfterRetries as error:
             row.update(completed=False, error=str(error))
@@ -242,10 +250,17 @@ class Bench:
         LOG.info("%s %s: %s", case, config, {k: row.get(k) for k in ("completed", "process_peak_mib", "predicted_peak_mib")})
         return row
 
-    def _generate(self, settings: RunSettings, image: Image.Image, events: list[str]):
+    def _generate(self, settings: RunSettings, image: Image.Image, events: list[str], sampler: PeakSampler):
         def on_event(event) -> None:
             if event.message:
                 events.append(event.message)
+            if event.phase == Phase.ENCODE and event.step is None and not event.message:
+                # Load just placed the weights: return blocks it freed (weights a previous row left on the
+                # GPU) so the peak is this run's own, from encode to decode, as the planner predicts it.
+                free_all()
+                if self.on_cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                sampler.reset()
 
         return run_with_replan(
             lambda s, callback: generate(self.pipeline, image, s, on_event=callback),
