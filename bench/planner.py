@@ -245,6 +245,8 @@ class Bench:
         except Exception as error:  # one broken configuration must not cost the rest of the matrix
             LOG.exception("%s %s failed", case, config)
             row.update(completed=False, error=f"{type(error).__name__}: {error}")
+        if row.get("allocator_cap_mib") is not None and row.get("reserved_peak_mib") is not None:
+            row["cap_respected"] = row["reserved_peak_mib"] <= row["allocator_cap_mib"] + 1
         row["seconds_total"] = round(time.perf_counter() - started, 2)
         row["user_messages"] = events
         LOG.info("%s %s: %s", case, config, {k: row.get(k) for k in ("completed", "process_peak_mib", "predicted_peak_mib")})
