@@ -28,6 +28,7 @@ from .planner import Planner
 logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 5
+MAX_DECODE_RETRIES = 8  # decode retries are cheap (the latents are kept) and go one lossy level at a time
 # What a decode retry can change without re-running the denoise loop.
 DECODE_MOVES = ("vae_tile", "decode_chunk")
 T = TypeVar("T")
@@ -104,7 +105,7 @@ def decode_with_fallback(
     settings: RunSettings,
     planner: Planner,
     report: Callable[[OomRetry], None],
-    max_retries: int = MAX_RETRIES,
+    max_retries: int = MAX_DECODE_RETRIES,
 ) -> T:
     """Decode with ``decode_fn(settings)``; on OOM retry with tighter decode settings (tiles, fewer frames)."""
     current = settings

@@ -469,7 +469,7 @@ class Planner:
             step = self._first_helping_move(current, rungs[-1].prediction, None, context_mib)
             if step is None:
                 return rungs
-            current, reason, prediction = step
+            current, reason, prediction, _ = step
             rungs.append(Rung(current, prediction, [*rungs[-1].reasons, reason]))
 
     def _first_helping_move(
@@ -479,10 +479,11 @@ class Planner:
         phase: Phase | None,
         context_mib: float | None,
         allowed: tuple[str, ...] | None = None,
-    ) -> tuple[RunSettings, str, Prediction] | None:
-        """First move in priority order that lowers ``phase`` (default: the peak phase) by ``min_gain``
-        and does not raise the peak."""
+    ) -> tuple[RunSettings, str, Prediction, Move] | None:
+        """First move in priority order that lowers ``phase`` (default: the peak phase) by ``min_gain`` of
+        its weights and activations, and does not raise the peak."""
         target = phase.value if phase is not None else before.peak_phase
+        variable = before.phases[target] - self._fixed_mib(before)
         for move in MOVES:
             if Phase(target) not in move.phases or (allowed is not None and move.name not in allowed):
                 continue
@@ -490,10 +491,10 @@ class Planner:
             if tighter is None:
                 continue
             after = self.predict(tighter, context_mib)
-            lowers = after.phases[target] <= before.phases[target] * (1 - self.min_gain)
+            lowers = after.phases[target] <= before.phases[target] - self.min_gain * variable
             if lowers and after.peak_mib <= before.peak_mib + 1e-6:
                 change = f"{_gib(before.peak_mib)} -> {_gib(after.peak_mib)}"
-                return tighter, f"{move.reason(tighter)}; predicted peak {change}", after
+                return tighter, f"{move.reason(tighter)}; predicted peak {change}", after, move
         return None
 
     def plan(self, settings: RunSettings, budget: Budget) -> Plan:
@@ -520,29 +521,35 @@ class Planner:
         if phase not in PHASES:  # interpolate / export: the model has no such phase; tighten the denoise loop
             phase = Phase.DENOISE
         prediction = self.predict(settings)
-        fixed = prediction.context_mib + self.model.coefficients.get("overhead_mib", 0.0)
+        fixed = self._fixed_mib(prediction)
         goal = fixed + (prediction.phases[phase.value] - fixed) * target
         current, reasons = settings, []
         while prediction.phases[phase.value] > goal:
             step = self._first_helping_move(current, prediction, phase, None, allowed)
             if step is None and not reasons:
                 step = self._first_applicable_move(current, phase, allowed)
-            if step is None:
-                break
-            current, reason, prediction = step
+            if step is None or (reasons and step[3].lossy):
+                break  # a lossy change comes alone, once the changes before it have been tried for real
+            current, reason, prediction, move = step
             reasons.append(reason)
+            if move.lossy:
+                break
         return (current, reasons) if reasons else None
+
+    def _fixed_mib(self, prediction: Prediction) -> float:
+        """The part of every phase's peak no setting changes: context and allocator overhead."""
+        return prediction.context_mib + self.model.coefficients.get("overhead_mib", 0.0)
 
     def _first_applicable_move(
         self, settings: RunSettings, phase: Phase, allowed: tuple[str, ...] | None
-    ) -> tuple[RunSettings, str, Prediction] | None:
+    ) -> tuple[RunSettings, str, Prediction, Move] | None:
         """Any move for the phase, even one the model thinks does not help: the model just proved wrong."""
         for move in MOVES:
             if phase not in move.phases or (allowed is not None and move.name not in allowed):
                 continue
             tighter = move.apply(settings, self.dims)
             if tighter is not None:
-                return tighter, move.reason(tighter), self.predict(tighter)
+                return tighter, move.reason(tighter), self.predict(tighter), move
         return None
 
 
