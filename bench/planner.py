@@ -16,7 +16,9 @@ Rows:
   with the measured context) vs measured, target +/-15 %;
 * case B planned for the 6 GB and 4 GB presets and run under a simulated card (allocator capped at the
   preset minus a small card's context): must complete;
+* case A planned for the 6 GB preset under its cap (the write-up's GTX 1060 ran 24 frames of 512x512);
 * the OOM re-plan for real: case B starts from the 8 GB plan under the 4 GiB cap and must re-plan;
+* the planner's choices for the write-up's table (6 GB 24 frames, 12 GB 32 / 48, 24 GB 64), predicted only;
 * checks: C peaks at <= 1.1x its A twin (same settings, windows of 24), seam ratios of windowed rows.
 
 The measured rows re-fit the memory model (``calibrate``); the fit is written next to the results
@@ -320,11 +322,29 @@ def run_matrix(bench: Bench) -> list[dict[str, Any]]:
         row = bench.run("B", f"planned-{preset}", plan.settings, cap_budget=preset)
         row.update(plan=plan.to_dict())
         rows.append(row)
+    request_a = bench.settings("A", {})
+    plan = bench.planner.plan(request_a, PRESETS["6GB"])
+    row = bench.run("A", "planned-6GB (write-up: GTX 1060, 24 frames)", plan.settings, cap_budget="6GB")
+    row.update(plan=plan.to_dict())
+    rows.append(row)
     loose = bench.planner.plan(request_b, PRESETS["8GB"])
     row = bench.run("B", "oom-replan: 8GB plan under 4GB cap", loose.settings, cap_budget="4GB")
     row.update(plan=loose.to_dict())
     rows.append(row)
     return rows
+
+
+# The write-up's table: card budget and the frames it ran at 512x512 (reference/gtx1060-video-writeup.zh.txt).
+WRITEUP_TABLE = (("6GB", 24), ("12GB", 32), ("12GB", 48), ("24GB", 64))
+
+
+def writeup_plans(bench: Bench) -> list[dict[str, Any]]:
+    """What the planner chooses for the write-up's cards and frame counts (predicted, not run)."""
+    out = []
+    for preset, frames in WRITEUP_TABLE:
+        plan = bench.planner.plan(bench.settings("A", {"num_frames": frames}), PRESETS[preset])
+        out.append({"preset": preset, "frames": frames, **plan.to_dict()})
+    return out
 
 
 def leave_one_out(rows: list[dict[str, Any]], dims: ModelDims) -> dict[str, Any]:
@@ -420,13 +440,19 @@ def main() -> int:
         "note": f"{bench.steps} denoising steps per run: a step's peak does not depend on the step count",
         "rows": rows,
         "checks": checks(rows, dims, out.with_suffix("")),
+        "writeup_plans": writeup_plans(bench),
         "seconds": round(time.perf_counter() - started, 1),
     }
     out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     summary = table(rows)
+    writeup = "\n".join(
+        f"- {p['preset']}, {p['frames']} frames: {'fits' if p['fits'] else 'does not fit'} at "
+        f"{p['predicted_peak_mib'] / 1024:.2f} GiB predicted; " + " / ".join(r.split(";")[0] for r in p["reasons"])
+        for p in result["writeup_plans"])
     out.with_suffix(".md").write_text(
         f"# Planner benchmark ({result['env'].get('gpu', 'CPU smoke')})\n\n`{result['command']}`\n\n{summary}\n\n"
-        f"```json\n{json.dumps(result['checks'], indent=2)}\n```\n", encoding="utf-8")
+        f"## Checks\n\n```json\n{json.dumps(result['checks'], indent=2)}\n```\n\n"
+        f"## The write-up's table, planned\n\n{writeup}\n", encoding="utf-8")
     print(summary)
     print(json.dumps({k: v for k, v in result["checks"].items()
                       if k not in ("prediction_errors", "calibrated_leave_one_out_errors", "calibrated_coefficients")},
