@@ -363,8 +363,6 @@ def _tokens(settings: RunSettings, dims: ModelDims) -> int:
     return (settings.height // dims.latent_scale) * (settings.width // dims.latent_scale)
 
 
-ALL = (Phase.ENCODE, Phase.DENOISE, Phase.DECODE)
-
 # Priority order: lossless first (cheapest slowdown first), then lossy by fidelity cost (DESIGN §3).
 MOVES: tuple[Move, ...] = (
     Move("cfg_split", False, (Phase.DENOISE,), _cfg_split,
@@ -376,7 +374,7 @@ MOVES: tuple[Move, ...] = (
          lambda s: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)"),
     Move("temporal_chunk", False, (Phase.DENOISE,), _level_move("temporal_chunk", (2048, 512), _tokens),
          lambda s: f"temporal layers {s.temporal_chunk} positions at a time (lossless)"),
-    Move("offload_model", False, ALL, _offload(OffloadMode.MODEL),
+    Move("offload_model", False, PHASES, _offload(OffloadMode.MODEL),
          lambda s: "model offload: only the component at work stays on the GPU (lossless, a few s per run)"),
     Move("offload_stream", False, (Phase.ENCODE, Phase.DENOISE), _offload(OffloadMode.STREAM),
          lambda s: "weight streaming: UNet blocks stream in one at a time (lossless, slower per step)"),
@@ -389,7 +387,7 @@ MOVES: tuple[Move, ...] = (
     Move("chunk_size", True, (Phase.DENOISE,),
          _level_move("chunk_size", (16, 12, 8, 6, 4, 2), lambda s, d: min(s.num_frames, d.native_frames + 1)),
          lambda s: f"temporal windows of {s.chunk_size} frames (lossy: motion is coherent within a window)"),
-    Move("fp8", True, ALL, _fp8, lambda s: "UNet weights stored in fp8, computed in 16 bit (lossy)"),
+    Move("fp8", True, PHASES, _fp8, lambda s: "UNet weights stored in fp8, computed in 16 bit (lossy)"),
     Move("interpolate", True, (Phase.DENOISE, Phase.DECODE), _interpolate,
          lambda s: f"generate {s.num_frames} frames and interpolate {s.interpolate}x (lossy: in-between frames are synthesised)"),
 )
@@ -427,6 +425,8 @@ class Plan:
 
 @dataclass
 class Rung:
+    """One step of the ladder: settings, their prediction, and the reasons that led there."""
+
     settings: RunSettings
     prediction: Prediction
     reasons: list[str] = field(default_factory=list)
