@@ -46,14 +46,16 @@ PHASES = (Phase.ENCODE, Phase.DENOISE, Phase.DECODE)
 class ModelDims:
     """What the memory model needs to know about a pipeline: parameter counts and native frames.
 
-    ``unet_block_params``: the largest UNet block, what weight streaming keeps resident at a time.
+    ``unet_stream_params``: UNet weights resident while streaming (engine/placement.py groups each
+    resnet / attention / sampler of the blocks): the two largest groups (the one computing and the one
+    prefetched) plus the modules outside the blocks.
     """
 
     name: str
     unet_params: int
     vae_params: int
     encoder_params: int
-    unet_block_params: int
+    unet_stream_params: int
     native_frames: int
     latent_scale: int = 8
 
@@ -63,20 +65,25 @@ class ModelDims:
             return sum(p.numel() for p in module.parameters())
 
         unet = pipeline.unet
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        groups = []
+        for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
+            for child in block.children():
+                members = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+                groups.extend(count(m) for m in members)
+        outside = count(unet) - sum(groups)
         return cls(
             name=name,
             unet_params=count(unet),
             vae_params=count(pipeline.vae),
             encoder_params=count(pipeline.image_encoder),
-            unet_block_params=max(count(b) for b in blocks),
+            unet_stream_params=sum(sorted(groups)[-2:]) + outside,
             native_frames=int(unet.config.num_frames),
             latent_scale=int(pipeline.vae_scale_factor),
         )
 
 
 # Counted on the SVD-XT configs of models/svd_configs.py (meta device); SVD differs only in native frames.
-SVD_XT_DIMS = ModelDims("svd-xt", 1_524_623_082, 97_742_847, 632_076_800, 489_498_886, 25)
+SVD_XT_DIMS = ModelDims("svd-xt", 1_524_623_082, 97_742_847, 632_076_800, 205_388_486, 25)
 SVD_DIMS = replace(SVD_XT_DIMS, name="svd", native_frames=14)
 
 
@@ -110,7 +117,7 @@ def resident_weights_mib(dims: ModelDims, settings: RunSettings, phase: Phase, d
         # model: one whole component at a time; stream: the encoder streams layer by layer, the VAE moves whole
         total = max(encoder, vae) if settings.offload == OffloadMode.MODEL else vae
     elif phase == Phase.DENOISE:
-        streamed = dims.unet_block_params * _storage_bytes(settings.unet_dtype, device_type)
+        streamed = dims.unet_stream_params * _storage_bytes(settings.unet_dtype, device_type)
         total = unet if settings.offload == OffloadMode.MODEL else streamed
     else:
         total = vae
