@@ -147,7 +147,8 @@ def phase_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_
             unet_spatial=per_channel * spatial,
             unet_ff=per_channel * min(spatial, ff),
             unet_temporal=per_channel * temporal,
-            stream_extra_mib=1.0 if settings.offload == OffloadMode.STREAM else 0.0,
+            # CUDA streams keep their own allocator pools; on the CPU streaming is a no-op
+            stream_extra_mib=1.0 if settings.offload == OffloadMode.STREAM and device_type == "cuda" else 0.0,
         )
         return features
     frames_per_call = min(settings.decode_chunk or settings.num_frames, settings.num_frames)
