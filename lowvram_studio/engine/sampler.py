@@ -21,9 +21,12 @@ from diffusers import StableVideoDiffusionPipeline
 from ..settings import DeviceChoice, RunSettings
 from .chunking import ChunkingConfig, apply_chunking, chunk_hook_counts, chunking_applied, split_cfg_call
 from .events import CancelToken, EventCallback, Phase, RunEvent
+from .oom import OomRetry, decode_with_fallback
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
+from .planner import ModelDims, Planner
 from .precision import PrecisionPolicy, apply_precision, check_finite, compute_dtype, detect_gpu, precision_applied
 from .vae import DecodeConfig, decode_latents
+from .windows import WindowConfig, describe_windows, seam_ratio, window_boundaries, windowed_noise_prediction
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ class Conditioning:
     image_embeddings: torch.Tensor  # (B, 1, D)
     image_latents: torch.Tensor  # (B, F, 4, h, w)
     added_time_ids: torch.Tensor  # (B, 3)
+
+    def frames(self, frames: slice) -> "Conditioning":
+        """The conditioning of a temporal window: same image and time ids, that window's image latents."""
+        return Conditioning(self.image_embeddings, self.image_latents[:, frames], self.added_time_ids)
 
 
 class _EventLog:
@@ -202,6 +209,13 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     started = time.perf_counter()
     phase_seconds: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    windows = WindowConfig.from_settings(settings)
+
+    def report_retry(retry: OomRetry) -> None:
+        info.setdefault("oom_retries", []).append(retry.to_dict())
+        log.emit(Phase(retry.phase), message=retry.message, data={"oom_retry": retry.to_dict()})
+
     try:
         with torch.inference_mode():
             # 1. Load: precision, weight placement and chunking for this run
@@ -225,7 +239,14 @@ def generate(
             mark = log.emit(Phase.DENOISE, step=0, total=total).time
             for index, timestep in enumerate(scheduler.timesteps):
                 cancel.raise_if_cancelled()
-                noise_pred = predict_noise(pipeline, latents, timestep, cond, settings, guidance)
+                noise_pred = windowed_noise_prediction(
+                    lambda part, frames: predict_noise(
+                        pipeline, part, timestep, cond.frames(frames), settings, guidance[:, frames]
+                    ),
+                    latents,
+                    index,
+                    windows,
+                )
                 check_finite(noise_pred, "unet", policy, f"at step {index + 1}")
                 latents = scheduler.step(noise_pred, timestep, latents).prev_sample
                 if device.type == "cuda":
@@ -238,16 +259,20 @@ def generate(
 
             # 4. Decode
             mark = log.emit(Phase.DECODE).time
-            video = decode_frames(pipeline, latents, settings)
+            planner = Planner(ModelDims.from_pipeline(pipeline), device_type=device.type)
+            video = decode_with_fallback(lambda s: decode_frames(pipeline, latents, s), settings, planner, report_retry)
             check_finite(video, "vae", policy, "while decoding")
             frames = to_frames(pipeline, video)
             del video, latents
             phase_seconds[Phase.DECODE.value] = time.perf_counter() - mark
-            info = {
-                "precision": policy.describe(),
-                "placement": placement_hooks(pipeline),
-                "chunk_hooks": chunk_hook_counts(pipeline.unet),
-            }
+            info.update(
+                precision=policy.describe(),
+                placement=placement_hooks(pipeline),
+                chunk_hooks=chunk_hook_counts(pipeline.unet),
+            )
+            if windows.active(settings.num_frames):
+                info["windows"] = describe_windows(settings.num_frames, windows)
+                info["seam_ratio"] = seam_ratio(frames, window_boundaries(settings.num_frames, total - 1, windows))
     finally:
         release_memory(pipeline)
     return RunResult(

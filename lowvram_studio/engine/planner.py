@@ -1,0 +1,567 @@
+"""Fit a run into a VRAM budget: a memory model of the process peak, and a planner that tightens settings.
+
+The memory model predicts the process peak (MiB, DESIGN §3) of each phase of a run as
+
+    context + overhead + weights resident in the phase + activations of the phase
+
+with activations linear in a few sizes: UNet latent tokens x frames per window x CFG branches (skip
+connections, spatial, feed-forward and temporal transients, each shrunk by its chunking), VAE encode
+pixels, VAE decode pixels x frames per decode call (or per tile), and the decoded output. The run's
+peak is the largest phase. Coefficients live in ``memory_model.json``; ``calibrate`` re-fits them
+from benchmark rows (``bench/planner.py``) by least squares.
+
+The planner walks a ladder of moves, lossless ones first, then lossy ones in order of fidelity cost
+(DESIGN §3), always taking the first move in that order that lowers the predicted peak, and stops at
+the first rung that fits the budget: so a smaller budget never gets looser settings. Each move
+carries the one-line reason the UI shows. The same moves, restricted to the phase that failed, are
+the next tighter plan after a real out-of-memory error (engine/oom.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..settings import OffloadMode, Precision, RunSettings, budget_gib
+from .events import Phase
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+MEMORY_MODEL_PATH = Path(__file__).with_name("memory_model.json")
+PHASES = (Phase.ENCODE, Phase.DENOISE, Phase.DECODE)
+
+
+# ---- model dimensions ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelDims:
+    """What the memory model needs to know about a pipeline: parameter counts and native frames.
+
+    ``unet_stream_params``: UNet weights resident while streaming (engine/placement.py groups each
+    resnet / attention / sampler of the blocks): the two largest groups (the one computing and the one
+    prefetched) plus the modules outside the blocks.
+    """
+
+    name: str
+    unet_params: int
+    vae_params: int
+    encoder_params: int
+    unet_stream_params: int
+    native_frames: int
+    latent_scale: int = 8
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, name: str = "pipeline") -> "ModelDims":
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        unet = pipeline.unet
+        groups = []
+        for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
+            for child in block.children():
+                members = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+                groups.extend(count(m) for m in members)
+        outside = count(unet) - sum(groups)
+        return cls(
+            name=name,
+            unet_params=count(unet),
+            vae_params=count(pipeline.vae),
+            encoder_params=count(pipeline.image_encoder),
+            unet_stream_params=sum(sorted(groups)[-2:]) + outside,
+            native_frames=int(unet.config.num_frames),
+            latent_scale=int(pipeline.vae_scale_factor),
+        )
+
+
+# Counted on the SVD-XT configs of models/svd_configs.py (meta device); SVD differs only in native frames.
+SVD_XT_DIMS = ModelDims("svd-xt", 1_524_623_082, 97_742_847, 632_076_800, 205_388_486, 25)
+SVD_DIMS = replace(SVD_XT_DIMS, name="svd", native_frames=14)
+
+
+# ---- the memory model ---------------------------------------------------------------------------
+def _storage_bytes(precision: Precision, device_type: str) -> int:
+    if precision == Precision.AUTO:
+        return 2 if device_type == "cuda" else 4
+    return {Precision.FP32: 4, Precision.FP16: 2, Precision.BF16: 2, Precision.FP8: 1}[precision]
+
+
+def _compute_bytes(precision: Precision, device_type: str) -> int:
+    """fp8 is storage only (layerwise casting computes in 16 bit)."""
+    return max(_storage_bytes(precision, device_type), 2)
+
+
+def window_frames(settings: RunSettings) -> int:
+    """Frames the UNet sees in one call: the window length when temporal windows are on."""
+    if settings.chunk_size and settings.chunk_size < settings.num_frames:
+        return settings.chunk_size
+    return settings.num_frames
+
+
+def resident_weights_mib(dims: ModelDims, settings: RunSettings, phase: Phase, device_type: str = "cuda") -> float:
+    """Weights on the GPU during ``phase``, given the offload mode (engine/placement.py)."""
+    unet = dims.unet_params * _storage_bytes(settings.unet_dtype, device_type)
+    vae = dims.vae_params * _storage_bytes(settings.vae_dtype, device_type)
+    encoder = dims.encoder_params * _storage_bytes(settings.encoder_dtype, device_type)
+    if settings.offload == OffloadMode.NONE:
+        total = unet + vae + encoder
+    elif phase == Phase.ENCODE:
+        # model: one whole component at a time; stream: the encoder streams layer by layer, the VAE moves whole
+        total = max(encoder, vae) if settings.offload == OffloadMode.MODEL else vae
+    elif phase == Phase.DENOISE:
+        streamed = dims.unet_stream_params * _storage_bytes(settings.unet_dtype, device_type)
+        total = unet if settings.offload == OffloadMode.MODEL else streamed
+    else:
+        total = vae
+    return total / MIB
+
+
+def phase_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_type: str = "cuda") -> dict[str, float]:
+    """The linear features of one phase's peak (MiB per unit coefficient); names match the coefficients."""
+    height, width = settings.height, settings.width
+    features = {"overhead_mib": 1.0, "weights": resident_weights_mib(dims, settings, phase, device_type)}
+    if phase == Phase.ENCODE:
+        vae_bytes = _compute_bytes(settings.vae_dtype, device_type)
+        features["vae_encode"] = height * width * vae_bytes / MIB
+        return features
+    if phase == Phase.DENOISE:
+        tokens = (height // dims.latent_scale) * (width // dims.latent_scale)
+        frames = window_frames(settings)
+        branches = 2 if settings.guidance_enabled and not settings.cfg_split else 1
+        unet_bytes = _compute_bytes(settings.unet_dtype, device_type)
+        per_channel = tokens * frames * branches * unet_bytes / MIB
+        rows = branches * frames
+        spatial = min(1.0, settings.spatial_chunk / rows) if settings.spatial_chunk else 1.0
+        temporal = min(1.0, settings.temporal_chunk / tokens) if settings.temporal_chunk else 1.0
+        ff = min(1.0, settings.ff_chunk / (rows * tokens)) if settings.ff_chunk else 1.0
+        features.update(
+            unet_skip=per_channel,
+            unet_spatial=per_channel * spatial,
+            unet_ff=per_channel * min(spatial, ff),
+            unet_temporal=per_channel * temporal,
+            # CUDA streams keep their own allocator pools; on the CPU streaming is a no-op
+            stream_extra_mib=1.0 if settings.offload == OffloadMode.STREAM and device_type == "cuda" else 0.0,
+        )
+        return features
+    frames_per_call = min(settings.decode_chunk or settings.num_frames, settings.num_frames)
+    tile = settings.vae_tile
+    decoded_px = (min(tile, height) * min(tile, width)) if tile else height * width
+    vae_bytes = _compute_bytes(settings.vae_dtype, device_type)
+    features["vae_decode"] = decoded_px * frames_per_call * vae_bytes / MIB
+    features["decode_output"] = settings.num_frames * height * width * 3 / MIB
+    return features
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted process peak per phase (MiB) and the phase that sets the run's peak."""
+
+    phases: dict[str, float]
+    context_mib: float
+
+    @property
+    def peak_mib(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+@dataclass
+class MemoryModel:
+    """Coefficients of the per-phase peak; ``context_mib`` per device kind (the CUDA context is a constant)."""
+
+    coefficients: dict[str, float]
+    context_mib: dict[str, float]
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: Path = MEMORY_MODEL_PATH) -> "MemoryModel":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(data["coefficients"], data["context_mib"], data.get("source", ""))
+
+    def save(self, path: Path) -> None:
+        data = {"version": 1, "source": self.source, "context_mib": self.context_mib, "coefficients": self.coefficients}
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def phase_mib(self, features: dict[str, float]) -> float:
+        return sum(self.coefficients[name] * value for name, value in features.items())
+
+    def predict(
+        self, dims: ModelDims, settings: RunSettings, context_mib: float | None = None, device_type: str = "cuda"
+    ) -> Prediction:
+        context = self.context_mib.get(device_type, 0.0) if context_mib is None else context_mib
+        phases = {
+            phase.value: context + self.phase_mib(phase_features(dims, settings, phase, device_type)) for phase in PHASES
+        }
+        return Prediction(phases, context)
+
+
+def calibrate(
+    rows: list[dict[str, Any]], prior: MemoryModel | None = None, prior_weight: float = 1e-3, rounds: int = 8
+) -> MemoryModel:
+    """Least-squares fit of the coefficients to measured rows, in relative error (we promise +/-15 %).
+
+    Each row: ``dims`` (ModelDims or its dict), ``settings`` (RunSettings or dict), ``process_peak_mib`` and
+    ``context_mib`` as measured. The peak is the max over phases, so the fit alternates: assign each row
+    its peak phase under the current coefficients, solve the linear problem, repeat. A small pull towards
+    the prior keeps coefficients the rows do not constrain (e.g. streaming when no row streams).
+    """
+    from scipy.optimize import lsq_linear  # scipy comes with scikit-image; imported here, used only here
+
+    model = prior or MemoryModel.load()
+    names = sorted(model.coefficients)
+    prepared = []
+    for row in rows:
+        dims = row["dims"] if isinstance(row["dims"], ModelDims) else ModelDims(**row["dims"])
+        settings = row["settings"] if isinstance(row["settings"], RunSettings) else RunSettings.from_dict(row["settings"])
+        target = float(row["process_peak_mib"]) - float(row["context_mib"])
+        feats = {p: phase_features(dims, settings, p) for p in PHASES}
+        prepared.append((target, feats))
+    coefs = dict(model.coefficients)
+    for _ in range(rounds):
+        matrix, targets = [], []
+        for target, feats in prepared:
+            phase = max(PHASES, key=lambda p: sum(coefs[n] * v for n, v in feats[p].items()))
+            matrix.append([feats[phase].get(n, 0.0) / target for n in names])
+            targets.append(1.0)
+        for index, name in enumerate(names):  # prior rows: (c - c0) / c0, weighted
+            prior_row = [0.0] * len(names)
+            scale = max(abs(model.coefficients[name]), 1e-9)
+            prior_row[index] = math.sqrt(prior_weight) / scale
+            matrix.append(prior_row)
+            targets.append(math.sqrt(prior_weight))
+        fit = lsq_linear(np.asarray(matrix), np.asarray(targets), bounds=(0.0, np.inf))
+        coefs = dict(zip(names, (float(v) for v in fit.x)))
+    return MemoryModel(coefs, dict(model.context_mib), source=f"calibrated on {len(rows)} rows")
+
+
+# ---- budgets ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """VRAM the run may use as a process peak: ``total_mib - reserve_mib``; ``context_mib`` is that card's CUDA context."""
+
+    label: str
+    total_mib: float
+    context_mib: float
+    reserve_mib: float = 0.0
+    note: str = ""
+
+    @property
+    def available_mib(self) -> float:
+        return self.total_mib - self.reserve_mib
+
+
+SMALL_CARD_CONTEXT_MIB = 400.0  # CUDA context of a consumer card (~300-500 MiB), constant by design
+DESKTOP_RESERVE_MIB = 256.0  # the desktop and other programs keep some VRAM on a consumer card
+
+# The write-up's table (reference/gtx1060-video-writeup.zh.txt): card and frames it ran.
+PRESETS: dict[str, Budget] = {
+    "4GB": Budget("4GB", 4096, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "e.g. GTX 1050 Ti 4 GB"),
+    "6GB": Budget("6GB", 6144, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "GTX 1060 6 GB: the write-up ran 24 frames"),
+    "8GB": Budget("8GB", 8192, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "e.g. RTX 3070 8 GB"),
+    "12GB": Budget(
+        "12GB", 12288, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "RTX 2060 / 3060 12 GB: the write-up ran 32 / 48 frames"
+    ),
+    "24GB": Budget("24GB", 24576, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "RTX 4090 24 GB: the write-up ran 64 frames at once"),
+}
+
+
+def free_vram_mib(device: int = 0) -> float:
+    """Driver free memory plus what our allocator holds but does not use (FramePack's policy)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) / MIB
+
+
+def auto_budget(model: MemoryModel, reserve_mib: float = 512.0, device: int = 0) -> Budget:
+    """'auto': what this process may grow to now. The memory model predicts the whole process peak, so
+    the memory this process already holds (its context and live tensors) is added back to the free VRAM."""
+    held = torch.cuda.memory_allocated(device) / MIB
+    context = model.context_mib.get("cuda", 0.0)
+    total = free_vram_mib(device) + held + context
+    return Budget("auto", total, context, reserve_mib, f"{free_vram_mib(device):.0f} MiB free now")
+
+
+def budget_for(vram_budget: str, model: MemoryModel) -> Budget | None:
+    """The Budget a settings string names; None for 'off' or when 'auto' has no CUDA GPU."""
+    if vram_budget == "off":
+        return None
+    if vram_budget == "auto":
+        return auto_budget(model) if torch.cuda.is_available() else None
+    if vram_budget in PRESETS:
+        return PRESETS[vram_budget]
+    gib = budget_gib(vram_budget)
+    return Budget(vram_budget, gib * 1024, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB) if gib else None
+
+
+@contextlib.contextmanager
+def simulated_budget(budget: Budget, device: int = 0) -> Iterator[float]:
+    """Make a big GPU behave like ``budget``'s card: cap the caching allocator at the budget minus the
+    card's context (the context lives outside the allocator). Yields the cap in MiB."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap_mib = budget.available_mib - budget.context_mib
+    torch.cuda.set_per_process_memory_fraction(min(cap_mib * MIB / total, 1.0), device)
+    try:
+        yield cap_mib
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+# ---- moves and plans ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Move:
+    """One tightening: ``apply`` returns the tighter settings, or None when it no longer applies."""
+
+    name: str
+    lossy: bool
+    phases: tuple[Phase, ...]
+    apply: Callable[[RunSettings, ModelDims], RunSettings | None]
+    reason: Callable[[RunSettings], str]
+
+
+def _next_level(current: int, levels: tuple[int, ...], limit: int) -> int | None:
+    """The next tighter level below ``current`` (0 = off = loosest) and below ``limit`` (beyond it, no effect)."""
+    for level in levels:
+        if level < limit and (current == 0 or level < current):
+            return level
+    return None
+
+
+def _level_move(name: str, levels: tuple[int, ...], limit: Callable[[RunSettings, ModelDims], int]):
+    def apply(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+        level = _next_level(getattr(settings, name), levels, limit(settings, dims))
+        return None if level is None else settings.replace(**{name: level})
+
+    return apply
+
+
+def _cfg_split(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+    return settings.replace(cfg_split=True) if settings.guidance_enabled and not settings.cfg_split else None
+
+
+def _offload(mode: OffloadMode) -> Callable[[RunSettings, ModelDims], RunSettings | None]:
+    order = list(OffloadMode)
+
+    def apply(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+        return settings.replace(offload=mode) if order.index(settings.offload) < order.index(mode) else None
+
+    return apply
+
+
+def _fp8(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+    return None if settings.unet_dtype == Precision.FP8 else settings.replace(unet_dtype=Precision.FP8)
+
+
+def _interpolate(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+    if settings.interpolate >= 4 or settings.num_frames < 4:
+        return None
+    return settings.replace(interpolate=settings.interpolate * 2, num_frames=math.ceil(settings.num_frames / 2))
+
+
+def _tokens(settings: RunSettings, dims: ModelDims) -> int:
+    return (settings.height // dims.latent_scale) * (settings.width // dims.latent_scale)
+
+
+# Priority order: lossless first (cheapest slowdown first), then lossy by fidelity cost (DESIGN §3).
+MOVES: tuple[Move, ...] = (
+    Move("cfg_split", False, (Phase.DENOISE,), _cfg_split,
+         lambda s: "CFG split: the two guidance branches run one after the other, halving UNet activations (lossless)"),
+    Move("ff_chunk", False, (Phase.DENOISE,), _level_move("ff_chunk", (16384, 4096), lambda s, d: 1 << 62),
+         lambda s: f"feed-forward chunks of {s.ff_chunk} tokens: the widest UNet layers run in pieces (lossless)"),
+    Move("spatial_chunk", False, (Phase.DENOISE,),
+         _level_move("spatial_chunk", (4, 1), lambda s, d: 2 * window_frames(s)),
+         lambda s: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)"),
+    Move("temporal_chunk", False, (Phase.DENOISE,), _level_move("temporal_chunk", (2048, 512), _tokens),
+         lambda s: f"temporal layers {s.temporal_chunk} positions at a time (lossless)"),
+    Move("offload_model", False, PHASES, _offload(OffloadMode.MODEL),
+         lambda s: "model offload: only the component at work stays on the GPU (lossless, a few s per run)"),
+    Move("offload_stream", False, (Phase.ENCODE, Phase.DENOISE), _offload(OffloadMode.STREAM),
+         lambda s: "weight streaming: UNet blocks stream in one at a time (lossless, slower per step)"),
+    Move("vae_tile", True, (Phase.DECODE,),
+         _level_move("vae_tile", (512, 256, 128), lambda s, d: max(s.height, s.width)),
+         lambda s: f"VAE decode in {s.vae_tile} px tiles (lossy: blended tile seams)"),
+    Move("decode_chunk", True, (Phase.DECODE,),
+         _level_move("decode_chunk", (8, 4, 2, 1), lambda s, d: s.num_frames),
+         lambda s: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)"),
+    Move("chunk_size", True, (Phase.DENOISE,),
+         _level_move("chunk_size", (16, 12, 8, 6, 4, 2), lambda s, d: min(s.num_frames, d.native_frames + 1)),
+         lambda s: f"temporal windows of {s.chunk_size} frames (lossy: motion is coherent within a window)"),
+    Move("fp8", True, PHASES, _fp8, lambda s: "UNet weights stored in fp8, computed in 16 bit (lossy)"),
+    Move("interpolate", True, (Phase.DENOISE, Phase.DECODE), _interpolate,
+         lambda s: f"generate {s.num_frames} frames and interpolate {s.interpolate}x (lossy: in-between frames are synthesised)"),
+)
+
+
+@dataclass
+class Plan:
+    """Settings chosen for a budget, with the reason for every change and the predicted peak."""
+
+    settings: RunSettings
+    prediction: Prediction
+    reasons: list[str]
+    budget: Budget | None
+    fits: bool
+    rung: int = 0
+
+    def summary(self) -> list[str]:
+        head = f"predicted peak {self.prediction.peak_mib / 1024:.2f} GiB ({self.prediction.peak_phase})"
+        if self.budget is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            head += f" {verdict} {self.budget.label} ({self.budget.available_mib / 1024:.2f} GiB usable)"
+        return [head, *self.reasons]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.to_dict(),
+            "predicted_peak_mib": round(self.prediction.peak_mib, 1),
+            "predicted_phases_mib": {k: round(v, 1) for k, v in self.prediction.phases.items()},
+            "reasons": self.reasons,
+            "budget": None if self.budget is None else self.budget.label,
+            "fits": self.fits,
+            "rung": self.rung,
+        }
+
+
+@dataclass
+class Rung:
+    """One step of the ladder: settings, their prediction, and the reasons that led there."""
+
+    settings: RunSettings
+    prediction: Prediction
+    reasons: list[str] = field(default_factory=list)
+
+
+def _gib(mib: float) -> str:
+    return f"{mib / 1024:.2f} GiB"
+
+
+@dataclass
+class Planner:
+    """Plans for one model on one kind of device; ``context_mib`` overrides the model's CUDA context."""
+
+    dims: ModelDims
+    model: MemoryModel = field(default_factory=MemoryModel.load)
+    device_type: str = "cuda"
+    min_gain: float = 0.01  # a move must lower the predicted peak by 1 % to count as helping
+
+    def predict(self, settings: RunSettings, context_mib: float | None = None) -> Prediction:
+        return self.model.predict(self.dims, settings, context_mib, self.device_type)
+
+    def base(self, settings: RunSettings) -> tuple[RunSettings, list[str]]:
+        """The request, plus windows of the model's native length for clips longer than it was trained on."""
+        if settings.num_frames > self.dims.native_frames and not settings.chunk_size:
+            windowed = settings.replace(chunk_size=self.dims.native_frames, overlap=min(settings.overlap, 4) or 4)
+            reason = (
+                f"temporal windows of {self.dims.native_frames} frames: {self.dims.name} was trained on "
+                f"{self.dims.native_frames}; longer clips run window by window at one window's peak (lossy)"
+            )
+            return windowed, [reason]
+        return settings, []
+
+    def ladder(self, settings: RunSettings, context_mib: float | None = None) -> list[Rung]:
+        """Rungs from the request to the tightest settings; each adds the first move (in priority order)
+        that lowers the phase setting the predicted peak without raising the peak. The path does not
+        depend on the budget."""
+        current, reasons = self.base(settings)
+        rungs = [Rung(current, self.predict(current, context_mib), list(reasons))]
+        while True:
+            step = self._first_helping_move(current, rungs[-1].prediction, None, context_mib)
+            if step is None:
+                return rungs
+            current, reason, prediction, _ = step
+            rungs.append(Rung(current, prediction, [*rungs[-1].reasons, reason]))
+
+    def _first_helping_move(
+        self,
+        settings: RunSettings,
+        before: Prediction,
+        phase: Phase | None,
+        context_mib: float | None,
+        allowed: tuple[str, ...] | None = None,
+    ) -> tuple[RunSettings, str, Prediction, Move] | None:
+        """First move in priority order that lowers ``phase`` (default: the peak phase) by ``min_gain`` of
+        its weights and activations, and does not raise the peak."""
+        target = phase.value if phase is not None else before.peak_phase
+        variable = before.phases[target] - self._fixed_mib(before)
+        for move in MOVES:
+            if Phase(target) not in move.phases or (allowed is not None and move.name not in allowed):
+                continue
+            tighter = move.apply(settings, self.dims)
+            if tighter is None:
+                continue
+            after = self.predict(tighter, context_mib)
+            lowers = after.phases[target] <= before.phases[target] - self.min_gain * variable
+            if lowers and after.peak_mib <= before.peak_mib + 1e-6:
+                change = f"{_gib(before.peak_mib)} -> {_gib(after.peak_mib)}"
+                return tighter, f"{move.reason(tighter)}; predicted peak {change}", after, move
+        return None
+
+    def plan(self, settings: RunSettings, budget: Budget) -> Plan:
+        """The loosest (fastest) rung whose predicted peak fits ``budget``, or the tightest one, marked unfit."""
+        rungs = self.ladder(settings, budget.context_mib)
+        for index, rung in enumerate(rungs):
+            if rung.prediction.peak_mib <= budget.available_mib:
+                return Plan(rung.settings, rung.prediction, rung.reasons, budget, True, index)
+        last = rungs[-1]
+        reasons = [
+            *last.reasons,
+            f"even these settings are predicted at {_gib(last.prediction.peak_mib)}, over {_gib(budget.available_mib)}; "
+            "lower the size or frame count, or close other programs using the GPU",
+        ]
+        return Plan(last.settings, last.prediction, reasons, budget, False, len(rungs) - 1)
+
+    def tighten(
+        self, settings: RunSettings, phase: Phase, target: float = 0.7, allowed: tuple[str, ...] | None = None
+    ) -> tuple[RunSettings, list[str]] | None:
+        """The next tighter settings after an out-of-memory error in ``phase``: moves for that phase (and in
+        ``allowed``, by name, when given) in priority order until the phase's predicted weights and
+        activations fall to ``target`` of what failed; at least one move. None when none is left."""
+        phase = Phase.ENCODE if phase == Phase.LOAD else phase  # loading fails on weights: the encode-phase moves
+        if phase not in PHASES:  # interpolate / export: the model has no such phase; tighten the denoise loop
+            phase = Phase.DENOISE
+        prediction = self.predict(settings)
+        fixed = self._fixed_mib(prediction)
+        goal = fixed + (prediction.phases[phase.value] - fixed) * target
+        current, reasons = settings, []
+        while prediction.phases[phase.value] > goal:
+            step = self._first_helping_move(current, prediction, phase, None, allowed)
+            if step is None and not reasons:
+                step = self._first_applicable_move(current, phase, allowed)
+            if step is None or (reasons and step[3].lossy):
+                break  # a lossy change comes alone, once the changes before it have been tried for real
+            current, reason, prediction, move = step
+            reasons.append(reason)
+            if move.lossy:
+                break
+        return (current, reasons) if reasons else None
+
+    def _fixed_mib(self, prediction: Prediction) -> float:
+        """The part of every phase's peak no setting changes: context and allocator overhead."""
+        return prediction.context_mib + self.model.coefficients.get("overhead_mib", 0.0)
+
+    def _first_applicable_move(
+        self, settings: RunSettings, phase: Phase, allowed: tuple[str, ...] | None
+    ) -> tuple[RunSettings, str, Prediction, Move] | None:
+        """Any move for the phase, even one the model thinks does not help: the model just proved wrong."""
+        for move in MOVES:
+            if phase not in move.phases or (allowed is not None and move.name not in allowed):
+                continue
+            tighter = move.apply(settings, self.dims)
+            if tighter is not None:
+                return tighter, move.reason(tighter), self.predict(tighter), move
+        return None
+
+
+def plan_for_settings(planner: Planner, settings: RunSettings) -> Plan | None:
+    """Apply ``settings.vram_budget`` (None when it is 'off' or no budget can be known)."""
+    budget = budget_for(settings.vram_budget, planner.model)
+    return None if budget is None else planner.plan(settings, budget)

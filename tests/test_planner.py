@@ -1,0 +1,176 @@
+"""Planner: predictions, monotone tightening with reasons, calibration; OOM re-planning on the real demo run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lowvram_studio.engine.events import Phase
+from lowvram_studio.engine.oom import OutOfMemoryAfterRetries, run_with_replan
+from lowvram_studio.engine.planner import (
+    PRESETS,
+    SVD_XT_DIMS,
+    Budget,
+    MemoryModel,
+    ModelDims,
+    Planner,
+    budget_for,
+    calibrate,
+)
+from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings import OffloadMode, Precision, RunSettings
+
+CASES = {"A": (512, 512, 24), "B": (576, 1024, 25), "C": (512, 512, 96)}
+
+
+def _case(name: str) -> RunSettings:
+    height, width, frames = CASES[name]
+    return RunSettings(height=height, width=width, num_frames=frames, unet_dtype="fp16", vae_dtype="fp16",
+                       encoder_dtype="fp16")
+
+
+def _looseness(settings: RunSettings) -> tuple:
+    """Per knob, a number that only falls as settings tighten (0 = off counts as the loosest)."""
+    def size(value: int) -> float:
+        return math.inf if value == 0 else value
+
+    return (
+        not settings.cfg_split,
+        size(settings.ff_chunk),
+        size(settings.spatial_chunk),
+        size(settings.temporal_chunk),
+        -list(OffloadMode).index(settings.offload),
+        size(settings.vae_tile),
+        size(settings.decode_chunk),
+        size(settings.chunk_size),
+        settings.unet_dtype != Precision.FP8,
+        -settings.interpolate,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_choices_tighten_monotonically_as_the_budget_shrinks_and_carry_reasons(case):
+    planner = Planner(SVD_XT_DIMS)
+    previous = None
+    for gib in np.arange(40, 1.5, -0.25):
+        plan = planner.plan(_case(case), Budget(f"{gib}GB", gib * 1024, 400))
+        assert plan.fits == (plan.prediction.peak_mib <= gib * 1024)
+        assert len(plan.reasons) >= plan.rung and all(isinstance(r, str) and r for r in plan.reasons)
+        if previous is not None:
+            assert plan.rung >= previous.rung
+            assert all(new <= old for new, old in zip(_looseness(plan.settings), _looseness(previous.settings)))
+            assert plan.prediction.peak_mib <= previous.prediction.peak_mib + 1e-6
+        previous = plan
+    assert previous.rung > 5  # a 1.5 GiB budget forces many moves
+    assert not previous.fits and "lower the size" in previous.reasons[-1]
+
+
+def test_lossless_moves_come_before_lossy_ones_when_they_suffice():
+    planner = Planner(SVD_XT_DIMS)
+    request = _case("A").replace(decode_chunk=2)  # decode already small: the UNet sets the peak
+    plan = planner.plan(request, Budget("tight", planner.predict(request).peak_mib * 0.8, 600))
+    assert plan.fits
+    assert plan.settings.lossy_settings() == request.lossy_settings()
+    assert plan.settings.cfg_split and "lossless" in plan.reasons[0]
+
+
+def test_every_preset_yields_a_plan_and_a_long_clip_costs_no_more_than_a_short_one():
+    planner = Planner(SVD_XT_DIMS)
+    for name, budget in PRESETS.items():
+        short, long = planner.plan(_case("A"), budget), planner.plan(_case("C"), budget)
+        assert short.summary()[0].startswith("predicted peak")
+        if short.fits and long.fits:
+            assert long.prediction.peak_mib <= 1.1 * short.prediction.peak_mib, name
+    long = planner.plan(_case("C"), PRESETS["24GB"])
+    assert long.settings.chunk_size == SVD_XT_DIMS.native_frames and "trained on 25" in long.reasons[0]
+    assert budget_for("6GB", planner.model) is PRESETS["6GB"]
+    assert budget_for("5GB", planner.model).total_mib == 5 * 1024
+    assert budget_for("off", planner.model) is None
+
+
+def test_calibrate_recovers_a_known_memory_model():
+    truth = MemoryModel.load()
+    truth.coefficients = {k: v * (1.3 if i % 2 else 0.8) for i, (k, v) in enumerate(sorted(truth.coefficients.items()))}
+    variants = [
+        {}, {"cfg_split": True}, {"cfg_split": True, "ff_chunk": 4096}, {"decode_chunk": 2},
+        {"decode_chunk": 1, "vae_tile": 256}, {"offload": "model", "decode_chunk": 2},
+        {"offload": "stream", "cfg_split": True, "decode_chunk": 2}, {"spatial_chunk": 2, "temporal_chunk": 512},
+        {"chunk_size": 8, "decode_chunk": 4}, {"unet_dtype": "fp8", "offload": "model", "decode_chunk": 1},
+    ]
+    rows = []
+    for case in CASES:
+        for change in variants:
+            settings = _case(case).replace(**change)
+            rows.append({"dims": SVD_XT_DIMS, "settings": settings.to_dict(), "context_mib": 600,
+                         "process_peak_mib": truth.predict(SVD_XT_DIMS, settings, 600).peak_mib})
+    fitted = calibrate(rows)
+    for row in rows:
+        settings = RunSettings.from_dict(row["settings"])
+        predicted = fitted.predict(SVD_XT_DIMS, settings, 600).peak_mib
+        assert predicted == pytest.approx(row["process_peak_mib"], rel=0.02)
+
+
+# ---- out-of-memory re-planning, on the real demo pipeline ----------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_settings() -> RunSettings:
+    return RunSettings(height=64, width=64, num_frames=6, num_inference_steps=2, seed=0)
+
+
+def _raise_oom(what: str):
+    raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({what}, raised by the test)")
+
+
+def test_out_of_memory_replans_records_and_keeps_the_denoised_result(demo_pipeline, test_image, tiny_settings):
+    calls = []
+
+    def unet_hook(module, args):
+        calls.append("unet")
+        if calls.count("unet") == 1:  # the first UNet call of the first attempt runs out of memory
+            _raise_oom("denoise")
+
+    def decoder_hook(module, args):
+        calls.append("decode")
+        if args[0].shape[0] > 2:  # the decoder only fits two frames at a time
+            _raise_oom("decode")
+
+    planner = Planner(ModelDims.from_pipeline(demo_pipeline), device_type="cpu")
+    events = []
+    handles = [demo_pipeline.unet.register_forward_pre_hook(unet_hook),
+               demo_pipeline.vae.decoder.register_forward_pre_hook(decoder_hook)]
+    try:
+        result = run_with_replan(
+            lambda settings, on_event: generate(demo_pipeline, test_image, settings, on_event=on_event),
+            tiny_settings, planner, on_event=events.append,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert result.frames.shape == (6, 64, 64, 3)
+    retries = result.info["oom_retries"]
+    assert [r["phase"] for r in retries][0] == Phase.DENOISE.value
+    assert retries[0]["changed_settings"]["cfg_split"] == [False, True]
+    assert {r["phase"] for r in retries[1:]} == {Phase.DECODE.value}
+    assert result.settings.decode_chunk == 0 and retries[-1]["changed_settings"]["decode_chunk"][1] <= 2
+    messages = [e.message for e in events if e.message]
+    assert messages == [r["message"] for r in retries] and "Out of GPU memory during denoise" in messages[0]
+    first_decode = calls.index("decode")
+    assert "unet" not in calls[first_decode:]  # decode retries did not re-run the denoise loop
+
+
+def test_retries_are_bounded_and_end_in_a_clear_error(demo_pipeline, test_image, tiny_settings):
+    planner = Planner(ModelDims.from_pipeline(demo_pipeline), device_type="cpu")
+    attempts = []
+
+    def always_out_of_memory(settings, on_event):
+        attempts.append(settings)
+        _raise_oom("always")
+
+    with pytest.raises(OutOfMemoryAfterRetries, match="lower the size"):
+        run_with_replan(always_out_of_memory, tiny_settings, planner, max_retries=2)
+    assert len(attempts) == 3
+    for tighter, looser in zip(attempts[1:], attempts):
+        assert all(new <= old for new, old in zip(_looseness(tighter), _looseness(looser)))
+        assert _looseness(tighter) != _looseness(looser)
