@@ -21,6 +21,7 @@ from diffusers import StableVideoDiffusionPipeline
 
 from ..settings import DeviceChoice, Precision, RunSettings
 from .events import CancelToken, EventCallback, Phase, RunEvent
+from .pruning import PruningConfig, apply_pruning
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +196,12 @@ def generate(
     settings: RunSettings,
     on_event: EventCallback | None = None,
     cancel: CancelToken | None = None,
+    latents: torch.Tensor | None = None,
 ) -> RunResult:
     """Run image-to-video once; raise ``RunCancelled`` between steps when ``cancel`` is set.
 
     ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
+    ``latents`` (1, F, 4, h, w) replaces the seeded starting noise, as diffusers' ``latents`` argument does.
     """
     settings.validate()
     cancel = cancel or CancelToken()
@@ -207,6 +210,8 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     started = time.perf_counter()
     phase_seconds: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    pruning = None
     try:
         with torch.inference_mode():
             # 1. Load: components onto the run's device, in their dtypes
@@ -223,18 +228,28 @@ def generate(
             # 3. Denoise
             scheduler = pipeline.scheduler
             scheduler.set_timesteps(settings.num_inference_steps, device=device)
-            latents = initial_latents(pipeline, settings, device, generator)
+            if latents is None:
+                latents = initial_latents(pipeline, settings, device, generator)
+            else:
+                latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
             guidance = guidance_scales(settings, device)
             total = len(scheduler.timesteps)
+            pruning = apply_pruning(pipeline.unet, PruningConfig.from_settings(settings))
             mark = log.emit(Phase.DENOISE, step=0, total=total).time
             for index, timestep in enumerate(scheduler.timesteps):
                 cancel.raise_if_cancelled()
+                if pruning is not None:
+                    pruning.begin_step(index, total)
                 noise_pred = predict_noise(pipeline, latents, timestep, cond, settings, guidance)
-                latents = scheduler.step(noise_pred, timestep, latents).prev_sample
+                step = scheduler.step(noise_pred, timestep, latents)
+                latents = step.prev_sample
+                reuse = pruning.end_step(step.pred_original_sample) if pruning is not None else {}
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                log.emit(Phase.DENOISE, step=index + 1, total=total)
+                log.emit(Phase.DENOISE, step=index + 1, total=total, data=reuse)
             denoise_seconds = time.perf_counter() - mark
+            if pruning is not None:
+                info["pruning"] = pruning.summary().to_dict()
             phase_seconds[Phase.DENOISE.value] = denoise_seconds
             del cond
             cancel.raise_if_cancelled()
@@ -244,6 +259,8 @@ def generate(
             frames = decode_frames(pipeline, latents, settings)
             phase_seconds[Phase.DECODE.value] = time.perf_counter() - mark
     finally:
+        if pruning is not None:
+            pruning.remove()
         release_memory(device)
     return RunResult(
         frames=frames,
@@ -253,4 +270,5 @@ def generate(
         seconds_per_step=denoise_seconds / max(total, 1),
         phase_seconds=phase_seconds,
         device=str(device),
+        info=info,
     )
