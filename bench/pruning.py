@@ -68,11 +68,11 @@ class Job:
     mode: str
     threshold: float
     extra: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
 
     @property
     def config(self) -> str:
-        suffix = "".join(f"-{v}" for k, v in sorted(self.extra.items()) if k != "prune_record_signals")
-        return f"prune-{self.mode}{suffix}"
+        return f"prune-{self.mode}{'-' + self.label if self.label else ''}"
 
 
 def make_image(kind: str, width: int, height: int) -> PIL.Image.Image:
@@ -89,19 +89,20 @@ def make_image(kind: str, width: int, height: int) -> PIL.Image.Image:
 
 def base_settings(case: Case, kind: str, device: str, fp16: bool) -> RunSettings:
     precision = "fp16" if fp16 else "fp32"
-    return RunSettings(
-        height=case.height,
-        width=case.width,
-        num_frames=case.frames,
-        num_inference_steps=case.steps,
-        seed=0,
-        motion_bucket_id=255 if kind == "moving" else 1,
-        device=device,
-        unet_dtype=precision,
-        vae_dtype=precision,
-        encoder_dtype=precision,
-        decode_chunk=8,
-    )
+    fields = {
+        "height": case.height,
+        "width": case.width,
+        "num_frames": case.frames,
+        "num_inference_steps": case.steps,
+        "seed": 0,
+        "motion_bucket_id": 255 if kind == "moving" else 1,
+        "device": device,
+        "unet_dtype": precision,
+        "vae_dtype": precision,
+        "encoder_dtype": precision,
+        "decode_chunk": 8,
+    }
+    return RunSettings.from_dict(fields)  # from_dict turns the enum strings into enums
 
 
 def fidelity(reference: np.ndarray, frames: np.ndarray) -> tuple[float, float]:
@@ -139,14 +140,15 @@ class Runner:
         return result, peaks
 
 
-def pearson(a: list[float | None], b: list[float | None]) -> float | None:
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+def log_agreement(signal: list[float | None], target: list[float | None]) -> dict[str, float | None]:
+    """How well a signal predicts a target's change over steps: Pearson r of the logs, and the spread
+    (std) of log(target / signal); a small spread means one threshold bounds the reuse error at every step."""
+    pairs = [(x, y) for x, y in zip(signal, target) if x and y]
     if len(pairs) < 3:
-        return None
-    x, y = np.array(pairs).T
-    if x.std() == 0 or y.std() == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
+        return {"log_r": None, "log_ratio_std": None}
+    x, y = np.log(np.array(pairs)).T
+    r = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else None
+    return {"log_r": r, "log_ratio_std": float((y - x).std())}
 
 
 def probe(runner: "Runner", settings: RunSettings, image: PIL.Image.Image) -> dict[str, Any]:
@@ -160,13 +162,12 @@ def probe(runner: "Runner", settings: RunSettings, image: PIL.Image.Image) -> di
     found = {
         "case": "A",
         "input": "still",
-        "r_input_vs_deep": pearson(series["input"], series["deep"]),
-        "r_shallow_vs_deep": pearson(series["shallow"], series["deep"]),
-        "r_input_vs_output": pearson(series["input"], series["output"]),
-        "r_shallow_vs_output": pearson(series["shallow"], series["output"]),
         "series": series,
     }
-    logger.info("signal probe: %s", {k: v for k, v in found.items() if k.startswith("r_")})
+    for signal in ("input", "shallow"):
+        for target in ("deep", "output"):
+            found[f"{signal}_vs_{target}"] = log_agreement(series[signal], series[target])
+    logger.info("signal probe: %s", {k: v for k, v in found.items() if "_vs_" in k})
     return found
 
 
@@ -179,12 +180,13 @@ def matrix(case: Case, thresholds: tuple[float, ...], frame_thresholds: tuple[fl
 def variants(case: Case, kind: str) -> list[Job]:
     """The alternative signals and a tighter reuse cap, at the default threshold."""
     return [
-        Job(case, kind, "frames", 0.012, {"prune_frame_signal": "denoised"}),
-        Job(case, kind, "steps", 0.012, {"prune_step_signal": "input"}),
-        Job(case, kind, "steps", 0.012, {"prune_max_reuse": 2}),
-        Job(case, kind, "both", 0.03, {"prune_motion_adaptive": True}),
+        Job(case, kind, "frames", 0.012, {"prune_frame_signal": "denoised"}, "denoised-signal"),
+        Job(case, kind, "steps", 0.012, {"prune_step_signal": "input"}, "input-signal"),
+        Job(case, kind, "steps", 0.012, {"prune_max_reuse": 2}, "cap2"),
+        Job(case, kind, "steps", 0.05, {"prune_max_reuse": 5}, "cap5"),
+        Job(case, kind, "both", 0.03, {"prune_motion_adaptive": True}, "motion-adaptive"),
         # threshold 1 reuses whenever the cap allows: DeepCache's uniform interval 3, the speed ceiling
-        Job(case, kind, "steps", 1.0, {"prune_max_reuse": 2}),
+        Job(case, kind, "steps", 1.0, {"prune_max_reuse": 2}, "uniform-deepcache-n3"),
     ]
 
 
@@ -202,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         from lowvram_studio.models.demo import build_demo_pipeline
 
         pipeline, device, fp16 = build_demo_pipeline(), "cpu", False
-        case_a, case_b = Case("A", 64, 64, 6, 6), Case("B", 64, 128, 6, 6)
-        thresholds_a, thresholds_b = (0.012, 0.05), (0.03,)
+        case_a, case_b = Case("A", 64, 64, 4, 4), Case("B", 64, 128, 4, 4)
+        thresholds_a, thresholds_b = (0.012, 0.03, 0.05), (0.03,)
     else:
         if not torch.cuda.is_available():
             print("error: no CUDA GPU; run with --smoke for the CPU logic check", file=sys.stderr)
@@ -230,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             image = make_image("still" if kind == "same-latent" else kind, case.width, case.height)
             result, peaks = runner.run(image, settings, latents)
             references[key] = (result, peaks)
-            rows.append(row_for(case, kind, "unpruned", 0.0, result, peaks, result))
+            rows.append(row_for(case, kind, "unpruned", 0.0, result, peaks, result, peaks))
         return references[key]
 
-    def row_for(case, kind, config, threshold, result, peaks, ref: RunResult) -> dict[str, Any]:
+    def row_for(case, kind, config, threshold, result, peaks, ref: RunResult, ref_peaks: dict) -> dict[str, Any]:
         info = result.info.get("pruning", {})
         denoise = result.phase_seconds[Phase.DENOISE.value]
         ref_denoise = ref.phase_seconds[Phase.DENOISE.value]
@@ -259,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             "process_peak_mib": None,  # NVML sampling is the monitor's job; torch peaks below
             "torch_peak_mib": peaks["torch_peak_mib"],
             "denoise_torch_peak_mib": peaks["denoise_torch_peak_mib"],
+            "denoise_peak_delta_mib": (
+                peaks["denoise_torch_peak_mib"] - ref_peaks["denoise_torch_peak_mib"]
+                if peaks["denoise_torch_peak_mib"] is not None
+                else None
+            ),
             "seconds_total": result.seconds_total,
             "map": info.get("map"),
         }
@@ -279,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         if over_budget():
             skipped.append(f"{job.case.name}/{job.input}/{job.config}/{job.threshold}")
             return
-        ref, _ = reference(job.case, job.input, latents)
+        ref, ref_peaks = reference(job.case, job.input, latents)
         kind = "still" if job.input == "same-latent" else job.input
         settings = base_settings(job.case, kind, device, fp16).replace(
             prune_threshold=job.threshold, prune_mode=job.mode, extra=dict(job.extra)
         )
         result, peaks = runner.run(make_image(kind, job.case.width, job.case.height), settings, latents)
-        rows.append(row_for(job.case, job.input, job.config, job.threshold, result, peaks, ref))
+        rows.append(row_for(job.case, job.input, job.config, job.threshold, result, peaks, ref, ref_peaks))
 
     # Case A: signal probe (every step computed, signals recorded), then the matrix; case B: fewer rows.
     probes = [probe(runner, base_settings(case_a, "still", device, fp16), make_image("still", case_a.width, case_a.height))]
@@ -294,14 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_b:
         for job in matrix(case_b, thresholds_b, thresholds_b[-1:], "still"):
             run_job(job)
-    for job in matrix(case_a, thresholds_a[1:3] + thresholds_a[-2:-1], (0.012,), "moving"):
-        run_job(job)
     scale = pipeline.vae_scale_factor
     same = torch.randn(
         (1, 1, 4, case_a.height // scale, case_a.width // scale), generator=torch.Generator().manual_seed(0)
     ).repeat(1, case_a.frames, 1, 1, 1)
     for mode in ("frames", "both"):
         run_job(Job(case_a, "same-latent", mode, 0.012), latents=same)
+    for job in matrix(case_a, thresholds_a[2:3] + thresholds_a[-2:-1], thresholds_a[2:3], "moving"):
+        run_job(job)
 
     write_results(args, rows, probes, skipped, device, time.perf_counter() - started)
     return 0
@@ -335,7 +342,7 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown_table(rows, probes, skipped) -> str:
     lines = [
         "| case | input | config | threshold | s/step | speedup | est. (FLOPs) | PSNR dB | SSIM | pruned | "
-        "from neighbour | from prev. step | denoise torch peak MiB | cache MiB |",
+        "from neighbour | from prev. step | denoise torch peak MiB (delta) | cache MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -343,16 +350,25 @@ def markdown_table(rows, probes, skipped) -> str:
             f"| {r['case']} | {r['input']} | {r['config']} | {r['threshold']:g} | {r['seconds_per_step']:.3f} | "
             f"{r['speedup_denoise']:.2f}x | {_fmt(r['speedup_estimate_flops'], '.2f')} | {_fmt(r['psnr_db'], '.1f')} | "
             f"{_fmt(r['ssim'], '.3f')} | {r['pruned_fraction']:.0%} | {r['neighbour_fraction']:.0%} | "
-            f"{r['previous_step_fraction']:.0%} | {_fmt(r['denoise_torch_peak_mib'], '.0f')} | "
+            f"{r['previous_step_fraction']:.0%} | {_fmt(r['denoise_torch_peak_mib'], '.0f')} "
+            f"({_fmt(r['denoise_peak_delta_mib'], '+.0f')}) | "
             f"{_fmt(r['cache_mib'], '.0f')} |"
         )
-    lines += ["", "Step signals (Pearson r over steps, every step computed; higher predicts the reuse error better):", ""]
-    lines += ["| input | input vs deep | shallow vs deep | input vs output | shallow vs output |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Step signals, every step computed: log-log Pearson r and std of log(target/signal) "
+        "(higher r, lower std: the signal predicts the reuse error better):",
+        "",
+        "| input | signal | vs deep feature: r / std | vs UNet output: r / std |",
+        "|---|---|---|---|",
+    ]
     for p in probes:
-        lines.append(
-            f"| {p['input']} | {_fmt(p['r_input_vs_deep'], '.2f')} | {_fmt(p['r_shallow_vs_deep'], '.2f')} | "
-            f"{_fmt(p['r_input_vs_output'], '.2f')} | {_fmt(p['r_shallow_vs_output'], '.2f')} |"
-        )
+        for signal in ("input", "shallow"):
+            deep, out = p[f"{signal}_vs_deep"], p[f"{signal}_vs_output"]
+            lines.append(
+                f"| {p['input']} | {signal} | {_fmt(deep['log_r'], '.3f')} / {_fmt(deep['log_ratio_std'], '.3f')} | "
+                f"{_fmt(out['log_r'], '.3f')} / {_fmt(out['log_ratio_std'], '.3f')} |"
+            )
     if skipped:
         lines += ["", f"Skipped over the time budget: {', '.join(skipped)}"]
     return "\n".join(lines) + "\n"

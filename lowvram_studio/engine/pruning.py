@@ -337,7 +337,7 @@ class PruningState:
         self.deep_reused = False
         if self.config.reuse_steps or self.config.record_signals:
             input_change = self._accumulate_input_change(latents)
-            if self.config.step_signal == StepSignal.INPUT:
+            if self.config.reuse_steps and self.config.step_signal == StepSignal.INPUT:
                 self.deep_reused = input_change is not None and self._may_reuse() and input_change < threshold
         self.plan = self._frame_plan(latents, batch, threshold) if self.config.reuse_frames else None
         if self.cost is None:
@@ -349,7 +349,7 @@ class PruningState:
         if self.slot_index == 0 and slot.shallow_anchor is not None:
             change = float(relative_l1(shallow, slot.shallow_anchor).mean())
             self.signals[-1]["shallow"] = change
-            if self.config.step_signal == StepSignal.SHALLOW:
+            if self.config.reuse_steps and self.config.step_signal == StepSignal.SHALLOW:
                 self.deep_reused = self._may_reuse() and change < self._threshold
         if not self.deep_reused:
             slot.shallow_anchor = shallow
@@ -370,8 +370,7 @@ class PruningState:
         if self._counting is not None:
             self._finish_counting()
         skipped = self.plan.items - len(self.plan.keep) if self.plan else 0
-        full = self.cost.full
-        self.full += full
+        self.full += self.cost.full
         self.executed += self.cost.executed(self.deep_reused, skipped)
         slot = self.slots[self.slot_index]
         if self.config.record_signals and self.slot_index == 0 and slot.last_output is not None:
@@ -590,7 +589,8 @@ class _SpatialFramesHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         plan = self.state.plan
-        if plan is None:
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        if plan is None or hidden.shape[0] != plan.items:  # off, or another hook already split the frames
             return self.fn_ref.original_forward(*args, **kwargs)
 
         def select(value):
