@@ -105,8 +105,13 @@ def base_settings(case: Case, kind: str, device: str, fp16: bool) -> RunSettings
     return RunSettings.from_dict(fields)  # from_dict turns the enum strings into enums
 
 
-def fidelity(reference: np.ndarray, frames: np.ndarray) -> tuple[float, float]:
-    """PSNR (dB) over the whole clip and mean per-frame SSIM, both on [0, 1] frames (DESIGN §3)."""
+def fidelity(reference: np.ndarray, frames: np.ndarray) -> tuple[float | None, float]:
+    """PSNR (dB) over the whole clip and mean per-frame SSIM, both on [0, 1] frames (DESIGN §3).
+
+    Identical clips give PSNR None (infinite; JSON has no infinity) and SSIM 1.
+    """
+    if np.array_equal(reference, frames):
+        return None, 1.0
     psnr = float(peak_signal_noise_ratio(reference, frames, data_range=1.0))
 
     def ssim(i: int) -> float:
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         denoise = result.phase_seconds[Phase.DENOISE.value]
         ref_denoise = ref.phase_seconds[Phase.DENOISE.value]
         psnr, ssim = (None, None) if result is ref else fidelity(ref.frames, result.frames)
+        identical = result is not ref and ssim == 1.0 and psnr is None
         row = {
             "case": case.name,
             "input": kind,
@@ -253,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_estimate_flops": info.get("speedup_estimate"),
             "psnr_db": psnr,
             "ssim": ssim,
+            "identical_to_reference": identical,
             "pruned_fraction": info.get("pruned_fraction", 0.0),
             "neighbour_fraction": info.get("neighbour_fraction", 0.0),
             "previous_step_fraction": info.get("previous_step_fraction", 0.0),
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             "%s %-11s %-28s thr %.3f  x%.2f (est x%s)  %s dB  pruned %.0f%%",
             case.name, kind, config, threshold, row["speedup_denoise"],
             f"{row['speedup_estimate_flops']:.2f}" if row["speedup_estimate_flops"] else "-",
-            f"{psnr:.1f}" if psnr is not None else "ref", 100 * row["pruned_fraction"],
+            f"{psnr:.1f}" if psnr is not None else ("identical" if identical else "ref"), 100 * row["pruned_fraction"],
         )
         return row
 
@@ -348,7 +355,8 @@ def markdown_table(rows, probes, skipped) -> str:
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['input']} | {r['config']} | {r['threshold']:g} | {r['seconds_per_step']:.3f} | "
-            f"{r['speedup_denoise']:.2f}x | {_fmt(r['speedup_estimate_flops'], '.2f')} | {_fmt(r['psnr_db'], '.1f')} | "
+            f"{r['speedup_denoise']:.2f}x | {_fmt(r['speedup_estimate_flops'], '.2f')} | "
+            f"{'identical' if r['identical_to_reference'] else _fmt(r['psnr_db'], '.1f')} | "
             f"{_fmt(r['ssim'], '.3f')} | {r['pruned_fraction']:.0%} | {r['neighbour_fraction']:.0%} | "
             f"{r['previous_step_fraction']:.0%} | {_fmt(r['denoise_torch_peak_mib'], '.0f')} "
             f"({_fmt(r['denoise_peak_delta_mib'], '+.0f')}) | "
