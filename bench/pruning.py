@@ -192,6 +192,7 @@ def variants(case: Case, kind: str) -> list[Job]:
         Job(case, kind, "both", 0.03, {"prune_motion_adaptive": True}, "motion-adaptive"),
         # threshold 1 reuses whenever the cap allows: DeepCache's uniform interval 3, the speed ceiling
         Job(case, kind, "steps", 1.0, {"prune_max_reuse": 2}, "uniform-deepcache-n3"),
+        Job(case, kind, "steps", 1.0, {"prune_max_reuse": 3}, "uniform-deepcache-n4"),
     ]
 
 
