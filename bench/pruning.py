@@ -7,13 +7,16 @@ decoded frames. Inputs:
 
   still     a flat, smooth image with motion_bucket_id 1 (SVD's low motion bucket)
   moving    a high-contrast textured image with motion_bucket_id 255
-  same-latent (case A, frames mode only) the still input started from one latent copied to every
-            frame: the clip a static scene would give, what across-frames reuse is for
+  same-latent (case A, frames and both modes) the still input started from one latent copied to
+            every frame: the clip a static scene would give, what across-frames reuse is for
 
 Random weights: the UNet is no denoiser, so motion buckets and inputs do not give the motion a
 trained model would; speed and the mechanics are real, fidelity figures are only indicative.
-Also measured (case A, "probe" rows): which step signal predicts the change of the reused deep
-feature and of the UNet output (Pearson r over steps, every step computed).
+Case A runs the full threshold matrix on the still input plus variants (other signals, reuse
+caps, motion-adaptive, DeepCache's uniform schedule as the speed ceiling); case B and the moving
+input run fewer rows. Also measured (case A, "signal_probes"): which step signal predicts the change
+of the reused deep feature and of the UNet output (every step computed). Rows past --budget-s are
+skipped and listed.
 
     python bench/pruning.py --out bench/results/pruning_YYYYMMDD.json    # H100, about 6 minutes
     python bench/pruning.py --smoke --out /tmp/pruning_smoke.json        # demo model on the CPU
