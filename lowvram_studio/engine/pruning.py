@@ -669,11 +669,9 @@ _MAP_COLOURS = {
 
 def draw_pruning_map(pruning_map: np.ndarray | list, title: str = "", cell: int = 16) -> PIL.Image.Image:
     """The map as an image: frames down, steps across, one colour per ``MapCode``, with a legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     grid = np.asarray(pruning_map, dtype=np.int8)
@@ -681,7 +679,9 @@ def draw_pruning_map(pruning_map: np.ndarray | list, title: str = "", cell: int 
     colours = [tuple(c / 255 for c in _MAP_COLOURS[code][0]) for code in MapCode]
     width = max(4.0, steps * cell / 72 + 2.5)
     height = max(2.5, frames * cell / 72 + 1.6)
-    figure, axes = plt.subplots(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(width, height), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
     axes.imshow(grid, cmap=ListedColormap(colours), vmin=0, vmax=len(MapCode) - 1, aspect="auto",
                 interpolation="nearest")
     axes.set_xlabel("step")
@@ -691,7 +691,5 @@ def draw_pruning_map(pruning_map: np.ndarray | list, title: str = "", cell: int 
     handles = [Patch(color=colours[code], label=_MAP_COLOURS[code][1]) for code in MapCode]
     axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize=8, frameon=False)
     figure.tight_layout()
-    figure.canvas.draw()
-    image = PIL.Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
-    plt.close(figure)
-    return image
+    canvas.draw()
+    return PIL.Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
