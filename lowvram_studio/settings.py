@@ -186,6 +186,11 @@ class RunSettings:
             f"prune_threshold must be between 0 (off) and 1; got {self.prune_threshold!r}",
         )
         check(
+            not (self.prune_threshold > 0 and 0 < self.chunk_size < self.num_frames),
+            "pruning (prune_threshold) and temporal windows (chunk_size) cannot be combined yet; "
+            "set prune_threshold to 0 or chunk_size to 0",
+        )
+        check(
             self.vram_budget in VRAM_BUDGETS or _parse_gib(self.vram_budget) is not None,
             f"vram_budget must be one of {', '.join(VRAM_BUDGETS)} or a size such as 5GB; got {self.vram_budget!r}",
         )

@@ -26,6 +26,7 @@ def test_defaults_are_valid():
         ({"prune_threshold": 2.0}, "prune_threshold must be between 0 (off) and 1; got 2.0"),
         ({"vram_budget": "lots"}, "vram_budget must be one of off, auto, 4GB"),
         ({"interpolate": 3}, "interpolate must be 1, 2 or 4; got 3"),
+        ({"prune_threshold": 0.02, "chunk_size": 4}, "pruning (prune_threshold) and temporal windows (chunk_size)"),
     ],
 )
 def test_bad_values_are_rejected_with_a_message(changes, message):

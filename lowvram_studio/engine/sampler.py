@@ -25,6 +25,7 @@ from .oom import OomRetry, decode_with_fallback
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
 from .planner import ModelDims, Planner
 from .precision import PrecisionPolicy, apply_precision, check_finite, compute_dtype, detect_gpu, precision_applied
+from .pruning import PruningConfig, apply_pruning
 from .vae import DecodeConfig, decode_latents
 from .windows import WindowConfig, describe_windows, seam_ratio, window_boundaries, windowed_noise_prediction
 
@@ -197,10 +198,12 @@ def generate(
     settings: RunSettings,
     on_event: EventCallback | None = None,
     cancel: CancelToken | None = None,
+    latents: torch.Tensor | None = None,
 ) -> RunResult:
     """Run image-to-video once; raise ``RunCancelled`` between steps when ``cancel`` is set.
 
     ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
+    ``latents`` (1, F, 4, h, w) replaces the seeded starting noise, as diffusers' ``latents`` argument does.
     """
     settings.validate()
     cancel = cancel or CancelToken()
@@ -211,6 +214,7 @@ def generate(
     phase_seconds: dict[str, float] = {}
     info: dict[str, Any] = {}
     windows = WindowConfig.from_settings(settings)
+    pruning = None
 
     def report_retry(retry: OomRetry) -> None:
         info.setdefault("oom_retries", []).append(retry.to_dict())
@@ -232,13 +236,19 @@ def generate(
             # 3. Denoise
             scheduler = pipeline.scheduler
             scheduler.set_timesteps(settings.num_inference_steps, device=device)
-            latents = initial_latents(pipeline, settings, device, generator)
+            if latents is None:
+                latents = initial_latents(pipeline, settings, device, generator)
+            else:
+                latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
             guidance = guidance_scales(settings, device)
             total = len(scheduler.timesteps)
             make_room(pipeline, "unet")
+            pruning = apply_pruning(pipeline.unet, PruningConfig.from_settings(settings))
             mark = log.emit(Phase.DENOISE, step=0, total=total).time
             for index, timestep in enumerate(scheduler.timesteps):
                 cancel.raise_if_cancelled()
+                if pruning is not None:
+                    pruning.begin_step(index, total)
                 noise_pred = windowed_noise_prediction(
                     lambda part, frames: predict_noise(
                         pipeline, part, timestep, cond.frames(frames), settings, guidance[:, frames]
@@ -248,11 +258,15 @@ def generate(
                     windows,
                 )
                 check_finite(noise_pred, "unet", policy, f"at step {index + 1}")
-                latents = scheduler.step(noise_pred, timestep, latents).prev_sample
+                step = scheduler.step(noise_pred, timestep, latents)
+                latents = step.prev_sample
+                reuse = pruning.end_step(step.pred_original_sample) if pruning is not None else {}
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                log.emit(Phase.DENOISE, step=index + 1, total=total)
+                log.emit(Phase.DENOISE, step=index + 1, total=total, data=reuse)
             denoise_seconds = time.perf_counter() - mark
+            if pruning is not None:
+                info["pruning"] = pruning.summary().to_dict()
             phase_seconds[Phase.DENOISE.value] = denoise_seconds
             del cond
             cancel.raise_if_cancelled()
@@ -274,6 +288,8 @@ def generate(
                 info["windows"] = describe_windows(settings.num_frames, windows)
                 info["seam_ratio"] = seam_ratio(frames, window_boundaries(settings.num_frames, total - 1, windows))
     finally:
+        if pruning is not None:
+            pruning.remove()
         release_memory(pipeline)
     return RunResult(
         frames=frames,
