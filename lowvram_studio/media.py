@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
@@ -136,6 +135,8 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
     height, width = pixels.shape[1:3]
 
     def write(temp: Path) -> None:
+        import imageio_ffmpeg  # only the video paths need the bundled ffmpeg
+
         writer = imageio_ffmpeg.write_frames(
             str(temp),
             (width, height),
@@ -191,6 +192,8 @@ def write_json(data: dict, path: str | Path) -> Path:
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     """Decode a video to uint8 (F, H, W, 3) and its frame rate (used by tests and the UI)."""
+    import imageio_ffmpeg
+
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     width, height = meta["size"]
