@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.attention import BasicTransformerBlock, FeedForward, TemporalBasicTransformerBlock
+from diffusers.models.attention import FeedForward, TemporalBasicTransformerBlock
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import SpatioTemporalResBlock
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
@@ -60,10 +60,6 @@ class ChunkingConfig:
     @classmethod
     def from_settings(cls, settings: Any) -> "ChunkingConfig":
         return cls(settings.spatial_chunk, settings.temporal_chunk, settings.ff_chunk)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.spatial_chunk or self.temporal_chunk or self.ff_chunk)
 
 
 def _ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
