@@ -417,7 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--release-steps", type=int, default=3, help="steps per run of the release check (0 = skip)")
     parser.add_argument("--spatial-chunk", type=int, default=5, help="ours: frames per spatial-layer call")
     parser.add_argument("--temporal-chunk", type=int, default=2304, help="ours: positions per temporal-block call")
-    parser.add_argument("--ff-chunk", type=int, default=8192, help="ours: tokens per feed-forward call")
+    parser.add_argument("--ff-chunk", type=int, default=4096, help="ours: tokens per feed-forward call")
     parser.add_argument("--decode-chunk", type=int, default=5, help="ours: frames per VAE decode call (0 = all)")
     parser.add_argument("--vae-tile", type=int, default=256, help="ours: VAE tile side in pixels (0 = none)")
     parser.add_argument("--smoke", action="store_true", help="demo model on the CPU at tiny sizes (logic check)")

@@ -100,6 +100,24 @@ def test_cfg_split_with_chunking_matches_batched_call(unet, inputs, reference):
     assert (out - reference).abs().max().item() <= TOLERANCE
 
 
+def test_small_spatial_inputs_run_whole_and_still_match(unet, inputs, reference):
+    calls = 0
+
+    def count(_module, _inputs, _output):
+        nonlocal calls
+        calls += 1
+
+    apply_chunking(unet, ChunkingConfig(spatial_chunk=1, spatial_min_bytes=10**12))
+    handle = unet.down_blocks[0].resnets[0].spatial_res_block.conv1.register_forward_hook(count)
+    try:
+        out = run(unet, inputs)
+    finally:
+        handle.remove()
+        remove_chunking(unet)
+    assert calls == 1  # one whole call, not one per frame
+    assert (out - reference).abs().max().item() <= TOLERANCE
+
+
 def test_hooks_attach_to_every_layer_kind_and_detach(unet):
     apply_chunking(unet, ChunkingConfig(spatial_chunk=2, temporal_chunk=8, ff_chunk=16))
     counts = chunk_hook_counts(unet)

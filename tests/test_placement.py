@@ -84,7 +84,7 @@ def test_stream_mode_groups_each_resnet_and_transformer(pipeline):
 
 
 def test_streaming_hooks_wrap_chunk_hooks_so_weights_load_once_per_call(pipeline, reference):
-    settings = SETTINGS.replace(offload=OffloadMode.STREAM, cfg_split=True, spatial_chunk=1)
+    settings = SETTINGS.replace(offload=OffloadMode.STREAM, cfg_split=True, spatial_chunk=2)
     image = Image.fromarray(np.full((64, 64, 3), 120, dtype=np.uint8))
     try:
         out = generate(pipeline, image, settings).frames
