@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
 from PIL import Image
 
-from lowvram_studio.demo_training import train
+from lowvram_studio.demo_training import objective, train
 from lowvram_studio.demo_training.evaluate import STILL_FLOOR, measure_motion
 from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass, make_clip
 from lowvram_studio.models.demo import (
@@ -30,7 +30,7 @@ def test_training_objective_matches_euler_v_prediction_scheduler():
         scheduler._step_index = index
         sigma = scheduler.sigmas[index]
         t = scheduler.timesteps[index]
-        c_in, c_skip, c_out, c_noise = train.edm_preconditioning(sigma)
+        c_in, c_skip, c_out, c_noise = objective.edm_preconditioning(sigma)
         torch.testing.assert_close(c_noise, t)
         torch.testing.assert_close(scheduler.scale_model_input(x, t), c_in * x)
         scheduler._step_index = index
@@ -44,7 +44,7 @@ def test_latent_scale_fold_keeps_reconstruction_and_sets_unit_scaled_std():
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         before = vae.decode(vae.encode(x).latent_dist.mode(), num_frames=4).sample
-        train.fold_latent_scale(vae, x)
+        objective.fold_latent_scale(vae, x)
         latents = vae.encode(x).latent_dist.mode()
         after = vae.decode(latents, num_frames=4).sample
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
