@@ -1,0 +1,220 @@
+"""lowvram-studio generate | compare | info | models | ui — a thin shell over the engine.
+
+Bad input ends with exit code 2 and one line ``error: <what is wrong>; <what to do>`` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+# Engine flags: CLI name -> RunSettings field (DESIGN §7 "Engine knobs as CLI flags").
+_SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--frames": ("num_frames", int, "frames to generate (default: the model's native count)"),
+    "--height": ("height", int, "height in pixels, a multiple of 64 (default: the model's)"),
+    "--width": ("width", int, "width in pixels, a multiple of 64 (default: the model's)"),
+    "--steps": ("num_inference_steps", int, "denoising steps"),
+    "--seed": ("seed", int, "random seed"),
+    "--fps": ("fps", int, "frame rate: SVD's fps conditioning and the video's rate"),
+    "--motion-bucket": ("motion_bucket_id", int, "SVD motion bucket id (more = more motion)"),
+    "--noise-aug": ("noise_aug_strength", float, "noise added to the conditioning image"),
+    "--min-guidance": ("min_guidance_scale", float, "guidance at the first frame"),
+    "--max-guidance": ("max_guidance_scale", float, "guidance at the last frame (<= 1 turns CFG off)"),
+    "--device": ("device", str, "auto | cpu | cuda"),
+    "--unet-dtype": ("unet_dtype", str, "auto | fp32 | fp16 | bf16 | fp8"),
+    "--vae-dtype": ("vae_dtype", str, "fp32 | fp16 | bf16 (fp32 avoids colour shifts)"),
+    "--encoder-dtype": ("encoder_dtype", str, "fp32 | fp16 | bf16"),
+    "--spatial-chunk": ("spatial_chunk", int, "frames per chunk in spatial layers (lossless; 0 = off)"),
+    "--temporal-chunk": ("temporal_chunk", int, "positions per chunk in temporal layers (lossless; 0 = off)"),
+    "--ff-chunk": ("ff_chunk", int, "tokens per feed-forward chunk (lossless; 0 = off)"),
+    "--offload": ("offload", str, "none | model | stream (weights off the GPU while idle)"),
+    "--decode-chunk": ("decode_chunk", int, "frames decoded at once (lossy below all frames; 0 = all)"),
+    "--vae-tile": ("vae_tile", int, "VAE decode tile size in pixels (lossy seams; 0 = off)"),
+    "--chunk-size": ("chunk_size", int, "temporal window length in frames (lossy; 0 = whole clip)"),
+    "--overlap": ("overlap", int, "frames shared by neighbouring windows"),
+    "--window-blend": ("window_blend", str, "flat | linear | pyramid"),
+    "--prune-threshold": ("prune_threshold", float, "static-frame pruning L1 threshold (lossy; 0 = off)"),
+    "--prune-mode": ("prune_mode", str, "steps | frames | both"),
+    "--vram-budget": ("vram_budget", str, "off | auto | 4GB | 6GB | 8GB | 12GB | 24GB | e.g. 5GB"),
+    "--interpolate": ("interpolate", int, "optical-flow interpolation: N generated frames become (N-1)*k+1 (lossy; 1 = off)"),
+}
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one ``error:`` line."""
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation and engine settings")
+    for flag, (field_name, kind, help_text) in _SETTING_FLAGS.items():
+        group.add_argument(flag, dest=field_name, type=kind, default=None, help=help_text)
+    group.add_argument("--cfg-split", dest="cfg_split", action="store_true", default=None,
+                       help="run the two guidance branches one after the other (lossless, less memory)")
+    group.add_argument("--settings", type=Path, help="start from a settings JSON file (flags override it)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowvram-studio", description="Stable Video Diffusion on small GPUs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="turn an image into a video")
+    gen.add_argument("--image", required=True, type=Path, help="input image (PNG, JPEG, WebP, ...)")
+    gen.add_argument("--out", required=True, type=Path, help="output video, e.g. out.mp4 (OUT.json is written beside it)")
+    gen.add_argument("--model", default="demo", help="demo | a diffusers SVD folder | svd_xt.safetensors | HF id in the cache")
+    gen.add_argument("--gif", action="store_true", help="also write OUT.gif")
+    _add_setting_flags(gen)
+
+    info = sub.add_parser("info", help="describe torch, CUDA, GPU, VRAM and NVML")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    models = sub.add_parser("models", help="list SVD models found on this machine")
+    models.add_argument("--models-dir", action="append", default=[], type=Path, help="another folder to search (repeatable)")
+    models.add_argument("--comfyui-root", type=Path, default=None, help="ComfyUI folder (default: $COMFYUI_ROOT)")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ui = sub.add_parser("ui", help="start the studio in the browser")
+    ui.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
+    ui.add_argument("--listen", action="store_true", help="accept connections from other machines (binds 0.0.0.0)")
+    ui.add_argument("--share", action="store_true", help="create a public Gradio link (needs --auth)")
+    ui.add_argument("--auth", default=None, help="USER:PASS required to open the studio (or LOWVRAM_STUDIO_AUTH)")
+    ui.add_argument("--insecure-share", action="store_true", help="allow --share without --auth")
+    ui.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    ui.add_argument("--model", default="demo", help="model to start with")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, pipeline) -> "RunSettings":
+    """Model-native size and frames, then a settings file, then explicit flags."""
+    from .models.load import native_size
+    from .settings import RunSettings, SettingsError
+
+    height, width, frames = native_size(pipeline)
+    base: dict = {"height": height, "width": width, "num_frames": frames}
+    if args.settings is not None:
+        try:
+            base.update(json.loads(Path(args.settings).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read settings file {args.settings} ({exc}); give a JSON file saved by the studio")
+    names = [f[0] for f in _SETTING_FLAGS.values()] + ["cfg_split"]
+    base.update({name: getattr(args, name) for name in names if getattr(args, name, None) is not None})
+    try:
+        return RunSettings.from_dict(base).validate()
+    except SettingsError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _progress_printer():
+    """A tqdm bar over denoise steps plus a line per phase, on stderr."""
+    from tqdm import tqdm
+
+    from .engine.events import Phase
+
+    state: dict = {"bar": None}
+
+    def on_event(event) -> None:
+        if event.phase == Phase.DENOISE and event.total:
+            if state["bar"] is None:
+                state["bar"] = tqdm(total=event.total, desc="denoise", unit="step", file=sys.stderr)
+            state["bar"].n = event.step or 0
+            state["bar"].refresh()
+            return
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+        print(f"[{event.phase.value}]", file=sys.stderr)
+
+    return on_event
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .jobs import check_outputs_free, run_job
+    from .media import load_image
+    from .models.load import load_model
+    from .models.single_file import tqdm_progress
+
+    check_outputs_free(args.out, args.gif)
+    image = load_image(args.image)
+    model = load_model(args.model, on_progress=tqdm_progress(f"loading {Path(args.model).name}"))
+    if model.note:
+        print(f"note: {model.note}", file=sys.stderr)
+    settings = settings_from_args(args, model.pipeline)
+    output = run_job(model, image, settings, args.out, on_event=_progress_printer(), gif=args.gif)
+    result = output.result
+    print(
+        f"wrote {output.video} ({result.frames.shape[0]} frames, {settings.width}x{settings.height}) and "
+        f"{output.record_path}; {result.seconds_total:.1f} s total, {result.seconds_per_step:.2f} s/step on {result.device}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .sysinfo import collect_env, format_env
+
+    env = collect_env()
+    print(json.dumps(env, indent=2) if args.json else format_env(env))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.discovery import DiscoveryConfig, discover_models, format_candidates
+
+    config = DiscoveryConfig.from_env(args.models_dir, args.comfyui_root)
+    found = discover_models(config)
+    print(json.dumps([c.to_dict() for c in found], indent=2) if args.json else format_candidates(found, config))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui.app import launch_studio
+
+    return launch_studio(args)
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "models": cmd_models, "ui": cmd_ui}
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our INFO logs with -v; the libraries' advice about their own internals only when verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)  # before importing models: transformers warns at import
+
+    from .engine.events import RunCancelled
+    from .media import MediaError
+    from .models.load import ModelError
+    from .settings import SettingsError
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, MediaError, ModelError, SettingsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunCancelled:
+        print("error: the run was stopped; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

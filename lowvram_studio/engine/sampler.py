@@ -1,0 +1,256 @@
+"""One run: encode image -> denoise -> decode, on a plain diffusers StableVideoDiffusionPipeline.
+
+The recipe mirrors ``StableVideoDiffusionPipeline.__call__`` step for step (with every technique off
+the frames equal the pipeline's own), but owns the denoise loop so that the engine's memory
+techniques, phase/step events and cancellation fit between the steps. Stage names are the
+progress labels the user sees (``Phase``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableVideoDiffusionPipeline
+
+from ..settings import DeviceChoice, Precision, RunSettings
+from .events import CancelToken, EventCallback, Phase, RunEvent
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {
+    Precision.FP32: torch.float32,
+    Precision.FP16: torch.float16,
+    Precision.BF16: torch.bfloat16,
+}
+
+
+@dataclass
+class RunResult:
+    """What a run produced and what it took. ``frames``: float32 (F, H, W, 3) in [0, 1]."""
+
+    frames: np.ndarray
+    settings: RunSettings
+    events: list[RunEvent]
+    seconds_total: float
+    seconds_per_step: float | None
+    phase_seconds: dict[str, float]
+    device: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Conditioning:
+    """Everything the UNet sees besides the noisy latents, per CFG branch (uncond first, as diffusers)."""
+
+    image_embeddings: torch.Tensor  # (B, 1, D)
+    image_latents: torch.Tensor  # (B, F, 4, h, w)
+    added_time_ids: torch.Tensor  # (B, 3)
+
+
+class _EventLog:
+    """Collects events and forwards them to the caller's callback."""
+
+    def __init__(self, callback: EventCallback | None):
+        self.callback = callback
+        self.events: list[RunEvent] = []
+
+    def emit(self, phase: Phase, **kwargs: Any) -> RunEvent:
+        event = RunEvent(phase, **kwargs)
+        self.events.append(event)
+        if self.callback is not None:
+            self.callback(event)
+        return event
+
+
+def resolve_device(choice: DeviceChoice) -> torch.device:
+    """``auto`` picks CUDA when a CUDA GPU is usable, else the CPU."""
+    if choice == DeviceChoice.CUDA or (choice == DeviceChoice.AUTO and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "device is set to cuda but PyTorch sees no CUDA GPU; set device to auto or cpu, "
+                "or install a CUDA build of PyTorch (see `lowvram-studio info`)"
+            )
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def unet_dtype_for(settings: RunSettings, device: torch.device) -> torch.dtype:
+    """The UNet's storage dtype: ``auto`` is fp16 on a GPU and fp32 on the CPU (fp16 CPU math is slow)."""
+    if settings.unet_dtype == Precision.AUTO:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if settings.unet_dtype == Precision.FP8:
+        raise NotImplementedError("fp8 storage needs the precision policy of the lossless engine")
+    return _TORCH_DTYPES[settings.unet_dtype]
+
+
+def _prepare_components(pipeline: StableVideoDiffusionPipeline, settings: RunSettings, device: torch.device) -> None:
+    """Put every component on the run's device in its dtype."""
+    dtypes = {
+        "unet": unet_dtype_for(settings, device),
+        "vae": _TORCH_DTYPES.get(settings.vae_dtype, torch.float32),
+        "image_encoder": _TORCH_DTYPES.get(settings.encoder_dtype, torch.float32),
+    }
+    for name, dtype in dtypes.items():
+        getattr(pipeline, name).to(device=device, dtype=dtype)
+
+
+def encode_conditioning(
+    pipeline: StableVideoDiffusionPipeline,
+    image: PIL.Image.Image,
+    settings: RunSettings,
+    device: torch.device,
+    generator: torch.Generator,
+) -> Conditioning:
+    """Steps 3-5 of the diffusers recipe: CLIP embedding, VAE latent of the noised image, time ids."""
+    guidance = settings.guidance_enabled
+    image_embeddings = pipeline._encode_image(image, device, 1, guidance)
+
+    pixels = pipeline.video_processor.preprocess(image, height=settings.height, width=settings.width).to(device)
+    noise = torch.randn(pixels.shape, generator=generator, dtype=pixels.dtype).to(device)
+    pixels = (pixels + settings.noise_aug_strength * noise).to(pipeline.vae.dtype)
+    image_latents = pipeline._encode_vae_image(
+        pixels, device=device, num_videos_per_prompt=1, do_classifier_free_guidance=guidance
+    )
+    image_latents = image_latents.unsqueeze(1).repeat(1, settings.num_frames, 1, 1, 1)
+
+    added_time_ids = pipeline._get_add_time_ids(
+        settings.fps - 1,  # SVD was conditioned on fps - 1, as diffusers passes it
+        settings.motion_bucket_id,
+        settings.noise_aug_strength,
+        image_embeddings.dtype,
+        1,
+        1,
+        guidance,
+    ).to(device)
+    return Conditioning(image_embeddings, image_latents, added_time_ids)
+
+
+def initial_latents(
+    pipeline: StableVideoDiffusionPipeline, settings: RunSettings, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """Gaussian latents (1, F, 4, h, w) scaled by the scheduler's initial sigma; float32 on ``device``."""
+    scale = pipeline.vae_scale_factor
+    shape = (1, settings.num_frames, pipeline.unet.config.out_channels, settings.height // scale, settings.width // scale)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    return latents * pipeline.scheduler.init_noise_sigma
+
+
+def guidance_scales(settings: RunSettings, device: torch.device) -> torch.Tensor:
+    """Per-frame guidance rising linearly from min to max, shaped to broadcast over (1, F, C, h, w)."""
+    scale = torch.linspace(settings.min_guidance_scale, settings.max_guidance_scale, settings.num_frames)
+    return scale.to(device).reshape(1, -1, 1, 1, 1)
+
+
+def predict_noise(
+    pipeline: StableVideoDiffusionPipeline,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    cond: Conditioning,
+    settings: RunSettings,
+    guidance: torch.Tensor,
+) -> torch.Tensor:
+    """The UNet's guided prediction for one step, computed in the UNet's dtype, returned in float32."""
+    unet = pipeline.unet
+    branches = 2 if settings.guidance_enabled else 1
+    model_input = pipeline.scheduler.scale_model_input(torch.cat([latents] * branches), timestep)
+    model_input = torch.cat([model_input, cond.image_latents.to(model_input.dtype)], dim=2)
+    noise_pred = unet(
+        model_input.to(unet.dtype),
+        timestep,
+        encoder_hidden_states=cond.image_embeddings.to(unet.dtype),
+        added_time_ids=cond.added_time_ids.to(unet.dtype),
+        return_dict=False,
+    )[0].float()
+    if branches == 1:
+        return noise_pred
+    uncond, text = noise_pred.chunk(2)
+    return uncond + guidance * (text - uncond)
+
+
+def decode_frames(pipeline: StableVideoDiffusionPipeline, latents: torch.Tensor, settings: RunSettings) -> np.ndarray:
+    """Latents (1, F, 4, h, w) -> float32 frames (F, H, W, 3) in [0, 1]."""
+    chunk = settings.decode_chunk or settings.num_frames
+    video = pipeline.decode_latents(latents.to(pipeline.vae.dtype), settings.num_frames, chunk)
+    frames = pipeline.video_processor.postprocess_video(video=video, output_type="np")
+    return np.asarray(frames[0], dtype=np.float32)
+
+
+def release_memory(device: torch.device) -> None:
+    """Return cached blocks to the driver so the next run (or the user's other apps) gets them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def generate(
+    pipeline: StableVideoDiffusionPipeline,
+    image: PIL.Image.Image,
+    settings: RunSettings,
+    on_event: EventCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> RunResult:
+    """Run image-to-video once; raise ``RunCancelled`` between steps when ``cancel`` is set.
+
+    ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
+    """
+    settings.validate()
+    cancel = cancel or CancelToken()
+    log = _EventLog(on_event)
+    device = resolve_device(settings.device)
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    started = time.perf_counter()
+    phase_seconds: dict[str, float] = {}
+    try:
+        with torch.inference_mode():
+            # 1. Load: components onto the run's device, in their dtypes
+            mark = log.emit(Phase.LOAD).time
+            _prepare_components(pipeline, settings, device)
+            phase_seconds[Phase.LOAD.value] = time.perf_counter() - mark
+            cancel.raise_if_cancelled()
+
+            # 2. Encode image
+            mark = log.emit(Phase.ENCODE).time
+            cond = encode_conditioning(pipeline, image, settings, device, generator)
+            phase_seconds[Phase.ENCODE.value] = time.perf_counter() - mark
+
+            # 3. Denoise
+            scheduler = pipeline.scheduler
+            scheduler.set_timesteps(settings.num_inference_steps, device=device)
+            latents = initial_latents(pipeline, settings, device, generator)
+            guidance = guidance_scales(settings, device)
+            total = len(scheduler.timesteps)
+            mark = log.emit(Phase.DENOISE, step=0, total=total).time
+            for index, timestep in enumerate(scheduler.timesteps):
+                cancel.raise_if_cancelled()
+                noise_pred = predict_noise(pipeline, latents, timestep, cond, settings, guidance)
+                latents = scheduler.step(noise_pred, timestep, latents).prev_sample
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                log.emit(Phase.DENOISE, step=index + 1, total=total)
+            denoise_seconds = time.perf_counter() - mark
+            phase_seconds[Phase.DENOISE.value] = denoise_seconds
+            del cond
+            cancel.raise_if_cancelled()
+
+            # 4. Decode
+            mark = log.emit(Phase.DECODE).time
+            frames = decode_frames(pipeline, latents, settings)
+            phase_seconds[Phase.DECODE.value] = time.perf_counter() - mark
+    finally:
+        release_memory(device)
+    return RunResult(
+        frames=frames,
+        settings=settings,
+        events=log.events,
+        seconds_total=time.perf_counter() - started,
+        seconds_per_step=denoise_seconds / max(total, 1),
+        phase_seconds=phase_seconds,
+        device=str(device),
+    )

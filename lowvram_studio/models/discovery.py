@@ -1,0 +1,217 @@
+"""Find SVD models already on disk: ComfyUI folders, the Hugging Face cache, and folders the user names.
+
+Only plausible SVD models are listed: diffusers folders whose ``model_index.json`` names
+``StableVideoDiffusionPipeline``, and ``.safetensors`` files whose header (read alone, a few MB at
+most) holds an SVD UNet (``model.diffusion_model.`` keys with temporal ``time_stack`` layers).
+Nothing is loaded and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from .single_file import SAFETENSORS_SUFFIXES, UNET_PREFIX, SingleFileError, read_header
+
+logger = logging.getLogger(__name__)
+
+SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
+HF_REPO_PATTERN = "models--*stable-video-diffusion*"
+COMFYUI_SUBFOLDERS = ("models/checkpoints", "models/diffusers")
+MAX_DEPTH = 3  # how deep to look below each folder (ComfyUI users sort checkpoints into subfolders)
+
+
+class CandidateKind(str, Enum):
+    DIFFUSERS_FOLDER = "diffusers-folder"
+    SINGLE_FILE = "single-file"
+
+
+@dataclass(frozen=True)
+class ModelCandidate:
+    """A model the user can pick; ``path`` is what ``--model`` / ``load_model`` accepts."""
+
+    name: str
+    path: Path
+    kind: CandidateKind
+    size_bytes: int
+    source: str = ""  # "comfyui", "hf-cache" or "models-dir"
+
+    def to_dict(self) -> dict:
+        """JSON-ready (``lowvram-studio models --json``)."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "kind": self.kind.value,
+            "size_bytes": self.size_bytes,
+            "source": self.source,
+        }
+
+
+@dataclass
+class DiscoveryConfig:
+    """Where to look. :meth:`from_env` fills it from ``COMFYUI_ROOT`` / ``HF_HUB_CACHE`` / ``HF_HOME``."""
+
+    comfyui_root: Path | None = None
+    hf_cache: Path | None = None
+    models_dirs: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def from_env(
+        cls,
+        models_dirs: Iterable[str | Path] = (),
+        comfyui_root: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> DiscoveryConfig:
+        """Explicit arguments win over the environment (a settings value beats ``COMFYUI_ROOT``)."""
+        env = os.environ if environ is None else environ
+        root = comfyui_root or env.get("COMFYUI_ROOT")
+        return cls(
+            comfyui_root=Path(root).expanduser() if root else None,
+            hf_cache=hf_cache_dir(env),
+            models_dirs=[Path(p).expanduser() for p in models_dirs],
+        )
+
+
+def hf_cache_dir(environ: Mapping[str, str]) -> Path:
+    """The hub cache as huggingface_hub resolves it: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache."""
+    if environ.get("HF_HUB_CACHE"):
+        return Path(environ["HF_HUB_CACHE"]).expanduser()
+    if environ.get("HF_HOME"):
+        return Path(environ["HF_HOME"]).expanduser() / "hub"
+    xdg = environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def is_svd_folder(folder: Path) -> bool:
+    """A diffusers folder whose model_index.json names the SVD pipeline."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == SVD_PIPELINE_CLASS
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        logger.debug("skipping %s: unreadable model_index.json (%s)", folder, exc)
+        return False
+
+
+def is_svd_single_file(path: Path) -> bool:
+    """A safetensors file whose header holds an SVD UNet in the original layout (header read only)."""
+    try:
+        keys = read_header(path).entries
+    except (SingleFileError, OSError) as exc:
+        logger.debug("skipping %s: %s", path, exc)
+        return False
+    return any(k.startswith(UNET_PREFIX) and ".time_stack." in k for k in keys)
+
+
+def _folder_size(folder: Path) -> int:
+    """Bytes of the files below ``folder``; HF snapshot files are symlinks, so follow them."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += (Path(root) / name).stat().st_size
+            except OSError:
+                continue
+    return total
+
+
+def _walk(folder: Path, depth: int = MAX_DEPTH) -> Iterator[Path]:
+    """``folder`` and the folders and files below it, ``depth`` levels deep, skipping hidden ones."""
+    yield folder
+    if depth == 0 or is_svd_folder(folder):
+        return
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as exc:
+        logger.debug("cannot list %s: %s", folder, exc)
+        return
+    for child in children:
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            yield from _walk(child, depth - 1)
+        else:
+            yield child
+
+
+def _scan(folder: Path, source: str) -> Iterator[ModelCandidate]:
+    if folder.is_file():
+        entries: Iterable[Path] = [folder]
+    elif folder.is_dir():
+        entries = _walk(folder)
+    else:
+        logger.debug("model folder %s does not exist", folder)
+        return
+    for entry in entries:
+        if entry.is_dir() and is_svd_folder(entry):
+            yield ModelCandidate(entry.name, entry, CandidateKind.DIFFUSERS_FOLDER, _folder_size(entry), source)
+        elif entry.is_file() and entry.suffix.lower() in SAFETENSORS_SUFFIXES and is_svd_single_file(entry):
+            yield ModelCandidate(entry.stem, entry, CandidateKind.SINGLE_FILE, entry.stat().st_size, source)
+
+
+def _hf_snapshot(repo_folder: Path) -> Path | None:
+    """The snapshot ``refs/main`` points at, else the newest one."""
+    ref = repo_folder / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo_folder / "snapshots" / ref.read_text(encoding="utf-8").strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = [p for p in (repo_folder / "snapshots").glob("*") if p.is_dir()]
+    return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
+
+
+def _scan_hf_cache(cache: Path) -> Iterator[ModelCandidate]:
+    if not cache.is_dir():
+        return
+    for repo_folder in sorted(cache.glob(HF_REPO_PATTERN)):
+        snapshot = _hf_snapshot(repo_folder)
+        if snapshot is not None and is_svd_folder(snapshot):
+            repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)
+            yield ModelCandidate(repo_id, snapshot, CandidateKind.DIFFUSERS_FOLDER, _folder_size(snapshot), "hf-cache")
+
+
+def discover_models(config: DiscoveryConfig) -> list[ModelCandidate]:
+    """Every plausible SVD model in the configured places, each once, sorted by name."""
+    found: list[ModelCandidate] = []
+    if config.comfyui_root is not None:
+        for sub in COMFYUI_SUBFOLDERS:
+            found.extend(_scan(config.comfyui_root / sub, "comfyui"))
+    if config.hf_cache is not None:
+        found.extend(_scan_hf_cache(config.hf_cache))
+    for folder in config.models_dirs:
+        found.extend(_scan(folder, "models-dir"))
+    unique: dict[Path, ModelCandidate] = {}
+    for candidate in found:
+        unique.setdefault(candidate.path.resolve(), candidate)
+    return sorted(unique.values(), key=lambda c: (c.name.lower(), str(c.path)))
+
+
+def searched_places(config: DiscoveryConfig) -> list[Path]:
+    """The folders :func:`discover_models` looks in, for messages."""
+    places = [config.comfyui_root / sub for sub in COMFYUI_SUBFOLDERS] if config.comfyui_root else []
+    if config.hf_cache is not None:
+        places.append(config.hf_cache)
+    return places + list(config.models_dirs)
+
+
+def format_candidates(candidates: list[ModelCandidate], config: DiscoveryConfig | None = None) -> str:
+    """A plain-text table for ``lowvram-studio models``; says where to put models when none are found."""
+    if not candidates:
+        where = ", ".join(str(p) for p in searched_places(config)) if config else "the configured folders"
+        return (
+            f"No SVD models found (looked in: {where}).\n"
+            "Add one with --models-dir DIR, set COMFYUI_ROOT to your ComfyUI folder, or pass "
+            "--model PATH (a diffusers SVD folder or svd_xt.safetensors). The built-in 'demo' model always works."
+        )
+    rows = [("NAME", "KIND", "SIZE", "FROM", "PATH")]
+    rows += [(c.name, c.kind.value, f"{c.size_bytes / 2**30:.1f} GiB", c.source, str(c.path)) for c in candidates]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows
+    )

@@ -1,0 +1,70 @@
+"""RunSettings validation speaks to users; JSON round trips exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowvram_studio.settings import OffloadMode, Precision, RunSettings, SettingsError, budget_gib
+
+
+def test_defaults_are_valid():
+    assert RunSettings().validate() == RunSettings()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"height": 500}, "height must be a multiple of 64 between 64 and 2048; got 500"),
+        ({"width": 0}, "width must be a multiple of 64"),
+        ({"num_frames": 1}, "num_frames must be between 2 and 256; got 1"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 200; got 0"),
+        ({"seed": -1}, "seed must be a whole number"),
+        ({"min_guidance_scale": 4.0, "max_guidance_scale": 2.0}, "must not exceed max_guidance_scale"),
+        ({"chunk_size": 1}, "chunk_size must be 0 (whole clip) or at least 2 frames; got 1"),
+        ({"chunk_size": 4, "overlap": 4}, "overlap must be at least 0 and smaller than chunk_size (4); got 4"),
+        ({"vae_tile": 50}, "vae_tile must be 0 (off) or a multiple of 8 of at least 64 pixels; got 50"),
+        ({"prune_threshold": 2.0}, "prune_threshold must be between 0 (off) and 1; got 2.0"),
+        ({"vram_budget": "lots"}, "vram_budget must be one of off, auto, 4GB"),
+        ({"interpolate": 3}, "interpolate must be 1, 2 or 4; got 3"),
+    ],
+)
+def test_bad_values_are_rejected_with_a_message(changes, message):
+    with pytest.raises(SettingsError) as caught:
+        RunSettings(**changes).validate()
+    assert message in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once():
+    problems = RunSettings(height=500, width=70, num_frames=0).problems()
+    assert len(problems) == 3
+
+
+def test_json_round_trip_keeps_every_field():
+    settings = RunSettings(height=576, width=1024, num_frames=25, unet_dtype=Precision.FP16,
+                           offload=OffloadMode.STREAM, prune_threshold=0.012, vram_budget="6GB", interpolate=2)
+    again = RunSettings.from_json(settings.to_json())
+    assert again == settings
+    assert again.offload is OffloadMode.STREAM
+
+
+def test_enum_strings_are_checked():
+    with pytest.raises(SettingsError, match="offload must be one of none, model, stream; got 'disk'"):
+        RunSettings.from_dict({"offload": "disk"})
+
+
+def test_unknown_keys_are_named_or_skipped_leniently():
+    with pytest.raises(SettingsError, match="unknown setting"):
+        RunSettings.from_dict({"frobnicate": 1})
+    settings, unknown = RunSettings.from_dict_lenient({"frobnicate": 1, "seed": 5})
+    assert settings.seed == 5 and unknown == ["frobnicate"]
+
+
+def test_lossy_settings_are_named():
+    assert RunSettings(unet_dtype=Precision.FP32).lossy_settings() == []
+    lossy = RunSettings(unet_dtype=Precision.FP16, prune_threshold=0.01, interpolate=2).lossy_settings()
+    assert lossy == ["unet_dtype", "prune_threshold", "interpolate"]
+
+
+def test_budget_strings_parse():
+    assert budget_gib("6GB") == 6.0 and budget_gib("5.5gb") == 5.5
+    assert budget_gib("auto") is None and budget_gib("off") is None
