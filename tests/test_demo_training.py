@@ -54,7 +54,10 @@ def test_latent_scale_fold_keeps_reconstruction_and_sets_unit_scaled_std():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
-    args = ["--smoke", "--ckpt-dir", str(root / "ckpt"), "--minutes", "5", "--export", str(root / "model")]
+    args = [
+        "--smoke", "--ckpt-dir", str(root / "ckpt"), "--minutes", "5", "--export", str(root / "model"),
+        "--evaluate", str(root / "eval" / "quality.json"), "--eval-clips", "2",
+    ]
     assert train.main(args) == 0
     return root
 
@@ -84,6 +87,14 @@ def test_exported_weights_load_into_demo_pipeline(smoke_run):
     frames = pipeline(image, height=64, width=64, num_frames=2, num_inference_steps=2, output_type="np").frames
     assert frames.shape == (1, 2, 64, 64, 3)
     assert np.isfinite(frames).all()
+
+
+def test_evaluation_writes_summary_and_gallery(smoke_run):
+    report = json.loads((smoke_run / "eval" / "quality.json").read_text())
+    assert report["summary"]["clips"] == 2
+    assert {r["motion"] for r in report["rows"]} == {"still", "left"}
+    assert all(np.isfinite(r["first_frame_psnr_db"]) for r in report["rows"])
+    assert (smoke_run / "eval" / "quality.gif").stat().st_size > 0
 
 
 def test_missing_explicit_weights_folder_is_a_clear_error(tmp_path):
