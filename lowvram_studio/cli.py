@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gif", action="store_true", help="also write OUT.gif")
     _add_setting_flags(gen)
 
+    cmp = sub.add_parser("compare", help="run FP32, FP16 and FP16 + your optimizations side by side")
+    cmp.add_argument("--image", required=True, type=Path, help="input image")
+    cmp.add_argument("--out", required=True, type=Path, help="folder for compare.json, curves.png and table.md")
+    cmp.add_argument("--model", default="demo", help="demo | a diffusers SVD folder | svd_xt.safetensors")
+    _add_setting_flags(cmp)
+
     info = sub.add_parser("info", help="describe torch, CUDA, GPU, VRAM and NVML")
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -158,6 +164,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .media import load_image
+    from .models.load import load_model
+    from .monitor.vram import MonitorConfig, measure_idle_baseline
+
+    image = load_image(args.image)
+    device_baseline = measure_idle_baseline().device_used_mib  # before this process starts CUDA
+    model = load_model(args.model)
+    settings = settings_from_args(args, model.pipeline)
+    result = run_compare(model, image, settings, args.out, on_event=_progress_printer(),
+                         monitor_config=MonitorConfig(device_baseline_mib=device_baseline))
+    print(result.table_md)
+    print("wrote " + ", ".join(str(path) for path in result.files.values()))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .sysinfo import collect_env, format_env
 
@@ -181,7 +204,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return launch_studio(args)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "models": cmd_models, "ui": cmd_ui}
+COMMANDS = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "models": cmd_models, "ui": cmd_ui}
 
 
 def configure_logging(verbose: bool) -> None:
@@ -199,13 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)  # before importing models: transformers warns at import
 
+    from .compare import CompareError
     from .engine.events import RunCancelled
     from .media import MediaError
     from .models.load import ModelError
     from .settings import SettingsError
     try:
         return COMMANDS[args.command](args)
-    except (UserError, MediaError, ModelError, SettingsError) as exc:
+    except (UserError, MediaError, ModelError, SettingsError, CompareError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunCancelled:

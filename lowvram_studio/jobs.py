@@ -19,11 +19,10 @@ from .engine.sampler import RunResult, generate
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .settings import RunSettings
-from .sysinfo import collect_env
+from .monitor.record import RunRecord
+from .monitor.vram import VramMonitor, measure_idle_baseline
 
 logger = logging.getLogger(__name__)
-
-RECORD_VERSION = 1
 
 
 @dataclass
@@ -32,7 +31,7 @@ class JobOutput:
     record_path: Path
     gif: Path | None
     result: RunResult
-    record: dict
+    record: RunRecord
 
 
 def output_paths(video: str | Path, gif: bool = False) -> dict[str, Path]:
@@ -58,36 +57,6 @@ def check_outputs_free(video: str | Path, gif: bool = False) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK):
         raise media.MediaError(f"cannot write to {folder}: permission denied; choose a writable output folder")
-
-
-def build_record(model: LoadedModel, result: RunResult) -> dict:
-    """The run record of DESIGN §7; figures this run cannot know are null, never invented."""
-    frames = int(result.frames.shape[0])
-    return {
-        "version": RECORD_VERSION,
-        "settings": result.settings.to_dict(),
-        "model": model.describe(),
-        "env": collect_env(),
-        "results": {
-            "frames": frames,
-            "seconds_total": result.seconds_total,
-            "seconds_per_step": result.seconds_per_step,
-            "output_fps": frames / result.seconds_total if result.seconds_total > 0 else None,
-            "process_peak_mib": None,
-            "torch_peak_mib": None,
-            "device_peak_mib": None,
-            "ram_peak_mib": None,
-            "pruned_fraction": result.info.get("pruned_fraction"),
-            "video_fps": output_fps(result.settings.fps, result.settings.interpolate),
-            "interpolation": result.info.get("interpolation"),
-            "psnr_db": None,
-            "ssim": None,
-            "device": result.device,
-            "phase_seconds": result.phase_seconds,
-        },
-        "events": [event.to_dict() for event in result.events],
-        "samples": [],
-    }
 
 
 def _emit(event: RunEvent, result: RunResult, on_event: EventCallback | None) -> RunEvent:
@@ -121,24 +90,34 @@ def run_job(
     on_event: EventCallback | None = None,
     cancel: CancelToken | None = None,
     gif: bool = False,
+    monitor: VramMonitor | None = None,
 ) -> JobOutput:
-    """Generate from ``image`` with ``settings`` and write OUT.mp4 + OUT.json (+ OUT.gif)."""
+    """Generate from ``image`` with ``settings`` and write OUT.mp4 + OUT.json (+ OUT.gif).
+
+    The whole job runs under ``monitor`` (a fresh one unless the caller passes its own, e.g. the
+    studio to draw the live curve); its samples and peaks go into the run record.
+    """
     settings.validate()
     check_outputs_free(video_path, gif)
     paths = output_paths(video_path, gif)
     fitted = media.fit_image(image, settings.width, settings.height)
     cancel = cancel or CancelToken()
-    result = generate(model.pipeline, fitted, settings, on_event=on_event, cancel=cancel)
-    if settings.interpolate > 1:
-        _interpolate(result, on_event, cancel)
-    fps = output_fps(settings.fps, settings.interpolate)
-
-    _emit(RunEvent(Phase.EXPORT), result, on_event)
-    started = time.perf_counter()
-    media.write_mp4(result.frames, paths["video"], fps=fps)
-    gif_path = media.write_gif(result.frames, paths["gif"], fps=fps) if gif else None
-    result.phase_seconds[Phase.EXPORT.value] = time.perf_counter() - started
-    record = build_record(model, result)
-    media.write_json(record, paths["record"])
-    _emit(RunEvent(Phase.DONE), result, on_event)
+    baseline = measure_idle_baseline()
+    monitor = monitor or VramMonitor()
+    with monitor:
+        result = generate(model.pipeline, fitted, settings, on_event=on_event, cancel=cancel)
+        if settings.interpolate > 1:
+            _interpolate(result, on_event, cancel)
+        fps = output_fps(settings.fps, settings.interpolate)
+        started = _emit(RunEvent(Phase.EXPORT), result, on_event).time
+        media.write_mp4(result.frames, paths["video"], fps=fps)
+        gif_path = media.write_gif(result.frames, paths["gif"], fps=fps) if gif else None
+        result.phase_seconds[Phase.EXPORT.value] = time.perf_counter() - started
+        _emit(RunEvent(Phase.DONE), result, on_event)
+    record = RunRecord.from_result(result, monitor, model=model.describe(), baseline=baseline)
+    record.results.update(
+        video_fps=fps,
+        interpolation=result.info.get("interpolation"),
+    )
+    record.save(paths["record"])
     return JobOutput(paths["video"], paths["record"], gif_path, result, record)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lowvram_studio.media import read_video
+from lowvram_studio.models.demo import demo_model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "assets" / "ball_and_box.png"
@@ -31,9 +32,9 @@ def test_generate_writes_mp4_and_record(tmp_path):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["settings"]["num_frames"] == 8 and record["settings"]["seed"] == 0
     assert record["results"]["frames"] == 8 and record["results"]["seconds_per_step"] > 0
-    assert record["model"]["name"] == "demo" and "random weights" in record["model"]["note"]
+    assert record["model"]["name"] == "demo" and record["model"]["note"] == demo_model_info().note
     assert {"version", "settings", "model", "env", "results", "events", "samples"} <= set(record)
-    assert "random weights" in done.stderr  # the demo model says so
+    assert demo_model_info().note in done.stderr  # the demo model says what its weights are
 
 
 @pytest.mark.parametrize(
@@ -93,3 +94,13 @@ def test_models_lists_what_it_found(tmp_path):
     done = run_cli("models", "--models-dir", str(tmp_path), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
+
+
+def test_compare_writes_report_files(tmp_path):
+    done = run_cli("compare", "--image", str(ASSET), "--out", str(tmp_path / "cmp"), "--frames", "4",
+                   "--height", "64", "--width", "64", "--steps", "2", "--decode-chunk", "2")
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (tmp_path / "cmp").iterdir())
+    assert {"compare.json", "curves.png", "table.md"} <= set(names)
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert len(report["runs"]) == 3

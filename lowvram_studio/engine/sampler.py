@@ -8,7 +8,6 @@ progress labels the user sees (``Phase``).
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,17 +18,14 @@ import PIL.Image
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from ..settings import DeviceChoice, Precision, RunSettings
+from ..settings import DeviceChoice, RunSettings
+from .chunking import ChunkingConfig, apply_chunking, chunk_hook_counts, chunking_applied, split_cfg_call
 from .events import CancelToken, EventCallback, Phase, RunEvent
+from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
+from .precision import PrecisionPolicy, apply_precision, check_finite, compute_dtype, detect_gpu, precision_applied
+from .vae import DecodeConfig, decode_latents
 
 logger = logging.getLogger(__name__)
-
-_TORCH_DTYPES = {
-    Precision.FP32: torch.float32,
-    Precision.FP16: torch.float16,
-    Precision.BF16: torch.bfloat16,
-}
-
 
 @dataclass
 class RunResult:
@@ -81,24 +77,16 @@ def resolve_device(choice: DeviceChoice) -> torch.device:
     return torch.device("cpu")
 
 
-def unet_dtype_for(settings: RunSettings, device: torch.device) -> torch.dtype:
-    """The UNet's storage dtype: ``auto`` is fp16 on a GPU and fp32 on the CPU (fp16 CPU math is slow)."""
-    if settings.unet_dtype == Precision.AUTO:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if settings.unet_dtype == Precision.FP8:
-        raise NotImplementedError("fp8 storage needs the precision policy of the lossless engine")
-    return _TORCH_DTYPES[settings.unet_dtype]
-
-
-def _prepare_components(pipeline: StableVideoDiffusionPipeline, settings: RunSettings, device: torch.device) -> None:
-    """Put every component on the run's device in its dtype."""
-    dtypes = {
-        "unet": unet_dtype_for(settings, device),
-        "vae": _TORCH_DTYPES.get(settings.vae_dtype, torch.float32),
-        "image_encoder": _TORCH_DTYPES.get(settings.encoder_dtype, torch.float32),
-    }
-    for name, dtype in dtypes.items():
-        getattr(pipeline, name).to(device=device, dtype=dtype)
+def prepare_pipeline(pipeline: StableVideoDiffusionPipeline, settings: RunSettings, device: torch.device) -> PrecisionPolicy:
+    """Apply the run's precision, weight placement and chunking (each a no-op when already in place)."""
+    policy = PrecisionPolicy.from_settings(settings, detect_gpu(device))
+    chunking = ChunkingConfig.from_settings(settings)
+    if not precision_applied(pipeline, policy) or chunking_applied(pipeline.unet) != chunking:
+        clear_placement(pipeline)  # casts and chunk hooks go in under the placement hooks, never over them
+        apply_precision(pipeline, policy)
+        apply_chunking(pipeline.unet, chunking)
+    apply_placement(pipeline, PlacementConfig.from_settings(settings, device))
+    return policy
 
 
 def encode_conditioning(
@@ -110,11 +98,13 @@ def encode_conditioning(
 ) -> Conditioning:
     """Steps 3-5 of the diffusers recipe: CLIP embedding, VAE latent of the noised image, time ids."""
     guidance = settings.guidance_enabled
+    make_room(pipeline, "image_encoder")
     image_embeddings = pipeline._encode_image(image, device, 1, guidance)
 
     pixels = pipeline.video_processor.preprocess(image, height=settings.height, width=settings.width).to(device)
     noise = torch.randn(pixels.shape, generator=generator, dtype=pixels.dtype).to(device)
-    pixels = (pixels + settings.noise_aug_strength * noise).to(pipeline.vae.dtype)
+    pixels = (pixels + settings.noise_aug_strength * noise).to(compute_dtype(pipeline.vae))
+    make_room(pipeline, "vae")
     image_latents = pipeline._encode_vae_image(
         pixels, device=device, num_videos_per_prompt=1, do_classifier_free_guidance=guidance
     )
@@ -156,37 +146,42 @@ def predict_noise(
     settings: RunSettings,
     guidance: torch.Tensor,
 ) -> torch.Tensor:
-    """The UNet's guided prediction for one step, computed in the UNet's dtype, returned in float32."""
+    """The UNet's guided prediction for one step, computed in the UNet's dtype, returned in float32.
+
+    With ``cfg_split`` the two guidance branches run one after the other (lossless, half the activations).
+    """
     unet = pipeline.unet
+    dtype = compute_dtype(unet)
     branches = 2 if settings.guidance_enabled else 1
     model_input = pipeline.scheduler.scale_model_input(torch.cat([latents] * branches), timestep)
     model_input = torch.cat([model_input, cond.image_latents.to(model_input.dtype)], dim=2)
-    noise_pred = unet(
-        model_input.to(unet.dtype),
-        timestep,
-        encoder_hidden_states=cond.image_embeddings.to(unet.dtype),
-        added_time_ids=cond.added_time_ids.to(unet.dtype),
-        return_dict=False,
-    )[0].float()
+
+    def call(sample: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return unet(sample, timestep, **kwargs, return_dict=False)[0]
+
+    run = (lambda sample, **kw: split_cfg_call(call, sample, **kw)) if settings.cfg_split else call
+    noise_pred = run(
+        model_input.to(dtype),
+        encoder_hidden_states=cond.image_embeddings.to(dtype),
+        added_time_ids=cond.added_time_ids.to(dtype),
+    ).float()
     if branches == 1:
         return noise_pred
     uncond, text = noise_pred.chunk(2)
     return uncond + guidance * (text - uncond)
 
 
-def decode_frames(pipeline: StableVideoDiffusionPipeline, latents: torch.Tensor, settings: RunSettings) -> np.ndarray:
-    """Latents (1, F, 4, h, w) -> float32 frames (F, H, W, 3) in [0, 1]."""
-    chunk = settings.decode_chunk or settings.num_frames
-    video = pipeline.decode_latents(latents.to(pipeline.vae.dtype), settings.num_frames, chunk)
+def decode_frames(pipeline: StableVideoDiffusionPipeline, latents: torch.Tensor, settings: RunSettings) -> torch.Tensor:
+    """Latents (1, F, 4, h, w) -> float32 video (1, 3, F, H, W) in [-1, 1], chunked/tiled as settings say."""
+    make_room(pipeline, "vae")
+    pixels = decode_latents(pipeline.vae, latents[0], DecodeConfig.from_settings(settings))
+    return pixels.permute(1, 0, 2, 3)[None]
+
+
+def to_frames(pipeline: StableVideoDiffusionPipeline, video: torch.Tensor) -> np.ndarray:
+    """Video (1, 3, F, H, W) in [-1, 1] -> float32 frames (F, H, W, 3) in [0, 1], as diffusers postprocesses."""
     frames = pipeline.video_processor.postprocess_video(video=video, output_type="np")
     return np.asarray(frames[0], dtype=np.float32)
-
-
-def release_memory(device: torch.device) -> None:
-    """Return cached blocks to the driver so the next run (or the user's other apps) gets them."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def generate(
@@ -209,9 +204,9 @@ def generate(
     phase_seconds: dict[str, float] = {}
     try:
         with torch.inference_mode():
-            # 1. Load: components onto the run's device, in their dtypes
+            # 1. Load: precision, weight placement and chunking for this run
             mark = log.emit(Phase.LOAD).time
-            _prepare_components(pipeline, settings, device)
+            policy = prepare_pipeline(pipeline, settings, device)
             phase_seconds[Phase.LOAD.value] = time.perf_counter() - mark
             cancel.raise_if_cancelled()
 
@@ -226,10 +221,12 @@ def generate(
             latents = initial_latents(pipeline, settings, device, generator)
             guidance = guidance_scales(settings, device)
             total = len(scheduler.timesteps)
+            make_room(pipeline, "unet")
             mark = log.emit(Phase.DENOISE, step=0, total=total).time
             for index, timestep in enumerate(scheduler.timesteps):
                 cancel.raise_if_cancelled()
                 noise_pred = predict_noise(pipeline, latents, timestep, cond, settings, guidance)
+                check_finite(noise_pred, "unet", policy, f"at step {index + 1}")
                 latents = scheduler.step(noise_pred, timestep, latents).prev_sample
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -241,10 +238,18 @@ def generate(
 
             # 4. Decode
             mark = log.emit(Phase.DECODE).time
-            frames = decode_frames(pipeline, latents, settings)
+            video = decode_frames(pipeline, latents, settings)
+            check_finite(video, "vae", policy, "while decoding")
+            frames = to_frames(pipeline, video)
+            del video, latents
             phase_seconds[Phase.DECODE.value] = time.perf_counter() - mark
+            info = {
+                "precision": policy.describe(),
+                "placement": placement_hooks(pipeline),
+                "chunk_hooks": chunk_hook_counts(pipeline.unet),
+            }
     finally:
-        release_memory(device)
+        release_memory(pipeline)
     return RunResult(
         frames=frames,
         settings=settings,
@@ -253,4 +258,5 @@ def generate(
         seconds_per_step=denoise_seconds / max(total, 1),
         phase_seconds=phase_seconds,
         device=str(device),
+        info=info,
     )

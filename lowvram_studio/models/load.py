@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from .demo import DEMO_MODEL_NAME, DEMO_WEIGHTS_NOTE, build_demo_pipeline
+from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .single_file import SingleFileError, load_single_file
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def load_model(
     """
     text = str(source).strip()
     if text in ("", DEMO_MODEL_NAME):
-        return LoadedModel(build_demo_pipeline(), DEMO_MODEL_NAME, DEMO_MODEL_NAME, "demo", DEMO_WEIGHTS_NOTE)
+        return LoadedModel(build_demo_pipeline(), DEMO_MODEL_NAME, DEMO_MODEL_NAME, "demo", demo_model_info().note)
     path = Path(text).expanduser()
     if path.is_dir():
         return LoadedModel(_load_folder(path, dtype), path.name, str(path), "diffusers-folder")

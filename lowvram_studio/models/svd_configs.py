@@ -83,8 +83,10 @@ def build_svd_xt_pipeline(
         unet = UNetSpatioTemporalConditionModel(**unet_config)
         vae = AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG)
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_IMAGE_ENCODER_CONFIG))
+    # diffusers' AlphaBlender makes its mix factor with the legacy torch.Tensor([...]) constructor,
+    # which ignores the device context: move every module explicitly.
     for module in (unet, vae, image_encoder):
-        module.to(dtype=dtype).eval().requires_grad_(False)
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     pipeline = StableVideoDiffusionPipeline(
         vae=vae,
         image_encoder=image_encoder,

@@ -1,0 +1,156 @@
+"""Weight placement: where each component's weights live while it is not computing.
+
+Modes (``OffloadMode``), all through maintained hooks, no home-made mover:
+
+* ``none``   every component stays on the device.
+* ``model``  each component lives on the CPU and moves whole to the device when it runs (accelerate's
+             ``cpu_offload_with_hook``, the mechanism behind diffusers' ``enable_model_cpu_offload``);
+             ``make_room`` sends the others back first, so the image encoder and the VAE are off the
+             GPU while the UNet works.
+* ``stream`` the UNet streams with the next piece prefetched on a CUDA stream (diffusers group
+             offloading, block level, descending into the down/mid/up blocks so that each resnet,
+             transformer and resampler is one group: ~150 MB at most instead of up_blocks[1]'s 1 GB, and
+             the mid block no longer rides in the synchronously copied top-level group); the image encoder
+             streams layer by layer
+             (its blocks sit deeper than group offloading's block search reaches); the VAE moves whole
+             as in ``model`` (its ``decode`` is not ``forward``, which group offloading hooks, while
+             accelerate's hook fires on ``decode`` through diffusers' ``apply_forward_hook``).
+
+On the CPU every mode runs (streams are off, moves are no-ops) so tests can prove frames are equal.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import cpu_offload_with_hook
+from accelerate.hooks import remove_hook_from_module
+from diffusers.hooks import HookRegistry, apply_group_offloading
+
+from lowvram_studio.settings import OffloadMode
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("image_encoder", "unet", "vae")
+# Hook names diffusers' group offloading registers (diffusers/hooks/group_offloading.py).
+GROUP_OFFLOAD_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    mode: OffloadMode = OffloadMode.NONE
+    device: str = "cpu"
+
+    @classmethod
+    def from_settings(cls, settings: Any, device: torch.device | str) -> "PlacementConfig":
+        return cls(OffloadMode(settings.offload), str(torch.device(device)))
+
+
+def _modules(pipeline: Any) -> dict[str, torch.nn.Module]:
+    return {name: getattr(pipeline, name) for name in COMPONENTS if getattr(pipeline, name, None) is not None}
+
+
+def _offload_hooks(pipeline: Any) -> dict[str, Any]:
+    """Accelerate offload hooks this module attached, by component (kept on the pipeline object)."""
+    if not hasattr(pipeline, "_lowvram_offload_hooks"):
+        pipeline._lowvram_offload_hooks = {}
+    return pipeline._lowvram_offload_hooks
+
+
+def unet_stream_blocks(unet: torch.nn.Module) -> list[str]:
+    """Names group offloading descends into (it matches them at every level): the UNet's block lists,
+    the mid block and the blocks' indices, so groups form at the resnets/attentions/samplers lists."""
+    count = max(len(unet.down_blocks), len(unet.up_blocks))
+    return ["down_blocks", "mid_block", "up_blocks", *(str(i) for i in range(count))]
+
+
+def _stream_options(device: torch.device) -> dict[str, Any]:
+    on_cuda = device.type == "cuda"
+    return {
+        "onload_device": device,
+        "offload_device": torch.device("cpu"),
+        "use_stream": on_cuda,
+        "non_blocking": on_cuda,
+    }
+
+
+def clear_placement(pipeline: Any) -> None:
+    """Remove every placement hook; weights end on the CPU."""
+    for module in _modules(pipeline).values():
+        remove_hook_from_module(module, recurse=True)
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        for name in GROUP_OFFLOAD_HOOKS:
+            registry.remove_hook(name, recurse=True)
+        registry.invalidate_child_registries_cache()
+        module.to("cpu")
+    _offload_hooks(pipeline).clear()
+    pipeline._lowvram_placement = None
+
+
+def apply_placement(pipeline: Any, config: PlacementConfig) -> None:
+    """Place the pipeline's weights as ``config`` says; a no-op when it is already placed that way."""
+    if getattr(pipeline, "_lowvram_placement", None) == config:
+        return
+    clear_placement(pipeline)
+    device = torch.device(config.device)
+    modules = _modules(pipeline)
+    hooks = _offload_hooks(pipeline)
+    if config.mode == OffloadMode.NONE:
+        for module in modules.values():
+            module.to(device)
+    elif config.mode == OffloadMode.MODEL:
+        for name, module in modules.items():
+            _, hooks[name] = cpu_offload_with_hook(module, device)
+    else:
+        unet = modules["unet"]
+        apply_group_offloading(
+            unet,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            block_modules=unet_stream_blocks(unet),
+            **_stream_options(device),
+        )
+        apply_group_offloading(modules["image_encoder"], offload_type="leaf_level", **_stream_options(device))
+        _, hooks["vae"] = cpu_offload_with_hook(modules["vae"], device)
+    pipeline._lowvram_placement = config
+    logger.info("placement: %s on %s", config.mode.value, device)
+
+
+def make_room(pipeline: Any, component: str) -> None:
+    """Send every other whole-moving component back to the CPU before ``component`` runs."""
+    for name, hook in _offload_hooks(pipeline).items():
+        if name != component:
+            hook.offload()
+
+
+def release_memory(pipeline: Any | None = None) -> None:
+    """After a run: offload whole-moving components and hand cached blocks back to the driver.
+
+    Without this the caching allocator keeps the run's peak reserved and the process never returns to
+    its idle footprint (issue 4, item 5).
+    """
+    if pipeline is not None:
+        make_room(pipeline, component="")
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def placement_hooks(pipeline: Any) -> dict[str, list[str]]:
+    """Which placement hooks each component carries (for the run record and tests)."""
+    found: dict[str, list[str]] = {}
+    for name, module in _modules(pipeline).items():
+        kinds: set[str] = set()
+        for sub in module.modules():
+            if hasattr(sub, "_hf_hook"):
+                kinds.add(type(sub._hf_hook).__name__)
+            registry = getattr(sub, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook("group_offloading") is not None:
+                kinds.add("GroupOffloadingHook")
+        found[name] = sorted(kinds)
+    return found

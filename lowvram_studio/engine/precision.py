@@ -1,0 +1,232 @@
+"""Precision policy: a storage and a compute dtype per component, chosen for the GPU; a NaN/inf guard.
+
+Defaults follow DESIGN §4: Pascal (GTX 10xx, sm_6x) stores fp16 and its cuBLAS computes fp16 GEMMs
+with fp32 accumulation at fp32 speed, so fp16 costs nothing there, but it has no bf16; GTX 16xx
+(TU116/TU117) gives NaN/black frames in fp16 arithmetic, so it stores fp16 and computes fp32;
+Volta/Turing RTX compute fp16; Ampere and newer compute fp16 or bf16. The VAE decodes in fp32 by
+default (an fp16 VAE shifts colours, as the write-up found) and the image is encoded in fp32.
+Storage that differs from compute (fp8 storage, or fp16 storage with fp32 compute) goes through
+diffusers' layerwise casting, which casts each layer's weights just before it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks import apply_layerwise_casting
+from diffusers.models.modeling_utils import ModelMixin
+
+from lowvram_studio.settings import Precision
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "image_encoder")
+SETTING_OF = {"unet": "unet_dtype", "vae": "vae_dtype", "image_encoder": "encoder_dtype"}
+LABEL_OF = {"unet": "UNet", "vae": "VAE", "image_encoder": "image encoder"}
+DTYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float8_e4m3fn: "fp8",
+}
+# Turing chips without fp16-safe arithmetic for diffusion (GTX 16xx and their workstation siblings).
+_FP16_UNSAFE_NAMES = re.compile(r"GTX 16\d\d|TU11[67]|T[0-9]{3,4}\b|Quadro T", re.IGNORECASE)
+
+
+class PrecisionError(ValueError):
+    """A requested precision the hardware cannot run; the message says what to choose instead."""
+
+
+class NonFiniteError(RuntimeError):
+    """A component produced NaN or inf; the message names the component and the setting to change."""
+
+    def __init__(self, message: str, component: str, setting: str):
+        super().__init__(message)
+        self.component = component
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What the policy needs to know about a GPU (a plain value, so tables of named GPUs are testable)."""
+
+    name: str
+    capability: tuple[int, int]
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.capability >= (8, 0)
+
+    @property
+    def fp16_compute_safe(self) -> bool:
+        """False where fp16 arithmetic is known to give NaN/black output or is missing (GTX 16xx, pre-Pascal)."""
+        return self.capability >= (6, 0) and not _FP16_UNSAFE_NAMES.search(self.name)
+
+
+def detect_gpu(device: torch.device | str) -> GpuInfo | None:
+    """The GPU behind ``device``; None on the CPU. Called per run, never at import."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return GpuInfo(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+
+
+@dataclass(frozen=True)
+class ComponentPrecision:
+    """How one component keeps its weights (storage) and runs its arithmetic (compute)."""
+
+    storage: torch.dtype
+    compute: torch.dtype
+
+    @property
+    def casts_layerwise(self) -> bool:
+        return self.storage != self.compute
+
+    def describe(self) -> str:
+        storage, compute = DTYPE_NAMES[self.storage], DTYPE_NAMES[self.compute]
+        return storage if storage == compute else f"{storage} storage, {compute} compute"
+
+
+def _half_compute(gpu: GpuInfo | None) -> torch.dtype:
+    """The compute dtype a half-precision request gets on this device."""
+    if gpu is None:
+        return torch.float16
+    return torch.float16 if gpu.fp16_compute_safe else torch.float32
+
+
+def resolve_component(requested: Precision, component: str, gpu: GpuInfo | None) -> ComponentPrecision:
+    """Storage and compute dtype for one component; raises ``PrecisionError`` for impossible requests."""
+    requested = Precision(requested)
+    setting = SETTING_OF[component]
+    if requested == Precision.AUTO:
+        if component != "unet" or gpu is None:
+            return ComponentPrecision(torch.float32, torch.float32)
+        return ComponentPrecision(torch.float16, _half_compute(gpu))
+    if requested == Precision.FP32:
+        return ComponentPrecision(torch.float32, torch.float32)
+    if requested == Precision.FP16:
+        return ComponentPrecision(torch.float16, _half_compute(gpu))
+    if requested == Precision.BF16:
+        if gpu is not None and not gpu.supports_bf16:
+            raise PrecisionError(
+                f"{setting}=bf16 needs an Ampere (RTX 30xx) or newer GPU; {gpu.name} "
+                f"(sm_{gpu.capability[0]}{gpu.capability[1]}) has no bf16; choose fp16 or fp32 for {setting}"
+            )
+        return ComponentPrecision(torch.bfloat16, torch.bfloat16)
+    # fp8 is storage only: each layer is cast up to the compute dtype just before it runs.
+    compute = _half_compute(gpu) if gpu is not None else torch.float32
+    return ComponentPrecision(torch.float8_e4m3fn, compute)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    unet: ComponentPrecision
+    vae: ComponentPrecision
+    image_encoder: ComponentPrecision
+    gpu: GpuInfo | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, gpu: GpuInfo | None) -> "PrecisionPolicy":
+        """Resolve ``settings.unet_dtype/vae_dtype/encoder_dtype`` for ``gpu`` (None = CPU)."""
+        return cls(
+            unet=resolve_component(settings.unet_dtype, "unet", gpu),
+            vae=resolve_component(settings.vae_dtype, "vae", gpu),
+            image_encoder=resolve_component(settings.encoder_dtype, "image_encoder", gpu),
+            gpu=gpu,
+        )
+
+    def component(self, name: str) -> ComponentPrecision:
+        return getattr(self, name)
+
+    def describe(self) -> dict[str, str]:
+        """Per component, e.g. {"unet": "fp16", "vae": "fp32", ...}, for the run record."""
+        return {name: self.component(name).describe() for name in COMPONENTS}
+
+
+def precision_applied(pipeline: Any, policy: PrecisionPolicy) -> bool:
+    """True when every component already runs as ``policy`` says."""
+    return all(
+        getattr(getattr(pipeline, name), "_lowvram_precision", None) == policy.component(name)
+        for name in COMPONENTS
+        if getattr(pipeline, name, None) is not None
+    )
+
+
+def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
+    """Cast each pipeline component to its compute dtype and attach layerwise casting where storage differs.
+
+    Layerwise casting cannot be undone (diffusers refuses: the weights were rounded to the storage
+    dtype), so a component stored in a narrower dtype keeps that choice until the model is reloaded.
+    """
+    for name in COMPONENTS:
+        module = getattr(pipeline, name, None)
+        if module is None:
+            continue
+        precision = policy.component(name)
+        applied = getattr(module, "_lowvram_precision", None)
+        if applied == precision:
+            continue
+        if applied is not None and applied.casts_layerwise:
+            raise PrecisionError(
+                f"the {LABEL_OF[name]} is already stored as {applied.describe()} from an earlier run and cannot "
+                f"switch to {precision.describe()}; reload the model to change {SETTING_OF[name]}"
+            )
+        module.to(dtype=precision.compute)
+        if precision.casts_layerwise:
+            if isinstance(module, ModelMixin):
+                module.enable_layerwise_casting(storage_dtype=precision.storage, compute_dtype=precision.compute)
+            else:
+                apply_layerwise_casting(module, storage_dtype=precision.storage, compute_dtype=precision.compute)
+        module._lowvram_precision = precision
+        logger.info("precision: %s %s", name, precision.describe())
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a component's inputs must have: its compute dtype (not its fp8 storage dtype)."""
+    applied = getattr(module, "_lowvram_precision", None)
+    if applied is not None:
+        return applied.compute
+    return next(module.parameters()).dtype
+
+
+def _alternatives(dtype_name: str, gpu: GpuInfo | None) -> str:
+    if dtype_name == "fp16":
+        return "bf16 or fp32" if gpu is None or gpu.supports_bf16 else "fp32"
+    if dtype_name == "fp8":
+        return "fp16 or fp32"
+    return "fp32"
+
+
+def check_finite(
+    tensor: torch.Tensor,
+    component: str,
+    policy: PrecisionPolicy,
+    where: str = "",
+) -> None:
+    """Raise ``NonFiniteError`` if ``tensor`` holds NaN or inf, naming the component and the fix.
+
+    ``where`` says when (e.g. "at step 3"). One reduction per call: cheap next to a UNet step.
+    """
+    if bool(torch.isfinite(tensor).all()):
+        return
+    kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+    precision = policy.component(component)
+    dtype_name = DTYPE_NAMES[precision.storage]
+    label, setting = LABEL_OF[component], SETTING_OF[component]
+    place = f" {where}" if where else ""
+    if precision.storage == torch.float32:
+        message = (
+            f"the {label} produced {kind}{place} in fp32, so precision is not the cause; "
+            "the model weights or the input image are likely broken; reload the model or try another image"
+        )
+    else:
+        message = (
+            f"the {label} produced {kind}{place} in {precision.describe()}; "
+            f"set {setting} to {_alternatives(dtype_name, policy.gpu)}"
+        )
+    raise NonFiniteError(message, component, setting)

@@ -1,0 +1,139 @@
+"""Decode SVD latents with the temporal VAE in frame chunks and spatial tiles, so decode never sets the peak.
+
+Both are lossy (DESIGN §3):
+
+* frame chunks (``chunk``): the temporal decoder's 3-D convolutions and temporal mixing see only the
+  frames of one chunk, so frames near chunk borders differ from an all-frames decode (this is what
+  diffusers' ``decode_chunk_size`` does too);
+* spatial tiles (``tile``): each tile is decoded with all frames of its chunk (temporal layers still
+  see every frame) but the mid-block attention and the convolutions see only the tile, so tiles
+  overlap and are blended with linear ramps to hide seams.
+
+diffusers has no tiling for ``AutoencoderKLTemporalDecoder`` (diffusers issue #9958); this is a
+hand-written tiler in the style of ``AutoencoderKL.tiled_decode``, with the blend done by weights
+so tiles of any count and size meet smoothly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowvram_studio.engine.precision import compute_dtype
+
+logger = logging.getLogger(__name__)
+
+LATENT_SCALE = 8  # pixels per latent cell in SVD's VAE
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """chunk: frames per decode call (0 = all). tile: tile side in pixels (0 = no tiling).
+    overlap: pixels shared by neighbouring tiles (None = a quarter of the tile)."""
+
+    chunk: int = 0
+    tile: int = 0
+    overlap: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "DecodeConfig":
+        return cls(chunk=settings.decode_chunk, tile=settings.vae_tile)
+
+    @property
+    def tile_latent(self) -> int:
+        return self.tile // LATENT_SCALE
+
+    @property
+    def overlap_latent(self) -> int:
+        overlap = self.tile // 4 if self.overlap is None else self.overlap
+        return min(overlap // LATENT_SCALE, max(self.tile_latent - 1, 0))
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the fewest tiles of size ``tile`` that cover ``length`` sharing at least ``overlap``
+    cells, spread evenly so every seam gets the same (largest possible) overlap."""
+    if tile >= length:
+        return [0]
+    count = math.ceil((length - tile) / max(tile - overlap, 1)) + 1
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(size: int, ramp_in: int, ramp_out: int, device: torch.device) -> torch.Tensor:
+    """1-D blend weight: rises over ``ramp_in`` cells, falls over ``ramp_out`` cells, 1 elsewhere (never 0)."""
+    weight = torch.ones(size, device=device)
+    if ramp_in:
+        weight[:ramp_in] = (torch.arange(ramp_in, device=device) + 0.5) / ramp_in
+    if ramp_out:
+        weight[size - ramp_out :] = torch.minimum(
+            weight[size - ramp_out :], (torch.arange(ramp_out, device=device).flip(0) + 0.5) / ramp_out
+        )
+    return weight
+
+
+def _decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents, num_frames=latents.shape[0]).sample
+
+
+def _edge_weight(start: int, stop: int, starts: list[int], length: int, tile: int, device: torch.device) -> torch.Tensor:
+    """Blend weight along one axis of a tile, in pixels: ramps only where it meets a neighbouring tile,
+    over exactly the cells both decoded, so the neighbours' weights sum to one there."""
+    index = starts.index(start)
+    ramp_in = starts[index - 1] + tile - start if start > 0 else 0
+    ramp_out = stop - starts[index + 1] if stop < length else 0
+    return _ramp((stop - start) * LATENT_SCALE, ramp_in * LATENT_SCALE, ramp_out * LATENT_SCALE, device)
+
+
+def _decode_tiled(vae: torch.nn.Module, latents: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+    """Decode one chunk of frames tile by tile; overlaps blended with linear ramps."""
+    frames, _, height, width = latents.shape
+    tile, overlap = config.tile_latent, config.overlap_latent
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    out = weight_sum = None
+    for y0 in rows:
+        y1 = min(y0 + tile, height)
+        for x0 in cols:
+            x1 = min(x0 + tile, width)
+            pixels = _decode(vae, latents[:, :, y0:y1, x0:x1]).float()
+            if out is None:
+                out = pixels.new_zeros(frames, pixels.shape[1], height * LATENT_SCALE, width * LATENT_SCALE)
+                weight_sum = pixels.new_zeros(1, 1, *out.shape[2:])
+            weight = _edge_weight(y0, y1, rows, height, tile, pixels.device)[:, None] * _edge_weight(
+                x0, x1, cols, width, tile, pixels.device
+            )[None, :]
+            ys = slice(y0 * LATENT_SCALE, y1 * LATENT_SCALE)
+            xs = slice(x0 * LATENT_SCALE, x1 * LATENT_SCALE)
+            out[:, :, ys, xs] += pixels * weight
+            weight_sum[:, :, ys, xs] += weight
+            del pixels
+    return out / weight_sum
+
+
+def decode_latents(
+    vae: torch.nn.Module,
+    latents: torch.Tensor,
+    config: DecodeConfig,
+    out_device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """SVD latents ``(frames, 4, h, w)`` (unscaled, as the sampler holds them) -> frames ``(frames, 3, H, W)``
+    float32 in [-1, 1], on ``out_device`` (default: the latents' device).
+
+    With ``chunk=0`` and ``tile=0`` this equals diffusers' ``decode_latents`` with all frames at once.
+    """
+    latents = 1 / vae.config.scaling_factor * latents.to(compute_dtype(vae))  # diffusers' exact arithmetic
+    frames = latents.shape[0]
+    chunk = config.chunk or frames
+    out = None
+    for start in range(0, frames, chunk):
+        piece = latents[start : start + chunk]
+        tiled = config.tile and config.tile_latent < max(piece.shape[-2:])
+        pixels = (_decode_tiled(vae, piece, config) if tiled else _decode(vae, piece)).float()
+        if out is None:
+            out = torch.empty((frames, *pixels.shape[1:]), dtype=torch.float32, device=out_device or pixels.device)
+        out[start : start + chunk] = pixels
+        del pixels
+    logger.debug("decoded %d frames (chunk %d, tile %d px)", frames, chunk, config.tile)
+    return out

@@ -1,0 +1,116 @@
+"""Precision policy per GPU, layerwise casting on the demo pipeline, and the NaN/inf guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowvram_studio.engine.precision import (
+    GpuInfo,
+    NonFiniteError,
+    PrecisionError,
+    PrecisionPolicy,
+    apply_precision,
+    check_finite,
+    resolve_component,
+)
+from lowvram_studio.models.demo import build_demo_pipeline
+from lowvram_studio.settings import Precision, RunSettings
+
+F16, F32, BF16, F8 = torch.float16, torch.float32, torch.bfloat16, torch.float8_e4m3fn
+
+GPUS = {
+    "gtx1060": GpuInfo("NVIDIA GeForce GTX 1060 6GB", (6, 1)),
+    "gtx1660": GpuInfo("NVIDIA GeForce GTX 1660 SUPER", (7, 5)),
+    "rtx2060": GpuInfo("NVIDIA GeForce RTX 2060", (7, 5)),
+    "t4": GpuInfo("Tesla T4", (7, 5)),
+    "rtx3060": GpuInfo("NVIDIA GeForce RTX 3060", (8, 6)),
+    "rtx4090": GpuInfo("NVIDIA GeForce RTX 4090", (8, 9)),
+    "h100": GpuInfo("NVIDIA H100 80GB HBM3", (9, 0)),
+}
+
+
+@pytest.mark.parametrize(
+    "gpu, requested, storage, compute",
+    [
+        (None, Precision.AUTO, F32, F32),
+        (None, Precision.FP8, F8, F32),
+        ("gtx1060", Precision.AUTO, F16, F16),
+        ("gtx1060", Precision.FP8, F8, F16),
+        ("gtx1660", Precision.AUTO, F16, F32),
+        ("gtx1660", Precision.FP16, F16, F32),
+        ("rtx2060", Precision.AUTO, F16, F16),
+        ("t4", Precision.FP16, F16, F16),
+        ("rtx3060", Precision.BF16, BF16, BF16),
+        ("rtx4090", Precision.FP8, F8, F16),
+        ("h100", Precision.AUTO, F16, F16),
+        ("h100", Precision.FP32, F32, F32),
+    ],
+)
+def test_unet_precision_follows_the_gpu_table(gpu, requested, storage, compute):
+    got = resolve_component(requested, "unet", GPUS.get(gpu))
+    assert (got.storage, got.compute) == (storage, compute)
+
+
+@pytest.mark.parametrize("gpu", ["gtx1060", "gtx1660", "rtx2060"])
+def test_bf16_on_pre_ampere_gpu_is_refused_with_the_fix(gpu):
+    with pytest.raises(PrecisionError, match="unet_dtype=bf16 needs an Ampere.*choose fp16 or fp32 for unet_dtype"):
+        resolve_component(Precision.BF16, "unet", GPUS[gpu])
+
+
+@pytest.mark.parametrize("gpu", [None, "gtx1060", "h100"])
+def test_vae_and_image_encoder_default_to_fp32(gpu):
+    policy = PrecisionPolicy.from_settings(RunSettings(vae_dtype="auto", encoder_dtype="auto"), GPUS.get(gpu))
+    assert policy.vae.compute == F32 and policy.image_encoder.compute == F32
+    assert PrecisionPolicy.from_settings(RunSettings(), GPUS.get(gpu)).vae.storage == F32
+
+
+def test_fp8_storage_casts_layerwise_and_runs():
+    pipeline = build_demo_pipeline()
+    policy = PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp8"), None)
+    apply_precision(pipeline, policy)
+    unet = pipeline.unet
+    assert unet.conv_in.weight.dtype == F8  # stored in fp8 ...
+    assert policy.describe()["unet"] == "fp8 storage, fp32 compute"
+    with torch.no_grad():
+        out = unet(
+            torch.randn(1, 2, 8, 8, 8),
+            torch.tensor(0.5),
+            encoder_hidden_states=torch.randn(1, 1, 64),
+            added_time_ids=torch.tensor([[6.0, 127.0, 0.02]]),
+            return_dict=False,
+        )[0]
+    assert out.dtype == F32 and torch.isfinite(out).all()  # ... computed in fp32
+    with pytest.raises(PrecisionError, match="UNet is already stored as fp8 storage, fp32 compute.*reload the model"):
+        apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp32"), None))
+
+
+def test_fp16_policy_casts_components_and_keeps_vae_fp32():
+    pipeline = build_demo_pipeline()
+    apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["h100"]))
+    assert pipeline.unet.dtype == F16 and pipeline.vae.dtype == F32 and pipeline.image_encoder.dtype == F32
+    apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp32"), GPUS["h100"]))
+    assert pipeline.unet.dtype == F32
+
+
+def test_nan_guard_names_component_step_and_setting():
+    policy = PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["h100"])
+    latents = torch.zeros(1, 4, 8, 8)
+    check_finite(latents, "unet", policy, "at step 3")
+    latents[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError) as caught:
+        check_finite(latents, "unet", policy, "at step 3")
+    assert str(caught.value) == "the UNet produced NaN at step 3 in fp16; set unet_dtype to bf16 or fp32"
+    assert caught.value.setting == "unet_dtype"
+
+
+def test_inf_guard_on_pascal_suggests_fp32_only():
+    policy = PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["gtx1060"])
+    with pytest.raises(NonFiniteError, match="produced inf at step 1 in fp16; set unet_dtype to fp32$"):
+        check_finite(torch.tensor([1.0, float("inf")]), "unet", policy, "at step 1")
+
+
+def test_nan_in_fp32_vae_points_at_the_model_not_precision():
+    policy = PrecisionPolicy.from_settings(RunSettings(), None)
+    with pytest.raises(NonFiniteError, match="the VAE produced NaN in fp32, so precision is not the cause"):
+        check_finite(torch.tensor([float("nan")]), "vae", policy)
