@@ -1,6 +1,7 @@
 """Does the demo model really move? Quality of generated clips on held-out procedural inputs.
 
-For each held-out clip the pipeline gets the clip's first frame and its motion_bucket_id; we measure
+For each held-out clip the studio's sampler (``engine.sampler.generate``, fp32, the pipeline's
+defaults otherwise) gets the clip's first frame and its motion_bucket_id; we measure
 (a) PSNR of the first generated frame against that input image, and (b) whether the generated motion
 follows the clip's motion class, read from OpenCV's Farneback optical flow: mean flow direction for
 moves and pans, the sign of the radial flow about the frame centre for zooms, the sign of the
@@ -23,12 +24,14 @@ from PIL import Image
 
 from lowvram_studio.demo_training.procedural import (
     MOTION_CLASSES,
-    TRANSLATION_DIRECTIONS,
     REFERENCE_SIZE,
+    TRANSLATION_DIRECTIONS,
     ClipSpec,
     MotionClass,
     make_clip,
 )
+from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings import DeviceChoice, Precision, RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -112,19 +115,20 @@ def held_out_clips(count: int, spec: ClipSpec) -> list:
     return [make_clip(HELD_OUT_FIRST_SEED + i, spec, MOTION_CLASSES[i % len(MOTION_CLASSES)]) for i in range(count)]
 
 
-def evaluate_pipeline(pipeline, count: int, spec: ClipSpec, steps: int = 20, gallery: Path | None = None) -> dict:
-    """Generate from held-out first frames and score PSNR and motion per clip (diffusers pipeline)."""
+def evaluate_pipeline(
+    pipeline, count: int, spec: ClipSpec, device: torch.device, steps: int = 20, gallery: Path | None = None
+) -> dict:
+    """Generate from held-out first frames and score PSNR and motion per clip."""
     rows = []
     cells = {}
     for clip in held_out_clips(count, spec):
-        image = Image.fromarray(clip.frames[0])
-        generator = torch.Generator(device="cpu").manual_seed(clip.seed % 2**31)
+        settings = RunSettings(
+            height=spec.size, width=spec.size, num_frames=spec.num_frames, num_inference_steps=steps,
+            seed=clip.seed % 2**31, motion_bucket_id=clip.motion_bucket_id, device=DeviceChoice(device.type),
+            unet_dtype=Precision.FP32,
+        )
         start = time.perf_counter()
-        frames = pipeline(
-            image, height=spec.size, width=spec.size, num_frames=spec.num_frames, num_inference_steps=steps,
-            motion_bucket_id=clip.motion_bucket_id, fps=7, noise_aug_strength=0.02,
-            generator=generator, output_type="np",
-        ).frames[0]
+        frames = generate(pipeline, Image.fromarray(clip.frames[0]), settings).frames
         seconds = time.perf_counter() - start
         est = measure_motion(frames)
         truth = measure_motion(clip.frames)
@@ -178,10 +182,10 @@ def evaluate_folder(weights: Path | None, out: Path, num_clips: int, device: tor
     """Evaluate the demo pipeline built from ``weights``; writes ``out`` (JSON) and a gallery GIF beside it."""
     from lowvram_studio.models.demo import build_demo_pipeline
 
-    pipeline = build_demo_pipeline(weights=weights).to(device)
+    pipeline = build_demo_pipeline(weights=weights)
     spec = ClipSpec(num_frames=4, size=64) if smoke else ClipSpec()
     steps = 2 if smoke else 20
-    report = evaluate_pipeline(pipeline, num_clips, spec, steps=steps, gallery=out.with_suffix(".gif"))
+    report = evaluate_pipeline(pipeline, num_clips, spec, device, steps=steps, gallery=out.with_suffix(".gif"))
     report["weights"] = str(weights)
     report["steps"] = steps
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,19 +6,12 @@ Two phases share one wall-clock budget and one checkpoint folder:
    decoder over the clip; L1 + MSE + a small KL). At the end its latent scale is folded into the
    weights so that ``latents * scaling_factor`` (0.18215, as the pipeline uses it) has unit variance.
 2. **UNet**: ``UNetSpatioTemporalConditionModel`` and the small CLIP image encoder learn to denoise
-   with SVD's conditioning, exactly as ``StableVideoDiffusionPipeline`` feeds them at inference:
-   the noise-augmented first frame's VAE latent (posterior mode, *not* multiplied by the scaling
-   factor) concatenated on channels to every frame, the image embedding as the one cross-attention
-   token, and ``added_time_ids = [fps - 1, motion_bucket_id, noise_aug_strength]``. The objective is
-   EDM's denoiser loss in the parametrisation the Euler v-prediction scheduler inverts (Karras et al.
-   2022, "Elucidating the design space", table 1, with sigma_data = 1; SVD paper appendix D):
-   ``D(x) = c_skip x + c_out F(c_in x, c_noise)``, ``c_in = 1/sqrt(s^2+1)``, ``c_skip = 1/(s^2+1)``,
-   ``c_out = -s/sqrt(s^2+1)``, ``c_noise = 0.25 ln s`` (``EulerDiscreteScheduler`` with
-   ``timestep_type="continuous"``), loss weight ``(s^2+1)/s^2`` — i.e. plain MSE on F's target.
-   Conditioning is dropped together (zeros, as the pipeline's unconditional branch) for CFG.
+   with SVD's conditioning and the EDM v-prediction objective (``objective.py``); conditioning is
+   dropped together (zeros, as the pipeline's unconditional branch) so classifier-free guidance works.
 
 Every invocation trains for ``--minutes`` of wall time, checkpoints every few minutes and at the end,
-and resumes from ``--ckpt-dir``; ``--export DIR`` writes fp16 safetensors and the training log.
+and resumes from ``--ckpt-dir``; ``--export DIR`` writes fp16 safetensors and the training log;
+``--evaluate OUT.json`` measures how the exported model moves (``evaluate.py``).
 """
 
 from __future__ import annotations
@@ -36,17 +29,22 @@ from pathlib import Path
 
 import cv2
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from lowvram_studio.demo_training.checkpoint import (
+    load_optimizer,
+    load_sharded,
+    optimizer_tensors,
+    restore_rng,
+    rng_blob,
+    save_sharded,
+)
+from lowvram_studio.demo_training.objective import fold_latent_scale, unet_loss, vae_loss
 from lowvram_studio.demo_training.procedural import ClipSpec, make_clip
 from lowvram_studio.models.demo import (
-    CLIP_IMAGE_MEAN,
-    CLIP_IMAGE_STD,
     DEMO_IMAGE_ENCODER_CONFIG,
     DEMO_UNET_CONFIG,
     DEMO_VAE_CONFIG,
@@ -55,7 +53,6 @@ from lowvram_studio.models.demo import (
 
 logger = logging.getLogger(__name__)
 
-MAX_FILE_BYTES = 15 * 2**20  # checkpoint shards come back through the device's $OUT (16 MiB per file)
 
 
 @dataclass
@@ -151,159 +148,7 @@ def build_models(seed: int) -> dict[str, torch.nn.Module]:
     }
 
 
-@torch.no_grad()
-def fold_latent_scale(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor) -> float:
-    """Rescale the VAE so that posterior means times scaling_factor have unit std; returns the factor.
 
-    Multiplies the mean rows of ``quant_conv`` by s (log-variance rows shift by 2 ln s) and divides the
-    decoder's ``conv_in`` weights by s: encode -> decode is unchanged, only the latent unit moves.
-    """
-    latents = vae.encode(x).latent_dist.mode().float()
-    target = 1.0 / vae.config.scaling_factor
-    s = target / float(latents.std())
-    c = vae.config.latent_channels
-    vae.quant_conv.weight[:c] *= s
-    vae.quant_conv.bias[:c] *= s
-    vae.quant_conv.bias[c:] += 2 * math.log(s)
-    vae.decoder.conv_in.weight /= s
-    return s
-
-
-def clip_embeddings(image_encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 1, D), the preprocessing of the pipeline's ``_encode_image``."""
-    x = _resize_with_antialiasing(images, (224, 224))
-    x = (x + 1.0) / 2.0
-    mean = torch.tensor(CLIP_IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_IMAGE_STD, device=x.device).view(1, 3, 1, 1)
-    return image_encoder((x - mean) / std).image_embeds.unsqueeze(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-
-
-def vae_loss(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Reconstruction (L1 + MSE) of whole clips plus a small KL; x is (B, F, 3, H, W)."""
-    b, f = x.shape[:2]
-    flat = x.flatten(0, 1)
-    posterior = vae.encode(flat).latent_dist
-    z = posterior.sample()
-    recon = vae.decode(z, num_frames=f).sample.float()
-    mse = F.mse_loss(recon, flat)
-    l1 = (recon - flat).abs().mean()
-    kl = posterior.kl().mean() / z[0].numel()
-    loss = l1 + mse + config.kl_weight * kl
-    return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
-
-
-def sample_sigmas(b: int, config: TrainConfig, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """Log-normal(P_mean, P_std) sigmas, a fraction log-uniform over [sigma_min, sigma_max]."""
-    normal = torch.randn(b, generator=generator, device=device) * config.p_std + config.p_mean
-    lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
-    uniform = torch.rand(b, generator=generator, device=device) * (hi - lo) + lo
-    pick = torch.rand(b, generator=generator, device=device) < config.high_sigma_fraction
-    return torch.where(pick, uniform, normal).exp()
-
-
-def edm_preconditioning(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(c_in, c_skip, c_out, c_noise) of EDM with sigma_data = 1 in the sign convention of
-    ``EulerDiscreteScheduler`` v-prediction: denoised = c_skip * x + c_out * F(c_in * x, c_noise)."""
-    c_in = 1 / (sigma**2 + 1).sqrt()
-    c_skip = 1 / (sigma**2 + 1)
-    c_out = -sigma / (sigma**2 + 1).sqrt()
-    return c_in, c_skip, c_out, 0.25 * sigma.log()
-
-
-def unet_loss(models: dict, x: torch.Tensor, buckets: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """SVD's EDM v-prediction loss with the pipeline's conditioning; x is (B, F, 3, H, W)."""
-    vae, unet, encoder = models["vae"], models["unet"], models["image_encoder"]
-    b, f = x.shape[:2]
-    device = x.device
-    first = x[:, 0]
-    # Noise augmentation strength: log-normal around the pipeline default (0.02), clipped.
-    aug = (torch.randn(b, generator=generator, device=device) * 0.8 + math.log(config.noise_aug_mean)).exp().clamp(max=0.3)
-    with torch.no_grad():
-        latents = vae.encode(x.flatten(0, 1)).latent_dist.sample(generator).float()
-        latents = latents.unflatten(0, (b, f)) * vae.config.scaling_factor
-        noisy_first = first + aug.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator, device=device)
-        image_latents = vae.encode(noisy_first).latent_dist.mode().float()  # unscaled, as the pipeline
-    embeddings = clip_embeddings(encoder, first)
-    keep = (torch.rand(b, generator=generator, device=device) >= config.cond_dropout).float()
-    embeddings = embeddings * keep.view(b, 1, 1)
-    image_latents = (image_latents * keep.view(b, 1, 1, 1)).unsqueeze(1).expand(-1, f, -1, -1, -1)
-    fps = torch.randint(4, 31, (b,), generator=generator, device=device).float()
-    added_time_ids = torch.stack([fps - 1, buckets.to(device).float(), aug], dim=1)
-
-    sigma = sample_sigmas(b, config, device, generator)
-    s = sigma.view(b, 1, 1, 1, 1)
-    noisy = latents + s * torch.randn(latents.shape, generator=generator, device=device)
-    c_in, c_skip, c_out, c_noise = edm_preconditioning(s)
-    model_input = torch.cat([c_in * noisy, image_latents], dim=2)
-    out = unet(model_input, c_noise.flatten(), embeddings, added_time_ids).sample.float()
-    target = (latents - c_skip * noisy) / c_out
-    loss = F.mse_loss(out, target)
-    return loss, {"loss": loss.detach()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (each file under MAX_FILE_BYTES so the folder can travel through $OUT)
-
-
-def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> None:
-    for old in folder.glob(f"{name}-*.safetensors"):
-        old.unlink()
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-    index = 0
-    for key in sorted(tensors):
-        t = tensors[key].detach().contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > MAX_FILE_BYTES:
-            save_file(shard, str(folder / f"{name}-{index:02d}.safetensors"))
-            shard, size, index = {}, 0, index + 1
-        shard[key] = t
-        size += nbytes
-    save_file(shard, str(folder / f"{name}-{index:02d}.safetensors"))
-
-
-def load_sharded(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob(f"{name}-*.safetensors")):
-        tensors.update(load_file(str(path)))
-    return tensors
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW moments in bf16 (half the bytes; resuming is close, not bit-exact), steps in fp32."""
-    out = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"{index}.{key}"] = value.float() if key == "step" else value.to(torch.bfloat16)
-    return out
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def rng_blob() -> dict[str, str]:
-    blob = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available():
-        blob["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return blob
-
-
-def restore_rng(blob: dict[str, str]) -> None:
-    def tensor(text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(blob["cpu"]))
-    if "cuda" in blob and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor(blob["cuda"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""What the demo model is trained to do: SVD's conditioning and EDM v-prediction losses.
+
+The UNet sees its inputs exactly as ``StableVideoDiffusionPipeline`` feeds them at inference: the
+noise-augmented first frame's VAE latent (posterior mode, *not* multiplied by the scaling factor)
+concatenated on channels to every frame, the image embedding as the one cross-attention token, and
+``added_time_ids = [fps - 1, motion_bucket_id, noise_aug_strength]``. The loss is EDM's denoiser loss
+(Karras et al. 2022, "Elucidating the design space", table 1, sigma_data = 1; SVD paper appendix D)
+in the parametrisation ``EulerDiscreteScheduler`` (v-prediction, continuous timesteps) inverts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLTemporalDecoder
+
+# The pipeline's own resize (antialiased bicubic, as the original SVD code): reused so the image
+# encoder sees exactly what it will see at inference.
+from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
+from lowvram_studio.models.demo import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+
+if TYPE_CHECKING:
+    from lowvram_studio.demo_training.train import TrainConfig
+
+
+@torch.no_grad()
+def fold_latent_scale(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor) -> float:
+    """Rescale the VAE so that posterior means times scaling_factor have unit std; returns the factor.
+
+    Multiplies the mean rows of ``quant_conv`` by s (log-variance rows shift by 2 ln s) and divides the
+    decoder's ``conv_in`` weights by s: encode -> decode is unchanged, only the latent unit moves.
+    """
+    latents = vae.encode(x).latent_dist.mode().float()
+    target = 1.0 / vae.config.scaling_factor
+    s = target / float(latents.std())
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= s
+    vae.quant_conv.bias[:c] *= s
+    vae.quant_conv.bias[c:] += 2 * math.log(s)
+    vae.decoder.conv_in.weight /= s
+    return s
+
+
+def clip_embeddings(image_encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 1, D), the preprocessing of the pipeline's ``_encode_image``."""
+    x = _resize_with_antialiasing(images, (224, 224))
+    x = (x + 1.0) / 2.0
+    mean = torch.tensor(CLIP_IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_IMAGE_STD, device=x.device).view(1, 3, 1, 1)
+    return image_encoder((x - mean) / std).image_embeds.unsqueeze(1)
+
+
+
+
+def vae_loss(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Reconstruction (L1 + MSE) of whole clips plus a small KL; x is (B, F, 3, H, W)."""
+    b, f = x.shape[:2]
+    flat = x.flatten(0, 1)
+    posterior = vae.encode(flat).latent_dist
+    z = posterior.sample()
+    recon = vae.decode(z, num_frames=f).sample.float()
+    mse = F.mse_loss(recon, flat)
+    l1 = (recon - flat).abs().mean()
+    kl = posterior.kl().mean() / z[0].numel()
+    loss = l1 + mse + config.kl_weight * kl
+    return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+
+
+def sample_sigmas(b: int, config: TrainConfig, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """Log-normal(P_mean, P_std) sigmas, a fraction log-uniform over [sigma_min, sigma_max]."""
+    normal = torch.randn(b, generator=generator, device=device) * config.p_std + config.p_mean
+    lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
+    uniform = torch.rand(b, generator=generator, device=device) * (hi - lo) + lo
+    pick = torch.rand(b, generator=generator, device=device) < config.high_sigma_fraction
+    return torch.where(pick, uniform, normal).exp()
+
+
+def edm_preconditioning(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_in, c_skip, c_out, c_noise) of EDM with sigma_data = 1 in the sign convention of
+    ``EulerDiscreteScheduler`` v-prediction: denoised = c_skip * x + c_out * F(c_in * x, c_noise)."""
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    c_skip = 1 / (sigma**2 + 1)
+    c_out = -sigma / (sigma**2 + 1).sqrt()
+    return c_in, c_skip, c_out, 0.25 * sigma.log()
+
+
+def unet_loss(models: dict, x: torch.Tensor, buckets: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """SVD's EDM v-prediction loss with the pipeline's conditioning; x is (B, F, 3, H, W)."""
+    vae, unet, encoder = models["vae"], models["unet"], models["image_encoder"]
+    b, f = x.shape[:2]
+    device = x.device
+    first = x[:, 0]
+    # Noise augmentation strength: log-normal around the pipeline default (0.02), clipped.
+    aug = (torch.randn(b, generator=generator, device=device) * 0.8 + math.log(config.noise_aug_mean)).exp().clamp(max=0.3)
+    with torch.no_grad():
+        latents = vae.encode(x.flatten(0, 1)).latent_dist.sample(generator).float()
+        latents = latents.unflatten(0, (b, f)) * vae.config.scaling_factor
+        noisy_first = first + aug.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator, device=device)
+        image_latents = vae.encode(noisy_first).latent_dist.mode().float()  # unscaled, as the pipeline
+    embeddings = clip_embeddings(encoder, first)
+    keep = (torch.rand(b, generator=generator, device=device) >= config.cond_dropout).float()
+    embeddings = embeddings * keep.view(b, 1, 1)
+    image_latents = (image_latents * keep.view(b, 1, 1, 1)).unsqueeze(1).expand(-1, f, -1, -1, -1)
+    fps = torch.randint(4, 31, (b,), generator=generator, device=device).float()
+    added_time_ids = torch.stack([fps - 1, buckets.to(device).float(), aug], dim=1)
+
+    sigma = sample_sigmas(b, config, device, generator)
+    s = sigma.view(b, 1, 1, 1, 1)
+    noisy = latents + s * torch.randn(latents.shape, generator=generator, device=device)
+    c_in, c_skip, c_out, c_noise = edm_preconditioning(s)
+    model_input = torch.cat([c_in * noisy, image_latents], dim=2)
+    out = unet(model_input, c_noise.flatten(), embeddings, added_time_ids).sample.float()
+    target = (latents - c_skip * noisy) / c_out
+    loss = F.mse_loss(out, target)
+    return loss, {"loss": loss.detach()}
