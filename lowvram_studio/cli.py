@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--insecure-share", action="store_true", help="allow --share without --auth")
     ui.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     ui.add_argument("--model", default="demo", help="model to start with")
+    ui.add_argument("--outputs", type=Path, default=None,
+                    help="folder for videos, records and curves (default: your user data folder; or LOWVRAM_STUDIO_OUTPUTS)")
     return parser
 
 
@@ -162,8 +164,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui.app import launch_studio
+    from .ui.share import ShareError
 
-    return launch_studio(args)
+    try:
+        return launch_studio(args)
+    except ShareError as exc:
+        raise UserError(str(exc)) from exc
 
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "ui": cmd_ui}

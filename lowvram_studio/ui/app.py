@@ -211,7 +211,9 @@ class Studio:
         return self.worker.submit(owner, "Generate", work)
 
     def submit_compare(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
-        from ..compare import run_compare  # the monitor branch's compare; the button is off without it
+        if not compare_available():
+            raise gr.Error("Compare FP32 vs FP16 needs lowvram_studio.compare, which this build lacks; update LowVRAM Studio")
+        from ..compare import run_compare
 
         out_dir = unique_path(self.output_dir, time.strftime("compare-%Y%m%d-%H%M%S"), "")
         source = form.get(MODEL) or DEMO
@@ -533,28 +535,48 @@ def build_app(studio: Studio) -> gr.Blocks:
     return app
 
 
-def launch_studio(args: argparse.Namespace) -> int:
-    """Start the studio for ``lowvram-studio ui``; blocks until Ctrl+C."""
+@dataclass
+class RunningStudio:
+    """A started studio: the app, its studio, the addresses, and what to tell the user about sharing."""
+
+    app: gr.Blocks
+    studio: Studio
+    local_url: str
+    share_url: str | None
+    share_report: str | None
+
+    def close(self) -> None:
+        self.studio.worker.close()
+        self.app.close()
+
+
+def start_studio(args: argparse.Namespace) -> RunningStudio:
+    """Start serving without blocking (``launch_studio`` blocks; tests use this)."""
     options = serve_options(args.listen, args.share, args.auth, args.insecure_share)
     outputs = getattr(args, "outputs", None)
     studio = Studio(args.model, Path(outputs) if outputs else None)
     app = build_app(studio)
     app.queue(default_concurrency_limit=None)
+    _, local_url, share_url = app.launch(
+        server_name=options.server_name,
+        server_port=args.port or free_port(),
+        inbrowser=not args.no_browser,
+        share=options.share,
+        auth=options.auth,
+        allowed_paths=[str(studio.output_dir), str(ASSETS)],  # nothing else of this machine is served
+        prevent_thread_lock=True,
+    )
+    return RunningStudio(app, studio, local_url, share_url, share_report(options.share, share_url, local_url))
+
+
+def launch_studio(args: argparse.Namespace) -> int:
+    """Start the studio for ``lowvram-studio ui``; blocks until Ctrl+C."""
+    running = start_studio(args)
     try:
-        _, local_url, share_url = app.launch(
-            server_name=options.server_name,
-            server_port=args.port or free_port(),
-            inbrowser=not args.no_browser,
-            share=options.share,
-            auth=options.auth,
-            allowed_paths=[str(studio.output_dir), str(ASSETS)],
-            prevent_thread_lock=True,
-        )
-        report = share_report(options.share, share_url, local_url)
-        if report:
-            logger.warning(report)
-        logger.warning("outputs are saved to %s", studio.output_dir)
-        app.block_thread()
+        if running.share_report:
+            logger.warning(running.share_report)
+        logger.warning("videos, records and curves are saved to %s", running.studio.output_dir)
+        running.app.block_thread()
     finally:
-        studio.worker.close()
+        running.studio.worker.close()
     return 0
