@@ -30,7 +30,7 @@ from ..models.load import LoadedModel, ModelError, load_model
 from ..settings import RunSettings, SettingsError
 from ..sysinfo import collect_env, cuda_torch_hint, nvml_facts
 from .config_store import ConfigStore, PresetError, default_output_dir
-from .curves import MAX_RUNS, CurveRun, curve_frame, write_curve_png
+from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
 from .form import (
     BUDGET_CHOICES,
     BUDGET_GIB,
@@ -108,6 +108,14 @@ def phase_marks(job: Job) -> list[tuple[float, str]]:
         label = event.phase.value if run is None else f"{str(run).split()[0]} {event.phase.value}"
         marks.append((event.time - job.started_at, label))
     return marks
+
+
+def curve_update(runs: list[CurveRun], memory_label: str) -> dict:
+    """The LinePlot update for ``runs``: colours per run, legend without the phase marks, marks named below."""
+    frame, colors = curve_frame(runs)
+    legend = [name for name in colors if not name.startswith("|")]
+    return gr.update(value=frame, color_map=colors, colors_in_legend=legend, y_title=f"{memory_label} (MiB)",
+                     caption=phase_caption(runs))
 
 
 @dataclass
@@ -240,8 +248,7 @@ class Studio:
 
     def live_curve(self, job: Job, history: TabHistory) -> dict:
         live = CurveRun(f"{job.label} (running)", "live", job.curve(), phase_marks(job))
-        frame, colors = curve_frame([*history.runs, live])
-        return gr.update(value=frame, color_map=colors, y_title=f"{getattr(job.monitor, 'memory_label', 'memory')} (MiB)")
+        return curve_update([*history.runs, live], getattr(job.monitor, "memory_label", "memory"))
 
     def finish_generate(self, job: Job, history: TabHistory) -> tuple:
         output: JobOutput = job.result
@@ -304,8 +311,7 @@ class Studio:
             yield f"✖ {message}", skip, skip, skip, skip, skip, skip
             raise gr.Error(message)
         status, history, video, files, pruning_map = finish(job, history)
-        frame, colors = curve_frame(history.runs)
-        curve = gr.update(value=frame, color_map=colors, y_title=f"{history.memory_label} (MiB)")
+        curve = curve_update(history.runs, history.memory_label)
         stats = gr.update(value=history.rows, headers=STATS_COLUMNS)
         yield (status, curve, video if video else skip, stats, files, pruning_map if pruning_map is not None else skip,
                history)
@@ -336,48 +342,48 @@ def free_port(start: int = 7860, tries: int = 100) -> int:
 # ---- layout -------------------------------------------------------------------------------------
 def _generation_controls(controls: dict[str, gr.components.Component], init: dict[str, Any]) -> None:
     with gr.Row():
-        controls["num_frames"] = gr.Slider(2, 128, value=init["num_frames"], step=1, label="Frames")
-        controls["num_inference_steps"] = gr.Slider(1, 100, value=init["num_inference_steps"], step=1, label="Steps")
+        controls["num_frames"] = gr.Slider(2, 128, value=init["num_frames"], elem_id="ctl-num_frames", step=1, label="Frames")
+        controls["num_inference_steps"] = gr.Slider(1, 100, value=init["num_inference_steps"], elem_id="ctl-num_inference_steps", step=1, label="Steps")
     with gr.Row():
-        controls["width"] = gr.Slider(64, 1024, value=init["width"], step=64, label="Width")
-        controls["height"] = gr.Slider(64, 1024, value=init["height"], step=64, label="Height")
+        controls["width"] = gr.Slider(64, 1024, value=init["width"], elem_id="ctl-width", step=64, label="Width")
+        controls["height"] = gr.Slider(64, 1024, value=init["height"], elem_id="ctl-height", step=64, label="Height")
     with gr.Row():
-        controls["seed"] = gr.Number(value=init["seed"], precision=0, minimum=0, label="Seed")
-        controls["fps"] = gr.Slider(1, 60, value=init["fps"], step=1, label="FPS", info="SVD's fps conditioning and the video's frame rate")
+        controls["seed"] = gr.Number(value=init["seed"], elem_id="ctl-seed", precision=0, minimum=0, label="Seed")
+        controls["fps"] = gr.Slider(1, 60, value=init["fps"], elem_id="ctl-fps", step=1, label="FPS", info="SVD's fps conditioning and the video's frame rate")
     with gr.Accordion("More generation settings", open=False):
-        controls["motion_bucket_id"] = gr.Slider(0, 1023, value=init["motion_bucket_id"], step=1, label="Motion bucket", info="more = more motion")
-        controls["noise_aug_strength"] = gr.Slider(0, 1, value=init["noise_aug_strength"], step=0.01, label="Noise augmentation")
+        controls["motion_bucket_id"] = gr.Slider(0, 1023, value=init["motion_bucket_id"], elem_id="ctl-motion_bucket_id", step=1, label="Motion bucket", info="more = more motion")
+        controls["noise_aug_strength"] = gr.Slider(0, 1, value=init["noise_aug_strength"], elem_id="ctl-noise_aug_strength", step=0.01, label="Noise augmentation")
         with gr.Row():
-            controls["min_guidance_scale"] = gr.Slider(0, 20, value=init["min_guidance_scale"], step=0.1, label="Min guidance (first frame)")
-            controls["max_guidance_scale"] = gr.Slider(0, 20, value=init["max_guidance_scale"], step=0.1, label="Max guidance (last frame; ≤ 1 = no CFG)")
-        controls["device"] = gr.Radio(["auto", "cpu", "cuda"], value=init["device"], label="Device")
+            controls["min_guidance_scale"] = gr.Slider(0, 20, value=init["min_guidance_scale"], elem_id="ctl-min_guidance_scale", step=0.1, label="Min guidance (first frame)")
+            controls["max_guidance_scale"] = gr.Slider(0, 20, value=init["max_guidance_scale"], elem_id="ctl-max_guidance_scale", step=0.1, label="Max guidance (last frame; ≤ 1 = no CFG)")
+        controls["device"] = gr.Radio(["auto", "cpu", "cuda"], value=init["device"], elem_id="ctl-device", label="Device")
 
 
 def _optimization_controls(controls: dict[str, gr.components.Component], init: dict[str, Any]) -> gr.Markdown:
     with gr.Row():
-        controls["vram_budget"] = gr.Dropdown(list(BUDGET_CHOICES), value=init["vram_budget"], label="VRAM budget", info=INFO["vram_budget"])
-        controls[BUDGET_GIB] = gr.Number(value=init[BUDGET_GIB], label="Custom budget (GB)", minimum=0.5, maximum=1024, visible=True)
+        controls["vram_budget"] = gr.Dropdown(list(BUDGET_CHOICES), value=init["vram_budget"], elem_id="ctl-vram_budget", label="VRAM budget", info=INFO["vram_budget"])
+        controls[BUDGET_GIB] = gr.Number(value=init[BUDGET_GIB], elem_id="ctl-budget_gib", label="Custom budget (GB)", minimum=0.5, maximum=1024, visible=True)
     with gr.Row():
-        controls["unet_dtype"] = gr.Checkbox(value=init["unet_dtype"], label="UNet FP16 ⚠ lossy", info=INFO["unet_dtype"])
-        controls["vae_dtype"] = gr.Checkbox(value=init["vae_dtype"], label="VAE FP16 ⚠ lossy", info=INFO["vae_dtype"])
-        controls["encoder_dtype"] = gr.Checkbox(value=init["encoder_dtype"], label="Image encoder FP16 ⚠ lossy", info=INFO["encoder_dtype"])
+        controls["unet_dtype"] = gr.Checkbox(value=init["unet_dtype"], elem_id="ctl-unet_dtype", label="UNet FP16 ⚠ lossy", info=INFO["unet_dtype"])
+        controls["vae_dtype"] = gr.Checkbox(value=init["vae_dtype"], elem_id="ctl-vae_dtype", label="VAE FP16 ⚠ lossy", info=INFO["vae_dtype"])
+        controls["encoder_dtype"] = gr.Checkbox(value=init["encoder_dtype"], elem_id="ctl-encoder_dtype", label="Image encoder FP16 ⚠ lossy", info=INFO["encoder_dtype"])
     with gr.Row():
-        controls["chunk_size"] = gr.Slider(0, 64, value=init["chunk_size"], step=1, label="Temporal chunk size ⚠ lossy", info=INFO["chunk_size"])
-        controls["overlap"] = gr.Slider(0, 16, value=init["overlap"], step=1, label="Chunk overlap", info=INFO["overlap"])
-    controls["prune_threshold"] = gr.Slider(0, 0.1, value=init["prune_threshold"], step=0.001, label="Pruning threshold ⚠ lossy",
+        controls["chunk_size"] = gr.Slider(0, 64, value=init["chunk_size"], elem_id="ctl-chunk_size", step=1, label="Temporal chunk size ⚠ lossy", info=INFO["chunk_size"])
+        controls["overlap"] = gr.Slider(0, 16, value=init["overlap"], elem_id="ctl-overlap", step=1, label="Chunk overlap", info=INFO["overlap"])
+    controls["prune_threshold"] = gr.Slider(0, 0.1, value=init["prune_threshold"], elem_id="ctl-prune_threshold", step=0.001, label="Pruning threshold ⚠ lossy",
                                             info=INFO["prune_threshold"])
     warning = gr.Markdown()
     with gr.Row():
-        controls["offload"] = gr.Radio(["none", "model", "stream"], value=init["offload"], label="Offload", info=INFO["offload"])
-        controls["decode_chunk"] = gr.Slider(0, 32, value=init["decode_chunk"], step=1, label="Decode chunk ⚠ lossy", info=INFO["decode_chunk"])
-    controls["interpolate"] = gr.Radio(["1", "2", "4"], value=init["interpolate"], label="Interpolation ⚠ lossy", info=INFO["interpolate"])
+        controls["offload"] = gr.Radio(["none", "model", "stream"], value=init["offload"], elem_id="ctl-offload", label="Offload", info=INFO["offload"])
+        controls["decode_chunk"] = gr.Slider(0, 32, value=init["decode_chunk"], elem_id="ctl-decode_chunk", step=1, label="Decode chunk ⚠ lossy", info=INFO["decode_chunk"])
+    controls["interpolate"] = gr.Radio(["1", "2", "4"], value=init["interpolate"], elem_id="ctl-interpolate", label="Interpolation ⚠ lossy", info=INFO["interpolate"])
     with gr.Accordion("Lossless memory savers", open=False):
-        controls["cfg_split"] = gr.Checkbox(value=init["cfg_split"], label="CFG split", info=INFO["cfg_split"])
+        controls["cfg_split"] = gr.Checkbox(value=init["cfg_split"], elem_id="ctl-cfg_split", label="CFG split", info=INFO["cfg_split"])
         with gr.Row():
-            controls["spatial_chunk"] = gr.Slider(0, 32, value=init["spatial_chunk"], step=1, label="Spatial chunk", info=INFO["spatial_chunk"])
-            controls["temporal_chunk"] = gr.Slider(0, 16384, value=init["temporal_chunk"], step=256, label="Temporal chunk", info=INFO["temporal_chunk"])
-            controls["ff_chunk"] = gr.Slider(0, 16384, value=init["ff_chunk"], step=256, label="Feed-forward chunk", info=INFO["ff_chunk"])
-        controls["vae_tile"] = gr.Slider(0, 1024, value=init["vae_tile"], step=64, label="VAE tile (px) ⚠ lossy", info=INFO["vae_tile"])
+            controls["spatial_chunk"] = gr.Slider(0, 32, value=init["spatial_chunk"], elem_id="ctl-spatial_chunk", step=1, label="Spatial chunk", info=INFO["spatial_chunk"])
+            controls["temporal_chunk"] = gr.Slider(0, 16384, value=init["temporal_chunk"], elem_id="ctl-temporal_chunk", step=256, label="Temporal chunk", info=INFO["temporal_chunk"])
+            controls["ff_chunk"] = gr.Slider(0, 16384, value=init["ff_chunk"], elem_id="ctl-ff_chunk", step=256, label="Feed-forward chunk", info=INFO["ff_chunk"])
+        controls["vae_tile"] = gr.Slider(0, 1024, value=init["vae_tile"], elem_id="ctl-vae_tile", step=64, label="VAE tile (px) ⚠ lossy", info=INFO["vae_tile"])
     return warning
 
 
@@ -392,10 +398,10 @@ def build_app(studio: Studio) -> gr.Blocks:
         history = gr.State(TabHistory())
         with gr.Row():
             with gr.Column(scale=5):
-                image = gr.Image(type="filepath", label="Input image", height=260)
+                image = gr.Image(type="filepath", label="Input image", height=260, elem_id="input-image")
                 gr.Examples(examples, inputs=image)
                 controls[MODEL] = gr.Dropdown(
-                    [DEMO, *discovered_models()], value=init[MODEL], allow_custom_value=True, label="Model",
+                    [DEMO, *discovered_models()], value=init[MODEL], elem_id="ctl-model", allow_custom_value=True, label="Model",
                     info="demo (built in), a diffusers SVD folder (with model_index.json) or an svd_xt.safetensors file",
                 )
                 with gr.Tab("Generation"):
@@ -410,8 +416,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         load_preset = gr.Button("Load")
                         delete_preset = gr.Button("Delete")
                         reset = gr.Button("Reset to defaults")
-                    controls[GIF] = gr.Checkbox(value=init[GIF], label="Also write a GIF", info=INFO["gif"])
-                lossy_note = gr.Markdown(elem_id="lossy-note")
+                    controls[GIF] = gr.Checkbox(value=init[GIF], elem_id="ctl-gif", label="Also write a GIF", info=INFO["gif"])
+                lossy_note = gr.Markdown(lossy_summary(form_to_settings(init)), elem_id="lossy-note")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     compare = gr.Button("Compare FP32 vs FP16", interactive=compare_available(), elem_id="compare")
@@ -420,8 +426,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 status = gr.Markdown("Ready.", elem_id="status")
                 curve = gr.LinePlot(x="t_s", y="mib", color="series", x_title="seconds since the run started",
                                     y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
-                                    height=300, elem_id="curve")
-                video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True)
+                                    color_title="run", height=380, elem_id="curve")
+                video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=320)
                 stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False, elem_id="stats")
                 with gr.Row():
                     downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")

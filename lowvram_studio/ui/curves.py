@@ -43,6 +43,13 @@ def thin(points: Sequence[tuple[float, float]], limit: int = MAX_POINTS) -> list
     return [points[i] for i in sorted(keep)]
 
 
+def phase_caption(runs: Sequence[CurveRun]) -> str:
+    """Names the grey phase marks of the newest run, e.g. 'Grey lines: load 0.0 s · denoise 2.4 s'."""
+    if not runs or not runs[-1].phases:
+        return ""
+    return "Grey lines, phase starts of the newest run: " + " · ".join(f"{p} {t:.1f} s" for t, p in runs[-1].phases)
+
+
 def curve_frame(runs: Sequence[CurveRun]) -> tuple[pd.DataFrame, dict[str, str]]:
     """(table for gr.LinePlot with columns t_s, mib, series; colour per series).
 
