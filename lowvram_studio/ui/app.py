@@ -561,6 +561,9 @@ def start_studio(args: argparse.Namespace) -> RunningStudio:
     options = serve_options(args.listen, args.share, args.auth, args.insecure_share)
     outputs = getattr(args, "outputs", None)
     studio = Studio(args.model, Path(outputs) if outputs else None)
+    problem = studio.output_problem()  # also creates the folder
+    if problem:
+        logger.warning(problem)
     app = build_app(studio)
     app.queue(default_concurrency_limit=None)
     _, local_url, share_url = app.launch(
