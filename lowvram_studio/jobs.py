@@ -16,6 +16,7 @@ import PIL.Image
 from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunEvent
 from .engine.sampler import RunResult, generate
+from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .settings import RunSettings
 from .sysinfo import collect_env
@@ -77,6 +78,8 @@ def build_record(model: LoadedModel, result: RunResult) -> dict:
             "device_peak_mib": None,
             "ram_peak_mib": None,
             "pruned_fraction": result.info.get("pruned_fraction"),
+            "video_fps": output_fps(result.settings.fps, result.settings.interpolate),
+            "interpolation": result.info.get("interpolation"),
             "psnr_db": None,
             "ssim": None,
             "device": result.device,
@@ -87,10 +90,27 @@ def build_record(model: LoadedModel, result: RunResult) -> dict:
     }
 
 
-def _emit(event: RunEvent, result: RunResult, on_event: EventCallback | None) -> None:
+def _emit(event: RunEvent, result: RunResult, on_event: EventCallback | None) -> RunEvent:
     result.events.append(event)
     if on_event:
         on_event(event)
+    return event
+
+
+def _interpolate(result: RunResult, on_event: EventCallback | None, cancel: CancelToken) -> None:
+    """Deliver ``interpolate`` x the generated frames (CPU optical flow; lossy, marked in the record)."""
+    factor = result.settings.interpolate
+    pairs = result.frames.shape[0] - 1
+    started = _emit(RunEvent(Phase.INTERPOLATE, step=0, total=pairs), result, on_event).time
+
+    def on_pair(done: int, total: int) -> None:
+        cancel.raise_if_cancelled()
+        _emit(RunEvent(Phase.INTERPOLATE, step=done, total=total), result, on_event)
+
+    clip = interpolate_frames(result.frames, factor, progress=on_pair)
+    result.frames = clip.frames
+    result.info["interpolation"] = clip.to_record()
+    result.phase_seconds[Phase.INTERPOLATE.value] = time.perf_counter() - started
 
 
 def run_job(
@@ -107,12 +127,16 @@ def run_job(
     check_outputs_free(video_path, gif)
     paths = output_paths(video_path, gif)
     fitted = media.fit_image(image, settings.width, settings.height)
+    cancel = cancel or CancelToken()
     result = generate(model.pipeline, fitted, settings, on_event=on_event, cancel=cancel)
+    if settings.interpolate > 1:
+        _interpolate(result, on_event, cancel)
+    fps = output_fps(settings.fps, settings.interpolate)
 
     _emit(RunEvent(Phase.EXPORT), result, on_event)
     started = time.perf_counter()
-    media.write_mp4(result.frames, paths["video"], fps=settings.fps)
-    gif_path = media.write_gif(result.frames, paths["gif"], fps=settings.fps) if gif else None
+    media.write_mp4(result.frames, paths["video"], fps=fps)
+    gif_path = media.write_gif(result.frames, paths["gif"], fps=fps) if gif else None
     result.phase_seconds[Phase.EXPORT.value] = time.perf_counter() - started
     record = build_record(model, result)
     media.write_json(record, paths["record"])

@@ -67,3 +67,15 @@ def test_info_json_describes_the_machine():
     assert done.returncode == 0, done.stderr
     env = json.loads(done.stdout)
     assert env["torch"] and "nvml" in env and env["diffusers"]
+
+
+def test_interpolation_delivers_more_frames_at_a_higher_rate(tmp_path):
+    out = tmp_path / "x2.mp4"
+    done = run_cli("generate", "--image", str(ASSET), "--out", str(out), "--frames", "4", "--height", "64",
+                   "--width", "64", "--steps", "2", "--fps", "6", "--interpolate", "2")
+    assert done.returncode == 0, done.stderr
+    frames, fps = read_video(out)
+    assert frames.shape[0] == 7 and fps == 12
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["results"]["interpolation"]["generated_frames"] == [0, 2, 4, 6]
+    assert record["settings"]["interpolate"] == 2
