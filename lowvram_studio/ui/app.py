@@ -230,8 +230,7 @@ class Studio:
             on_event(RunEvent(Phase.LOAD, message=f"loading model {source}"))
             model = self.model(source)
             fitted = fit_image(image, settings.width, settings.height)
-            return run_compare(model.pipeline, fitted, settings, out_dir, on_event=on_event, cancel=cancel,
-                               model_info=model.describe())
+            return run_compare(model, fitted, settings, out_dir, on_event=on_event, cancel=cancel)
 
         return self.worker.submit(owner, "Compare FP32 vs FP16", work)
 

@@ -138,7 +138,7 @@ class Job:
         if event is None:
             return "starting"
         if event.phase != Phase.DENOISE or not event.total:
-            return event.phase.value
+            return event.label
         run = event.data.get("compare_run")
         started = next(e.time for e in self.events if e.phase == Phase.DENOISE and e.data.get("compare_run") == run)
         step = event.step or 0
