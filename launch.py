@@ -59,7 +59,8 @@ def torch_requirement(system: str = os.name, has_nvidia: bool | None = None) -> 
     if has_nvidia is None:
         has_nvidia = shutil.which("nvidia-smi") is not None
     if system == "nt" and has_nvidia:
-        return ["torch", "--index-url", "https://download.pytorch.org/whl/cu128", "--extra-index-url", "https://pypi.org/simple"]
+        return ["torch", "--index-url", "https://download.pytorch.org/whl/cu128",
+                "--extra-index-url", "https://pypi.org/simple"]
     return ["torch"]
 
 

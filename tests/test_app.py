@@ -101,7 +101,7 @@ def test_user_errors_arrive_as_messages_with_the_fix(studio_url):
 def test_compare_runs_fp32_fp16_and_optimized_with_fidelity(studio_url):
     client = Client(studio_url, verbose=False)
     status, curve, _, stats, downloads, _ = client.predict(
-        image_path=handle_file(str(ASSET)), **SMALL, api_name="/compare")
+        image_path=handle_file(str(ASSET)), **{**SMALL, "num_frames": 2, "num_inference_steps": 1}, api_name="/compare")
     rows = stats["value"]["data"][-3:]
     assert [r[0].split()[0] for r in rows] == ["FP32", "FP16", "FP16"]
     assert rows[1][7] != "n/a"  # PSNR against the FP32 reference
@@ -160,3 +160,48 @@ def test_offline_share_is_reported_plainly_and_the_local_address_keeps_working(t
         assert requests.get(running.local_url, timeout=10).status_code == 200
     finally:
         running.close()
+
+
+def test_budget_presets_fill_the_optimizations_and_manual_leaves_them():
+    from lowvram_studio.ui.form import budget_row, form_to_settings, settings_to_form
+
+    assert budget_row("off", gpu_total_gib=None) is None
+    small = budget_row("4GB", gpu_total_gib=None)
+    assert small["unet_dtype"] == "fp16" and small["offload"] == "stream" and small["cfg_split"]
+    assert budget_row("5.5GB", None) == small  # a custom size gets the largest row that fits
+    assert budget_row("auto", gpu_total_gib=80.0)["offload"] == "none"
+    assert budget_row("auto", gpu_total_gib=None)["unet_dtype"] == "fp32"  # no GPU: nothing to save
+    form = {"vram_budget": "Custom", "budget_gib": 5.5, "unet_dtype": True, "num_frames": 6.0, "interpolate": "2"}
+    settings = form_to_settings(form)
+    assert (settings.vram_budget, settings.unet_dtype.value, settings.num_frames, settings.interpolate) == (
+        "5.5GB", "fp16", 6, 2)
+    assert settings_to_form(settings, list(form)) == {**form, "num_frames": 6}
+
+
+def test_lossy_and_ghosting_warnings_name_the_setting():
+    from lowvram_studio.settings import RunSettings
+    from lowvram_studio.ui.form import lossy_summary, prune_warning
+
+    assert lossy_summary(RunSettings(unet_dtype="fp32")).startswith("Lossless")
+    assert "prune_threshold" in lossy_summary(RunSettings(unet_dtype="fp32", prune_threshold=0.01))
+    assert "ghosting" in prune_warning(0.005) and prune_warning(0.0) == "" and prune_warning(0.012) == ""
+
+
+def test_out_of_memory_becomes_a_message_with_the_fix():
+    import torch
+
+    from lowvram_studio.ui.app import user_message
+
+    message = user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "ran out of memory" in message and "smaller VRAM budget" in message
+
+
+def test_serving_binds_locally_unless_told_and_parses_auth():
+    from lowvram_studio.ui.share import serve_options
+
+    assert serve_options(False, False, None, False, environ={}).server_name == "127.0.0.1"
+    assert serve_options(True, False, None, False, environ={}).server_name == "0.0.0.0"
+    assert serve_options(False, True, None, False, environ={"LOWVRAM_STUDIO_AUTH": "me:a:b"}).auth == ("me", "a:b")
+    assert serve_options(False, True, None, True, environ={}).auth is None  # explicitly insecure
+    with pytest.raises(ShareError, match="USER:PASS"):
+        serve_options(False, False, "no-colon", False, environ={})

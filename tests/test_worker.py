@@ -69,7 +69,9 @@ def test_a_failing_job_keeps_its_error_and_the_next_job_still_runs(worker):
     assert good.state == JobState.DONE and good.result == 42
 
 
-def test_stop_ends_a_real_run_within_one_step_and_the_curve_was_sampled(worker, demo_pipeline, test_image, small_settings):
+def test_stop_ends_a_real_run_within_one_step_and_the_curve_was_sampled(
+    worker, demo_pipeline, test_image, small_settings
+):
     settings = small_settings.replace(num_inference_steps=50, num_frames=4)
     steps_after_stop = []
 

@@ -158,9 +158,11 @@ class Studio:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            return f"cannot create the output folder {self.output_dir} ({exc.strerror}); start the studio with --outputs DIR"
+            return (f"cannot create the output folder {self.output_dir} ({exc.strerror}); "
+                    "start the studio with --outputs DIR")
         if not os.access(self.output_dir, os.W_OK):
-            return f"cannot write to the output folder {self.output_dir}: permission denied; start the studio with --outputs DIR"
+            return (f"cannot write to the output folder {self.output_dir}: permission denied; "
+                    "start the studio with --outputs DIR")
         return None
 
     def banner(self) -> str:
@@ -220,7 +222,8 @@ class Studio:
 
     def submit_compare(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
         if not compare_available():
-            raise gr.Error("Compare FP32 vs FP16 needs lowvram_studio.compare, which this build lacks; update LowVRAM Studio")
+            raise gr.Error("Compare FP32 vs FP16 needs lowvram_studio.compare, which this build lacks; "
+                           "update LowVRAM Studio")
         from ..compare import run_compare
 
         out_dir = unique_path(self.output_dir, time.strftime("compare-%Y%m%d-%H%M%S"), "")
@@ -258,16 +261,19 @@ class Studio:
         label = getattr(job.monitor, "memory_label", "memory")
         results = output.record["results"]
         peak = results.get("process_peak_mib") or run.peak_mib
-        row = [run.label, _fmt(peak, 0), label, _fmt(results.get("torch_peak_mib"), 0),
+        torch_peak = results.get("torch_peak_mib") or getattr(job.monitor, "torch_peak_mib", None)
+        row = [run.label, _fmt(peak, 0), label, _fmt(torch_peak, 0),
                _fmt(results.get("seconds_per_step"), 2), _fmt(results.get("output_fps"), 2),
                _fmt(results.get("pruned_fraction"), 1, 100.0), "n/a", "n/a"]
         history = TabHistory(history.runs, history.rows, label)
         history.add(run, row)
-        curve_png = write_curve_png(history.runs, label, unique_path(self.output_dir, f"{output.video.stem}-curve", ".png"))
+        png_path = unique_path(self.output_dir, f"{output.video.stem}-curve", ".png")
+        curve_png = write_curve_png(history.runs, label, png_path)
         files = [str(p) for p in (output.video, output.gif, output.record_path, curve_png) if p]
         frames = output.result.frames.shape[0]
         status = (f"✔ {frames} frames at {settings.width}x{settings.height} in {output.result.seconds_total:.1f} s "
-                  f"({output.result.seconds_per_step:.2f} s/step on {output.result.device}); saved to {output.video.parent}")
+                  f"({output.result.seconds_per_step:.2f} s/step on {output.result.device}); "
+                  f"saved to {output.video.parent}")
         return status, history, str(output.video), files, output.result.info.get("pruning_map")
 
     def finish_compare(self, job: Job, history: TabHistory) -> tuple:
@@ -339,74 +345,88 @@ def free_port(start: int = 7860, tries: int = 100) -> int:
 
 
 # ---- layout -------------------------------------------------------------------------------------
-def _generation_controls(controls: dict[str, gr.components.Component], init: dict[str, Any]) -> None:
+class _Form:
+    """Creates the form's controls: each named after its RunSettings field, with its saved value and info text."""
+
+    def __init__(self, init: dict[str, Any]):
+        self.init = init
+        self.controls: dict[str, gr.components.Component] = {}
+
+    def add(self, name: str, factory: Callable[..., gr.components.Component], *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("info", INFO.get(name))
+        self.controls[name] = factory(*args, value=self.init[name], elem_id=f"ctl-{name}", **kwargs)
+
+
+def _generation_controls(form: _Form) -> None:
     with gr.Row():
-        controls["num_frames"] = gr.Slider(2, 128, value=init["num_frames"], elem_id="ctl-num_frames", step=1, label="Frames")
-        controls["num_inference_steps"] = gr.Slider(1, 100, value=init["num_inference_steps"], elem_id="ctl-num_inference_steps", step=1, label="Steps")
+        form.add("num_frames", gr.Slider, 2, 128, step=1, label="Frames")
+        form.add("num_inference_steps", gr.Slider, 1, 100, step=1, label="Steps")
     with gr.Row():
-        controls["width"] = gr.Slider(64, 1024, value=init["width"], elem_id="ctl-width", step=64, label="Width")
-        controls["height"] = gr.Slider(64, 1024, value=init["height"], elem_id="ctl-height", step=64, label="Height")
+        form.add("width", gr.Slider, 64, 1024, step=64, label="Width")
+        form.add("height", gr.Slider, 64, 1024, step=64, label="Height")
     with gr.Row():
-        controls["seed"] = gr.Number(value=init["seed"], elem_id="ctl-seed", precision=0, minimum=0, label="Seed")
-        controls["fps"] = gr.Slider(1, 60, value=init["fps"], elem_id="ctl-fps", step=1, label="FPS", info="SVD's fps conditioning and the video's frame rate")
+        form.add("seed", gr.Number, precision=0, minimum=0, label="Seed")
+        form.add("fps", gr.Slider, 1, 60, step=1, label="FPS", info="SVD's fps conditioning and the video's frame rate")
     with gr.Accordion("More generation settings", open=False):
-        controls["motion_bucket_id"] = gr.Slider(0, 1023, value=init["motion_bucket_id"], elem_id="ctl-motion_bucket_id", step=1, label="Motion bucket", info="more = more motion")
-        controls["noise_aug_strength"] = gr.Slider(0, 1, value=init["noise_aug_strength"], elem_id="ctl-noise_aug_strength", step=0.01, label="Noise augmentation")
+        form.add("motion_bucket_id", gr.Slider, 0, 1023, step=1, label="Motion bucket", info="more = more motion")
+        form.add("noise_aug_strength", gr.Slider, 0, 1, step=0.01, label="Noise augmentation")
         with gr.Row():
-            controls["min_guidance_scale"] = gr.Slider(0, 20, value=init["min_guidance_scale"], elem_id="ctl-min_guidance_scale", step=0.1, label="Min guidance (first frame)")
-            controls["max_guidance_scale"] = gr.Slider(0, 20, value=init["max_guidance_scale"], elem_id="ctl-max_guidance_scale", step=0.1, label="Max guidance (last frame; ≤ 1 = no CFG)")
-        controls["device"] = gr.Radio(["auto", "cpu", "cuda"], value=init["device"], elem_id="ctl-device", label="Device")
+            form.add("min_guidance_scale", gr.Slider, 0, 20, step=0.1, label="Min guidance (first frame)")
+            form.add("max_guidance_scale", gr.Slider, 0, 20, step=0.1,
+                     label="Max guidance (last frame; ≤ 1 = no CFG)")
+        form.add("device", gr.Radio, ["auto", "cpu", "cuda"], label="Device")
 
 
-def _optimization_controls(controls: dict[str, gr.components.Component], init: dict[str, Any]) -> gr.Markdown:
+def _optimization_controls(form: _Form) -> gr.Markdown:
+    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label."""
     with gr.Row():
-        controls["vram_budget"] = gr.Dropdown(list(BUDGET_CHOICES), value=init["vram_budget"], elem_id="ctl-vram_budget", label="VRAM budget", info=INFO["vram_budget"])
-        controls[BUDGET_GIB] = gr.Number(value=init[BUDGET_GIB], elem_id="ctl-budget_gib", label="Custom budget (GB)", minimum=0.5, maximum=1024, visible=True)
+        form.add("vram_budget", gr.Dropdown, list(BUDGET_CHOICES), label="VRAM budget")
+        form.add(BUDGET_GIB, gr.Number, label="Custom budget (GB)", minimum=0.5, maximum=1024,
+                 info="used when the VRAM budget is Custom")
     with gr.Row():
-        controls["unet_dtype"] = gr.Checkbox(value=init["unet_dtype"], elem_id="ctl-unet_dtype", label="UNet FP16 ⚠ lossy", info=INFO["unet_dtype"])
-        controls["vae_dtype"] = gr.Checkbox(value=init["vae_dtype"], elem_id="ctl-vae_dtype", label="VAE FP16 ⚠ lossy", info=INFO["vae_dtype"])
-        controls["encoder_dtype"] = gr.Checkbox(value=init["encoder_dtype"], elem_id="ctl-encoder_dtype", label="Image encoder FP16 ⚠ lossy", info=INFO["encoder_dtype"])
+        form.add("unet_dtype", gr.Checkbox, label="UNet FP16 ⚠ lossy")
+        form.add("vae_dtype", gr.Checkbox, label="VAE FP16 ⚠ lossy")
+        form.add("encoder_dtype", gr.Checkbox, label="Image encoder FP16 ⚠ lossy")
     with gr.Row():
-        controls["chunk_size"] = gr.Slider(0, 64, value=init["chunk_size"], elem_id="ctl-chunk_size", step=1, label="Temporal chunk size ⚠ lossy", info=INFO["chunk_size"])
-        controls["overlap"] = gr.Slider(0, 16, value=init["overlap"], elem_id="ctl-overlap", step=1, label="Chunk overlap", info=INFO["overlap"])
-    controls["prune_threshold"] = gr.Slider(0, 0.1, value=init["prune_threshold"], elem_id="ctl-prune_threshold", step=0.001, label="Pruning threshold ⚠ lossy",
-                                            info=INFO["prune_threshold"])
-    warning = gr.Markdown()
+        form.add("chunk_size", gr.Slider, 0, 64, step=1, label="Temporal chunk size ⚠ lossy")
+        form.add("overlap", gr.Slider, 0, 16, step=1, label="Chunk overlap")
+    form.add("prune_threshold", gr.Slider, 0, 0.1, step=0.001, label="Pruning threshold ⚠ lossy")
+    warning = gr.Markdown(elem_id="prune-warning")
     with gr.Row():
-        controls["offload"] = gr.Radio(["none", "model", "stream"], value=init["offload"], elem_id="ctl-offload", label="Offload", info=INFO["offload"])
-        controls["decode_chunk"] = gr.Slider(0, 32, value=init["decode_chunk"], elem_id="ctl-decode_chunk", step=1, label="Decode chunk ⚠ lossy", info=INFO["decode_chunk"])
-    controls["interpolate"] = gr.Radio(["1", "2", "4"], value=init["interpolate"], elem_id="ctl-interpolate", label="Interpolation ⚠ lossy", info=INFO["interpolate"])
+        form.add("offload", gr.Radio, ["none", "model", "stream"], label="Offload")
+        form.add("decode_chunk", gr.Slider, 0, 32, step=1, label="Decode chunk ⚠ lossy")
+    form.add("interpolate", gr.Radio, ["1", "2", "4"], label="Interpolation ⚠ lossy")
     with gr.Accordion("Lossless memory savers", open=False):
-        controls["cfg_split"] = gr.Checkbox(value=init["cfg_split"], elem_id="ctl-cfg_split", label="CFG split", info=INFO["cfg_split"])
+        form.add("cfg_split", gr.Checkbox, label="CFG split")
         with gr.Row():
-            controls["spatial_chunk"] = gr.Slider(0, 32, value=init["spatial_chunk"], elem_id="ctl-spatial_chunk", step=1, label="Spatial chunk", info=INFO["spatial_chunk"])
-            controls["temporal_chunk"] = gr.Slider(0, 16384, value=init["temporal_chunk"], elem_id="ctl-temporal_chunk", step=256, label="Temporal chunk", info=INFO["temporal_chunk"])
-            controls["ff_chunk"] = gr.Slider(0, 16384, value=init["ff_chunk"], elem_id="ctl-ff_chunk", step=256, label="Feed-forward chunk", info=INFO["ff_chunk"])
-        controls["vae_tile"] = gr.Slider(0, 1024, value=init["vae_tile"], elem_id="ctl-vae_tile", step=64, label="VAE tile (px) ⚠ lossy", info=INFO["vae_tile"])
+            form.add("spatial_chunk", gr.Slider, 0, 32, step=1, label="Spatial chunk")
+            form.add("temporal_chunk", gr.Slider, 0, 16384, step=256, label="Temporal chunk")
+            form.add("ff_chunk", gr.Slider, 0, 16384, step=256, label="Feed-forward chunk")
+        form.add("vae_tile", gr.Slider, 0, 1024, step=64, label="VAE tile (px) ⚠ lossy")
     return warning
 
 
 def build_app(studio: Studio) -> gr.Blocks:
     """The page: inputs and settings on the left, the live curve and results on the right."""
     examples = sorted(str(p) for p in ASSETS.glob("*.png"))
-    controls: dict[str, gr.components.Component] = {}
-    init = studio.default_form(FORM_NAMES)
+    form = _Form(studio.default_form(FORM_NAMES))
+    controls = form.controls
     with gr.Blocks(title="LowVRAM Studio") as app:
-        gr.Markdown("# LowVRAM Studio\nImage to video with Stable Video Diffusion on small GPUs; every memory trick measured live.")
+        gr.Markdown("# LowVRAM Studio\n"
+                    "Image to video with Stable Video Diffusion on small GPUs; every memory trick measured live.")
         banner = gr.Markdown(elem_id="banner")
         history = gr.State(TabHistory())
         with gr.Row():
             with gr.Column(scale=5):
                 image = gr.Image(type="filepath", label="Input image", height=260, elem_id="input-image")
                 gr.Examples(examples, inputs=image)
-                controls[MODEL] = gr.Dropdown(
-                    [DEMO, *discovered_models()], value=init[MODEL], elem_id="ctl-model", allow_custom_value=True, label="Model",
-                    info="demo (built in), a diffusers SVD folder (with model_index.json) or an svd_xt.safetensors file",
-                )
+                form.add(MODEL, gr.Dropdown, [DEMO, *discovered_models()], allow_custom_value=True, label="Model",
+                         info="demo (built in), a diffusers SVD folder (with model_index.json) "
+                              "or an svd_xt.safetensors file")
                 with gr.Tab("Generation"):
-                    _generation_controls(controls, init)
+                    _generation_controls(form)
                 with gr.Tab("Optimizations"):
-                    prune_note = _optimization_controls(controls, init)
+                    prune_note = _optimization_controls(form)
                 with gr.Tab("Presets"):
                     preset_name = gr.Dropdown([], allow_custom_value=True, label="Preset",
                                               info="type a name to save the current settings, or pick one")
@@ -415,8 +435,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         load_preset = gr.Button("Load")
                         delete_preset = gr.Button("Delete")
                         reset = gr.Button("Reset to defaults")
-                    controls[GIF] = gr.Checkbox(value=init[GIF], elem_id="ctl-gif", label="Also write a GIF", info=INFO["gif"])
-                lossy_note = gr.Markdown(lossy_summary(form_to_settings(init)), elem_id="lossy-note")
+                    form.add(GIF, gr.Checkbox, label="Also write a GIF")
+                lossy_note = gr.Markdown(lossy_summary(form_to_settings(form.init)), elem_id="lossy-note")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     compare = gr.Button("Compare FP32 vs FP16", interactive=compare_available(), elem_id="compare")
@@ -427,7 +447,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                                     y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
                                     color_title="run", height=380, elem_id="curve")
                 video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=320)
-                stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False, elem_id="stats")
+                stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False,
+                                     elem_id="stats")
                 with gr.Row():
                     downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
                     pruning_map = gr.Image(label="Pruning map (when pruning is on)", interactive=False)
@@ -471,17 +492,17 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def set_locked(locked: bool) -> Callable[[], list[dict]]:
             def update() -> list[dict]:
-                return [gr.update(interactive=not locked and (c is not compare or compare_available())) for c in lockable]
+                usable = [not locked and (c is not compare or compare_available()) for c in lockable]
+                return [gr.update(interactive=flag) for flag in usable]
 
             return update
 
         def apply_budget(choice: str, gib: float | None) -> list[Any]:
             row = budget_row(budget_value(choice, gib), gpu_total_gib())
-            custom = gr.update(visible=choice == "Custom")
-            if row is None:
-                return [custom, *[gr.skip() for _ in optimization_names]]
-            form = settings_to_form(RunSettings().replace(**row), optimization_names)
-            return [custom, *[form[name] for name in optimization_names]]
+            if row is None:  # Manual: the sliders stay as the user set them
+                return [gr.skip() for _ in optimization_names]
+            values = settings_to_form(RunSettings().replace(**row), optimization_names)
+            return [values[name] for name in optimization_names]
 
         def describe(*values: Any) -> str:
             try:
@@ -521,12 +542,13 @@ def build_app(studio: Studio) -> gr.Blocks:
         app.unload(tab_closed)
         for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
             button.click(set_locked(True), outputs=lockable, queue=False, api_name=False).then(
-                with_named_values(handler, names), inputs=[history, image, *components], outputs=results, api_name=api_name,
+                with_named_values(handler, names), inputs=[history, image, *components], outputs=results,
+                api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
             ).then(set_locked(False), outputs=lockable, queue=False, api_name=False)
         stop.click(stop_run, outputs=status, api_name="stop", concurrency_limit=None)
         budget_inputs = [controls["vram_budget"], controls[BUDGET_GIB]]
-        budget_outputs = [controls[BUDGET_GIB], *[controls[n] for n in optimization_names]]
+        budget_outputs = [controls[n] for n in optimization_names]
         controls["vram_budget"].input(apply_budget, budget_inputs, budget_outputs, queue=False, api_name=False)
         controls[BUDGET_GIB].input(apply_budget, budget_inputs, budget_outputs, queue=False, api_name=False)
         gr.on([c.change for c in components], describe, components, lossy_note, queue=False, api_name=False,
