@@ -15,6 +15,7 @@ from gradio_client.exceptions import AppError
 from lowvram_studio.media import read_video
 from lowvram_studio.ui.app import ASSETS, Studio, build_app, compare_available, start_studio
 from lowvram_studio.ui.config_store import ConfigStore
+from lowvram_studio.ui.form import FORM_NAMES
 from lowvram_studio.ui.share import ShareError
 
 ASSET = ASSETS / "ball_and_box.png"
@@ -95,6 +96,20 @@ def test_user_errors_arrive_as_messages_with_the_fix(studio_url):
         client.predict(image_path=None, **SMALL, api_name="/generate")
     with pytest.raises(AppError, match="overlap must be at least 0 and smaller than chunk_size"):
         client.predict(image_path=handle_file(str(ASSET)), **SMALL, chunk_size=4, overlap=6, api_name="/generate")
+    with pytest.raises(AppError, match="was not found.*model_index.json"):
+        client.predict(image_path=handle_file(str(ASSET)), **SMALL, model="/no/such/model", api_name="/generate")
+
+
+def test_named_presets_save_load_and_reset(studio_url, studio):
+    client = Client(studio_url, verbose=False)
+    client.predict(name="tiny card", **SMALL, unet_dtype=True, api_name="/save_preset")
+    assert "tiny card" in studio.store.preset_names()
+    loaded = dict(zip(FORM_NAMES, client.predict(name="tiny card", api_name="/load_preset")))
+    assert (loaded["num_frames"], loaded["unet_dtype"], loaded["width"]) == (4, True, 64)
+    defaults = dict(zip(FORM_NAMES, client.predict(api_name="/reset")))
+    assert (defaults["num_frames"], defaults["unet_dtype"]) == (14, False)
+    client.predict(name="tiny card", api_name="/delete_preset")
+    assert "tiny card" not in studio.store.preset_names()
 
 
 @pytest.mark.skipif(not compare_available(), reason="lowvram_studio.compare (monitor branch) is not merged yet")

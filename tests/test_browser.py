@@ -109,6 +109,9 @@ def test_leaving_the_page_mid_run_stops_its_job(studio_page):
     steps.send_keys("80", Keys.TAB)
     driver.find_element(By.ID, "generate").click()
     _wait(driver, lambda d: "denoise step" in _text(d, "status"), 60)
+    assert driver.find_element(By.ID, "generate").get_attribute("disabled")  # nothing may disturb the run
+    assert steps.get_attribute("disabled")
+    assert not driver.find_element(By.ID, "stop").get_attribute("disabled")
     job = studio.worker.running
     assert job is not None and job.events[-1].total == 80
     driver.get("about:blank")

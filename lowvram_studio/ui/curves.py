@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 COLORS = {"fp32": "#d62728", "fp16": "#1f77b4", "optimized": "#2ca02c", "live": "#ff7f0e", "phase": "#9e9e9e"}
-MAX_POINTS = 300  # per series: enough for the eye, small enough to redraw 4x a second
+MAX_POINTS = 200  # per series: enough for the eye, cheap for the browser to redraw 2.5x a second
 MAX_RUNS = 6  # earlier runs kept per tab
 
 
