@@ -7,8 +7,8 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-import requests
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -60,7 +60,7 @@ def test_generate_streams_progress_then_shows_video_stats_and_downloads(studio, 
     status, curve, video, stats, downloads, _ = job.result(timeout=120)
 
     assert any("denoise step" in line and "/2" in line for line in _status_lines(job))
-    assert status.startswith("✔ 4 frames at 64x64")
+    assert status.startswith("✔ 4 frames at 64x64") and "Grey lines, phase starts" in status
     frames, _ = read_video(video["video"] if isinstance(video, dict) else video)
     assert frames.shape[0] == 4
     series = {row[2] for row in curve["value"]["data"]}
@@ -125,9 +125,9 @@ def test_compare_runs_fp32_fp16_and_optimized_with_fidelity(studio_url):
 
 def test_only_output_and_asset_folders_are_served(studio_url, studio):
     project_file = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    assert requests.get(f"{studio_url}gradio_api/file={project_file}", timeout=10).status_code == 403
-    assert requests.get(f"{studio_url}gradio_api/file=/etc/hostname", timeout=10).status_code == 403
-    assert requests.get(f"{studio_url}gradio_api/file={ASSET}", timeout=10).status_code == 200
+    assert httpx.get(f"{studio_url}gradio_api/file={project_file}", timeout=10).status_code == 403
+    assert httpx.get(f"{studio_url}gradio_api/file=/etc/hostname", timeout=10).status_code == 403
+    assert httpx.get(f"{studio_url}gradio_api/file={ASSET}", timeout=10).status_code == 200
 
 
 def test_wrong_password_is_rejected_and_problems_show_on_the_page(tmp_path):
@@ -138,7 +138,7 @@ def test_wrong_password_is_rejected_and_problems_show_on_the_page(tmp_path):
     studio = Studio("demo", blocker / "outputs", ConfigStore(tmp_path / "config"))
     app, url = _serve(studio, auth=("me", "long-secret"))
     try:
-        assert requests.post(f"{url}login", data={"username": "me", "password": "wrong"}, timeout=10).status_code == 400
+        assert httpx.post(f"{url}login", data={"username": "me", "password": "wrong"}, timeout=10).status_code == 400
         with pytest.raises(Exception):
             Client(url, auth=("me", "wrong"), verbose=False)
         client = Client(url, auth=("me", "long-secret"), verbose=False)
@@ -172,7 +172,7 @@ def test_offline_share_is_reported_plainly_and_the_local_address_keeps_working(t
         if running.share_url is None:  # this machine is offline (CI): say so and keep serving locally
             assert "Could not create a public share link" in running.share_report
             assert running.local_url in running.share_report
-        assert requests.get(running.local_url, timeout=10).status_code == 200
+        assert httpx.get(running.local_url, timeout=10).status_code == 200
     finally:
         running.close()
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,12 +54,12 @@ def test_launch_starts_the_studio_on_the_given_port_without_set_up(tmp_path):
     try:
         while time.time() - started < 120 and process.poll() is None:
             try:
-                if requests.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except httpx.ConnectError:
                 time.sleep(0.5)
         assert process.poll() is None, process.stdout.read()
-        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
         assert not (ROOT / ".venv").exists() or launch.venv_ready()  # nothing was installed for this start
     finally:
         process.terminate()

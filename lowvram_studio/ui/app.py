@@ -114,8 +114,7 @@ def curve_update(runs: list[CurveRun], memory_label: str) -> dict:
     """The LinePlot update for ``runs``: colours per run, legend without the phase marks, marks named below."""
     frame, colors = curve_frame(runs)
     legend = [name for name in colors if not name.startswith("|")]
-    return gr.update(value=frame, color_map=colors, colors_in_legend=legend, y_title=f"{memory_label} (MiB)",
-                     caption=phase_caption(runs))
+    return gr.update(value=frame, color_map=colors, colors_in_legend=legend, y_title=f"{memory_label} (MiB)")
 
 
 @dataclass
@@ -317,6 +316,7 @@ class Studio:
             raise gr.Error(message)
         status, history, video, files, pruning_map = finish(job, history)
         curve = curve_update(history.runs, history.memory_label)
+        status = "\n\n".join(line for line in (status, phase_caption(history.runs)) if line)
         stats = gr.update(value=history.rows, headers=STATS_COLUMNS)
         yield (status, curve, video if video else skip, stats, files, pruning_map if pruning_map is not None else skip,
                history)
@@ -445,7 +445,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 status = gr.Markdown("Ready.", elem_id="status")
                 curve = gr.LinePlot(x="t_s", y="mib", color="series", x_title="seconds since the run started",
                                     y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
-                                    color_title="run", height=380, elem_id="curve")
+                                    color_title="run", elem_id="curve")  # a fixed height clips the legend
                 video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=320)
                 stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False,
                                      elem_id="stats")
