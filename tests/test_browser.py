@@ -68,6 +68,13 @@ def _open_tab(driver, name: str) -> None:
     next(t for t in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == name).click()
 
 
+def _pick_budget(driver, choice: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, "#ctl-vram_budget input").click()
+    option = _wait(driver, lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "li[role=option]")
+                                    if o.get_attribute("aria-label") == choice], 10)
+    option[0].click()
+
+
 def _text(driver, element_id: str) -> str:
     return driver.find_element(By.ID, element_id).text
 
@@ -81,6 +88,12 @@ def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_pa
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"), 30)
 
     _open_tab(driver, "Optimizations")
+    fp16_unet = driver.find_element(By.CSS_SELECTOR, "#ctl-unet_dtype input[type=checkbox]")
+    _pick_budget(driver, "4 GB")  # the preset fills the sliders
+    _wait(driver, lambda d: fp16_unet.is_selected(), 10)
+    assert driver.find_element(By.CSS_SELECTOR, "#ctl-decode_chunk input[type=number]").get_attribute("value") == "1"
+    _pick_budget(driver, "Auto")  # no GPU here: Auto turns every memory saver off again
+    _wait(driver, lambda d: not fp16_unet.is_selected(), 10)
     chunk = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-chunk_size input[type=range]"), 30)
     chunk.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
     _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-chunk_size input[type=number]")

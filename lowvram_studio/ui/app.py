@@ -105,7 +105,7 @@ def phase_marks(job: Job) -> list[tuple[float, str]]:
         if key == last or event.phase == Phase.DONE or job.started_at is None:
             continue
         last = key
-        label = event.phase.value if run is None else f"{str(run).split()[0]} {event.phase.value}"
+        label = event.phase.value if run is None else f"{run}: {event.phase.value}"
         marks.append((event.time - job.started_at, label))
     return marks
 
