@@ -26,7 +26,8 @@ import PIL.Image
 from ..engine.events import Phase, RunEvent
 from ..jobs import JobOutput, check_outputs_free, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
-from ..models.load import LoadedModel, ModelError, load_model
+from ..models.demo import DEMO_WEIGHTS_NOTE
+from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
 from ..sysinfo import collect_env, cuda_torch_hint, nvml_facts
 from .config_store import ConfigStore, PresetError, default_output_dir
@@ -165,8 +166,11 @@ class Studio:
         return None
 
     def banner(self) -> str:
-        notes = [w for w in (self.startup_warning, self.output_problem(), cuda_torch_hint(collect_env())) if w]
-        return "\n\n".join(f"⚠ {note}" for note in notes)
+        """Warnings for the top of the page (damaged settings, unwritable outputs, CPU-only torch) and the demo note."""
+        notes = [f"⚠ {w}" for w in (self.startup_warning, self.output_problem(), cuda_torch_hint(collect_env())) if w]
+        if self.model_source == DEMO:
+            notes.append(f"ℹ {DEMO_WEIGHTS_NOTE}")
+        return "\n\n".join(notes)
 
     # ---- settings -----------------------------------------------------------------------------
     def default_form(self, names: list[str]) -> dict[str, Any]:
