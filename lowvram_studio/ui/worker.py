@@ -103,16 +103,16 @@ class Job:
     id: int
     owner: str  # the browser session that submitted it; closing that tab cancels it
     label: str
-    work: Work
-    cancel: CancelToken = field(default_factory=CancelToken)
+    work: Work = field(repr=False)
+    cancel: CancelToken = field(default_factory=CancelToken, repr=False)
     state: JobState = JobState.QUEUED
-    events: list[RunEvent] = field(default_factory=list)
-    result: Any = None
+    events: list[RunEvent] = field(default_factory=list, repr=False)
+    result: Any = field(default=None, repr=False)
     error: BaseException | None = None
-    monitor: Any = None
+    monitor: Any = field(default=None, repr=False)
     started_at: float | None = None
     finished_at: float | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def on_event(self, event: RunEvent) -> None:
         self.events.append(event)
