@@ -90,8 +90,12 @@ def test_stop_ends_a_run_while_a_second_tab_waits_with_its_position(studio_url):
     assert queued.result(timeout=120)[0].startswith("✔ 4 frames")
 
 
-def test_user_errors_arrive_as_messages_with_the_fix(studio_url):
+def test_user_errors_arrive_as_messages_with_the_fix(studio_url, tmp_path):
     client = Client(studio_url, verbose=False)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not an image")
+    with pytest.raises(AppError):  # refused by Gradio's own image preprocessing, before our handler
+        client.predict(image_path=handle_file(str(broken)), **SMALL, api_name="/generate")
     with pytest.raises(AppError, match="No input image"):
         client.predict(image_path=None, **SMALL, api_name="/generate")
     with pytest.raises(AppError, match="overlap must be at least 0 and smaller than chunk_size"):
