@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--insecure-share", action="store_true", help="allow --share without --auth")
     ui.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     ui.add_argument("--model", default="demo", help="model to start with")
+    ui.add_argument("--outputs", type=Path, default=None,
+                    help="folder for videos, records and curves (default: your user data folder; or LOWVRAM_STUDIO_OUTPUTS)")
     return parser
 
 
@@ -200,8 +202,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui.app import launch_studio
+    from .ui.share import ShareError
 
-    return launch_studio(args)
+    try:
+        return launch_studio(args)
+    except ShareError as exc:
+        raise UserError(str(exc)) from exc
 
 
 COMMANDS = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "models": cmd_models, "ui": cmd_ui}

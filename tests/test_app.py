@@ -1,35 +1,226 @@
-"""The studio answers a real generate call through gradio_client."""
+"""The studio driven through gradio_client against the real app on the demo model (64x64, few frames, 2 steps)."""
 
 from __future__ import annotations
 
 import argparse
-import threading
+import socket
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 from lowvram_studio.media import read_video
-from lowvram_studio.ui.app import Studio, build_app, free_port
+from lowvram_studio.ui.app import ASSETS, Studio, build_app, compare_available, start_studio
+from lowvram_studio.ui.config_store import ConfigStore
+from lowvram_studio.ui.form import FORM_NAMES
+from lowvram_studio.ui.share import ShareError
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "ball_and_box.png"
+ASSET = ASSETS / "ball_and_box.png"
+SMALL = {"width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2}
+
+
+def _port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serve(studio: Studio, **launch):
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=None)
+    port = _port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               allowed_paths=[str(studio.output_dir), str(ASSETS)], **launch)
+    return app, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")
-def studio_url(tmp_path_factory):
-    studio = Studio("demo", tmp_path_factory.mktemp("outputs"))
-    app = build_app(studio)
-    app.queue(default_concurrency_limit=1)
-    port = free_port(7900)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
-               allowed_paths=[str(studio.output_dir)])
-    yield f"http://127.0.0.1:{port}/"
+def studio(tmp_path_factory):
+    return Studio("demo", tmp_path_factory.mktemp("outputs"), ConfigStore(tmp_path_factory.mktemp("config")))
+
+
+@pytest.fixture(scope="module")
+def studio_url(studio):
+    app, url = _serve(studio)
+    yield url
+    studio.worker.close()
     app.close()
 
 
-def test_generate_through_gradio_client(studio_url):
+def _status_lines(job) -> list[str]:
+    return [output[0] for output in job.outputs()]
+
+
+def test_generate_streams_progress_then_shows_video_stats_and_downloads(studio, studio_url):
     client = Client(studio_url, verbose=False)
-    video, summary = client.predict(handle_file(str(ASSET)), 4, 2, 3, api_name="/generate")
+    job = client.submit(image_path=handle_file(str(ASSET)), **SMALL, api_name="/generate")
+    status, curve, video, stats, downloads, _ = job.result(timeout=120)
+
+    assert any("denoise step" in line and "/2" in line for line in _status_lines(job))
+    assert status.startswith("✔ 4 frames at 64x64") and "Grey lines, phase starts" in status
     frames, _ = read_video(video["video"] if isinstance(video, dict) else video)
     assert frames.shape[0] == 4
-    assert "4 frames" in summary
+    series = {row[2] for row in curve["value"]["data"]}
+    assert any("FP32" in s for s in series) and "| denoise" in series
+    assert stats["value"]["data"][0][2] in ("CPU RAM", "VRAM") and float(stats["value"]["data"][0][1]) > 0
+    assert sorted(Path(f).suffix for f in downloads) == [".gif", ".json", ".mp4", ".png"]
+    assert studio.store.data.last["num_frames"] == 4  # remembered for the next start
+
+
+def test_stop_ends_a_run_while_a_second_tab_waits_with_its_position(studio_url):
+    first, second = Client(studio_url, verbose=False), Client(studio_url, verbose=False)
+    long_run = first.submit(image_path=handle_file(str(ASSET)), **{**SMALL, "num_inference_steps": 60},
+                            api_name="/generate")
+    deadline = time.time() + 60
+    while not any("denoise step" in line for line in _status_lines(long_run)) and time.time() < deadline:
+        time.sleep(0.2)
+    queued = second.submit(image_path=handle_file(str(ASSET)), **SMALL, api_name="/generate")
+    while not any("Waiting for the GPU" in line for line in _status_lines(queued)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert any("1 job(s) ahead" in line for line in _status_lines(queued))
+
+    stopped_at = time.time()
+    assert "Stopping" in first.predict(api_name="/stop")
+    status = long_run.result(timeout=60)[0]
+    assert status.startswith("⏹ Stopped (denoise step")
+    assert time.time() - stopped_at < 15  # one demo step plus clean-up, not the 60 steps
+    assert queued.result(timeout=120)[0].startswith("✔ 4 frames")
+
+
+def test_user_errors_arrive_as_messages_with_the_fix(studio_url, tmp_path):
+    client = Client(studio_url, verbose=False)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not an image")
+    with pytest.raises(AppError):  # refused by Gradio's own image preprocessing, before our handler
+        client.predict(image_path=handle_file(str(broken)), **SMALL, api_name="/generate")
+    with pytest.raises(AppError, match="No input image"):
+        client.predict(image_path=None, **SMALL, api_name="/generate")
+    with pytest.raises(AppError, match="overlap must be at least 0 and smaller than chunk_size"):
+        client.predict(image_path=handle_file(str(ASSET)), **SMALL, chunk_size=4, overlap=6, api_name="/generate")
+    with pytest.raises(AppError, match="was not found.*model_index.json"):
+        client.predict(image_path=handle_file(str(ASSET)), **SMALL, model="/no/such/model", api_name="/generate")
+
+
+def test_named_presets_save_load_and_reset(studio_url, studio):
+    client = Client(studio_url, verbose=False)
+    client.predict(name="tiny card", **SMALL, unet_dtype=True, api_name="/save_preset")
+    assert "tiny card" in studio.store.preset_names()
+    loaded = dict(zip(FORM_NAMES, client.predict(name="tiny card", api_name="/load_preset")))
+    assert (loaded["num_frames"], loaded["unet_dtype"], loaded["width"]) == (4, True, 64)
+    defaults = dict(zip(FORM_NAMES, client.predict(api_name="/reset")))
+    assert (defaults["num_frames"], defaults["unet_dtype"]) == (14, False)
+    client.predict(name="tiny card", api_name="/delete_preset")
+    assert "tiny card" not in studio.store.preset_names()
+
+
+@pytest.mark.skipif(not compare_available(), reason="lowvram_studio.compare (monitor branch) is not merged yet")
+def test_compare_runs_fp32_fp16_and_optimized_with_fidelity(studio_url):
+    client = Client(studio_url, verbose=False)
+    status, curve, _, stats, downloads, _ = client.predict(
+        image_path=handle_file(str(ASSET)), **{**SMALL, "num_frames": 2, "num_inference_steps": 1}, api_name="/compare")
+    rows = stats["value"]["data"][-3:]
+    assert [r[0].split()[0] for r in rows] == ["FP32", "FP16", "FP16"]
+    assert rows[1][7] != "n/a"  # PSNR against the FP32 reference
+    assert {Path(f).name for f in downloads} >= {"compare.json", "curves.png", "table.md"}
+
+
+def test_only_output_and_asset_folders_are_served(studio_url, studio):
+    project_file = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert httpx.get(f"{studio_url}gradio_api/file={project_file}", timeout=10).status_code == 403
+    assert httpx.get(f"{studio_url}gradio_api/file=/etc/hostname", timeout=10).status_code == 403
+    assert httpx.get(f"{studio_url}gradio_api/file={ASSET}", timeout=10).status_code == 200
+
+
+def test_wrong_password_is_rejected_and_problems_show_on_the_page(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "studio.json").write_text("{ this is not json", encoding="utf-8")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder should be")
+    studio = Studio("demo", blocker / "outputs", ConfigStore(tmp_path / "config"))
+    app, url = _serve(studio, auth=("me", "long-secret"))
+    try:
+        assert httpx.post(f"{url}login", data={"username": "me", "password": "wrong"}, timeout=10).status_code == 400
+        with pytest.raises(Exception):
+            Client(url, auth=("me", "wrong"), verbose=False)
+        client = Client(url, auth=("me", "long-secret"), verbose=False)
+        banner = client.predict(api_name="/restore")[-2]
+        assert "saved settings could not be read" in banner and "moved to" in banner
+        assert "cannot create the output folder" in banner
+        with pytest.raises(AppError, match="cannot create the output folder .*--outputs DIR"):
+            client.predict(image_path=handle_file(str(ASSET)), **SMALL, api_name="/generate")
+    finally:
+        studio.worker.close()
+        app.close()
+
+
+def _ui_args(**overrides) -> argparse.Namespace:
+    values = {"port": _port(), "listen": False, "share": False, "auth": None, "insecure_share": False,
+              "no_browser": True, "model": "demo", "outputs": None}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_share_without_a_password_is_refused(tmp_path):
+    with pytest.raises(ShareError, match="--auth USER:PASS"):
+        start_studio(_ui_args(share=True, outputs=tmp_path))
+
+
+def test_offline_share_is_reported_plainly_and_the_local_address_keeps_working(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWVRAM_STUDIO_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("LOWVRAM_STUDIO_AUTH", "me:long-secret")
+    running = start_studio(_ui_args(share=True, outputs=tmp_path / "out"))
+    try:
+        assert running.local_url.startswith("http://127.0.0.1:")
+        if running.share_url is None:  # this machine is offline (CI): say so and keep serving locally
+            assert "Could not create a public share link" in running.share_report
+            assert running.local_url in running.share_report
+        assert httpx.get(running.local_url, timeout=10).status_code == 200
+    finally:
+        running.close()
+
+
+def test_budget_presets_fill_the_optimizations_and_manual_leaves_them():
+    from lowvram_studio.ui.form import budget_row, form_to_settings, settings_to_form
+
+    assert budget_row("off", gpu_total_gib=None) is None
+    small = budget_row("4GB", gpu_total_gib=None)
+    assert small["unet_dtype"] == "fp16" and small["offload"] == "stream" and small["cfg_split"]
+    assert budget_row("5.5GB", None) == small  # a custom size gets the largest row that fits
+    assert budget_row("auto", gpu_total_gib=80.0)["offload"] == "none"
+    assert budget_row("auto", gpu_total_gib=None)["unet_dtype"] == "fp32"  # no GPU: nothing to save
+    form = {"vram_budget": "Custom", "budget_gib": 5.5, "unet_dtype": True, "num_frames": 6.0, "interpolate": "2"}
+    settings = form_to_settings(form)
+    assert (settings.vram_budget, settings.unet_dtype.value, settings.num_frames, settings.interpolate) == (
+        "5.5GB", "fp16", 6, 2)
+    assert settings_to_form(settings, list(form)) == {**form, "num_frames": 6}
+
+
+def test_lossy_and_ghosting_warnings_name_the_setting():
+    from lowvram_studio.settings import RunSettings
+    from lowvram_studio.ui.form import lossy_summary, prune_warning
+
+    assert lossy_summary(RunSettings(unet_dtype="fp32")).startswith("Lossless")
+    assert "prune_threshold" in lossy_summary(RunSettings(unet_dtype="fp32", prune_threshold=0.01))
+    assert "ghosting" in prune_warning(0.005) and prune_warning(0.0) == "" and prune_warning(0.012) == ""
+
+
+def test_out_of_memory_becomes_a_message_with_the_fix():
+    import torch
+
+    from lowvram_studio.ui.app import user_message
+
+    message = user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "ran out of memory" in message and "smaller VRAM budget" in message
+
+
+def test_serving_binds_locally_unless_told_and_parses_auth():
+    from lowvram_studio.ui.share import serve_options
+
+    assert serve_options(False, False, None, False, environ={}).server_name == "127.0.0.1"
+    assert serve_options(True, False, None, False, environ={}).server_name == "0.0.0.0"
+    assert serve_options(False, True, None, False, environ={"LOWVRAM_STUDIO_AUTH": "me:a:b"}).auth == ("me", "a:b")
+    assert serve_options(False, True, None, True, environ={}).auth is None  # explicitly insecure
+    with pytest.raises(ShareError, match="USER:PASS"):
+        serve_options(False, False, "no-colon", False, environ={})

@@ -1,85 +1,342 @@
 """The studio: a Gradio Blocks app over the same engine the CLI uses.
 
-Functions first, then the layout, then the wiring; nothing runs at import.
+Functions first (the ``Studio`` and its handlers), then the layout (``build_app``), then the wiring;
+nothing runs at import. GPU work never runs in a Gradio handler: handlers submit a job to the
+background ``Worker`` and stream its progress and memory curve to the page 2.5 times a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import logging
+import os
 import socket
-import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
+import PIL.Image
 
-from ..jobs import run_job
-from ..media import MediaError, load_image, unique_path
-from ..models.load import LoadedModel, ModelError, load_model, native_size
+from ..engine.events import Phase, RunEvent
+from ..jobs import JobOutput, check_outputs_free, run_job
+from ..media import MediaError, fit_image, load_image, unique_path
+from ..models.demo import DEMO_WEIGHTS_NOTE
+from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
+from ..sysinfo import collect_env, cuda_torch_hint, nvml_facts
+from .config_store import ConfigStore, PresetError, default_output_dir
+from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
+from .form import (
+    BUDGET_CHOICES,
+    BUDGET_GIB,
+    FORM_NAMES,
+    GIF,
+    INFO,
+    MODEL,
+    OPTIMIZATIONS_OFF,
+    budget_row,
+    budget_value,
+    form_to_settings,
+    lossy_summary,
+    prune_warning,
+    settings_to_form,
+)
+from .share import serve_options, share_report
+from .worker import Job, JobState, Worker
 
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
+REFRESH_S = 0.4  # the live curve and progress redraw 2.5x a second (the issue asks for at least 2x)
+STATS_COLUMNS = ["run", "peak memory (MiB)", "measured as", "torch peak (MiB)", "s/step", "output FPS",
+                 "pruned %", "PSNR (dB)", "SSIM"]
+DEMO = "demo"
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def discovered_models() -> list[str]:
+    """Models found on disk for the picker. Until models/discovery.py is merged: none.
+
+    At merge: ``[str(c.path) for c in discover_models(DiscoveryConfig.from_env())]``.
+    """
+    return []
+
+
+def compare_available() -> bool:
+    """Compare needs lowvram_studio.compare (the monitor branch); the button says so until it lands."""
+    return importlib.util.find_spec("lowvram_studio.compare") is not None
+
+
+def gpu_total_gib() -> float | None:
+    """Total memory of GPU 0 from NVML (never creates a CUDA context); None without an NVIDIA driver."""
+    facts = nvml_facts()
+    if not facts.get("available") or not facts.get("gpus"):
+        return None
+    return facts["gpus"][0]["total_mib"] / 1024
+
+
+def user_message(exc: BaseException) -> str:
+    """What a failed job tells the user: what went wrong and what to do."""
+    text = str(exc)
+    if isinstance(exc, ValueError | NotImplementedError):  # MediaError, ModelError, SettingsError, CompareError
+        return text
+    if "out of memory" in text.lower():
+        return (f"the GPU ran out of memory ({text.splitlines()[0][:200]}); pick a smaller VRAM budget preset, "
+                "turn on FP16 or offload, or lower frames / size; your previous results are kept")
+    return f"the run failed ({type(exc).__name__}: {text[:300]}); see the terminal for details, then try again"
+
+
+def _fmt(value: Any, digits: int = 1, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{float(value) * scale:.{digits}f}"
+
+
+def phase_marks(job: Job) -> list[tuple[float, str]]:
+    """(seconds since the job started, label) where each phase began; compare runs are prefixed."""
+    marks: list[tuple[float, str]] = []
+    last = None
+    for event in job.events:
+        run = event.data.get("compare_run")
+        key = (run, event.phase)
+        if key == last or event.phase == Phase.DONE or job.started_at is None:
+            continue
+        last = key
+        label = event.phase.value if run is None else f"{run}: {event.phase.value}"
+        marks.append((event.time - job.started_at, label))
+    return marks
+
+
+def curve_update(runs: list[CurveRun], memory_label: str) -> dict:
+    """The LinePlot update for ``runs``: colours per run, legend without the phase marks, marks named below."""
+    frame, colors = curve_frame(runs)
+    legend = [name for name in colors if not name.startswith("|")]
+    return gr.update(value=frame, color_map=colors, colors_in_legend=legend, y_title=f"{memory_label} (MiB)")
+
+
+@dataclass
+class TabHistory:
+    """What one browser tab remembers: its finished runs' curves and stats rows."""
+
+    runs: list[CurveRun] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    memory_label: str = "memory"
+
+    def add(self, run: CurveRun, row: list[str]) -> None:
+        self.runs = [*self.runs, run][-MAX_RUNS:]
+        self.rows = [*self.rows, row][-MAX_RUNS:]
 
 
 class Studio:
-    """The loaded model and the output folder one studio process works with."""
+    """Models, output folder, saved settings and the worker one studio process works with."""
 
-    def __init__(self, model_source: str, output_dir: Path):
-        self.model_source = model_source
-        self.output_dir = output_dir
+    def __init__(self, model_source: str = DEMO, output_dir: Path | None = None, store: ConfigStore | None = None):
+        self.model_source = model_source or DEMO
+        self.output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
+        self.store = store or ConfigStore()
+        self.startup_warning = self.store.load().warning
+        self.worker = Worker()
         self._model: LoadedModel | None = None
-        self._lock = threading.Lock()  # one GPU job at a time
+        self._model_lock = threading.Lock()
 
-    @property
-    def model(self) -> LoadedModel:
-        if self._model is None:
-            self._model = load_model(self.model_source)
-        return self._model
+    # ---- resources ----------------------------------------------------------------------------
+    def model(self, source: str) -> LoadedModel:
+        """The loaded model for ``source``; one model stays loaded, another source replaces it."""
+        source = (source or DEMO).strip()
+        with self._model_lock:
+            if self._model is None or self._model.source != source:
+                self._model = None  # let the old weights go before the new ones load
+                self._model = load_model(source)
+            return self._model
 
-    def generate(self, image_path: str | None, frames: int, steps: int, seed: int) -> tuple[str, str]:
-        """Run one job; every user-fixable problem becomes a ``gr.Error`` with the fix."""
+    def output_problem(self) -> str | None:
+        """Why outputs cannot be written to the output folder, or None."""
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return (f"cannot create the output folder {self.output_dir} ({exc.strerror}); "
+                    "start the studio with --outputs DIR")
+        if not os.access(self.output_dir, os.W_OK):
+            return (f"cannot write to the output folder {self.output_dir}: permission denied; "
+                    "start the studio with --outputs DIR")
+        return None
+
+    def banner(self) -> str:
+        """Warnings for the top of the page (damaged settings, unwritable outputs, CPU-only torch) and the demo note."""
+        notes = [f"⚠ {w}" for w in (self.startup_warning, self.output_problem(), cuda_torch_hint(collect_env())) if w]
+        if self.model_source == DEMO:
+            notes.append(f"ℹ {DEMO_WEIGHTS_NOTE}")
+        return "\n\n".join(notes)
+
+    # ---- settings -----------------------------------------------------------------------------
+    def default_form(self, names: list[str]) -> dict[str, Any]:
+        form = settings_to_form(RunSettings(), names)
+        form.update({MODEL: self.model_source, GIF: True})
+        return form
+
+    def restored_form(self, names: list[str]) -> tuple[dict[str, Any], str]:
+        """The last used form (or defaults with a note when it no longer validates)."""
+        form = self.default_form(names)
+        last = self.store.data.last
+        if not last:
+            return form, ""
+        candidate = {**form, **{k: v for k, v in last.items() if k in form}}
+        try:
+            form_to_settings(candidate)
+        except SettingsError as exc:
+            return form, f"⚠ Your last settings no longer fit ({exc}); the defaults are shown."
+        return candidate, ""
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def prepare(self, image_path: str | None, form: dict[str, Any]) -> tuple[PIL.Image.Image, RunSettings]:
+        """Check everything the user can fix before any job is queued; raise ``gr.Error`` with the fix."""
         if not image_path:
             raise gr.Error("No input image; drop an image or pick an example first.")
+        problem = self.output_problem()
+        if problem:
+            raise gr.Error(problem)
         try:
             image = load_image(image_path)
-            height, width, _ = native_size(self.model.pipeline)
-            settings = RunSettings(
-                height=height, width=width, num_frames=int(frames), num_inference_steps=int(steps), seed=int(seed)
-            ).validate()
-            with self._lock:
-                output = run_job(self.model, image, settings, unique_path(self.output_dir, "video", ".mp4"))
-        except (MediaError, ModelError, SettingsError) as exc:
+            settings = form_to_settings(form)
+        except (MediaError, SettingsError) as exc:
             raise gr.Error(str(exc)) from exc
-        result = output.result
-        summary = (
-            f"{result.frames.shape[0]} frames at {settings.width}x{settings.height} in {result.seconds_total:.1f} s "
-            f"({result.seconds_per_step:.2f} s/step on {result.device}). Record: {output.record_path.name}"
-        )
-        return str(output.video), summary
+        self.store.save_last(form)
+        return image, settings
+
+    def submit_generate(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
+        video = unique_path(self.output_dir, time.strftime("video-%Y%m%d-%H%M%S"), ".mp4")
+        gif = bool(form.get(GIF))
+        try:
+            check_outputs_free(video, gif)
+        except MediaError as exc:
+            raise gr.Error(str(exc)) from exc
+        source = form.get(MODEL) or DEMO
+
+        def work(on_event, cancel) -> JobOutput:
+            on_event(RunEvent(Phase.LOAD, message=f"loading model {source}"))
+            model = self.model(source)
+            return run_job(model, image, settings, video, on_event=on_event, cancel=cancel, gif=gif)
+
+        return self.worker.submit(owner, "Generate", work)
+
+    def submit_compare(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
+        if not compare_available():
+            raise gr.Error("Compare FP32 vs FP16 needs lowvram_studio.compare, which this build lacks; "
+                           "update LowVRAM Studio")
+        from ..compare import run_compare
+
+        out_dir = unique_path(self.output_dir, time.strftime("compare-%Y%m%d-%H%M%S"), "")
+        source = form.get(MODEL) or DEMO
+
+        def work(on_event, cancel):
+            on_event(RunEvent(Phase.LOAD, message=f"loading model {source}"))
+            model = self.model(source)
+            fitted = fit_image(image, settings.width, settings.height)
+            return run_compare(model, fitted, settings, out_dir, on_event=on_event, cancel=cancel)
+
+        return self.worker.submit(owner, "Compare FP32 vs FP16", work)
+
+    # ---- what the page shows ------------------------------------------------------------------
+    def live_status(self, job: Job) -> str:
+        if job.state == JobState.QUEUED:
+            ahead = self.worker.position(job)
+            return f"⏳ **Waiting for the GPU**: {ahead} job(s) ahead of yours (one GPU job runs at a time)."
+        points = job.curve()
+        label = getattr(job.monitor, "memory_label", "memory")
+        memory = f" · {label} {points[-1][1]:.0f} MiB (peak {max(m for _, m in points):.0f})" if points else ""
+        elapsed = time.perf_counter() - (job.started_at or time.perf_counter())
+        return f"▶ **{job.label}**: {job.progress_text()}{memory} · {elapsed:.0f} s"
+
+    def live_curve(self, job: Job, history: TabHistory) -> dict:
+        live = CurveRun(f"{job.label} (running)", "live", job.curve(), phase_marks(job))
+        return curve_update([*history.runs, live], getattr(job.monitor, "memory_label", "memory"))
+
+    def finish_generate(self, job: Job, history: TabHistory) -> tuple:
+        output: JobOutput = job.result
+        settings = output.result.settings
+        group = "optimized" if settings.lossy_settings() else "fp32"
+        run = CurveRun(f"{'FP32' if group == 'fp32' else 'optimized'} {output.video.stem}", group, job.curve(),
+                       phase_marks(job))
+        label = getattr(job.monitor, "memory_label", "memory")
+        results = output.record["results"]
+        peak = results.get("process_peak_mib") or run.peak_mib
+        torch_peak = results.get("torch_peak_mib") or getattr(job.monitor, "torch_peak_mib", None)
+        row = [run.label, _fmt(peak, 0), label, _fmt(torch_peak, 0),
+               _fmt(results.get("seconds_per_step"), 2), _fmt(results.get("output_fps"), 2),
+               _fmt(results.get("pruned_fraction"), 1, 100.0), "n/a", "n/a"]
+        history = TabHistory(history.runs, history.rows, label)
+        history.add(run, row)
+        png_path = unique_path(self.output_dir, f"{output.video.stem}-curve", ".png")
+        curve_png = write_curve_png(history.runs, label, png_path)
+        files = [str(p) for p in (output.video, output.gif, output.record_path, curve_png) if p]
+        frames = output.result.frames.shape[0]
+        status = (f"✔ {frames} frames at {settings.width}x{settings.height} in {output.result.seconds_total:.1f} s "
+                  f"({output.result.seconds_per_step:.2f} s/step on {output.result.device}); "
+                  f"saved to {output.video.parent}")
+        return status, history, str(output.video), files, output.result.info.get("pruning_map")
+
+    def finish_compare(self, job: Job, history: TabHistory) -> tuple:
+        result = job.result
+        groups = {"FP32": "fp32", "FP16 only": "fp16"}
+        history = TabHistory(history.runs, history.rows, history.memory_label)
+        for record in result.records:
+            t, mib = record.curve()
+            group = next((g for prefix, g in groups.items() if record.label.startswith(prefix)), "optimized")
+            phases = [(span.start_s, span.phase.value) for span in record.phase_spans()]
+            res = record.results
+            row = [record.label, _fmt(res.get("process_peak_mib") or res.get("ram_peak_mib"), 0), record.memory_label,
+                   _fmt(res.get("torch_peak_mib"), 0), _fmt(res.get("seconds_per_step"), 2),
+                   _fmt(res.get("output_fps"), 2), _fmt(res.get("pruned_fraction"), 1, 100.0),
+                   _fmt(res.get("psnr_db"), 1), _fmt(res.get("ssim"), 4)]
+            history.memory_label = record.memory_label
+            history.add(CurveRun(record.label, group, list(zip(t.tolist(), mib.tolist())), phases), row)
+        status = "✔ Compare finished: " + "; ".join(result.notes or ["see the table below"])
+        return status, history, None, [str(p) for p in result.files.values()], None
+
+    def follow(self, job: Job, history: TabHistory, finish: Callable[[Job, TabHistory], tuple]) -> Iterator[tuple]:
+        """Stream (status, curve, video, stats, files, pruning map, history) until ``job`` ends.
+
+        Leaving early (the tab closed, the event was cancelled) stops the job.
+        """
+        skip = gr.skip()
+        try:
+            while not job.done.wait(REFRESH_S):
+                yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip
+        finally:
+            if not job.done.is_set():
+                self.worker.cancel(job)
+        if job.state == JobState.CANCELLED:
+            stopped = job.last_event.label if job.last_event else "before it started"
+            yield (f"⏹ Stopped ({stopped}); its memory was released.", self.live_curve(job, history),
+                   skip, skip, skip, skip, skip)
+            return
+        if job.state == JobState.FAILED:
+            message = user_message(job.error)
+            yield f"✖ {message}", skip, skip, skip, skip, skip, skip
+            raise gr.Error(message)
+        status, history, video, files, pruning_map = finish(job, history)
+        curve = curve_update(history.runs, history.memory_label)
+        status = "\n\n".join(line for line in (status, phase_caption(history.runs)) if line)
+        stats = gr.update(value=history.rows, headers=STATS_COLUMNS)
+        yield (status, curve, video if video else skip, stats, files, pruning_map if pruning_map is not None else skip,
+               history)
+
+    def stop_owner(self, owner: str) -> str:
+        stopped = self.worker.cancel_owner(owner)
+        return "⏹ Stopping at the next step ..." if stopped else "Nothing is running."
 
 
-def build_app(studio: Studio) -> gr.Blocks:
-    examples = sorted(str(p) for p in ASSETS.glob("*.png"))
-    with gr.Blocks(title="LowVRAM Studio") as app:
-        gr.Markdown("# LowVRAM Studio\nImage to video with Stable Video Diffusion on small GPUs.")
-        if studio.model.note:
-            gr.Markdown(f"**Note:** {studio.model.note}")
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="filepath", label="Input image")
-                gr.Examples(examples, inputs=image)
-                frames = gr.Slider(2, 64, value=studio.model.pipeline.unet.config.num_frames, step=1, label="Frames")
-                steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                seed = gr.Number(value=0, precision=0, label="Seed")
-                generate = gr.Button("Generate", variant="primary")
-            with gr.Column():
-                video = gr.Video(label="Video")
-                summary = gr.Markdown()
-        generate.click(studio.generate, inputs=[image, frames, steps, seed], outputs=[video, summary], api_name="generate")
-    return app
+def with_named_values(fn: Callable, names: list[str]) -> Callable:
+    """Give ``fn(..., *values)`` one named parameter per control, so API callers (gradio_client) pass keywords."""
+    signature = inspect.signature(fn)
+    fixed = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_POSITIONAL]
+    named = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    fn.__signature__ = signature.replace(parameters=fixed + named)
+    return fn
 
 
 def free_port(start: int = 7860, tries: int = 100) -> int:
@@ -91,16 +348,270 @@ def free_port(start: int = 7860, tries: int = 100) -> int:
     raise OSError(f"no free port between {start} and {start + tries - 1}; close other servers or pass --port")
 
 
-def launch_studio(args: argparse.Namespace) -> int:
-    output_dir = Path(tempfile.gettempdir()) / "lowvram-studio-outputs"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    studio = Studio(args.model, output_dir)
+# ---- layout -------------------------------------------------------------------------------------
+class _Form:
+    """Creates the form's controls: each named after its RunSettings field, with its saved value and info text."""
+
+    def __init__(self, init: dict[str, Any]):
+        self.init = init
+        self.controls: dict[str, gr.components.Component] = {}
+
+    def add(self, name: str, factory: Callable[..., gr.components.Component], *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("info", INFO.get(name))
+        self.controls[name] = factory(*args, value=self.init[name], elem_id=f"ctl-{name}", **kwargs)
+
+
+def _generation_controls(form: _Form) -> None:
+    with gr.Row():
+        form.add("num_frames", gr.Slider, 2, 128, step=1, label="Frames")
+        form.add("num_inference_steps", gr.Slider, 1, 100, step=1, label="Steps")
+    with gr.Row():
+        form.add("width", gr.Slider, 64, 1024, step=64, label="Width")
+        form.add("height", gr.Slider, 64, 1024, step=64, label="Height")
+    with gr.Row():
+        form.add("seed", gr.Number, precision=0, minimum=0, label="Seed")
+        form.add("fps", gr.Slider, 1, 60, step=1, label="FPS", info="SVD's fps conditioning and the video's frame rate")
+    with gr.Accordion("More generation settings", open=False):
+        form.add("motion_bucket_id", gr.Slider, 0, 1023, step=1, label="Motion bucket", info="more = more motion")
+        form.add("noise_aug_strength", gr.Slider, 0, 1, step=0.01, label="Noise augmentation")
+        with gr.Row():
+            form.add("min_guidance_scale", gr.Slider, 0, 20, step=0.1, label="Min guidance (first frame)")
+            form.add("max_guidance_scale", gr.Slider, 0, 20, step=0.1,
+                     label="Max guidance (last frame; ≤ 1 = no CFG)")
+        form.add("device", gr.Radio, ["auto", "cpu", "cuda"], label="Device")
+
+
+def _optimization_controls(form: _Form) -> gr.Markdown:
+    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label."""
+    with gr.Row():
+        form.add("vram_budget", gr.Dropdown, list(BUDGET_CHOICES), label="VRAM budget")
+        form.add(BUDGET_GIB, gr.Number, label="Custom budget (GB)", minimum=0.5, maximum=1024,
+                 info="used when the VRAM budget is Custom")
+    with gr.Row():
+        form.add("unet_dtype", gr.Checkbox, label="UNet FP16 ⚠ lossy")
+        form.add("vae_dtype", gr.Checkbox, label="VAE FP16 ⚠ lossy")
+        form.add("encoder_dtype", gr.Checkbox, label="Image encoder FP16 ⚠ lossy")
+    with gr.Row():
+        form.add("chunk_size", gr.Slider, 0, 64, step=1, label="Temporal chunk size ⚠ lossy")
+        form.add("overlap", gr.Slider, 0, 16, step=1, label="Chunk overlap")
+    form.add("prune_threshold", gr.Slider, 0, 0.1, step=0.001, label="Pruning threshold ⚠ lossy")
+    warning = gr.Markdown(elem_id="prune-warning")
+    with gr.Row():
+        form.add("offload", gr.Radio, ["none", "model", "stream"], label="Offload")
+        form.add("decode_chunk", gr.Slider, 0, 32, step=1, label="Decode chunk ⚠ lossy")
+    form.add("interpolate", gr.Radio, ["1", "2", "4"], label="Interpolation ⚠ lossy")
+    with gr.Accordion("Lossless memory savers", open=False):
+        form.add("cfg_split", gr.Checkbox, label="CFG split")
+        with gr.Row():
+            form.add("spatial_chunk", gr.Slider, 0, 32, step=1, label="Spatial chunk")
+            form.add("temporal_chunk", gr.Slider, 0, 16384, step=256, label="Temporal chunk")
+            form.add("ff_chunk", gr.Slider, 0, 16384, step=256, label="Feed-forward chunk")
+        form.add("vae_tile", gr.Slider, 0, 1024, step=64, label="VAE tile (px) ⚠ lossy")
+    return warning
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    """The page: inputs and settings on the left, the live curve and results on the right."""
+    examples = sorted(str(p) for p in ASSETS.glob("*.png"))
+    form = _Form(studio.default_form(FORM_NAMES))
+    controls = form.controls
+    with gr.Blocks(title="LowVRAM Studio") as app:
+        gr.Markdown("# LowVRAM Studio\n"
+                    "Image to video with Stable Video Diffusion on small GPUs; every memory trick measured live.")
+        banner = gr.Markdown(elem_id="banner")
+        history = gr.State(TabHistory())
+        with gr.Row():
+            with gr.Column(scale=5):
+                image = gr.Image(type="filepath", label="Input image", height=260, elem_id="input-image")
+                gr.Examples(examples, inputs=image)
+                form.add(MODEL, gr.Dropdown, [DEMO, *discovered_models()], allow_custom_value=True, label="Model",
+                         info="demo (built in), a diffusers SVD folder (with model_index.json) "
+                              "or an svd_xt.safetensors file")
+                with gr.Tab("Generation"):
+                    _generation_controls(form)
+                with gr.Tab("Optimizations"):
+                    prune_note = _optimization_controls(form)
+                with gr.Tab("Presets"):
+                    preset_name = gr.Dropdown([], allow_custom_value=True, label="Preset",
+                                              info="type a name to save the current settings, or pick one")
+                    with gr.Row():
+                        save_preset = gr.Button("Save preset")
+                        load_preset = gr.Button("Load")
+                        delete_preset = gr.Button("Delete")
+                        reset = gr.Button("Reset to defaults")
+                    form.add(GIF, gr.Checkbox, label="Also write a GIF")
+                lossy_note = gr.Markdown(lossy_summary(form_to_settings(form.init)), elem_id="lossy-note")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    compare = gr.Button("Compare FP32 vs FP16", interactive=compare_available(), elem_id="compare")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(scale=6):
+                status = gr.Markdown("Ready.", elem_id="status")
+                curve = gr.LinePlot(x="t_s", y="mib", color="series", x_title="seconds since the run started",
+                                    y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
+                                    color_title="run", elem_id="curve")  # a fixed height clips the legend
+                video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=320)
+                stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False,
+                                     elem_id="stats")
+                with gr.Row():
+                    downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
+                    pruning_map = gr.Image(label="Pruning map (when pruning is on)", interactive=False)
+
+        names = list(FORM_NAMES)  # the API's parameter order
+        components = [controls[name] for name in names]
+        optimization_names = [n for n in OPTIMIZATIONS_OFF if n in controls]
+        lockable = [image, *components, generate, compare, save_preset, load_preset, delete_preset, reset]
+        results = [status, curve, video, stats, downloads, pruning_map, history]
+
+        # ---- wiring -----------------------------------------------------------------------------
+        def form_of(values: tuple) -> dict[str, Any]:
+            return dict(zip(names, values, strict=True))
+
+        def values_of(form: dict[str, Any]) -> list[Any]:
+            return [form.get(name) for name in names]
+
+        def restore() -> list[Any]:
+            form, note = studio.restored_form(names)
+            return [*values_of(form), "\n\n".join(n for n in (studio.banner(), note) if n),
+                    gr.update(choices=studio.store.preset_names())]
+
+        def run_generate(tab: TabHistory, request: gr.Request, image_path: str | None, *values: Any):
+            form = form_of(values)
+            picture, settings = studio.prepare(image_path, form)
+            job = studio.submit_generate(request.session_hash or "anonymous", picture, settings, form)
+            yield from studio.follow(job, tab, studio.finish_generate)
+
+        def run_compare(tab: TabHistory, request: gr.Request, image_path: str | None, *values: Any):
+            form = form_of(values)
+            picture, settings = studio.prepare(image_path, form)
+            job = studio.submit_compare(request.session_hash or "anonymous", picture, settings, form)
+            yield from studio.follow(job, tab, studio.finish_compare)
+
+        def stop_run(request: gr.Request) -> str:
+            return studio.stop_owner(request.session_hash or "anonymous")
+
+        def tab_closed(request: gr.Request) -> None:
+            if studio.worker.cancel_owner(request.session_hash or "anonymous"):
+                logger.info("a browser tab closed during its run; the run was stopped")
+
+        def set_locked(locked: bool) -> Callable[[], list[dict]]:
+            def update() -> list[dict]:
+                usable = [not locked and (c is not compare or compare_available()) for c in lockable]
+                return [gr.update(interactive=flag) for flag in usable]
+
+            return update
+
+        def apply_budget(choice: str, gib: float | None) -> list[Any]:
+            row = budget_row(budget_value(choice, gib), gpu_total_gib())
+            if row is None:  # Manual: the sliders stay as the user set them
+                return [gr.skip() for _ in optimization_names]
+            values = settings_to_form(RunSettings().replace(**row), optimization_names)
+            return [values[name] for name in optimization_names]
+
+        def describe(*values: Any) -> str:
+            try:
+                return lossy_summary(form_to_settings(form_of(values)))
+            except SettingsError as exc:
+                return f"⚠ {exc}"
+
+        def save_named(name: str | None, *values: Any) -> dict:
+            try:
+                saved = studio.store.save_preset(name or "", form_of(values))
+            except PresetError as exc:
+                raise gr.Error(str(exc)) from exc
+            gr.Info(f"Saved preset {saved!r}.")
+            return gr.update(choices=studio.store.preset_names(), value=saved)
+
+        def load_named(name: str | None) -> list[Any]:
+            try:
+                stored = studio.store.preset(name or "")
+            except PresetError as exc:
+                raise gr.Error(str(exc)) from exc
+            form = {**studio.default_form(names), **{k: v for k, v in stored.items() if k in names}}
+            return values_of(form)
+
+        def delete_named(name: str | None) -> dict:
+            try:
+                studio.store.delete_preset(name or "")
+            except PresetError as exc:
+                raise gr.Error(str(exc)) from exc
+            return gr.update(choices=studio.store.preset_names(), value=None)
+
+        def reset_defaults() -> list[Any]:
+            form = studio.default_form(names)
+            studio.store.save_last(form)
+            return values_of(form)
+
+        app.load(restore, outputs=[*components, banner, preset_name], api_name="restore")
+        app.unload(tab_closed)
+        for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
+            button.click(set_locked(True), outputs=lockable, queue=False, api_name=False).then(
+                with_named_values(handler, names), inputs=[history, image, *components], outputs=results,
+                api_name=api_name,
+                concurrency_limit=None, show_progress="hidden",
+            ).then(set_locked(False), outputs=lockable, queue=False, api_name=False)
+        stop.click(stop_run, outputs=status, api_name="stop", concurrency_limit=None)
+        budget_inputs = [controls["vram_budget"], controls[BUDGET_GIB]]
+        budget_outputs = [controls[n] for n in optimization_names]
+        controls["vram_budget"].input(apply_budget, budget_inputs, budget_outputs, queue=False, api_name=False)
+        controls[BUDGET_GIB].input(apply_budget, budget_inputs, budget_outputs, queue=False, api_name=False)
+        gr.on([c.change for c in components], describe, components, lossy_note, queue=False, api_name=False,
+              show_progress="hidden")
+        controls["prune_threshold"].change(prune_warning, controls["prune_threshold"], prune_note, queue=False,
+                                           api_name=False)
+        save_preset.click(with_named_values(save_named, names), [preset_name, *components], preset_name,
+                          api_name="save_preset")
+        load_preset.click(load_named, preset_name, components, api_name="load_preset")
+        delete_preset.click(delete_named, preset_name, preset_name, api_name="delete_preset")
+        reset.click(reset_defaults, outputs=components, api_name="reset")
+    return app
+
+
+@dataclass
+class RunningStudio:
+    """A started studio: the app, its studio, the addresses, and what to tell the user about sharing."""
+
+    app: gr.Blocks
+    studio: Studio
+    local_url: str
+    share_url: str | None
+    share_report: str | None
+
+    def close(self) -> None:
+        self.studio.worker.close()
+        self.app.close()
+
+
+def start_studio(args: argparse.Namespace) -> RunningStudio:
+    """Start serving without blocking (``launch_studio`` blocks; tests use this)."""
+    options = serve_options(args.listen, args.share, args.auth, args.insecure_share)
+    outputs = getattr(args, "outputs", None)
+    studio = Studio(args.model, Path(outputs) if outputs else None)
+    problem = studio.output_problem()  # also creates the folder
+    if problem:
+        logger.warning(problem)
     app = build_app(studio)
-    app.queue(default_concurrency_limit=1)
-    app.launch(
-        server_name="0.0.0.0" if args.listen else "127.0.0.1",
+    app.queue(default_concurrency_limit=None)
+    _, local_url, share_url = app.launch(
+        server_name=options.server_name,
         server_port=args.port or free_port(),
         inbrowser=not args.no_browser,
-        allowed_paths=[str(output_dir), str(ASSETS)],
+        share=options.share,
+        auth=options.auth,
+        allowed_paths=[str(studio.output_dir), str(ASSETS)],  # nothing else of this machine is served
+        prevent_thread_lock=True,
     )
+    return RunningStudio(app, studio, local_url, share_url, share_report(options.share, share_url, local_url))
+
+
+def launch_studio(args: argparse.Namespace) -> int:
+    """Start the studio for ``lowvram-studio ui``; blocks until Ctrl+C."""
+    running = start_studio(args)
+    try:
+        if running.share_report:
+            logger.warning(running.share_report)
+        logger.warning("videos, records and curves are saved to %s", running.studio.output_dir)
+        running.app.block_thread()
+    finally:
+        running.studio.worker.close()
     return 0

@@ -1,0 +1,156 @@
+"""The studio's form: control values <-> RunSettings, the VRAM budget presets, and what each setting trades.
+
+Every Optimizations control is one RunSettings field (same name), so an engine technique takes
+effect in the studio the moment the engine honours its field. The FP16 toggles are the only
+translation: a checkbox per component standing for ``fp16`` (on) or ``fp32`` (off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..settings import Precision, RunSettings, SettingsError, budget_gib
+
+# Controls that are not RunSettings fields but belong to the saved form.
+MODEL = "model"
+BUDGET_GIB = "budget_gib"
+GIF = "gif"
+
+FP16_TOGGLES = ("unet_dtype", "vae_dtype", "encoder_dtype")
+
+# Every control of the saved form: RunSettings fields by their own names, plus the three above.
+FORM_NAMES = [
+    MODEL, "num_frames", "num_inference_steps", "width", "height", "seed", "fps", "motion_bucket_id",
+    "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device", "vram_budget", BUDGET_GIB,
+    *FP16_TOGGLES, "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
+    "vae_tile", "chunk_size", "overlap", "prune_threshold", "interpolate", GIF,
+]
+
+# What the user picks -> RunSettings.vram_budget. "Manual" leaves every slider to the user.
+BUDGET_CHOICES = {"Manual": "off", "Auto": "auto", "4 GB": "4GB", "6 GB": "6GB", "8 GB": "8GB",
+                  "12 GB": "12GB", "24 GB": "24GB", "Custom": None}
+
+# The Optimizations fields a budget preset sets, at their "everything off" values.
+OPTIMIZATIONS_OFF: dict[str, Any] = {
+    "unet_dtype": "fp32", "vae_dtype": "fp32", "encoder_dtype": "fp32", "cfg_split": False,
+    "spatial_chunk": 0, "temporal_chunk": 0, "ff_chunk": 0, "offload": "none", "decode_chunk": 0,
+    "vae_tile": 0, "chunk_size": 0, "overlap": 2, "prune_threshold": 0.0,
+}
+
+# STAND-IN for engine/planner.py until it is merged: one fixed row per budget, chosen from the
+# H100 figures of DESIGN §5 (fp16 UNet ~3 GB, decode sets the peak, CFG split and chunking are
+# lossless), not measured per card. Lossless techniques first; lossy ones (fp16 VAE, decode
+# chunks) only where the budget needs them. The planner replaces this table with a fit per model and size.
+BUDGET_TABLE: dict[str, dict[str, Any]] = {
+    "4GB": {"unet_dtype": "fp16", "vae_dtype": "fp16", "encoder_dtype": "fp16", "cfg_split": True,
+            "spatial_chunk": 2, "temporal_chunk": 4096, "ff_chunk": 4096, "offload": "stream", "decode_chunk": 1},
+    "6GB": {"unet_dtype": "fp16", "vae_dtype": "fp16", "encoder_dtype": "fp16", "cfg_split": True,
+            "spatial_chunk": 4, "ff_chunk": 8192, "offload": "model", "decode_chunk": 2},
+    "8GB": {"unet_dtype": "fp16", "encoder_dtype": "fp16", "cfg_split": True, "ff_chunk": 8192,
+            "offload": "model", "decode_chunk": 4},
+    "12GB": {"unet_dtype": "fp16", "cfg_split": True, "decode_chunk": 8},
+    "24GB": {"unet_dtype": "fp16", "decode_chunk": 14},
+}
+
+# What each control trades; shown as the control's info text. Lossy ones say so (DESIGN §3).
+INFO = {
+    "vram_budget": "Fills the sliders below for a card of this size. Auto reads this GPU's memory.",
+    "unet_dtype": "LOSSY (small): half the UNet's weight and activation memory; faster on tensor-core GPUs.",
+    "vae_dtype": "LOSSY: half the VAE's memory; may shift colours. Keep off unless memory is short.",
+    "encoder_dtype": "LOSSY (tiny): saves ~0.6 GB of CLIP weights; the embedding changes slightly.",
+    "cfg_split": "Lossless: runs the two guidance branches one after the other: less memory, a little slower.",
+    "spatial_chunk": "Lossless: frames per chunk in spatial layers (0 = all): less activation memory, slower.",
+    "temporal_chunk": "Lossless: positions per chunk in temporal layers (0 = all): less activation memory.",
+    "ff_chunk": "Lossless: tokens per feed-forward chunk (0 = off): less activation memory, slightly slower.",
+    "offload": "Lossless: where weights wait while idle. model = whole parts on the GPU when used; "
+               "stream = UNet blocks stream in (least VRAM, slowest on fast GPUs).",
+    "decode_chunk": "LOSSY below all frames: frames the VAE decodes at once (0 = all). Decoding sets the peak.",
+    "vae_tile": "LOSSY: decode in tiles of this many pixels (0 = off); seams are blended.",
+    "chunk_size": "LOSSY: generate long videos in temporal windows of this many frames (0 = whole clip).",
+    "overlap": "Frames shared by neighbouring windows: more overlap, smoother joins, more compute.",
+    "prune_threshold": "LOSSY: reuse work where frames barely change (0 = off). Higher = faster, more artefacts.",
+    "interpolate": "LOSSY: deliver 2x or 4x the frames by interpolating between generated ones.",
+    "gif": "Also write an animated GIF beside the mp4.",
+}
+
+# The write-up (reference/gtx1060-video-writeup) saw ghosting below this pruning threshold.
+PRUNE_GHOSTING_BELOW = 0.008
+
+
+def budget_choice(vram_budget: str) -> tuple[str, float]:
+    """RunSettings.vram_budget -> (dropdown choice, custom GiB)."""
+    for choice, value in BUDGET_CHOICES.items():
+        if value == vram_budget:
+            return choice, 6.0
+    return "Custom", budget_gib(vram_budget) or 6.0
+
+
+def budget_value(choice: str, custom_gib: float | None) -> str:
+    """(dropdown choice, custom GiB) -> RunSettings.vram_budget."""
+    if choice not in BUDGET_CHOICES:
+        raise SettingsError([f"VRAM budget must be one of {', '.join(BUDGET_CHOICES)}; got {choice!r}"])
+    value = BUDGET_CHOICES[choice]
+    if value is None:
+        return f"{float(custom_gib or 0):g}GB"
+    return value
+
+
+def budget_row(vram_budget: str, gpu_total_gib: float | None) -> dict[str, Any] | None:
+    """The Optimizations values a budget stands for; None for Manual (the sliders stay as they are)."""
+    if vram_budget == "off":
+        return None
+    gib = gpu_total_gib if vram_budget == "auto" else budget_gib(vram_budget)
+    if gib is None:  # Auto without a GPU: the CPU path needs none of these
+        return dict(OPTIMIZATIONS_OFF)
+    fitting = [name for name in BUDGET_TABLE if float(name.removesuffix("GB")) <= gib]
+    row = BUDGET_TABLE[fitting[-1] if fitting else "4GB"]
+    return {**OPTIMIZATIONS_OFF, **row}
+
+
+def form_to_settings(form: dict[str, Any]) -> RunSettings:
+    """The settings a form describes; ``SettingsError`` lists every problem with its fix."""
+    fields = {f.name for f in dataclasses.fields(RunSettings)}
+    data = {name: value for name, value in form.items() if name in fields}
+    for name in FP16_TOGGLES:
+        if name in data and isinstance(data[name], bool):
+            data[name] = Precision.FP16.value if data[name] else Precision.FP32.value
+    if "vram_budget" in form:
+        data["vram_budget"] = budget_value(form["vram_budget"], form.get(BUDGET_GIB))
+    for name, value in list(data.items()):
+        if isinstance(value, float) and value.is_integer() and isinstance(getattr(RunSettings, name, None), int):
+            data[name] = int(value)  # sliders and number boxes hand back floats
+    if "interpolate" in data:
+        data["interpolate"] = int(data["interpolate"])
+    return RunSettings.from_dict(data).validate()
+
+
+def settings_to_form(settings: RunSettings, names: list[str]) -> dict[str, Any]:
+    """Control values for ``settings``, for the controls named ``names`` (others are left out)."""
+    data = settings.to_dict()
+    form: dict[str, Any] = {}
+    for name in names:
+        if name in FP16_TOGGLES:
+            form[name] = data[name] == Precision.FP16.value
+        elif name == "vram_budget":
+            form[name], form[BUDGET_GIB] = budget_choice(data[name])
+        elif name == "interpolate":
+            form[name] = str(data[name])
+        elif name in data:
+            form[name] = data[name]
+    return form
+
+
+def lossy_summary(settings: RunSettings) -> str:
+    """One line naming the lossy settings in use (or saying the run is lossless)."""
+    lossy = settings.lossy_settings()
+    if not lossy:
+        return "Lossless: the output equals the FP32 reference up to float rounding."
+    return "⚠ Lossy settings on: " + ", ".join(lossy) + " (Compare FP32 vs FP16 shows their price in PSNR/SSIM)."
+
+
+def prune_warning(threshold: float) -> str:
+    if 0 < threshold < PRUNE_GHOSTING_BELOW:
+        return (f"⚠ Pruning threshold below {PRUNE_GHOSTING_BELOW}: the write-up saw ghosting there; "
+                "use 0 (off) or at least 0.008, and 0.02 or more for big motion.")
+    return ""

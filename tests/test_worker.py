@@ -1,0 +1,95 @@
+"""The background worker: one job at a time, queue positions, Stop within a step, failures kept per job."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lowvram_studio.engine.events import Phase
+from lowvram_studio.engine.sampler import generate
+from lowvram_studio.ui.worker import JobState, Worker
+
+
+@pytest.fixture
+def worker():
+    w = Worker()
+    yield w
+    w.close()
+
+
+def _blocking(gate: threading.Event, log: list, name: str):
+    def work(on_event, cancel):
+        log.append(f"start {name}")
+        gate.wait(10)
+        cancel.raise_if_cancelled()
+        log.append(f"end {name}")
+        return name
+
+    return work
+
+
+def test_jobs_run_one_at_a_time_and_report_their_queue_position(worker):
+    gate, log = threading.Event(), []
+    first = worker.submit("tab-a", "first", _blocking(gate, log, "first"))
+    second = worker.submit("tab-b", "second", _blocking(gate, log, "second"))
+    third = worker.submit("tab-c", "third", _blocking(gate, log, "third"))
+    while first.state != JobState.RUNNING:
+        first.done.wait(0.01)
+    assert (worker.position(first), worker.position(second), worker.position(third)) == (0, 1, 2)
+    gate.set()
+    for job in (first, second, third):
+        assert job.done.wait(10)
+    assert log == ["start first", "end first", "start second", "end second", "start third", "end third"]
+    assert [j.result for j in (first, second, third)] == ["first", "second", "third"]
+
+
+def test_closing_a_tab_cancels_only_its_jobs_and_queued_ones_never_start(worker):
+    gate, log = threading.Event(), []
+    running = worker.submit("tab-a", "a1", _blocking(gate, log, "a1"))
+    queued = worker.submit("tab-a", "a2", _blocking(gate, log, "a2"))
+    other = worker.submit("tab-b", "b1", _blocking(gate, log, "b1"))
+    while running.state != JobState.RUNNING:
+        running.done.wait(0.01)
+    assert worker.cancel_owner("tab-a") == 2
+    gate.set()
+    assert other.done.wait(10) and running.done.wait(10)
+    assert (running.state, queued.state, other.state) == (JobState.CANCELLED, JobState.CANCELLED, JobState.DONE)
+    assert "start a2" not in log
+
+
+def test_a_failing_job_keeps_its_error_and_the_next_job_still_runs(worker):
+    def broken(on_event, cancel):
+        raise ValueError("the image is damaged; choose another image")
+
+    bad = worker.submit("tab", "bad", broken)
+    good = worker.submit("tab", "good", lambda on_event, cancel: 42)
+    assert good.done.wait(10)
+    assert bad.state == JobState.FAILED and "choose another image" in str(bad.error)
+    assert good.state == JobState.DONE and good.result == 42
+
+
+def test_stop_ends_a_real_run_within_one_step_and_the_curve_was_sampled(
+    worker, demo_pipeline, test_image, small_settings
+):
+    settings = small_settings.replace(num_inference_steps=50, num_frames=4)
+    steps_after_stop = []
+
+    def work(on_event, cancel):
+        def relay(event):
+            on_event(event)
+            if event.phase == Phase.DENOISE and event.step == 2:
+                cancel.cancel()
+            elif cancel.cancelled and event.phase == Phase.DENOISE:
+                steps_after_stop.append(event.step)
+
+        return generate(demo_pipeline, test_image, settings, on_event=relay, cancel=cancel)
+
+    job = worker.submit("tab", "run", work)
+    assert job.done.wait(60)
+    assert job.state == JobState.CANCELLED
+    assert steps_after_stop == []  # the step in flight when Stop came was the last one
+    assert "denoise step 2/50" in job.progress_text()
+    curve = job.curve()
+    assert len(curve) >= 2 and all(mib > 0 for _, mib in curve)
+    assert job.monitor.memory_label in ("CPU RAM", "VRAM")
