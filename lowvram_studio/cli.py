@@ -140,7 +140,7 @@ def _progress_printer():
         if state["bar"] is not None:
             state["bar"].close()
             state["bar"] = None
-        print(f"[{event.phase.value}]", file=sys.stderr)
+        print(f"[{event.phase.value}] {event.message}".rstrip(), file=sys.stderr)
 
     return on_event
 
@@ -230,12 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .compare import CompareError
     from .engine.events import RunCancelled
+    from .engine.oom import OutOfMemoryAfterRetries
+    from .engine.precision import NonFiniteError, PrecisionError
     from .media import MediaError
     from .models.load import ModelError
     from .settings import SettingsError
     try:
         return COMMANDS[args.command](args)
-    except (UserError, MediaError, ModelError, SettingsError, CompareError) as exc:
+    except (UserError, MediaError, ModelError, SettingsError, CompareError, OutOfMemoryAfterRetries,
+            NonFiniteError, PrecisionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunCancelled:

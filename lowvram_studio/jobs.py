@@ -15,7 +15,9 @@ import PIL.Image
 
 from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunEvent
-from .engine.sampler import RunResult, generate
+from .engine.oom import run_with_replan
+from .engine.planner import ModelDims, Planner, plan_for_settings
+from .engine.sampler import RunResult, generate, resolve_device
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .settings import RunSettings
@@ -104,8 +106,22 @@ def run_job(
     cancel = cancel or CancelToken()
     baseline = measure_idle_baseline()
     monitor = monitor or VramMonitor()
+    planner = Planner(ModelDims.from_pipeline(model.pipeline), device_type=resolve_device(settings.device).type)
+    plan = plan_for_settings(planner, settings)
+    if plan is not None:  # a VRAM budget chose the settings; every choice is explained to the user
+        settings = plan.settings
+        if on_event:
+            on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
     with monitor:
-        result = generate(model.pipeline, fitted, settings, on_event=on_event, cancel=cancel)
+        result = run_with_replan(
+            lambda current, callback: generate(model.pipeline, fitted, current, on_event=callback, cancel=cancel),
+            settings,
+            planner,
+            on_event=on_event,
+        )
+        if plan is not None:
+            result.info["plan"] = plan.to_dict()
+        settings = result.settings
         if settings.interpolate > 1:
             _interpolate(result, on_event, cancel)
         fps = output_fps(settings.fps, settings.interpolate)

@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from lowvram_studio.media import read_video
-from lowvram_studio.ui.app import ASSETS, Studio, build_app, compare_available, start_studio
+from lowvram_studio.ui.app import ASSETS, Studio, build_app, start_studio
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.form import FORM_NAMES
 from lowvram_studio.ui.share import ShareError
@@ -116,7 +116,6 @@ def test_named_presets_save_load_and_reset(studio_url, studio):
     assert "tiny card" not in studio.store.preset_names()
 
 
-@pytest.mark.skipif(not compare_available(), reason="lowvram_studio.compare (monitor branch) is not merged yet")
 def test_compare_runs_fp32_fp16_and_optimized_with_fidelity(studio_url):
     client = Client(studio_url, verbose=False)
     status, curve, _, stats, downloads, _ = client.predict(

@@ -8,7 +8,6 @@ background ``Worker`` and stream its progress and memory curve to the page 2.5 t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import logging
 import os
@@ -26,7 +25,8 @@ import PIL.Image
 from ..engine.events import Phase, RunEvent
 from ..jobs import JobOutput, check_outputs_free, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
-from ..models.demo import DEMO_WEIGHTS_NOTE
+from ..models.demo import demo_model_info
+from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
 from ..sysinfo import collect_env, cuda_torch_hint, nvml_facts
@@ -61,16 +61,8 @@ DEMO = "demo"
 
 # ---- helpers ------------------------------------------------------------------------------------
 def discovered_models() -> list[str]:
-    """Models found on disk for the picker. Until models/discovery.py is merged: none.
-
-    At merge: ``[str(c.path) for c in discover_models(DiscoveryConfig.from_env())]``.
-    """
-    return []
-
-
-def compare_available() -> bool:
-    """Compare needs lowvram_studio.compare (the monitor branch); the button says so until it lands."""
-    return importlib.util.find_spec("lowvram_studio.compare") is not None
+    """Models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT)."""
+    return [str(c.path) for c in discover_models(DiscoveryConfig.from_env())]
 
 
 def gpu_total_gib() -> float | None:
@@ -169,7 +161,7 @@ class Studio:
         """Warnings for the top of the page (damaged settings, unwritable outputs, CPU-only torch) and the demo note."""
         notes = [f"⚠ {w}" for w in (self.startup_warning, self.output_problem(), cuda_torch_hint(collect_env())) if w]
         if self.model_source == DEMO:
-            notes.append(f"ℹ {DEMO_WEIGHTS_NOTE}")
+            notes.append(f"ℹ {demo_model_info().note}")
         return "\n\n".join(notes)
 
     # ---- settings -----------------------------------------------------------------------------
@@ -224,9 +216,6 @@ class Studio:
         return self.worker.submit(owner, "Generate", work)
 
     def submit_compare(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
-        if not compare_available():
-            raise gr.Error("Compare FP32 vs FP16 needs lowvram_studio.compare, which this build lacks; "
-                           "update LowVRAM Studio")
         from ..compare import run_compare
 
         out_dir = unique_path(self.output_dir, time.strftime("compare-%Y%m%d-%H%M%S"), "")
@@ -443,7 +432,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 lossy_note = gr.Markdown(lossy_summary(form_to_settings(form.init)), elem_id="lossy-note")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                    compare = gr.Button("Compare FP32 vs FP16", interactive=compare_available(), elem_id="compare")
+                    compare = gr.Button("Compare FP32 vs FP16", elem_id="compare")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", elem_id="status")
@@ -496,8 +485,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def set_locked(locked: bool) -> Callable[[], list[dict]]:
             def update() -> list[dict]:
-                usable = [not locked and (c is not compare or compare_available()) for c in lockable]
-                return [gr.update(interactive=flag) for flag in usable]
+                return [gr.update(interactive=not locked) for _ in lockable]
 
             return update
 

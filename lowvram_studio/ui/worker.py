@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import psutil
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
+from ..monitor.vram import VramMonitor
 
 logger = logging.getLogger(__name__)
 
-MIB = 2**20
 
 # A job's work: called on the worker thread with the job's event callback and cancel token.
 Work = Callable[[EventCallback, CancelToken], Any]
@@ -38,45 +37,9 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
 
 
-class _RssMonitor:
-    """Process RSS sampled on a thread: the stand-in for ``monitor.vram.VramMonitor`` (same interface)."""
-
-    memory_label = "CPU RAM"
-
-    def __init__(self, interval_s: float = 0.02):
-        self.interval_s = interval_s
-        self._samples: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lowvram-rss-monitor", daemon=True)
-
-    def start(self) -> "_RssMonitor":
-        self._thread.start()
-        return self
-
-    def stop(self) -> "_RssMonitor":
-        self._stop.set()
-        self._thread.join()
-        return self
-
-    def _run(self) -> None:
-        process = psutil.Process()
-        while True:
-            self._samples.append({"t": time.perf_counter(), "rss_mib": process.memory_info().rss / MIB})
-            if self._stop.wait(self.interval_s):
-                return
-
-    @property
-    def samples(self) -> list[dict[str, Any]]:
-        return list(self._samples)
-
-
 def start_memory_monitor() -> Any:
-    """THE adapter to the memory monitor: returns a started monitor with ``.samples``, ``.memory_label``, ``.stop()``.
-
-    Until ``monitor/vram.py`` is merged this samples the process RSS; at merge it becomes
-    ``return VramMonitor().start()`` (and ``sample_value`` reads its ``Sample`` attributes).
-    """
-    return _RssMonitor().start()
+    """A started memory monitor (NVML on an NVIDIA GPU, process RSS otherwise) for the live curve."""
+    return VramMonitor().start()
 
 
 # The curve shows the first of these a sample has: what the GPU holds for us, else CPU RAM.
