@@ -109,7 +109,7 @@ class RunRecord:
             seconds_per_step=_float_or_none(result.seconds_per_step),
             # the write-up's FPS: delivered frames over the run's wall time, model already loaded
             output_fps=frames / seconds if seconds > 0 else None,
-            pruned_fraction=_float_or_none(result.info.get("pruned_fraction")),
+            pruned_fraction=_float_or_none(result.info.get("pruning", {}).get("pruned_fraction")),
         )
         record = cls._build(result.settings, monitor, model, label, baseline, env, results, result.events, result.info)
         record.device = str(result.device)

@@ -23,6 +23,7 @@ import gradio as gr
 import PIL.Image
 
 from ..engine.events import Phase, RunEvent
+from ..engine.pruning import draw_pruning_map
 from ..jobs import JobOutput, check_outputs_free, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
 from ..models.demo import demo_model_info
@@ -251,7 +252,7 @@ class Studio:
         run = CurveRun(f"{'FP32' if group == 'fp32' else 'optimized'} {output.video.stem}", group, job.curve(),
                        phase_marks(job))
         label = getattr(job.monitor, "memory_label", "memory")
-        results = output.record["results"]
+        results = output.record.results
         peak = results.get("process_peak_mib") or run.peak_mib
         torch_peak = results.get("torch_peak_mib") or getattr(job.monitor, "torch_peak_mib", None)
         row = [run.label, _fmt(peak, 0), label, _fmt(torch_peak, 0),
@@ -266,7 +267,9 @@ class Studio:
         status = (f"✔ {frames} frames at {settings.width}x{settings.height} in {output.result.seconds_total:.1f} s "
                   f"({output.result.seconds_per_step:.2f} s/step on {output.result.device}); "
                   f"saved to {output.video.parent}")
-        return status, history, str(output.video), files, output.result.info.get("pruning_map")
+        pruning = output.result.info.get("pruning")
+        pruning_map = draw_pruning_map(pruning["map"], title="computed / reused per frame and step") if pruning else None
+        return status, history, str(output.video), files, pruning_map
 
     def finish_compare(self, job: Job, history: TabHistory) -> tuple:
         result = job.result
