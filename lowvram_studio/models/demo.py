@@ -64,24 +64,28 @@ SVD_SCHEDULER_CONFIG: dict = {
     "use_karras_sigmas": True,
 }
 
+# SVD's UNet block layout: the demo keeps it, only the widths shrink.
+SVD_DOWN_BLOCK_TYPES = (
+    "CrossAttnDownBlockSpatioTemporal",
+    "CrossAttnDownBlockSpatioTemporal",
+    "CrossAttnDownBlockSpatioTemporal",
+    "DownBlockSpatioTemporal",
+)
+SVD_UP_BLOCK_TYPES = (
+    "UpBlockSpatioTemporal",
+    "CrossAttnUpBlockSpatioTemporal",
+    "CrossAttnUpBlockSpatioTemporal",
+    "CrossAttnUpBlockSpatioTemporal",
+)
+
 # Small versions of the SVD configs: same block types and depth, narrow channels. GroupNorm in
 # these classes uses 32 groups, so every width is a multiple of 32.
 DEMO_UNET_CONFIG: dict = {
     "sample_size": 16,
     "in_channels": 8,
     "out_channels": 4,
-    "down_block_types": (
-        "CrossAttnDownBlockSpatioTemporal",
-        "CrossAttnDownBlockSpatioTemporal",
-        "CrossAttnDownBlockSpatioTemporal",
-        "DownBlockSpatioTemporal",
-    ),
-    "up_block_types": (
-        "UpBlockSpatioTemporal",
-        "CrossAttnUpBlockSpatioTemporal",
-        "CrossAttnUpBlockSpatioTemporal",
-        "CrossAttnUpBlockSpatioTemporal",
-    ),
+    "down_block_types": SVD_DOWN_BLOCK_TYPES,
+    "up_block_types": SVD_UP_BLOCK_TYPES,
     "block_out_channels": (32, 64, 64, 64),
     "addition_time_embed_dim": 16,
     "projection_class_embeddings_input_dim": 48,
@@ -136,6 +140,16 @@ def demo_model_info(weights: Path | None = None) -> DemoModelInfo:
     return DemoModelInfo(trained=False, weights_dir=None, note=DEMO_WEIGHTS_NOTE)
 
 
+def build_feature_extractor() -> CLIPImageProcessor:
+    """SVD's CLIP preprocessing (224 px, CLIP mean/std), as in its feature_extractor/preprocessor_config.json."""
+    return CLIPImageProcessor(
+        crop_size={"height": 224, "width": 224},
+        size={"shortest_edge": 224},
+        image_mean=CLIP_IMAGE_MEAN,
+        image_std=CLIP_IMAGE_STD,
+    )
+
+
 def _seeded(seed: int, build):
     """Build a module under a fixed CPU RNG state so its random init is the same on every start."""
     with torch.random.fork_rng(devices=[]):
@@ -154,12 +168,7 @@ def build_demo_pipeline(weights: Path | None = None, random_init: bool = False) 
     image_encoder = _seeded(
         3, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**DEMO_IMAGE_ENCODER_CONFIG))
     )
-    feature_extractor = CLIPImageProcessor(
-        crop_size={"height": 224, "width": 224},
-        size={"shortest_edge": 224},
-        image_mean=CLIP_IMAGE_MEAN,
-        image_std=CLIP_IMAGE_STD,
-    )
+    feature_extractor = build_feature_extractor()
     info = DemoModelInfo(False, None, DEMO_WEIGHTS_NOTE) if random_init else demo_model_info(weights)
     if weights is not None and not random_init and not info.trained:
         raise FileNotFoundError(

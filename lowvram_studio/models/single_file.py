@@ -44,9 +44,9 @@ from diffusers import (
     UNetSpatioTemporalConditionModel,
 )
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .demo import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SVD_SCHEDULER_CONFIG
+from .demo import SVD_SCHEDULER_CONFIG, build_feature_extractor
 
 logger = logging.getLogger(__name__)
 
@@ -788,16 +788,6 @@ def _identity_quant_conv(name: str, shape: tuple[int, ...], dtype: torch.dtype) 
 
 def _component_dtype(dtype: torch.dtype | Mapping[str, torch.dtype], component: str) -> torch.dtype:
     return dtype.get(component, torch.float32) if isinstance(dtype, Mapping) else dtype
-
-
-def build_feature_extractor() -> CLIPImageProcessor:
-    """SVD's CLIP preprocessing (feature_extractor/preprocessor_config.json), as the demo model uses."""
-    return CLIPImageProcessor(
-        crop_size={"height": 224, "width": 224},
-        size={"shortest_edge": 224},
-        image_mean=CLIP_IMAGE_MEAN,
-        image_std=CLIP_IMAGE_STD,
-    )
 
 
 def load_single_file(

@@ -14,26 +14,16 @@ from diffusers import (
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
 )
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .demo import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SVD_SCHEDULER_CONFIG
+from .demo import SVD_DOWN_BLOCK_TYPES, SVD_SCHEDULER_CONFIG, SVD_UP_BLOCK_TYPES, build_feature_extractor
 
 SVD_XT_UNET_CONFIG: dict = {
     "sample_size": 96,
     "in_channels": 8,
     "out_channels": 4,
-    "down_block_types": (
-        "CrossAttnDownBlockSpatioTemporal",
-        "CrossAttnDownBlockSpatioTemporal",
-        "CrossAttnDownBlockSpatioTemporal",
-        "DownBlockSpatioTemporal",
-    ),
-    "up_block_types": (
-        "UpBlockSpatioTemporal",
-        "CrossAttnUpBlockSpatioTemporal",
-        "CrossAttnUpBlockSpatioTemporal",
-        "CrossAttnUpBlockSpatioTemporal",
-    ),
+    "down_block_types": SVD_DOWN_BLOCK_TYPES,
+    "up_block_types": SVD_UP_BLOCK_TYPES,
     "block_out_channels": (320, 640, 1280, 1280),
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 768,
@@ -92,12 +82,7 @@ def build_svd_xt_pipeline(
         image_encoder=image_encoder,
         unet=unet,
         scheduler=EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG),
-        feature_extractor=CLIPImageProcessor(
-            crop_size={"height": 224, "width": 224},
-            size={"shortest_edge": 224},
-            image_mean=CLIP_IMAGE_MEAN,
-            image_std=CLIP_IMAGE_STD,
-        ),
+        feature_extractor=build_feature_extractor(),
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
