@@ -59,7 +59,9 @@ def test_generate_streams_progress_then_shows_video_stats_and_downloads(studio, 
     job = client.submit(image_path=handle_file(str(ASSET)), **SMALL, api_name="/generate")
     status, curve, video, stats, downloads, _ = job.result(timeout=120)
 
-    assert any("denoise step" in line and "/2" in line for line in _status_lines(job))
+    lines = _status_lines(job)
+    assert lines[0].startswith(("▶", "⏳"))  # live status from the moment the job is submitted
+    assert all("denoise step" in line and "/2" in line for line in lines if "denoise step" in line)
     assert status.startswith("✔ 4 frames at 64x64") and "Grey lines, phase starts" in status
     frames, _ = read_video(video["video"] if isinstance(video, dict) else video)
     assert frames.shape[0] == 4

@@ -239,7 +239,8 @@ class Studio:
         label = getattr(job.monitor, "memory_label", "memory")
         memory = f" · {label} {points[-1][1]:.0f} MiB (peak {max(m for _, m in points):.0f})" if points else ""
         elapsed = time.perf_counter() - (job.started_at or time.perf_counter())
-        return f"▶ **{job.label}**: {job.progress_text()}{memory} · {elapsed:.0f} s"
+        notes = "".join(f"\n\nℹ {note}" for note in job.notes)
+        return f"▶ **{job.label}**: {job.progress_text()}{memory} · {elapsed:.0f} s{notes}"
 
     def live_curve(self, job: Job, history: TabHistory) -> dict:
         live = CurveRun(f"{job.label} (running)", "live", job.curve(), phase_marks(job))
@@ -296,6 +297,7 @@ class Studio:
         """
         skip = gr.skip()
         try:
+            yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip
             while not job.done.wait(REFRESH_S):
                 yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip
         finally:

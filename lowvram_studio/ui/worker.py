@@ -95,6 +95,11 @@ class Job:
                 points.append((sample_time(sample) - self.started_at, value))
         return points
 
+    @property
+    def notes(self) -> list[str]:
+        """What the engine told the user during the run: the budget plan, out-of-memory re-plans."""
+        return [event.message for event in self.events if event.message]
+
     def progress_text(self) -> str:
         """Phase, step i/N and the denoise ETA, e.g. 'denoise step 3/20 · 0.41 s/step · ETA 7 s'."""
         event = self.last_event
