@@ -402,16 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     if trainer.state.phase != "done":
-        print(f"training continues: phase {trainer.state.phase}, steps {trainer.state.step}; run again to resume")
+        logger.info("training continues: phase %s, steps %s; run again to resume", trainer.state.phase, trainer.state.step)
         return 0
     if args.export is not None:
         sizes = export(trainer, args.export)
-        print(f"exported {args.export}: {sizes}")
+        logger.info("exported %s: %s", args.export, sizes)
     if args.evaluate is not None:
         from lowvram_studio.demo_training.evaluate import evaluate_folder
 
         report = evaluate_folder(args.export, args.evaluate, num_clips=args.eval_clips, device=device, smoke=args.smoke)
-        print(json.dumps(report["summary"], indent=1))
+        logger.info("evaluation summary: %s", json.dumps(report["summary"], indent=1))
     return 0
 
 
