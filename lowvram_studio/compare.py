@@ -30,6 +30,7 @@ from PIL import Image
 
 from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
+from lowvram_studio.engine.precision import forget_precision
 from lowvram_studio.engine.sampler import generate, prepare_pipeline, resolve_device
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
@@ -265,6 +266,7 @@ def _models(source: ModelSource, runs: list[CompareRun]) -> Iterator[Iterator[Lo
             module.to(dtype=dtype)
             if state is not None:
                 module.load_state_dict(state)
+                forget_precision(module)  # the exact weights are back: nothing is rounded any more
 
 
 def _fresh_models(factory: Callable[[], LoadedModel], count: int) -> Iterator[LoadedModel]:

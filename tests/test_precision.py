@@ -81,7 +81,7 @@ def test_fp8_storage_casts_layerwise_and_runs():
             return_dict=False,
         )[0]
     assert out.dtype == F32 and torch.isfinite(out).all()  # ... computed in fp32
-    with pytest.raises(PrecisionError, match="UNet is already stored as fp8 storage, fp32 compute.*reload the model"):
+    with pytest.raises(PrecisionError, match="UNet's weights were rounded to fp8 storage, fp32 compute.*reload the model"):
         apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp32"), None))
 
 
@@ -89,8 +89,8 @@ def test_fp16_policy_casts_components_and_keeps_vae_fp32():
     pipeline = build_demo_pipeline()
     apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["h100"]))
     assert pipeline.unet.dtype == F16 and pipeline.vae.dtype == F32 and pipeline.image_encoder.dtype == F32
-    apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp32"), GPUS["h100"]))
-    assert pipeline.unet.dtype == F32
+    with pytest.raises(PrecisionError, match="rounded to fp16 by an earlier run.*reload the model"):
+        apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp32"), GPUS["h100"]))
 
 
 def test_nan_guard_names_component_step_and_setting():
@@ -114,3 +114,19 @@ def test_nan_in_fp32_vae_points_at_the_model_not_precision():
     policy = PrecisionPolicy.from_settings(RunSettings(), None)
     with pytest.raises(NonFiniteError, match="the VAE produced NaN in fp32, so precision is not the cause"):
         check_finite(torch.tensor([float("nan")]), "vae", policy)
+
+
+def test_a_wider_precision_after_a_narrower_run_asks_for_a_reload(test_image):
+    """fp32 -> fp16 -> fp32 in place cannot restore the lost bits: the engine refuses instead of computing wrongly."""
+    from lowvram_studio.engine.precision import PrecisionError, PrecisionPolicy, rounded_components
+    from lowvram_studio.engine.sampler import generate
+    from lowvram_studio.models.demo import build_demo_pipeline
+    from lowvram_studio.settings import RunSettings
+
+    pipeline = build_demo_pipeline()
+    tiny = RunSettings(height=64, width=64, num_frames=2, num_inference_steps=1, max_guidance_scale=1.0)
+    fp32 = PrecisionPolicy.from_settings(tiny.replace(unet_dtype="fp32"), None)
+    generate(pipeline, test_image, tiny.replace(unet_dtype="fp16"))
+    assert rounded_components(pipeline, fp32) == ["unet"]
+    with pytest.raises(PrecisionError, match="reload the model to change unet_dtype"):
+        generate(pipeline, test_image, tiny.replace(unet_dtype="fp32"))

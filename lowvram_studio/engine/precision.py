@@ -12,6 +12,7 @@ diffusers' layerwise casting, which casts each layer's weights just before it ru
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,32 @@ def precision_applied(pipeline: Any, policy: PrecisionPolicy) -> bool:
     )
 
 
+def _mantissa_bits(dtype: torch.dtype) -> int:
+    """Explicit mantissa bits (fp32 23, fp16 10, bf16 7, fp8 e4m3 3): what a cast to ``dtype`` keeps."""
+    return round(-math.log2(torch.finfo(dtype).eps))
+
+
+def rounded_components(pipeline: Any, policy: PrecisionPolicy) -> list[str]:
+    """Components whose weights an earlier run rounded below the precision ``policy`` stores them in.
+
+    Casting back up cannot bring the lost bits back, so such a component must be reloaded from disk
+    (the studio does that before the run) — otherwise an "FP32" run would quietly use fp16 weights.
+    """
+    stale = []
+    for name in COMPONENTS:
+        module = getattr(pipeline, name, None)
+        rounded = getattr(module, "_lowvram_rounded_bits", None)
+        if rounded is not None and rounded < _mantissa_bits(policy.component(name).storage):
+            stale.append(name)
+    return stale
+
+
+def forget_precision(module: torch.nn.Module) -> None:
+    """Mark a component as holding its original weights again (after its exact weights were restored)."""
+    for attribute in ("_lowvram_precision", "_lowvram_rounded_bits"):
+        module.__dict__.pop(attribute, None)
+
+
 def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
     """Cast each pipeline component to its compute dtype and attach layerwise casting where storage differs.
 
@@ -171,10 +198,11 @@ def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
         applied = getattr(module, "_lowvram_precision", None)
         if applied == precision:
             continue
-        if applied is not None and applied.casts_layerwise:
+        if (applied is not None and applied.casts_layerwise) or name in rounded_components(pipeline, policy):
             raise PrecisionError(
-                f"the {LABEL_OF[name]} is already stored as {applied.describe()} from an earlier run and cannot "
-                f"switch to {precision.describe()}; reload the model to change {SETTING_OF[name]}"
+                f"the {LABEL_OF[name]}'s weights were rounded to {applied.describe() if applied else 'a narrower dtype'} "
+                f"by an earlier run and cannot become {precision.describe()} again; reload the model to change "
+                f"{SETTING_OF[name]}"
             )
         module.to(dtype=precision.compute)
         if precision.casts_layerwise:
@@ -183,6 +211,8 @@ def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
             else:
                 apply_layerwise_casting(module, storage_dtype=precision.storage, compute_dtype=precision.compute)
         module._lowvram_precision = precision
+        bits = min(_mantissa_bits(precision.storage), _mantissa_bits(precision.compute))
+        module._lowvram_rounded_bits = min(bits, getattr(module, "_lowvram_rounded_bits", bits))
         logger.info("precision: %s %s", name, precision.describe())
 
 

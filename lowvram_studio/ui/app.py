@@ -23,7 +23,9 @@ import gradio as gr
 import PIL.Image
 
 from ..engine.events import Phase, RunEvent
+from ..engine.precision import PrecisionPolicy, detect_gpu, rounded_components
 from ..engine.pruning import draw_pruning_map
+from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
 from ..models.demo import demo_model_info
@@ -137,11 +139,23 @@ class Studio:
         self._model_lock = threading.Lock()
 
     # ---- resources ----------------------------------------------------------------------------
-    def model(self, source: str) -> LoadedModel:
-        """The loaded model for ``source``; one model stays loaded, another source replaces it."""
+    def model(self, source: str, settings: RunSettings | None = None) -> LoadedModel:
+        """The loaded model for ``source``; one model stays loaded, another source replaces it.
+
+        It is also reloaded when an earlier run rounded weights below what ``settings`` asks for
+        (an FP32 run after an FP16 one must not compute with fp16-rounded weights).
+        """
         source = (source or DEMO).strip()
         with self._model_lock:
-            if self._model is None or self._model.source != source:
+            stale = (
+                self._model is not None
+                and settings is not None
+                and rounded_components(
+                    self._model.pipeline,
+                    PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device))),
+                )
+            )
+            if self._model is None or self._model.source != source or stale:
                 self._model = None  # let the old weights go before the new ones load
                 self._model = load_model(source)
             return self._model
@@ -211,7 +225,7 @@ class Studio:
 
         def work(on_event, cancel) -> JobOutput:
             on_event(RunEvent(Phase.LOAD, message=f"loading model {source}"))
-            model = self.model(source)
+            model = self.model(source, settings)
             return run_job(model, image, settings, video, on_event=on_event, cancel=cancel, gif=gif)
 
         return self.worker.submit(owner, "Generate", work)
@@ -224,7 +238,8 @@ class Studio:
 
         def work(on_event, cancel):
             on_event(RunEvent(Phase.LOAD, message=f"loading model {source}"))
-            model = self.model(source)
+            fp32 = settings.replace(unet_dtype="fp32", vae_dtype="fp32", encoder_dtype="fp32")
+            model = self.model(source, fp32)  # run (a) needs the original fp32 weights
             fitted = fit_image(image, settings.width, settings.height)
             return run_compare(model, fitted, settings, out_dir, on_event=on_event, cancel=cancel)
 
