@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import gc
 import json
 import logging
 import sys
@@ -30,6 +29,7 @@ from PIL import Image
 
 from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
+from lowvram_studio.engine.placement import release_memory as free_cached_memory
 from lowvram_studio.engine.precision import forget_precision
 from lowvram_studio.engine.sampler import generate, prepare_pipeline, resolve_device
 from lowvram_studio.models.load import LoadedModel
@@ -196,10 +196,8 @@ def _check_precision(settings: RunSettings) -> None:
 
 def release_memory() -> None:
     """Give back what the last run left: Python garbage, the CUDA cache, torch peaks, CPU heap pages."""
-    gc.collect()
+    free_cached_memory()
     if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     _trim_cpu_heap()
 

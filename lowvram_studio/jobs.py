@@ -1,11 +1,10 @@
 """One job from image to files on disk: fit the image, generate, export the video and its run record.
 
-The CLI, the studio's worker and the benchmarks call this, so every output gets the same record.
+The CLI and the studio's worker both call this, so every output gets the same record.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,11 +19,9 @@ from .engine.planner import ModelDims, Planner, plan_for_settings
 from .engine.sampler import RunResult, generate, resolve_device
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
-from .settings import RunSettings
 from .monitor.record import RunRecord
 from .monitor.vram import VramMonitor, measure_idle_baseline
-
-logger = logging.getLogger(__name__)
+from .settings import RunSettings
 
 
 @dataclass
@@ -53,7 +50,7 @@ def check_outputs_free(video: str | Path, gif: bool = False) -> None:
     for path in output_paths(video, gif).values():
         if path.exists():
             raise media.MediaError(f"{path} already exists; choose another name or delete it first")
-    folder = video.parent if str(video.parent) else Path(".")
+    folder = video.parent
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -13,7 +13,6 @@ says what was changed. Tries are bounded; when they run out the user gets one cl
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ import torch
 
 from ..settings import RunSettings
 from .events import EventCallback, Phase, RunEvent
+from .placement import release_memory
 from .planner import Planner
 
 logger = logging.getLogger(__name__)
@@ -68,14 +68,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def free_memory() -> None:
-    """Drop what the failed attempt left: garbage first (tensors held by frames), then cached blocks."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
@@ -115,7 +107,7 @@ def decode_with_fallback(
             return result
         message = _first_line(error)
         del error
-        free_memory()
+        release_memory()
         tighter = planner.tighten(current, Phase.DECODE, allowed=DECODE_MOVES) if attempt <= max_retries else None
         if tighter is None:
             break
@@ -160,7 +152,7 @@ def run_with_replan(
             return result
         message = _first_line(error)
         del error
-        free_memory()
+        release_memory()
         tighter = planner.tighten(current, phase) if attempt <= max_retries else None
         if tighter is None:
             break

@@ -7,10 +7,8 @@ job set it and the sampler ends at its next step. A memory monitor watches each 
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +18,7 @@ from typing import Any
 
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
+from ..engine.placement import release_memory
 from ..monitor.vram import VramMonitor
 
 logger = logging.getLogger(__name__)
@@ -208,7 +207,7 @@ class Worker:
             state = JobState.FAILED
         finally:
             job.monitor.stop()
-            _release_memory()
+            release_memory()  # what a finished or stopped job held goes back for the next one
             self._finish(job, state)
 
     @staticmethod
@@ -222,9 +221,3 @@ def _is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, ValueError)  # MediaError, ModelError, SettingsError: the message says it all
 
 
-def _release_memory() -> None:
-    """Free what a finished or stopped job held, so the next one (or other apps) gets it."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
