@@ -254,11 +254,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui.app import launch_studio
+    from .ui.job_queue import QueueError
     from .ui.share import ShareError
 
     try:
         return launch_studio(args)
-    except ShareError as exc:
+    except (ShareError, QueueError) as exc:  # QueueLocked: another studio runs this queue
         raise UserError(str(exc)) from exc
 
 

@@ -181,9 +181,16 @@ def test_a_queue_of_three_survives_a_killed_studio_and_all_three_complete(tmp_pa
         entries = _wait_until(lambda: [e for e in _queue_file(tmp_path) if e["state"] == "done"] == _queue_file(tmp_path)
                               and _queue_file(tmp_path), 180, "all three jobs to finish", studio)
         rows = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/queue_view")["value"]["data"]
+        second = subprocess.run(
+            [sys.executable, "-m", "lowvram_studio", "ui", "--no-browser", "--port", str(_port())], cwd=ROOT,
+            env={**os.environ, "LOWVRAM_STUDIO_CONFIG_DIR": str(tmp_path / "config"), "PYTHONPATH": str(ROOT)},
+            capture_output=True, text=True, timeout=120)
     finally:
         studio.terminate()
         studio.wait(30)
+    assert second.returncode == 2 and "Traceback" not in second.stderr  # two studios on one queue: refused
+    assert f"error: another LowVRAM Studio (process {studio.pid}" in second.stderr
+    assert f"at http://127.0.0.1:{port}/) is running the job queue" in second.stderr
     assert [e["settings"]["seed"] for e in entries] == [1, 2, 3]
     assert "runs again from the beginning" in entries[0]["note"]
     assert [row[3] for row in rows] == ["done"] * 3 and all(row[4].startswith("took") for row in rows)

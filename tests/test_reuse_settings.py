@@ -98,6 +98,7 @@ def test_the_studio_form_gets_the_run_model_and_seed(first_run):
     assert restored.values["unet_dtype"] is False and restored.values["vram_budget"] == "Manual"
     assert restored.image is not None and restored.image.size == PIL.Image.open(ASSET).size
     assert restored.message.startswith("✔ Restored from first.mp4 (its embedded record): model demo, seed 7")
+    assert "unet_dtype was auto; on this machine that is fp32, set explicitly" in restored.message  # a CLI run's auto
 
 
 @pytest.mark.parametrize(

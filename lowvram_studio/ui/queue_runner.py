@@ -95,7 +95,8 @@ class QueueRunner:
         if entry is None:  # every waiting job was removed before the slot started
             self._next()
             return None
-        self._running = (entry.id, self._slot)
+        with self._lock:  # _ensure_slot holds it until it has stored the job this slot runs in
+            self._running = (entry.id, self._slot)
         started = time.perf_counter()
         try:
             output = self._run_entry(entry, self.queue.image_path(entry), on_event, cancel)

@@ -12,9 +12,12 @@ from typing import Any
 
 import PIL.Image
 
+from ..engine.precision import DTYPE_NAMES, SETTING_OF, PrecisionPolicy, detect_gpu
+from ..engine.sampler import resolve_device
 from ..media import MediaError, load_image
 from ..monitor.record import ReuseError, load_reuse
-from .form import MODEL, settings_to_form
+from ..settings import Precision, RunSettings
+from .form import FP16_TOGGLES, MODEL, settings_to_form
 
 
 @dataclass
@@ -31,10 +34,11 @@ def restore_form(path: str | Path | None, names: list[str]) -> RestoredForm:
     if not path:
         raise ReuseError("no file was dropped; drop an mp4 made by LowVRAM Studio or its .json record")
     reused = load_reuse(path)
-    values = settings_to_form(reused.settings, names)
+    settings, notes = _as_toggles(reused.settings)
+    values = settings_to_form(settings, names)
     values[MODEL] = reused.model
     image = None
-    notes = list(reused.notes)
+    notes = [*reused.notes, *notes]
     if reused.image is not None:
         try:
             image = load_image(reused.image)
@@ -42,5 +46,24 @@ def restore_form(path: str | Path | None, names: list[str]) -> RestoredForm:
             notes.append(f"its input image could not be read ({exc})")
     if reused.image_note:
         notes.append(reused.image_note)
-    message = "✔ " + reused.summary() + "." + "".join(f"\n\nℹ {note[0].upper()}{note[1:]}." for note in notes)
+    message = "✔ " + reused.summary() + "." + "".join(f"\n\nℹ {note}." for note in notes)
     return RestoredForm(values, image, message)
+
+
+def _as_toggles(settings: RunSettings) -> tuple[RunSettings, list[str]]:
+    """The studio's FP16 checkboxes say fp16 or fp32 only: 'auto' (a CLI run) is resolved as the engine
+    resolves it on this machine; bf16 / fp8 cannot be shown, which a note says."""
+    component_of = {setting: component for component, setting in SETTING_OF.items()}
+    auto = [name for name in FP16_TOGGLES if getattr(settings, name) == Precision.AUTO]
+    changes: dict[str, str] = {}
+    if auto:
+        policy = PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device)))
+        changes = {name: DTYPE_NAMES[policy.component(component_of[name]).storage] for name in auto}
+    notes = [f"{name} was auto; on this machine that is {value}, set explicitly" for name, value in changes.items()]
+    settings = settings.replace(**changes)
+    other = [f"{name}={Precision(getattr(settings, name)).value}" for name in FP16_TOGGLES
+             if Precision(getattr(settings, name)) not in (Precision.FP16, Precision.FP32)]
+    if other:
+        notes.append(f"the studio's FP16 switches cannot express {', '.join(other)}; they show FP32 here. "
+                     "Run it with `lowvram-studio generate --from-record` to reproduce it exactly")
+    return settings, notes
