@@ -255,11 +255,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui.app import launch_studio
     from .ui.job_queue import QueueError
+    from .ui.queue_lock import QueueLocked
     from .ui.share import ShareError
 
     try:
         return launch_studio(args)
-    except (ShareError, QueueError) as exc:  # QueueLocked: another studio runs this queue
+    except (ShareError, QueueError, QueueLocked) as exc:
         raise UserError(str(exc)) from exc
 
 
@@ -277,8 +278,24 @@ def configure_logging(verbose: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def second_studio_problem() -> str | None:
+    """Why ``ui`` must not start (another studio runs the job queue), checked with light imports only."""
+    from .ui.config_store import config_dir
+    from .ui.queue_lock import QUEUE_FOLDER, QueueLock, QueueLocked
+
+    try:
+        QueueLock.check_free(config_dir() / QUEUE_FOLDER)
+    except QueueLocked as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = second_studio_problem() if args.command == "ui" else None
+    if problem:  # told at once, before the slow imports below
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     configure_logging(args.verbose)  # before importing models: transformers warns at import
 
     from .compare import CompareError

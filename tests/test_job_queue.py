@@ -19,7 +19,8 @@ from gradio_client import Client, handle_file
 
 from lowvram_studio.media import read_video
 from lowvram_studio.settings import RunSettings
-from lowvram_studio.ui.job_queue import JobQueue, QueueError, QueueLocked, parse_seeds
+from lowvram_studio.ui.job_queue import JobQueue, QueueError, parse_seeds
+from lowvram_studio.ui.queue_lock import QueueLocked
 from lowvram_studio.ui.queue_runner import QueueRunner
 from lowvram_studio.ui.worker import JobState, Worker
 

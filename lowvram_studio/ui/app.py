@@ -22,12 +22,11 @@ from typing import Any
 import gradio as gr
 import PIL.Image
 
-from ..engine.events import Phase, RunEvent
+from ..engine.events import CancelToken, EventCallback, Phase, RunEvent
 from ..engine.precision import PrecisionPolicy, detect_gpu, rounded_components
 from ..engine.pruning import draw_pruning_map
 from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, run_job
-from ..engine.events import CancelToken, EventCallback
 from ..media import MediaError, fit_image, load_image, unique_path
 from ..monitor.record import ReuseError
 from ..models.demo import demo_model_info
@@ -53,6 +52,7 @@ from .form import (
     settings_to_form,
 )
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
+from .queue_lock import QUEUE_FOLDER
 from .queue_runner import QUEUE_COLUMNS, QueueRunner
 from .reuse import restore_form
 from .share import serve_options, share_report
@@ -146,7 +146,7 @@ class Studio:
         self.worker = Worker()
         self._model: LoadedModel | None = None
         self._model_lock = threading.Lock()
-        self.queue = JobQueue(Path(queue_dir) if queue_dir is not None else self.store.folder / "queue")
+        self.queue = JobQueue(Path(queue_dir) if queue_dir is not None else self.store.folder / QUEUE_FOLDER)
         self.runner = QueueRunner(self.queue, self.worker, self.output_dir, self._run_entry, user_message)
         self.runner.start()
 
@@ -478,7 +478,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 image = gr.Image(type="filepath", label="Input image", height=260, elem_id="input-image")
                 gr.Examples(examples, inputs=image)
                 reuse_file = gr.File(label="Use these settings again: drop an output mp4 or its .json record",
-                                     type="filepath", height=90, elem_id="reuse-drop")
+                                     type="filepath", height=120, elem_id="reuse-drop")
                 reuse_note = gr.Markdown(elem_id="reuse-note")
                 form.add(MODEL, gr.Dropdown, [DEMO, *discovered_models()], allow_custom_value=True, label="Model",
                          info="demo (built in), a diffusers SVD folder (with model_index.json) "

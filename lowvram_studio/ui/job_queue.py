@@ -5,8 +5,7 @@ One folder (by default ``queue/`` beside the studio's saved settings) holds
   state, output) and the measured speed of earlier runs, for ETAs. Every change rewrites it
   atomically (temporary file + ``os.replace``), so a crash leaves the previous or the new queue.
 - ``inputs/``: a PNG copy of each queued image (named by a hash of its pixels: a seed sweep shares one).
-- ``queue.lock`` + ``owner.json``: an OS file lock (released by the OS when the process dies, even
-  by ``kill -9``) keeps a second studio from running the same queue; the owner file says which one holds it.
+- ``queue.lock`` + ``owner.json``: keep a second studio from running the same queue (queue_lock.py).
 
 On start, a job that was running when the studio stopped runs again from the beginning: its partial
 output (the mp4 linked before its record was written, and ``.partial`` temporaries that a killed
@@ -27,20 +26,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
 import PIL.Image
 
 from ..media import unique_path
 from ..monitor.record import write_text_atomic
 from ..settings import RunSettings
+from .queue_lock import QueueLock
 from .worker import JobState
 
 logger = logging.getLogger(__name__)
 
 QUEUE_VERSION = 1
 FILE_NAME = "queue.json"
-LOCK_NAME = "queue.lock"
-OWNER_NAME = "owner.json"
 INPUTS = "inputs"
 MAX_SWEEP = 64  # jobs one "Add to queue" may create
 FINISHED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
@@ -48,10 +45,6 @@ FINISHED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 class QueueError(ValueError):
     """A queue request the user can fix (unknown job, job already running, bad seed list)."""
-
-
-class QueueLocked(QueueError):
-    """Another studio process runs the queue in this folder."""
 
 
 def parse_seeds(text: str | None, default: int) -> list[int]:
@@ -138,7 +131,7 @@ class JobQueue:
         self.inputs = self.folder / INPUTS
         self.warning: str | None = None  # for the page's banner (a damaged queue file)
         self._lock = threading.RLock()
-        self._file_lock = self._acquire()
+        self._file_lock = self._acquire()  # QueueLocked when another studio runs this queue
         self.entries: list[QueueEntry] = []
         self.speeds: dict[str, Speed] = {}
         self._load()
@@ -146,35 +139,19 @@ class JobQueue:
         self._save()
 
     # ---- one studio per queue ------------------------------------------------------------------
-    def _acquire(self) -> filelock.BaseFileLock:
+    def _acquire(self) -> QueueLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise QueueError(f"cannot create the queue folder {self.folder} ({exc.strerror}); "
                              "set LOWVRAM_STUDIO_CONFIG_DIR to a writable folder") from exc
-        lock = filelock.FileLock(self.folder / LOCK_NAME, timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout as exc:
-            raise QueueLocked(
-                f"another LowVRAM Studio ({self._owner_text()}) is running the job queue in {self.folder}; "
-                "use that studio's page, or close it first (a second studio on one GPU would only slow both)"
-            ) from exc
-        self.set_owner(url=None)
+        lock = QueueLock(self.folder).acquire()
+        lock.set_owner(url=None)
         return lock
 
-    def _owner_text(self) -> str:
-        try:
-            owner = json.loads((self.folder / OWNER_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return "process unknown"
-        since = time.strftime("%H:%M", time.localtime(owner.get("since", 0)))
-        return f"process {owner.get('pid')}, started {since}" + (f", at {owner['url']}" if owner.get("url") else "")
-
     def set_owner(self, url: str | None) -> None:
-        """Say which process holds the queue (and where its page is) for a second studio's message."""
-        owner = {"pid": os.getpid(), "since": time.time(), "url": url}
-        write_text_atomic(self.folder / OWNER_NAME, json.dumps(owner))
+        """Say where this studio's page is, for a second studio's message."""
+        self._file_lock.set_owner(url)
 
     def close(self) -> None:
         """Release the folder for the next studio (the OS releases it too if this process dies)."""
