@@ -280,11 +280,10 @@ def configure_logging(verbose: bool) -> None:
 
 def second_studio_problem() -> str | None:
     """Why ``ui`` must not start (another studio runs the job queue), checked with light imports only."""
-    from .ui.config_store import config_dir
-    from .ui.queue_lock import QUEUE_FOLDER, QueueLock, QueueLocked
+    from .ui.queue_lock import QueueLock, QueueLocked, default_queue_dir
 
     try:
-        QueueLock.check_free(config_dir() / QUEUE_FOLDER)
+        QueueLock.check_free(default_queue_dir())
     except QueueLocked as exc:
         return str(exc)
     return None

@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from lowvram_studio.media import read_video
 from lowvram_studio.settings import RunSettings
 from lowvram_studio.ui.job_queue import JobQueue, QueueError, parse_seeds
-from lowvram_studio.ui.queue_lock import QueueLocked
+from lowvram_studio.ui.queue_lock import QueueLocked, default_queue_dir
 from lowvram_studio.ui.queue_runner import QueueRunner
 from lowvram_studio.ui.worker import JobState, Worker
 
@@ -77,6 +77,15 @@ def test_a_second_studio_on_the_same_queue_is_refused_and_told_who_holds_it(tmp_
         JobQueue(tmp_path)
     holder.close()
     JobQueue(tmp_path).close()  # free again once the first one closed
+
+
+def test_the_queue_lives_in_the_user_data_folder_or_beside_portable_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWVRAM_STUDIO_CONFIG_DIR", str(tmp_path / "portable"))
+    assert default_queue_dir() == tmp_path / "portable" / "queue"
+    monkeypatch.delenv("LOWVRAM_STUDIO_CONFIG_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    if sys.platform.startswith("linux"):
+        assert default_queue_dir() == tmp_path / "data" / "lowvram-studio" / "queue"
 
 
 def test_an_interrupted_job_runs_again_and_its_partial_output_is_deleted(tmp_path):

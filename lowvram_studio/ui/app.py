@@ -52,7 +52,7 @@ from .form import (
     settings_to_form,
 )
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
-from .queue_lock import QUEUE_FOLDER
+from .queue_lock import QUEUE_FOLDER, default_queue_dir
 from .queue_runner import QUEUE_COLUMNS, QueueRunner
 from .reuse import restore_form
 from .share import serve_options, share_report
@@ -137,16 +137,19 @@ class Studio:
 
     def __init__(self, model_source: str = DEMO, output_dir: Path | None = None, store: ConfigStore | None = None,
                  queue_dir: Path | None = None):
-        """``queue_dir`` (default: ``queue/`` beside the saved settings) holds the job queue; a second studio
-        on the same folder raises ``QueueLocked``. A queue restored from there resumes at once."""
+        """``queue_dir`` holds the job queue (default: ``queue/`` beside ``store``'s settings when a store is
+        given, else in the user data folder); a second studio on the same folder raises ``QueueLocked``.
+        A queue restored from there resumes at once."""
         self.model_source = model_source or DEMO
         self.output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
+        if queue_dir is None:
+            queue_dir = store.folder / QUEUE_FOLDER if store is not None else default_queue_dir()
         self.store = store or ConfigStore()
         self.startup_warning = self.store.load().warning
         self.worker = Worker()
         self._model: LoadedModel | None = None
         self._model_lock = threading.Lock()
-        self.queue = JobQueue(Path(queue_dir) if queue_dir is not None else self.store.folder / QUEUE_FOLDER)
+        self.queue = JobQueue(Path(queue_dir))
         self.runner = QueueRunner(self.queue, self.worker, self.output_dir, self._run_entry, user_message)
         self.runner.start()
 
@@ -380,7 +383,12 @@ class Studio:
 
     def stop_owner(self, owner: str) -> str:
         stopped = self.worker.cancel_owner(owner)
-        return "⏹ Stopping at the next step ..." if stopped else "Nothing is running."
+        if stopped:
+            return "⏹ Stopping at the next step ..."
+        if self.runner.running_id is not None:
+            return (f"Nothing of this tab is running; queued job {self.runner.running_id} is. "
+                    "To stop it, select it in the job queue and press Remove / stop.")
+        return "Nothing is running."
 
 
 def with_named_values(fn: Callable, names: list[str]) -> Callable:

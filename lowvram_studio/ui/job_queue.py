@@ -1,6 +1,6 @@
 """The studio's job queue on disk: what waits for the GPU survives a restart or a crash.
 
-One folder (by default ``queue/`` beside the studio's saved settings) holds
+One folder (by default ``queue/`` in the user data folder, see ``queue_lock.default_queue_dir``) holds
 - ``queue.json``: the entries in run order (input image copy, settings with the seed, model source,
   state, output) and the measured speed of earlier runs, for ETAs. Every change rewrites it
   atomically (temporary file + ``os.replace``), so a crash leaves the previous or the new queue.
@@ -144,7 +144,7 @@ class JobQueue:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise QueueError(f"cannot create the queue folder {self.folder} ({exc.strerror}); "
-                             "set LOWVRAM_STUDIO_CONFIG_DIR to a writable folder") from exc
+                             "make it writable, or set LOWVRAM_STUDIO_CONFIG_DIR to a writable folder") from exc
         lock = QueueLock(self.folder).acquire()
         lock.set_owner(url=None)
         return lock
@@ -275,7 +275,8 @@ class JobQueue:
             if entry is None:
                 return None
             entry.state = JobState.RUNNING
-            entry.video = str(unique_path(output_dir, f"queue-{entry.id}-seed{entry.settings['seed']}", ".mp4"))
+            stem = f"queue-{entry.id}-seed{entry.settings['seed']}"
+            entry.video = str(unique_path(Path(output_dir).resolve(), stem, ".mp4"))  # absolute: found after a restart
             entry.error = None
             self._save()
             return entry

@@ -14,9 +14,18 @@ from pathlib import Path
 
 import filelock
 
-QUEUE_FOLDER = "queue"  # inside the studio's settings folder
+from .config_store import CONFIG_ENV, _platform_folder, config_dir
+
+QUEUE_FOLDER = "queue"
 LOCK_NAME = "queue.lock"
 OWNER_NAME = "owner.json"
+
+
+def default_queue_dir() -> Path:
+    """The user data folder's ``queue/`` (it holds image copies: local, not roaming, data); when
+    ``LOWVRAM_STUDIO_CONFIG_DIR`` is set (tests, portable installs) the queue lives beside the settings."""
+    folder = config_dir() if os.environ.get(CONFIG_ENV) else _platform_folder("data")
+    return folder / QUEUE_FOLDER
 
 
 class QueueLocked(ValueError):

@@ -74,6 +74,12 @@ class QueueRunner:
         self.queue.move(entry_id, delta)
         return f"Moved job {entry_id} {'up' if delta < 0 else 'down'}."
 
+    @property
+    def running_id(self) -> str | None:
+        """The id of the queued job on the GPU now, if any."""
+        running = self._running
+        return running[0] if running is not None else None
+
     def close(self) -> None:
         """The studio is shutting down: a running entry goes back to waiting (the worker cancels it)."""
         self._closing = True
