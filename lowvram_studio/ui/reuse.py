@@ -35,6 +35,7 @@ def restore_form(path: str | Path | None, names: list[str]) -> RestoredForm:
         raise ReuseError("no file was dropped; drop an mp4 made by LowVRAM Studio or its .json record")
     reused = load_reuse(path)
     settings, notes = _as_toggles(reused.settings)
+    notes += _without_controls(settings, names)
     values = settings_to_form(settings, names)
     values[MODEL] = reused.model
     image = None
@@ -67,3 +68,13 @@ def _as_toggles(settings: RunSettings) -> tuple[RunSettings, list[str]]:
         notes.append(f"the studio's FP16 switches cannot express {', '.join(other)}; they show FP32 here. "
                      "Run it with `lowvram-studio generate --from-record` to reproduce it exactly")
     return settings, notes
+
+
+def _without_controls(settings: RunSettings, names: list[str]) -> list[str]:
+    """A note naming recorded values the form has no control for (the studio runs their defaults)."""
+    data, defaults = settings.to_dict(), RunSettings().to_dict()
+    unshown = [f"{name}={data[name]}" for name in data if name not in names and data[name] != defaults[name]]
+    if not unshown:
+        return []
+    return [f"the studio has no control for {', '.join(unshown)} and runs the default instead; "
+            "use `lowvram-studio generate --from-record` to reproduce it exactly"]
