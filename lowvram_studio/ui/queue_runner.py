@@ -133,9 +133,13 @@ class QueueRunner:
         """The queue table: order, id, job, state, ETA ("unknown" without an earlier run to measure), output."""
         running = self._running
         ahead = self._running_remaining(running)
+        slot = self._slot
+        others = self.worker.position(slot) if slot is not None and slot.state == JobState.QUEUED else 0
+        if others:  # Generate / Compare jobs of open tabs run first; their length is not known here
+            ahead = None
         rows = []
         for index, entry in enumerate(self.queue.snapshot(), start=1):
-            eta, ahead = self._eta(entry, running, ahead)
+            eta, ahead = self._eta(entry, running, ahead, others)
             output = entry.error or (Path(entry.video).name if entry.video else "")
             if entry.note:
                 output = f"{output} · {entry.note}" if output else entry.note
@@ -165,8 +169,8 @@ class QueueRunner:
             return None
         return max(estimate - (time.perf_counter() - job.started_at), 0.0)
 
-    def _eta(self, entry: QueueEntry, running: tuple[str, Job] | None,
-             ahead: float | None) -> tuple[str, float | None]:
+    def _eta(self, entry: QueueEntry, running: tuple[str, Job] | None, ahead: float | None,
+             others: int) -> tuple[str, float | None]:
         """(ETA text, seconds until the jobs so far are done) for one row, in queue order."""
         if entry.state in FINISHED:
             return (f"took {_seconds(entry.seconds)}" if entry.seconds else "—"), ahead
@@ -177,4 +181,6 @@ class QueueRunner:
             return "unknown (no earlier run of this model and size)", None
         done_in = None if ahead is None else ahead + estimate
         text = f"≈ {_seconds(estimate)}" + (f", done in ≈ {_seconds(done_in)}" if done_in is not None else "")
+        if others:
+            text += f", after {others} other studio job(s)"
         return text, done_in
