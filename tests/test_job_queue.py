@@ -114,6 +114,14 @@ def test_an_interrupted_job_runs_again_and_its_partial_output_is_deleted(tmp_pat
     again.close()
 
 
+def test_a_damaged_queue_file_is_set_aside_and_the_studio_starts_with_an_empty_queue(tmp_path):
+    (tmp_path / "queue.json").write_text("{ half a file", encoding="utf-8")
+    queue = JobQueue(tmp_path)
+    assert queue.snapshot() == [] and "could not be read" in queue.warning and "moved to" in queue.warning
+    assert len(list(tmp_path.glob("queue.json.corrupt-*"))) == 1
+    queue.close()
+
+
 def test_eta_is_unknown_until_a_run_of_that_model_and_size_was_measured(tmp_path):
     queue = JobQueue(tmp_path)
     runner = QueueRunner(queue, Worker(), tmp_path / "out", run_entry=None)
