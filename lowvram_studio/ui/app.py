@@ -525,7 +525,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                     downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
                     pruning_map = gr.Image(label="Pruning map (when pruning is on)", interactive=False)
                 with gr.Accordion("Job queue (saved; survives a restart)", open=True):
-                    queue_table = gr.Dataframe(headers=QUEUE_COLUMNS, interactive=False, elem_id="queue",
+                    queue_table = gr.Dataframe(headers=QUEUE_COLUMNS, interactive=False, elem_id="queue", wrap=True,
+                                               column_widths=["5%", "14%", "29%", "14%", "18%", "20%"],
                                                label="Click a row to select a job; a done one shows its video")
                     with gr.Row():
                         job_id = gr.Textbox(label="Selected job", elem_id="queue-job", scale=2)
