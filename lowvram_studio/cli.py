@@ -69,10 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="turn an image into a video")
-    gen.add_argument("--image", required=True, type=Path, help="input image (PNG, JPEG, WebP, ...)")
-    gen.add_argument("--out", required=True, type=Path, help="output video, e.g. out.mp4 (OUT.json is written beside it)")
-    gen.add_argument("--model", default="demo", help="demo | a diffusers SVD folder | svd_xt.safetensors | HF id in the cache")
+    gen.add_argument("--image", type=Path, help="input image (PNG, JPEG, WebP, ...); required unless --from-record "
+                     "finds the run's image")
+    gen.add_argument("--out", type=Path, help="output video, e.g. out.mp4 (OUT.json is written beside it); "
+                     "with --from-record the default is RECORD-again.mp4 beside the record")
+    gen.add_argument("--model", default=None,
+                     help="demo | a diffusers SVD folder | svd_xt.safetensors | HF id in the cache (default: demo)")
     gen.add_argument("--gif", action="store_true", help="also write OUT.gif")
+    gen.add_argument("--from-record", type=Path, default=None, metavar="OUT.json",
+                     help="use these settings again: restore the model, every setting and the seed (and the input "
+                          "image, if it is still there) of an earlier run from its .json record or its .mp4; "
+                          "--image, --model, --settings and setting flags given together override the record")
     _add_setting_flags(gen)
 
     cmp = sub.add_parser("compare", help="run FP32, FP16 and FP16 + your optimizations side by side")
@@ -102,20 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, pipeline) -> "RunSettings":
-    """Model-native size and frames, then a settings file, then explicit flags."""
+def _setting_names() -> list[str]:
+    return [f[0] for f in _SETTING_FLAGS.values()] + ["cfg_split"]
+
+
+def settings_from_args(args: argparse.Namespace, pipeline, base_settings: "RunSettings | None" = None) -> "RunSettings":
+    """Model-native size and frames (or ``base_settings``, e.g. a record's), then a settings file, then explicit flags."""
     from .models.load import native_size
     from .settings import RunSettings, SettingsError
 
-    height, width, frames = native_size(pipeline)
-    base: dict = {"height": height, "width": width, "num_frames": frames}
+    if base_settings is not None:
+        base: dict = base_settings.to_dict()
+    else:
+        height, width, frames = native_size(pipeline)
+        base = {"height": height, "width": width, "num_frames": frames}
     if args.settings is not None:
         try:
             base.update(json.loads(Path(args.settings).read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read settings file {args.settings} ({exc}); give a JSON file saved by the studio")
-    names = [f[0] for f in _SETTING_FLAGS.values()] + ["cfg_split"]
-    base.update({name: getattr(args, name) for name in names if getattr(args, name, None) is not None})
+    base.update({name: getattr(args, name) for name in _setting_names() if getattr(args, name, None) is not None})
     try:
         return RunSettings.from_dict(base).validate()
     except SettingsError as exc:
@@ -145,19 +158,58 @@ def _progress_printer():
     return on_event
 
 
+def _apply_record(args: argparse.Namespace) -> "RunSettings | None":
+    """With --from-record: fill --image, --out and --model from the record where not given; print what was
+    restored and what the explicit flags override. Returns the record's settings (None without a record)."""
+    from .media import unique_path
+    from .monitor.record import load_reuse
+
+    if args.from_record is None:
+        for flag, value in (("--image", args.image), ("--out", args.out)):
+            if value is None:
+                raise UserError(f"{flag} is required; give it, or --from-record OUT.json to reuse an earlier run")
+        return None
+    reused = load_reuse(args.from_record)
+    print(f"note: {reused.summary()}", file=sys.stderr)
+    notes = [*reused.notes, reused.image_note if args.image is None else None]
+    for note in filter(None, notes):
+        print(f"note: {note}", file=sys.stderr)
+    recorded = reused.settings.to_dict()
+    overrides = [f"{name} {recorded[name]} -> {getattr(args, name)}" for name in _setting_names()
+                 if getattr(args, name, None) is not None and getattr(args, name) != recorded[name]]
+    if args.model is not None and args.model != reused.model:
+        overrides.insert(0, f"model {reused.model} -> {args.model}")
+    if args.settings is not None:
+        overrides.insert(0, f"settings file {args.settings}")
+    if overrides:
+        print("note: flags override the record: " + "; ".join(overrides), file=sys.stderr)
+    args.model = args.model or reused.model
+    if args.image is None:
+        if reused.image is None:
+            raise UserError(f"the input image of {args.from_record.name} cannot be found; give it with --image")
+        args.image = reused.image
+    if args.out is None:
+        record_path = Path(args.from_record)
+        args.out = unique_path(record_path.parent, f"{record_path.stem}-again", ".mp4")
+    return reused.settings
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .jobs import check_outputs_free, run_job
     from .media import load_image
     from .models.load import load_model
     from .models.single_file import tqdm_progress
 
+    recorded = _apply_record(args)
+    args.model = args.model or "demo"
     check_outputs_free(args.out, args.gif)
     image = load_image(args.image)
     model = load_model(args.model, on_progress=tqdm_progress(f"loading {Path(args.model).name}"))
     if model.note:
         print(f"note: {model.note}", file=sys.stderr)
-    settings = settings_from_args(args, model.pipeline)
-    output = run_job(model, image, settings, args.out, on_event=_progress_printer(), gif=args.gif)
+    settings = settings_from_args(args, model.pipeline, recorded)
+    output = run_job(model, image, settings, args.out, on_event=_progress_printer(), gif=args.gif,
+                     image_path=args.image)
     result = output.result
     print(
         f"wrote {output.video} ({result.frames.shape[0]} frames, {settings.width}x{settings.height}) and "
@@ -202,11 +254,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui.app import launch_studio
+    from .ui.job_queue import QueueError
+    from .ui.queue_lock import QueueLocked
     from .ui.share import ShareError
 
     try:
         return launch_studio(args)
-    except ShareError as exc:
+    except (ShareError, QueueError, QueueLocked) as exc:
         raise UserError(str(exc)) from exc
 
 
@@ -224,8 +278,23 @@ def configure_logging(verbose: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def second_studio_problem() -> str | None:
+    """Why ``ui`` must not start (another studio runs the job queue), checked with light imports only."""
+    from .ui.queue_lock import QueueLock, QueueLocked, default_queue_dir
+
+    try:
+        QueueLock.check_free(default_queue_dir())
+    except QueueLocked as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = second_studio_problem() if args.command == "ui" else None
+    if problem:  # told at once, before the slow imports below
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     configure_logging(args.verbose)  # before importing models: transformers warns at import
 
     from .compare import CompareError
@@ -234,11 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .engine.precision import NonFiniteError, PrecisionError
     from .media import MediaError
     from .models.load import ModelError
+    from .monitor.record import ReuseError
     from .settings import SettingsError
     try:
         return COMMANDS[args.command](args)
     except (UserError, MediaError, ModelError, SettingsError, CompareError, OutOfMemoryAfterRetries,
-            NonFiniteError, PrecisionError) as exc:
+            NonFiniteError, PrecisionError, ReuseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunCancelled:

@@ -19,7 +19,7 @@ from .engine.planner import ModelDims, Planner, plan_for_settings
 from .engine.sampler import RunResult, generate, resolve_device
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
-from .monitor.record import RunRecord
+from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline
 from .settings import RunSettings
 
@@ -90,17 +90,21 @@ def run_job(
     cancel: CancelToken | None = None,
     gif: bool = False,
     monitor: VramMonitor | None = None,
+    image_path: str | Path | None = None,
 ) -> JobOutput:
     """Generate from ``image`` with ``settings`` and write OUT.mp4 + OUT.json (+ OUT.gif).
 
     The whole job runs under ``monitor`` (a fresh one unless the caller passes its own, e.g. the
-    studio to draw the live curve); its samples and peaks go into the run record.
+    studio to draw the live curve); its samples and peaks go into the run record. ``image_path``
+    (where ``image`` was read from) goes into the record and, with the settings and model, into the
+    mp4's comment tag, so the video alone can restore its run ("use these settings again").
     """
     settings.validate()
     check_outputs_free(video_path, gif)
     paths = output_paths(video_path, gif)
     fitted = media.fit_image(image, settings.width, settings.height)
     cancel = cancel or CancelToken()
+    input_info = input_image_info(image_path)
     baseline = measure_idle_baseline()
     monitor = monitor or VramMonitor()
     planner = Planner(ModelDims.from_pipeline(model.pipeline), device_type=resolve_device(settings.device).type)
@@ -123,11 +127,13 @@ def run_job(
             _interpolate(result, on_event, cancel)
         fps = output_fps(settings.fps, settings.interpolate)
         started = _emit(RunEvent(Phase.EXPORT), result, on_event).time
-        media.write_mp4(result.frames, paths["video"], fps=fps)
+        comment = reuse_comment(settings, model.describe(), input_info)
+        media.write_mp4(result.frames, paths["video"], fps=fps, comment=comment)
         gif_path = media.write_gif(result.frames, paths["gif"], fps=fps) if gif else None
         result.phase_seconds[Phase.EXPORT.value] = time.perf_counter() - started
         _emit(RunEvent(Phase.DONE), result, on_event)
     record = RunRecord.from_result(result, monitor, model=model.describe(), baseline=baseline)
+    record.input = input_info
     record.results.update(
         video_fps=fps,
         interpolation=result.info.get("interpolation"),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -129,9 +131,16 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
-    """H.264 / yuv420p mp4 that browsers play, through the ffmpeg binary imageio-ffmpeg ships."""
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float, comment: str | None = None) -> Path:
+    """H.264 / yuv420p mp4 that browsers play, through the ffmpeg binary imageio-ffmpeg ships.
+
+    ``comment`` goes into the mp4's comment tag (one line; the studio stores how the video was made
+    there, so a bare mp4 dropped back onto the studio restores its settings).
+    """
     pixels = _check_frames(to_uint8(frames))
+    if comment is not None and "\n" in comment:
+        raise ValueError("an mp4 comment must be one line; serialise it without newlines")
+    metadata = ["-metadata", f"comment={comment}"] if comment else []
     height, width = pixels.shape[1:3]
 
     def write(temp: Path) -> None:
@@ -145,7 +154,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
             pix_fmt_out="yuv420p",
             quality=None,
             bitrate=None,
-            output_params=["-crf", "16", "-movflags", "+faststart"],
+            output_params=["-crf", "16", "-movflags", "+faststart", *metadata],
             macro_block_size=2,
             ffmpeg_log_level="error",
         )
@@ -199,6 +208,29 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     width, height = meta["size"]
     frames = [np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3) for buffer in reader]
     return np.stack(frames), float(meta["fps"])
+
+
+def read_mp4_comment(path: str | Path) -> str | None:
+    """The comment tag of a video (see ``write_mp4``), or None when it has none.
+
+    Read with the bundled ffmpeg's ``ffmetadata`` output (imageio-ffmpeg has no metadata reader and
+    ships no ffprobe); its escaping of ``=;#\\`` and newlines is undone here by hand.
+    """
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path} does not exist or is not a file; check the path")
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"]
+    done = subprocess.run(command, capture_output=True, timeout=60, check=False)
+    if done.returncode != 0:
+        problem = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise MediaError(f"{path.name} is not a video ffmpeg can read ({problem[-1] if problem else 'no detail'}); "
+                         "choose an mp4 made by LowVRAM Studio")
+    for line in done.stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith("comment="):
+            return re.sub(r"\\(.)", r"\1", line.removeprefix("comment="))
+    return None
 
 
 def unique_path(folder: str | Path, stem: str, suffix: str) -> Path:

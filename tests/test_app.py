@@ -225,3 +225,36 @@ def test_serving_binds_locally_unless_told_and_parses_auth():
     assert serve_options(False, True, None, True, environ={}).auth is None  # explicitly insecure
     with pytest.raises(ShareError, match="USER:PASS"):
         serve_options(False, False, "no-colon", False, environ={})
+
+
+def test_dropping_an_output_fills_form_model_seed_and_image_and_a_bad_drop_changes_nothing(studio_url, tmp_path):
+    client = Client(studio_url, verbose=False)
+    video = client.predict(image_path=handle_file(str(ASSET)), **SMALL, seed=5, motion_bucket_id=40,
+                           api_name="/generate")[2]
+    video = video["video"] if isinstance(video, dict) else video
+    *values, image, note = client.predict(handle_file(video), api_name="/reuse")
+    form = dict(zip(FORM_NAMES, values))
+    assert (form["seed"], form["motion_bucket_id"], form["num_frames"], form["model"]) == (5, 40, 4, "demo")
+    assert image and note.startswith("✔ Restored from") and "model demo, seed 5" in note
+    with pytest.raises(AppError, match="neither an output video .* nor a run record"):
+        client.predict(handle_file(str(ASSET)), api_name="/reuse")
+
+
+def test_a_queued_seed_sweep_runs_in_order_and_a_waiting_job_can_be_removed(studio_url):
+    client = Client(studio_url, verbose=False)
+    table, message = client.predict(image_path=handle_file(str(ASSET)), seed_list="11..13",
+                                    **{**SMALL, "num_frames": 2, "num_inference_steps": 1}, api_name="/queue_add")
+    assert message.startswith("Queued 3 job(s)")
+    rows = table["value"]["data"][-3:]
+    assert [row[2].split(" · ")[0] for row in rows] == ["seed 11", "seed 12", "seed 13"]
+    client.predict(rows[2][1], api_name="/queue_remove")  # seed 13 waits behind two jobs: it never runs
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rows = client.predict(api_name="/queue_view")["value"]["data"]
+        if [row[3] for row in rows[-2:]] == ["done", "done"]:
+            break
+        time.sleep(0.5)
+    assert [row[2].split(" · ")[0] for row in rows[-2:]] == ["seed 11", "seed 12"]
+    assert [row[3] for row in rows[-2:]] == ["done", "done"] and rows[-1][5].startswith("queue-")
+    with pytest.raises(AppError, match="no queued job 'nope'"):
+        client.predict("nope", api_name="/queue_remove")

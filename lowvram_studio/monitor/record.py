@@ -8,6 +8,7 @@ are ``null``, never guessed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ class RunRecord:
     device: str | None = None  # where the run computed ("cuda", "cpu")
     phase_seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why the run produced no frames (e.g. out of memory)
+    input: dict[str, Any] = field(default_factory=dict)  # the input image: {"image": path, "sha256": of its bytes}
     version: int = RECORD_VERSION
 
     # ---- building -----------------------------------------------------------------------------
@@ -348,3 +350,142 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+# ---- use these settings again ---------------------------------------------------------------------
+REUSE_KIND = "lowvram-studio run"  # marks the compact record embedded in an mp4's comment tag
+REUSE_KEYS = ("kind", "version", "settings", "model", "input")
+MODEL_REUSE_KEYS = ("name", "source", "kind")
+
+
+class ReuseError(ValueError):
+    """A file that cannot give back a run's settings; the message says what to drop instead."""
+
+
+def input_image_info(path: str | Path | None) -> dict[str, Any]:
+    """The record's ``input`` entry: where the input image was and a hash of its bytes (to notice edits)."""
+    if path is None:
+        return {}
+    path = Path(path).resolve()
+    return {"image": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def reuse_comment(settings: "RunSettings", model: dict[str, Any], input_info: dict[str, Any]) -> str:
+    """One line of JSON holding what reproduces a run (settings, seed, model, input) for an mp4's comment tag."""
+    payload = {
+        "kind": REUSE_KIND,
+        "version": RECORD_VERSION,
+        "settings": settings.to_dict(),
+        "model": {k: model[k] for k in MODEL_REUSE_KEYS if k in model},
+        "input": input_info,
+    }
+    return json.dumps(_jsonable(payload), separators=(",", ":"), sort_keys=True)
+
+
+@dataclass
+class ReusedRun:
+    """What "use these settings again" restores from a record: the model, every setting (seed included), the image."""
+
+    settings: "RunSettings"
+    model: str
+    image: Path | None
+    origin: str  # where it came from, for messages: "out.json", "out.mp4 (its embedded record)"
+    notes: list[str] = field(default_factory=list)  # unknown, missing or newer fields
+    image_note: str | None = None  # why the input image is not restored, or that it changed
+
+    def summary(self) -> str:
+        s = self.settings
+        return (f"Restored from {self.origin}: model {self.model}, seed {s.seed}, {s.width}x{s.height}, "
+                f"{s.num_frames} frames, {s.num_inference_steps} steps and every other setting"
+                + (f"; input image {self.image.name}" if self.image else ""))
+
+
+def reuse_from_dict(data: Any, origin: str) -> ReusedRun:
+    """Settings, model and input of a run record (full record or the mp4's compact one), of any version.
+
+    Fields this version does not know are ignored and named in one note; fields the record lacks take
+    their defaults, also named, so the user knows what could not be restored exactly.
+    """
+    from lowvram_studio.settings import RunSettings, SettingsError
+
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+        raise ReuseError(f"{origin} is not a LowVRAM Studio run record (it has no settings); "
+                         "drop an mp4 made by the studio or its .json record")
+    notes = []
+    version = data.get("version")
+    if isinstance(version, int) and version > RECORD_VERSION:
+        notes.append(f"the record is from a newer LowVRAM Studio (record version {version}, this one reads "
+                     f"{RECORD_VERSION}); update to restore it exactly")
+    try:
+        settings, unknown = RunSettings.from_dict_lenient(data["settings"])
+        settings.validate()
+    except SettingsError as exc:
+        raise ReuseError(f"the settings in {origin} are not valid here ({exc}); fix the record or pick another run") from exc
+    known_top = set(REUSE_KEYS) | {f.name for f in dataclasses.fields(RunRecord)}
+    ignored = [f"settings.{name}" for name in unknown] + sorted(k for k in data if k not in known_top)
+    if ignored:
+        notes.append("ignored fields it does not know: " + ", ".join(ignored))
+    defaults = RunSettings().to_dict()
+    missing = [f"{name}={defaults[name]}" for name in defaults if name not in data["settings"]]
+    if missing:
+        notes.append("fields missing from the record took their defaults: " + ", ".join(missing))
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    source = model.get("source") or model.get("name")
+    if not source:
+        notes.append("the record names no model; the built-in demo model is used")
+    image, image_note = _recorded_image(data.get("input"))
+    return ReusedRun(settings, str(source or "demo"), image, origin, notes, image_note)
+
+
+def _recorded_image(info: Any) -> tuple[Path | None, str | None]:
+    """The recorded input image when it is still there, and a note when it is gone or changed."""
+    if not isinstance(info, dict) or not info.get("image"):
+        return None, "the record does not name its input image; choose the image yourself"
+    path = Path(info["image"])
+    if not path.is_file():
+        return None, f"its input image {path} no longer exists; choose the image yourself"
+    if info.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != info["sha256"]:
+        return path, f"its input image {path} changed since that run, so the frames will differ"
+    return path, None
+
+
+def load_reuse(path: str | Path) -> ReusedRun:
+    """Read what to restore from a run record (.json) or an output video (.mp4: its embedded record, else
+    the record beside it)."""
+    from lowvram_studio.media import MediaError, read_mp4_comment
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReuseError(f"{path} does not exist or is not a file; check the path")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ReuseError(f"{path.name} is not readable JSON ({exc}); drop a run record saved by LowVRAM Studio") from exc
+        return reuse_from_dict(data, path.name)
+    if suffix in (".mp4", ".m4v", ".mov"):
+        try:
+            comment = read_mp4_comment(path)
+        except MediaError as exc:
+            raise ReuseError(str(exc)) from exc
+        embedded = _parse_embedded(comment)
+        if embedded is not None:
+            return reuse_from_dict(embedded, f"{path.name} (its embedded record)")
+        sibling = path.with_suffix(".json")
+        if sibling.is_file():
+            return load_reuse(sibling)
+        raise ReuseError(f"{path.name} carries no LowVRAM Studio record and has no {sibling.name} beside it; "
+                         "drop a video made by the studio, or its .json record")
+    raise ReuseError(f"{path.name} is neither an output video (.mp4) nor a run record (.json); "
+                     "drop an mp4 made by LowVRAM Studio or its .json record")
+
+
+def _parse_embedded(comment: str | None) -> dict[str, Any] | None:
+    if not comment:
+        return None
+    try:
+        data = json.loads(comment)
+    except json.JSONDecodeError:
+        return None  # someone else's comment
+    return data if isinstance(data, dict) and data.get("kind") == REUSE_KIND else None

@@ -1,0 +1,80 @@
+"""Use these settings again in the studio: a dropped output (mp4 or run record JSON) -> the form's values.
+
+The record holds the settings actually used (a VRAM budget's plan and out-of-memory re-plans
+included), so the restored form reproduces the run, seed and model included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+
+from ..engine.precision import DTYPE_NAMES, SETTING_OF, PrecisionPolicy, detect_gpu
+from ..engine.sampler import resolve_device
+from ..media import MediaError, load_image
+from ..monitor.record import ReuseError, load_reuse
+from ..settings import Precision, RunSettings
+from .form import FP16_TOGGLES, MODEL, settings_to_form
+
+
+@dataclass
+class RestoredForm:
+    """Control values to set (controls not named stay as they are), the input image if found, and the message."""
+
+    values: dict[str, Any]
+    image: PIL.Image.Image | None
+    message: str
+
+
+def restore_form(path: str | Path | None, names: list[str]) -> RestoredForm:
+    """What dropping ``path`` onto the studio sets; ``ReuseError`` (nothing changes) for any other file."""
+    if not path:
+        raise ReuseError("no file was dropped; drop an mp4 made by LowVRAM Studio or its .json record")
+    reused = load_reuse(path)
+    settings, notes = _as_toggles(reused.settings)
+    notes += _without_controls(settings, names)
+    values = settings_to_form(settings, names)
+    values[MODEL] = reused.model
+    image = None
+    notes = [*reused.notes, *notes]
+    if reused.image is not None:
+        try:
+            image = load_image(reused.image)
+        except MediaError as exc:
+            notes.append(f"its input image could not be read ({exc})")
+    if reused.image_note:
+        notes.append(reused.image_note)
+    message = "✔ " + reused.summary() + "." + "".join(f"\n\nℹ {note}." for note in notes)
+    return RestoredForm(values, image, message)
+
+
+def _as_toggles(settings: RunSettings) -> tuple[RunSettings, list[str]]:
+    """The studio's FP16 checkboxes say fp16 or fp32 only: 'auto' (a CLI run) is resolved as the engine
+    resolves it on this machine; bf16 / fp8 cannot be shown, which a note says."""
+    component_of = {setting: component for component, setting in SETTING_OF.items()}
+    auto = [name for name in FP16_TOGGLES if getattr(settings, name) == Precision.AUTO]
+    changes: dict[str, str] = {}
+    if auto:
+        policy = PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device)))
+        changes = {name: DTYPE_NAMES[policy.component(component_of[name]).storage] for name in auto}
+    notes = [f"{name} was auto; on this machine that is {value}, set explicitly" for name, value in changes.items()]
+    settings = settings.replace(**changes)
+    other = [f"{name}={Precision(getattr(settings, name)).value}" for name in FP16_TOGGLES
+             if Precision(getattr(settings, name)) not in (Precision.FP16, Precision.FP32)]
+    if other:
+        notes.append(f"the studio's FP16 switches cannot express {', '.join(other)}; they show FP32 here. "
+                     "Run it with `lowvram-studio generate --from-record` to reproduce it exactly")
+    return settings, notes
+
+
+def _without_controls(settings: RunSettings, names: list[str]) -> list[str]:
+    """A note naming recorded values the form has no control for (the studio runs their defaults)."""
+    data, defaults = settings.to_dict(), RunSettings().to_dict()
+    unshown = [f"{name}={data[name]}" for name in data if name not in names and data[name] != defaults[name]]
+    if not unshown:
+        return []
+    return [f"the studio has no control for {', '.join(unshown)} and runs the default instead; "
+            "use `lowvram-studio generate --from-record` to reproduce it exactly"]

@@ -1,0 +1,126 @@
+"""Use these settings again: `generate --from-record` reproduces a run exactly; older records load with notes;
+files that are not outputs are refused with what to drop instead."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from lowvram_studio.cli import main
+from lowvram_studio.media import read_mp4_comment, read_video, write_mp4
+from lowvram_studio.monitor.record import ReuseError, load_reuse
+from lowvram_studio.ui.form import FORM_NAMES, MODEL
+from lowvram_studio.ui.reuse import restore_form
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "assets" / "ball_and_box.png"
+RUN = ["--frames", "2", "--height", "64", "--width", "64", "--steps", "2", "--seed", "7", "--motion-bucket", "60"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    """One real CLI run on the demo model: first.mp4 + first.json."""
+    out = tmp_path_factory.mktemp("first") / "first.mp4"
+    assert main(["generate", "--image", str(ASSET), "--out", str(out), *RUN]) == 0
+    return out
+
+
+def test_from_record_reproduces_identical_frames_with_the_same_model_settings_and_seed(first_run, capsys):
+    assert main(["generate", "--from-record", str(first_run.with_suffix(".json"))]) == 0
+    again = first_run.with_name("first-again.mp4")  # default output: beside the record
+
+    before, after = read_video(first_run)[0], read_video(again)[0]
+    assert before.shape == (2, 64, 64, 3) and np.array_equal(before, after)
+    old, new = (json.loads(p.with_suffix(".json").read_text()) for p in (first_run, again))
+    assert new["settings"] == old["settings"] and new["settings"]["seed"] == 7
+    assert new["model"]["source"] == old["model"]["source"] == "demo"
+    assert new["input"] == old["input"] and new["input"]["image"] == str(ASSET)  # the image came from the record
+    assert "Restored from first.json: model demo, seed 7, 64x64, 2 frames, 2 steps" in capsys.readouterr().err
+
+
+def test_the_mp4_alone_carries_the_run_so_it_restores_the_same(first_run):
+    from_video, from_record = load_reuse(first_run), load_reuse(first_run.with_suffix(".json"))
+    assert from_video.origin == "first.mp4 (its embedded record)"
+    assert from_video.settings == from_record.settings and from_video.model == "demo"
+    assert from_video.image == ASSET and from_video.notes == [] and from_video.image_note is None
+
+
+def test_flags_given_with_a_record_override_it_and_say_so(first_run, tmp_path, capsys):
+    taken = tmp_path / "taken.mp4"
+    taken.write_bytes(b"keep me")
+    code = main(["generate", "--from-record", str(first_run.with_suffix(".json")), "--steps", "3", "--seed", "7",
+                 "--model", "demo", "--out", str(taken)])
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists" in err  # refused before computing; the notes came first
+    assert "note: flags override the record: num_inference_steps 2 -> 3" in err and "seed 7 ->" not in err
+    assert main(["generate", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "error: --image is required; give it, or --from-record OUT.json" in capsys.readouterr().err
+
+
+def test_an_older_record_loads_with_notes_for_unknown_and_missing_fields(first_run, tmp_path):
+    record = json.loads(first_run.with_suffix(".json").read_text())
+    del record["settings"]["fps"], record["settings"]["prune_mode"], record["input"]
+    record["settings"]["flux_capacitor"] = 1.21
+    record["gpu_mood"] = "happy"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(record))
+
+    reused = load_reuse(old)
+    assert reused.notes == [
+        "ignored fields it does not know: settings.flux_capacitor, gpu_mood",
+        "fields missing from the record took their defaults: fps=7, prune_mode=steps",
+    ]
+    assert (reused.settings.seed, reused.settings.motion_bucket_id, reused.settings.fps) == (7, 60, 7)
+    assert reused.image is None and "does not name its input image" in reused.image_note
+
+    record["version"] = 99
+    old.write_text(json.dumps(record))
+    assert "newer LowVRAM Studio (record version 99" in load_reuse(old).notes[0]
+
+
+def test_a_bare_mp4_restores_from_the_record_beside_it(first_run, tmp_path):
+    bare = write_mp4(np.zeros((2, 64, 64, 3), np.float32), tmp_path / "copy.mp4", fps=7)
+    assert read_mp4_comment(bare) is None
+    with pytest.raises(ReuseError, match="carries no LowVRAM Studio record and has no copy.json beside it"):
+        load_reuse(bare)
+    shutil.copy(first_run.with_suffix(".json"), tmp_path / "copy.json")
+    assert load_reuse(bare).origin == "copy.json" and load_reuse(bare).settings.seed == 7
+
+
+def test_the_studio_form_gets_the_run_model_and_seed_and_names_what_it_cannot_show(first_run, tmp_path):
+    restored = restore_form(str(first_run), FORM_NAMES)
+    assert (restored.values["seed"], restored.values["num_frames"], restored.values[MODEL]) == (7, 2, "demo")
+    assert restored.values["unet_dtype"] is False and restored.values["vram_budget"] == "Manual"
+    assert restored.image is not None and restored.image.size == PIL.Image.open(ASSET).size
+    assert restored.message.startswith("✔ Restored from first.mp4 (its embedded record): model demo, seed 7")
+    assert "unet_dtype was auto; on this machine that is fp32, set explicitly" in restored.message  # a CLI run's auto
+
+    record = json.loads(first_run.with_suffix(".json").read_text())
+    record["settings"].update(window_blend="linear", unet_dtype="bf16")
+    (tmp_path / "cli.json").write_text(json.dumps(record))
+    message = restore_form(str(tmp_path / "cli.json"), FORM_NAMES).message
+    assert "no control for window_blend=linear and runs the default instead" in message
+    assert "FP16 switches cannot express unet_dtype=bf16" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("picture.png", ASSET.read_bytes(), "neither an output video .* nor a run record"),
+        ("notes.txt", b"hello", "neither an output video"),
+        ("compare.json", b'{"runs": []}', "not a LowVRAM Studio run record .*drop an mp4"),
+        ("broken.json", b'{"settings": ', "not readable JSON"),
+        ("fake.mp4", b"not a video at all", "not a video ffmpeg can read"),
+        ("bad.json", b'{"settings": {"height": 100}, "results": {}}', "settings in bad.json are not valid here"),
+    ],
+)
+def test_files_that_are_not_outputs_are_refused_with_what_to_drop(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ReuseError, match=message):
+        restore_form(str(path), FORM_NAMES)
