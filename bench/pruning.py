@@ -199,12 +199,29 @@ def variants(case: Case, kind: str) -> list[Job]:
     ]
 
 
+def branches(case: Case, kind: str) -> list[Job]:
+    """DeepCache's branch depth: keep 1 or 0 (conv_in only) layers of the first down block instead of all."""
+    jobs = []
+    for layers in (1, 0):
+        label = f"branch{layers}"
+        jobs += [
+            Job(case, kind, "steps", 0.012, {"prune_branch_layers": layers}, label),
+            Job(case, kind, "steps", 0.05, {"prune_branch_layers": layers, "prune_max_reuse": 5}, f"{label}-cap5"),
+            Job(case, kind, "steps", 1.0, {"prune_branch_layers": layers, "prune_max_reuse": 2}, f"{label}-uniform-n3"),
+            Job(case, kind, "steps", 1.0, {"prune_branch_layers": layers, "prune_max_reuse": 3}, f"{label}-uniform-n4"),
+        ]
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON path; a .md table is written next to it")
     parser.add_argument("--smoke", action="store_true", help="demo model on the CPU, tiny sizes (logic check)")
     parser.add_argument("--budget-s", type=float, default=400.0, help="skip the remaining rows after this")
     parser.add_argument("--skip-b", action="store_true", help="case A only")
+    parser.add_argument(
+        "--only-branches", action="store_true", help="only the branch-depth rows (and their unpruned references)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.perf_counter()
@@ -305,9 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         result, peaks = runner.run(make_image(kind, job.case.width, job.case.height), settings, latents)
         rows.append(row_for(job.case, job.input, job.config, job.threshold, result, peaks, ref, ref_peaks))
 
+    if args.only_branches:
+        for job in branches(case_a, "still") + ([] if args.skip_b else branches(case_b, "still")):
+            run_job(job)
+        write_results(args, rows, [], skipped, device, time.perf_counter() - started)
+        return 0
+
     # Case A: signal probe (every step computed, signals recorded), then the matrix; case B: fewer rows.
     probes = [probe(runner, base_settings(case_a, "still", device, fp16), make_image("still", case_a.width, case_a.height))]
-    for job in matrix(case_a, thresholds_a, (0.012, 0.05), "still") + variants(case_a, "still"):
+    for job in matrix(case_a, thresholds_a, (0.012, 0.05), "still") + variants(case_a, "still") + branches(case_a, "still"):
         run_job(job)
     if not args.skip_b:
         for job in matrix(case_b, thresholds_b, thresholds_b[-1:], "still"):
@@ -366,21 +389,22 @@ def markdown_table(rows, probes, skipped) -> str:
             f"({_fmt(r['denoise_peak_delta_mib'], '+.0f')}) | "
             f"{_fmt(r['cache_mib'], '.0f')} |"
         )
-    lines += [
-        "",
-        "Step signals, every step computed: log-log Pearson r and std of log(target/signal) "
-        "(higher r, lower std: the signal predicts the reuse error better):",
-        "",
-        "| input | signal | vs deep feature: r / std | vs UNet output: r / std |",
-        "|---|---|---|---|",
-    ]
-    for p in probes:
-        for signal in ("input", "shallow"):
-            deep, out = p[f"{signal}_vs_deep"], p[f"{signal}_vs_output"]
-            lines.append(
-                f"| {p['input']} | {signal} | {_fmt(deep['log_r'], '.3f')} / {_fmt(deep['log_ratio_std'], '.3f')} | "
-                f"{_fmt(out['log_r'], '.3f')} / {_fmt(out['log_ratio_std'], '.3f')} |"
-            )
+    if probes:
+        lines += [
+            "",
+            "Step signals, every step computed: log-log Pearson r and std of log(target/signal) "
+            "(higher r, lower std: the signal predicts the reuse error better):",
+            "",
+            "| input | signal | vs deep feature: r / std | vs UNet output: r / std |",
+            "|---|---|---|---|",
+        ]
+        for p in probes:
+            for signal in ("input", "shallow"):
+                deep, out = p[f"{signal}_vs_deep"], p[f"{signal}_vs_output"]
+                lines.append(
+                    f"| {p['input']} | {signal} | {_fmt(deep['log_r'], '.3f')} / {_fmt(deep['log_ratio_std'], '.3f')} | "
+                    f"{_fmt(out['log_r'], '.3f')} / {_fmt(out['log_ratio_std'], '.3f')} |"
+                )
     if skipped:
         lines += ["", f"Skipped over the time budget: {', '.join(skipped)}"]
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 exports weights the demo pipeline loads, and trained weights (when shipped) really move."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
 from PIL import Image
 
 from lowvram_studio.demo_training import objective, train
+from lowvram_studio.demo_training.latent_bank import LatentBank
 from lowvram_studio.demo_training.evaluate import STILL_FLOOR, measure_motion, psnr
 from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass, make_clip
 from lowvram_studio.models.demo import (
@@ -49,6 +51,47 @@ def test_latent_scale_fold_keeps_reconstruction_and_sets_unit_scaled_std():
         after = vae.decode(latents, num_frames=4).sample
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     assert float(latents.std() * vae.config.scaling_factor) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_latent_bank_replaces_oldest_clips_and_samples_only_stored_ones():
+    bank = LatentBank(capacity=4)
+    bank.add({"id": torch.arange(3).float().view(3, 1)})
+    drawn = bank.sample(50, torch.Generator().manual_seed(0))["id"].flatten()
+    assert set(drawn.tolist()) <= {0.0, 1.0, 2.0}
+    bank.add({"id": torch.arange(3, 6).float().view(3, 1)})
+    assert bank.size == 4
+    assert sorted(bank.tensors["id"].flatten().tolist()) == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_motion_weights_favour_the_moving_region_and_keep_each_clip_mean_one():
+    config = train.TrainConfig()
+    mean = torch.zeros(2, 3, 4, 8, 8)
+    mean[0, 1:, :, 2:4, 2:4] = 2.0  # clip 0: a small moving patch; clip 1: still
+    weights = objective.motion_weights(mean, config)
+    torch.testing.assert_close(weights.mean(dim=(1, 2, 3, 4)), torch.ones(2))
+    assert weights[0, 1, 0, 2, 2] > 3 * weights[0, 1, 0, 6, 6]
+    torch.testing.assert_close(weights[1], torch.ones_like(weights[1]))
+
+
+def test_first_invocation_checkpoint_holds_only_the_frozen_vae_and_a_final_resume_finishes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    # 10 minutes leave 580 s to train; phases need 579 s to start: the VAE starts, the UNet does not.
+    config = replace(train.smoke_config(), min_phase_minutes=579 / 60)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as main() does for --smoke: tiny tensors, busy CI cores
+    try:
+        first = train.Trainer(config, ckpt, torch.device("cpu"))
+        first.run(minutes=10)
+    finally:
+        torch.set_num_threads(threads)
+    assert first.state.phase == "unet" and first.state.step["unet"] == 0
+    names = sorted(f.name for f in ckpt.glob("*.safetensors"))
+    assert names == ["vae-00.safetensors"]
+    assert (ckpt / "vae-00.safetensors").stat().st_size < 9e6  # fp16, no optimizer
+    assert len(first.state.vae_holdout) >= 1 and np.isfinite(first.state.vae_holdout[-1]["first_frame_psnr_db"])
+    assert train.main(["--smoke", "--ckpt-dir", str(ckpt), "--minutes", "5", "--final"]) == 0
+    state = json.loads((ckpt / "state.json").read_text())["state"]
+    assert state["phase"] == "done" and state["step"] == {"vae": 5, "unet": 3}
 
 
 @pytest.fixture(scope="module")

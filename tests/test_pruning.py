@@ -13,6 +13,7 @@ from lowvram_studio.engine.pruning import (
     GHOSTING_BELOW,
     MapCode,
     PruningConfig,
+    deep_branch,
     draw_pruning_map,
     ghosting_warning,
     group_frames,
@@ -139,3 +140,32 @@ def test_bad_pruning_knobs_name_the_fix():
     settings = RunSettings(prune_threshold=0.012, extra={"prune_max_reuse": -1})
     with pytest.raises(ValueError, match="prune_max_reuse"):
         PruningConfig.from_settings(settings)
+
+
+def test_finer_branch_keeps_only_conv_in_and_the_last_up_layer(demo_pipeline):
+    unet = demo_pipeline.unet
+    whole, finest = deep_branch(unet, None), deep_branch(unet, 0)
+    assert whole.signal[0] == "down_blocks.0" and whole.cache_point[0] == f"up_blocks.{len(unet.up_blocks) - 2}"
+    last_up = f"up_blocks.{len(unet.up_blocks) - 1}"
+    assert finest.signal[0] == "conv_in"
+    assert finest.cache_point[0] == f"{last_up}.attentions.{len(unet.up_blocks[-1].resnets) - 2}"
+    skipped = {name for name, _ in finest.skipped}
+    assert {"down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0", f"{last_up}.resnets.0"} <= skipped
+    assert deep_branch(unet, 99).cache_point[0] == whole.cache_point[0]  # more layers than the block has: all
+
+
+def test_finer_branch_reuses_and_costs_less_per_reused_step(demo_pipeline, test_image, settings, reference):
+    """Uniform reuse (threshold 1) with the whole-block and the conv_in-only branch: same map, the finer
+    branch skips more FLOPs; a threshold that never triggers leaves the frames exactly unchanged."""
+    runs = {}
+    for layers in (None, 0):
+        extra = {"prune_branch_layers": layers, "prune_max_reuse": 3}
+        runs[layers] = generate(
+            demo_pipeline, test_image, settings.replace(prune_threshold=1.0, prune_mode="steps", extra=extra)
+        )
+    whole, finest = runs[None].info["pruning"], runs[0].info["pruning"]
+    assert whole["map"] == finest["map"] and finest["previous_step_fraction"] > 0
+    assert finest["speedup_estimate"] > whole["speedup_estimate"] > 1.0
+    assert not np.array_equal(runs[0].frames, reference.frames)
+    never = settings.replace(prune_threshold=1e-9, prune_mode="steps", extra={"prune_branch_layers": 0})
+    assert np.array_equal(generate(demo_pipeline, test_image, never).frames, reference.frames)

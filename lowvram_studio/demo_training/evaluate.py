@@ -192,3 +192,23 @@ def evaluate_folder(weights: Path | None, out: Path, num_clips: int, device: tor
     out.write_text(json.dumps(report, indent=1))
     logger.info("evaluation written to %s: %s", out, report["summary"])
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-run the evaluation (JSON + gallery GIF) on exported weights, e.g. after they came back from the GPU."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lowvram_studio.demo_training.evaluate", description=main.__doc__)
+    parser.add_argument("--weights", type=Path, default=None, help="exported weights folder (default: assets/demo-model)")
+    parser.add_argument("--out", type=Path, required=True, help="quality JSON; the gallery GIF goes beside it")
+    parser.add_argument("--clips", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="4 frames at 64x64, 2 steps (CPU test)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    evaluate_folder(args.weights, args.out, num_clips=args.clips, device=torch.device(args.device), smoke=args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

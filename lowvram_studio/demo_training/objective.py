@@ -56,8 +56,15 @@ def clip_embeddings(image_encoder: torch.nn.Module, images: torch.Tensor) -> tor
 
 
 
+def image_gradient_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between horizontal and vertical pixel differences: penalises blurred edges directly."""
+    dx = (recon[..., :, 1:] - recon[..., :, :-1]) - (target[..., :, 1:] - target[..., :, :-1])
+    dy = (recon[..., 1:, :] - recon[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :])
+    return dx.abs().mean() + dy.abs().mean()
+
+
 def vae_loss(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Reconstruction (L1 + MSE) of whole clips plus a small KL; x is (B, F, 3, H, W)."""
+    """Reconstruction (L1 + MSE, optionally edge L1) of whole clips plus a small KL; x is (B, F, 3, H, W)."""
     b, f = x.shape[:2]
     flat = x.flatten(0, 1)
     posterior = vae.encode(flat).latent_dist
@@ -67,7 +74,12 @@ def vae_loss(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor, config: TrainCo
     l1 = (recon - flat).abs().mean()
     kl = posterior.kl().mean() / z[0].numel()
     loss = l1 + mse + config.kl_weight * kl
-    return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+    stats = {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+    if config.edge_weight:
+        edge = image_gradient_l1(recon, flat)
+        loss = loss + config.edge_weight * edge
+        stats["edge_l1"] = edge.detach()
+    return loss, {"loss": loss.detach(), **stats}
 
 
 def sample_sigmas(b: int, config: TrainConfig, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -88,25 +100,58 @@ def edm_preconditioning(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return c_in, c_skip, c_out, 0.25 * sigma.log()
 
 
-def unet_loss(models: dict, x: torch.Tensor, buckets: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """SVD's EDM v-prediction loss with the pipeline's conditioning; x is (B, F, 3, H, W)."""
-    vae, unet, encoder = models["vae"], models["unet"], models["image_encoder"]
+@torch.no_grad()
+def encode_for_unet(
+    vae: AutoencoderKLTemporalDecoder, x: torch.Tensor, buckets: torch.Tensor, config: TrainConfig, generator: torch.Generator
+) -> dict:
+    """Everything the UNet step needs from the frozen VAE, computed once per clip (the latent bank).
+
+    x is (B, F, 3, H, W) in [-1, 1]. Returns the posterior mean and std of every frame (scaled by
+    ``scaling_factor``; a fresh sample is drawn at every use), the first frame (uint8, the image
+    encoder's input) and the pipeline's image latent: the first frame plus noise of strength ``aug``
+    (log-normal around the pipeline default 0.02, one draw per clip), posterior mode, unscaled.
+    """
     b, f = x.shape[:2]
-    device = x.device
     first = x[:, 0]
-    # Noise augmentation strength: log-normal around the pipeline default (0.02), clipped.
-    aug = (torch.randn(b, generator=generator, device=device) * 0.8 + math.log(config.noise_aug_mean)).exp().clamp(max=0.3)
-    with torch.no_grad():
-        latents = vae.encode(x.flatten(0, 1)).latent_dist.sample(generator).float()
-        latents = latents.unflatten(0, (b, f)) * vae.config.scaling_factor
-        noisy_first = first + aug.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator, device=device)
-        image_latents = vae.encode(noisy_first).latent_dist.mode().float()  # unscaled, as the pipeline
+    posterior = vae.encode(x.flatten(0, 1)).latent_dist
+    scale = vae.config.scaling_factor
+    aug = (torch.randn(b, generator=generator, device=x.device) * 0.8 + math.log(config.noise_aug_mean)).exp().clamp(max=0.3)
+    noisy_first = first + aug.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator, device=x.device)
+    return {
+        "mean": (posterior.mean.float() * scale).unflatten(0, (b, f)).half(),
+        "std": (posterior.std.float() * scale).unflatten(0, (b, f)).half(),
+        "first": ((first + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8),
+        "image_latent": vae.encode(noisy_first).latent_dist.mode().half(),
+        "aug": aug.float(),
+        "bucket": buckets.to(x.device).float(),
+    }
+
+
+def motion_weights(mean: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Per-position loss weights (B, F, 1, h, w) that favour where the clip moves, mean 1 per clip.
+
+    A small arrow covers ~3 % of the frame, so an unweighted loss hardly rewards getting its motion
+    right; pans and zooms move everywhere and still clips nowhere, so both stay uniformly weighted.
+    """
+    change = (mean - mean[:, :1]).abs().mean(dim=2, keepdim=True)
+    weights = 1.0 + config.motion_weight * (change / config.motion_threshold).clamp(max=1.0)
+    return weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+
+def unet_loss(models: dict, batch: dict, config: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """SVD's EDM v-prediction loss with the pipeline's conditioning; ``batch`` comes from ``encode_for_unet``."""
+    unet, encoder = models["unet"], models["image_encoder"]
+    mean = batch["mean"].float()
+    b, f = mean.shape[:2]
+    device = mean.device
+    latents = mean + batch["std"].float() * torch.randn(mean.shape, generator=generator, device=device)
+    first = batch["first"].float() / 127.5 - 1.0  # exact: the frames were uint8
     embeddings = clip_embeddings(encoder, first)
     keep = (torch.rand(b, generator=generator, device=device) >= config.cond_dropout).float()
     embeddings = embeddings * keep.view(b, 1, 1)
-    image_latents = (image_latents * keep.view(b, 1, 1, 1)).unsqueeze(1).expand(-1, f, -1, -1, -1)
+    image_latents = (batch["image_latent"].float() * keep.view(b, 1, 1, 1)).unsqueeze(1).expand(-1, f, -1, -1, -1)
     fps = torch.randint(4, 31, (b,), generator=generator, device=device).float()
-    added_time_ids = torch.stack([fps - 1, buckets.to(device).float(), aug], dim=1)
+    added_time_ids = torch.stack([fps - 1, batch["bucket"].float(), batch["aug"].float()], dim=1)
 
     sigma = sample_sigmas(b, config, device, generator)
     s = sigma.view(b, 1, 1, 1, 1)
@@ -115,5 +160,6 @@ def unet_loss(models: dict, x: torch.Tensor, buckets: torch.Tensor, config: Trai
     model_input = torch.cat([c_in * noisy, image_latents], dim=2)
     out = unet(model_input, c_noise.flatten(), embeddings, added_time_ids).sample.float()
     target = (latents - c_skip * noisy) / c_out
-    loss = F.mse_loss(out, target)
-    return loss, {"loss": loss.detach()}
+    error = (out - target) ** 2
+    loss = (motion_weights(mean, config) * error).mean()
+    return loss, {"loss": loss.detach(), "unweighted_loss": error.mean().detach()}

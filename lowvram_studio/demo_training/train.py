@@ -5,13 +5,16 @@ Two phases share one wall-clock budget and one checkpoint folder:
 1. **VAE**: ``AutoencoderKLTemporalDecoder`` learns to reconstruct clips (encoder per frame, temporal
    decoder over the clip; L1 + MSE + a small KL). At the end its latent scale is folded into the
    weights so that ``latents * scaling_factor`` (0.18215, as the pipeline uses it) has unit variance.
+   Half the old batch (8 clips) and twice the minutes; the held-out round trip is logged as it goes.
 2. **UNet**: ``UNetSpatioTemporalConditionModel`` and the small CLIP image encoder learn to denoise
    with SVD's conditioning and the EDM v-prediction objective (``objective.py``); conditioning is
    dropped together (zeros, as the pipeline's unconditional branch) so classifier-free guidance works.
+   Clips are encoded once into a ``LatentBank`` on the device that a few fresh clips refresh every step.
 
 Every invocation trains for ``--minutes`` of wall time, checkpoints every few minutes and at the end,
-and resumes from ``--ckpt-dir``; ``--export DIR`` writes fp16 safetensors and the training log;
-``--evaluate OUT.json`` measures how the exported model moves (``evaluate.py``).
+and resumes from ``--ckpt-dir`` (only what the current phase needs: a finished VAE in fp16, an untouched
+UNet not at all). ``--final`` ends the UNet phase at this invocation's deadline so that ``--export DIR``
+(fp16 safetensors and the training log) and ``--evaluate OUT.json`` (``evaluate.py``) follow.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from lowvram_studio.demo_training.checkpoint import (
     rng_blob,
     save_sharded,
 )
-from lowvram_studio.demo_training.objective import fold_latent_scale, unet_loss, vae_loss
+from lowvram_studio.demo_training.latent_bank import LatentBank
+from lowvram_studio.demo_training.objective import encode_for_unet, fold_latent_scale, unet_loss, vae_loss
 from lowvram_studio.demo_training.procedural import ClipSpec, make_clip
 from lowvram_studio.models.demo import (
     DEMO_IMAGE_ENCODER_CONFIG,
@@ -53,6 +57,8 @@ from lowvram_studio.models.demo import (
 
 logger = logging.getLogger(__name__)
 
+SAVE_MARGIN_S = 20.0  # an invocation stops training this long before its --minutes run out
+HOLDOUT_FIRST_SEED = 10**9 + 10**6  # VAE round-trip clips: held out, apart from evaluate.py's
 
 
 @dataclass
@@ -62,16 +68,28 @@ class TrainConfig:
     seed: int = 0
     num_frames: int = 14
     size: int = 128
-    vae_minutes: float = 4.5
-    unet_minutes: float = 13.0
+    vae_minutes: float = 8.2
+    unet_minutes: float = 7.0  # --final replaces it so that the phase ends at the invocation's deadline
     vae_steps: int | None = None  # a step budget replaces the minute budget (reproducible runs, smoke)
     unet_steps: int | None = None
-    vae_batch: int = 16
+    # Clips of num_frames frames per VAE step. CPU A/B at 64 px, 4 frames, equal frames seen: 4 clips x 150
+    # steps 13.83 dB, 1 clip x 600 steps 13.86 dB held-out; the sample count matters, not the batch, so
+    # this only trades the GPU's per-frame efficiency (better at 16) against step count (better at 4).
+    vae_batch: int = 8
     unet_batch: int = 64
     vae_lr: float = 4e-4
     unet_lr: float = 4e-4
     warmup_steps: int = 200
     kl_weight: float = 1e-4
+    edge_weight: float = 0.0  # weight of the image-gradient L1 term of the VAE loss
+    bank_size: int = 16384  # clips held in the latent bank (~110 KB each on the device)
+    bank_initial: int = 1024  # clips encoded before the first UNet step
+    bank_refresh: int = 8  # fresh clips encoded into the bank per UNet step
+    motion_weight: float = 3.0  # extra loss weight where the clip moves (objective.motion_weights)
+    motion_threshold: float = 0.25  # scaled-latent change that counts as fully moving
+    holdout_clips: int = 8  # VAE round trip measured on these held-out clips
+    holdout_every: int = 1000  # VAE steps between held-out measurements
+    min_phase_minutes: float = 1.5  # a phase does not start in an invocation with less time left
     p_mean: float = 0.7  # SVD's log-normal training sigmas
     p_std: float = 1.6
     high_sigma_fraction: float = 0.1  # extra samples log-uniform up to sigma_max, where inference starts
@@ -88,8 +106,9 @@ class TrainConfig:
 def smoke_config() -> TrainConfig:
     """A few steps at tiny size: proves the loop on a CPU in well under a minute."""
     return TrainConfig(
-        num_frames=2, size=64, vae_steps=5, unet_steps=3, vae_batch=1, unet_batch=1,
+        num_frames=2, size=64, vae_steps=5, unet_steps=3, vae_batch=1, unet_batch=2,
         vae_lr=1e-3, unet_lr=1e-3, warmup_steps=1, workers=0, log_every=1, clip_pool=1,
+        bank_size=4, bank_initial=2, bank_refresh=1, holdout_clips=1, holdout_every=4, min_phase_minutes=0.0,
     )
 
 
@@ -164,6 +183,7 @@ class TrainState:
     seconds: dict = field(default_factory=lambda: {"vae": 0.0, "unet": 0.0})
     clips: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
     latent_scale_fold: float | None = None
+    vae_holdout: list = field(default_factory=list)  # held-out round-trip PSNR during the VAE phase
     log: dict = field(default_factory=lambda: {"vae": [], "unet": []})
 
 
@@ -214,23 +234,34 @@ class Trainer:
         if moments:
             load_optimizer(self.optimizer, moments)
 
+    def _needed_weights(self) -> dict[str, torch.Tensor]:
+        """Per component, the tensors a resume needs: a frozen VAE in fp16, an untouched UNet not at all."""
+        needed = {}
+        for name, module in self.models.items():
+            if name == "vae":
+                frozen = self.state.phase != "vae"
+                needed[name] = {k: (v.half() if frozen else v.float()) for k, v in module.state_dict().items()}
+            elif self.state.step["unet"] > 0:  # before its first step the UNet is its seeded init
+                needed[name] = {k: v.float() for k, v in module.state_dict().items()}
+        return needed
+
     def save(self) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for name, module in self.models.items():
-            frozen_vae = name == "vae" and self.state.phase != "vae"
-            tensors = {k: (v.half() if frozen_vae else v.float()) for k, v in module.state_dict().items()}
-            save_sharded(tensors, self.ckpt_dir, name)
-        for stale in self.ckpt_dir.glob("optim_*.safetensors"):
+        for stale in self.ckpt_dir.glob("*.safetensors"):
             stale.unlink()
-        if self.state.phase != "done":
-            save_sharded(optimizer_tensors(self.optimizer), self.ckpt_dir, f"optim_{self.state.phase}")
+        for name, tensors in self._needed_weights().items():
+            save_sharded(tensors, self.ckpt_dir, name)
+        moments = optimizer_tensors(self.optimizer)
+        if self.state.phase != "done" and moments:
+            save_sharded(moments, self.ckpt_dir, f"optim_{self.state.phase}")
         generator = base64.b64encode(self.generator.get_state().cpu().numpy().tobytes()).decode()
         saved = {"config": asdict(self.config), "state": asdict(self.state), "rng": rng_blob(), "generator": generator}
         tmp = self.ckpt_dir / "state.json.tmp"
         tmp.write_text(json.dumps(saved))
         tmp.replace(self.ckpt_dir / "state.json")
         (self.ckpt_dir / "training_log.json").write_text(json.dumps(self.training_log(), indent=1))
-        logger.info("checkpoint saved: phase %s, steps %s", self.state.phase, self.state.step)
+        size = sum(f.stat().st_size for f in self.ckpt_dir.iterdir()) / 2**20
+        logger.info("checkpoint saved: phase %s, steps %s, %.1f MiB", self.state.phase, self.state.step, size)
 
     def training_log(self) -> dict:
         return {"config": asdict(self.config), "device": str(self.device), **asdict(self.state)}
@@ -249,54 +280,121 @@ class Trainer:
         return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
     # -- loop ----------------------------------------------------------------------------------
-    def run(self, minutes: float) -> None:
-        """Train until this invocation's budget (minus time to save) or every phase is done."""
+    def run(self, minutes: float, final: bool = False) -> None:
+        """Train until this invocation's budget (minus time to save) or every phase is done.
+
+        With ``final`` the UNet phase's time budget is set, once its data is ready, to end at this
+        invocation's deadline, so the run finishes here and export and evaluation can follow.
+        """
         start = time.perf_counter()
-        deadline = start + 60 * minutes - 20
+        deadline = start + 60 * minutes - SAVE_MARGIN_S
         last_save = start
-        while self.state.phase != "done" and time.perf_counter() < deadline:
+        while self.state.phase != "done":
             phase = self.state.phase
-            batch = self.config.vae_batch if phase == "vae" else self.config.unet_batch
-            loader = make_loader(self.config, phase, self.state.clips[phase], batch)
-            window: list[dict] = []
-            last = time.perf_counter()
-            for frames, buckets in loader:
-                fetched = time.perf_counter()
-                x = to_model_range(frames, self.device)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self._learning_rate(phase)
-                with self.autocast:
-                    if phase == "vae":
-                        loss, stats = vae_loss(self.models["vae"], x, self.config)
-                    else:
-                        loss, stats = unet_loss(self.models, x, buckets, self.config, self.generator)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0)
-                stats["data_wait_s"] = torch.tensor(fetched - last)
-                self.optimizer.step()
-                now = time.perf_counter()
-                self.state.step[phase] += 1
-                self.state.clips[phase] += x.shape[0]
-                self.state.seconds[phase] += now - last  # wall time, data waits included
-                last = now
-                window.append(stats)
-                if len(window) == self.config.log_every or self._progress(phase) >= 1.0:
-                    self._log(phase, window)
-                    window = []
-                if self._progress(phase) >= 1.0:
-                    self._finish_phase(phase, x)
-                    break
-                if now >= deadline:
-                    break
-                if now - last_save > 60 * self.config.save_every_minutes:
-                    self.save()
-                    last_save = now
-            if window:
-                self._log(phase, window)
-            del loader
+            left = deadline - time.perf_counter()
+            if self.state.step[phase] == 0 and left < 60 * self.config.min_phase_minutes and not final:
+                logger.info("%s phase starts in the next invocation (%.0f s left here)", phase, left)
+                break
+            if left <= 0:
+                break
+            last_save = self._run_phase(phase, deadline, last_save, final)
+            if self.state.phase == phase:  # stopped by the deadline
+                break
         self.save()
+
+    def _run_phase(self, phase: str, deadline: float, last_save: float, final: bool) -> float:
+        batch = self.config.vae_batch if phase == "vae" else self.config.bank_refresh
+        loader = iter(make_loader(self.config, phase, self.state.clips[phase], batch))
+        bank = self._fill_bank(loader) if phase == "unet" else None
+        if final and phase == "unet" and self.config.unet_steps is None:
+            budget = self.state.seconds["unet"] + max(1.0, deadline - time.perf_counter())
+            self.config = replace(self.config, unet_minutes=budget / 60)
+            logger.info("final invocation: UNet phase budget %.2f min ends at this invocation's deadline", self.config.unet_minutes)
+        window: list[dict] = []
+        last = time.perf_counter()
+        while True:
+            frames, buckets = next(loader)
+            fetched = time.perf_counter()
+            x = to_model_range(frames, self.device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._learning_rate(phase)
+            with self.autocast:
+                if phase == "vae":
+                    loss, stats = vae_loss(self.models["vae"], x, self.config)
+                else:
+                    bank.add(encode_for_unet(self.models["vae"], x, buckets, self.config, self.generator))
+                    batch_clips = bank.sample(self.config.unet_batch, self.generator)
+                    loss, stats = unet_loss(self.models, batch_clips, self.config, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            stats["data_wait_s"] = torch.tensor(fetched - last)
+            self.optimizer.step()
+            now = time.perf_counter()
+            self.state.step[phase] += 1
+            self.state.clips[phase] += x.shape[0]
+            self.state.seconds[phase] += now - last  # wall time, data waits and logging included
+            window.append(stats)
+            done = self._progress(phase) >= 1.0 or (final and phase == "unet" and now >= deadline)
+            if len(window) == self.config.log_every or done:
+                self._log(phase, window)
+                window = []
+            if phase == "vae" and self.state.step[phase] % self.config.holdout_every == 0:
+                self._log_holdout()
+            if done:
+                self._finish_phase(phase, x)
+                return last_save
+            if now >= deadline:
+                if window:
+                    self._log(phase, window)
+                return last_save
+            if now - last_save > 60 * self.config.save_every_minutes:
+                self.save()
+                last_save = time.perf_counter()
+            last = now
+
+    def _fill_bank(self, loader) -> LatentBank:
+        """Encode the first clips of the UNet phase (a resume re-encodes from where its stream stands)."""
+        start = time.perf_counter()
+        bank = LatentBank(self.config.bank_size)
+        while bank.size < min(self.config.bank_initial, self.config.bank_size):
+            frames, buckets = next(loader)
+            with self.autocast:
+                bank.add(encode_for_unet(self.models["vae"], to_model_range(frames, self.device), buckets, self.config, self.generator))
+            self.state.clips["unet"] += frames.shape[0]
+        logger.info(
+            "latent bank: %d clips encoded in %.1f s (%.0f MiB; holds %d, %d fresh per step)",
+            bank.size, time.perf_counter() - start, bank.nbytes() / 2**20, self.config.bank_size, self.config.bank_refresh,
+        )
+        return bank
+
+    @torch.no_grad()
+    def _log_holdout(self) -> None:
+        """Encode -> decode round trip (posterior mode, fp32) of held-out clips, PSNR in dB on [0, 1]."""
+        vae = self.models["vae"]
+        was_training = vae.training
+        vae.eval()
+        spec = ClipSpec(num_frames=self.config.num_frames, size=self.config.size)
+        first_mse, all_mse = [], []
+        for i in range(self.config.holdout_clips):
+            frames = torch.from_numpy(make_clip(HOLDOUT_FIRST_SEED + i, spec).frames)[None]
+            x = to_model_range(frames, self.device)[0]
+            recon = vae.decode(vae.encode(x).latent_dist.mode(), num_frames=x.shape[0]).sample.float().clamp(-1, 1)
+            error = ((recon - x) / 2) ** 2
+            first_mse.append(float(error[0].mean()))
+            all_mse.append(error.mean(dim=(1, 2, 3)).cpu())
+        vae.train(was_training)
+        entry = {
+            "step": self.state.step["vae"],
+            "first_frame_psnr_db": float(sum(-10 * math.log10(max(m, 1e-10)) for m in first_mse) / len(first_mse)),
+            "all_frames_psnr_db": float((-10 * torch.log10(torch.cat(all_mse).clamp(min=1e-10))).mean()),
+        }
+        self.state.vae_holdout.append(entry)
+        logger.info(
+            "vae held-out round trip at step %d: first frame %.2f dB, all frames %.2f dB (%d clips)",
+            entry["step"], entry["first_frame_psnr_db"], entry["all_frames_psnr_db"], self.config.holdout_clips,
+        )
 
     def _log(self, phase: str, window: list[dict]) -> None:
         # Stats stay on the device until here: no host sync per step.
@@ -307,10 +405,19 @@ class Trainer:
             entry["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         entry.update(step=self.state.step[phase], seconds=round(self.state.seconds[phase], 2), lr=self._learning_rate(phase))
         self.state.log[phase].append(entry)
+        steps = len(window)
         logger.info(
-            "%s step %d %.0fs loss %.4f (data wait %.3fs/step)",
-            phase, entry["step"], entry["seconds"], entry["loss"], entry["data_wait_s"],
+            "%s step %d %.0fs loss %.4f%s lr %.2e (%.3f s/step, data wait %.3fs/step)",
+            phase, entry["step"], entry["seconds"], entry["loss"],
+            f" psnr {entry['psnr_db']:.2f} dB" if "psnr_db" in entry else "",
+            entry["lr"], self._step_seconds(phase, steps), entry["data_wait_s"],
         )
+
+    def _step_seconds(self, phase: str, steps: int) -> float:
+        log = self.state.log[phase]
+        if len(log) < 2:
+            return log[-1]["seconds"] / max(1, log[-1]["step"])
+        return (log[-1]["seconds"] - log[-2]["seconds"]) / max(1, log[-1]["step"] - log[-2]["step"])
 
     def _finish_phase(self, phase: str, x: torch.Tensor) -> None:
         if phase == "vae":
@@ -324,6 +431,7 @@ class Trainer:
                 for p in vae.parameters():
                     p.copy_(p.half().float())
             logger.info("VAE done; latent scale folded by %.4f", self.state.latent_scale_fold)
+            self._log_holdout()
             self.state.phase = "unet"
         else:
             self.state.phase = "done"
@@ -350,7 +458,11 @@ def export(trainer: Trainer, folder: Path) -> dict[str, int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lowvram_studio.demo_training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/demo-ckpt"))
-    parser.add_argument("--minutes", type=float, default=9.0, help="wall budget of this invocation")
+    parser.add_argument("--minutes", type=float, default=9.0, help="wall budget of this invocation's training")
+    parser.add_argument(
+        "--final", action="store_true",
+        help="finish training in this invocation: the UNet phase's schedule ends at its deadline (then --export, --evaluate)",
+    )
     budget = "phase budget, minutes of training wall time (default: TrainConfig); may change on resume"
     parser.add_argument("--vae-minutes", type=float, default=None, help=budget)
     parser.add_argument("--unet-minutes", type=float, default=None, help=budget)
@@ -398,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     try:
         trainer = Trainer(config, args.ckpt_dir, device)
-        trainer.run(args.minutes)
+        trainer.run(args.minutes, final=args.final)
     finally:
         torch.set_num_threads(threads)
     if trainer.state.phase != "done":

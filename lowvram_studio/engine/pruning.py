@@ -41,6 +41,10 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_temporal import (
+    TransformerSpatioTemporalModel,
+    TransformerTemporalModelOutput,
+)
 
 from ..settings import PruneMode, RunSettings
 
@@ -95,6 +99,7 @@ class PruningConfig:
     step_signal: StepSignal = StepSignal.SHALLOW
     frame_signal: FrameSignal = FrameSignal.LATENTS
     max_consecutive_reuse: int = 3  # DeepCache's cache interval minus one
+    branch_layers: int | None = None  # layers of the first down block kept on a reused step; None: all of it
     motion_adaptive: bool = False  # raise the threshold to LARGE_MOTION_THRESHOLD on large motion
     large_motion: float = 0.1  # clip motion (median inter-frame change of the denoised estimate) deemed large
     record_signals: bool = False  # also record the deep-feature and output change each step (for measurements)
@@ -119,6 +124,8 @@ class PruningConfig:
             out.append(
                 f"prune_max_reuse must be a whole number of steps, 0 or more; got {self.max_consecutive_reuse!r}"
             )
+        if self.branch_layers is not None and not (isinstance(self.branch_layers, int) and self.branch_layers >= 0):
+            out.append(f"prune_branch_layers must be a whole number, 0 or more (or unset); got {self.branch_layers!r}")
         if self.large_motion <= 0:
             out.append(f"prune_large_motion must be positive; got {self.large_motion!r}")
         return out
@@ -140,6 +147,7 @@ class PruningConfig:
                 step_signal=StepSignal(extra.get("prune_step_signal", cls.step_signal.value)),
                 frame_signal=FrameSignal(extra.get("prune_frame_signal", cls.frame_signal.value)),
                 max_consecutive_reuse=extra.get("prune_max_reuse", cls.max_consecutive_reuse),
+                branch_layers=extra.get("prune_branch_layers", cls.branch_layers),
                 motion_adaptive=bool(extra.get("prune_motion_adaptive", cls.motion_adaptive)),
                 large_motion=float(extra.get("prune_large_motion", cls.large_motion)),
                 record_signals=bool(extra.get("prune_record_signals", cls.record_signals)),
@@ -354,16 +362,17 @@ class PruningState:
         if not self.deep_reused:
             slot.shallow_anchor = shallow
 
-    def deep_input(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The last up block's input: the cached deep feature on a reused step, else cache the fresh one."""
+    def reused_deep_feature(self) -> torch.Tensor:
+        """The deep path's output cached at the last computed step (for this CFG branch)."""
+        return self.slots[self.slot_index].deep_cache
+
+    def store_deep_feature(self, hidden: torch.Tensor) -> None:
+        """A computed step's deep-path output: remember it for the next reused step."""
         slot = self.slots[self.slot_index]
-        if self.deep_reused:
-            return slot.deep_cache
         if self.config.record_signals and self.slot_index == 0 and slot.deep_cache is not None:
             self.signals[-1]["deep"] = float(relative_l1(hidden, slot.deep_cache).mean())
         if self.config.reuse_steps or self.config.record_signals:
             slot.deep_cache = hidden
-        return hidden
 
     def on_unet_done(self, output: torch.Tensor) -> None:
         """End of one UNet call: account its cost and, for the first call of a step, its map column."""
@@ -450,7 +459,8 @@ class PruningState:
     # -- FLOP counting on the first call --------------------------------------------------------------
     def _start_counting(self, items: int) -> None:
         self._counting = {"full": 0.0, "deep": 0.0, "spatial": 0.0, "shallow_spatial": 0.0, "items": items}
-        deep_prefixes = tuple(f"{name}." for name, _ in _deep_blocks(self.unet))
+        branch = deep_branch(self.unet, self.config.branch_layers)
+        deep_prefixes = tuple(f"{name}." for name, _ in (*branch.skipped, branch.cache_point))
         spatial_prefixes = tuple(f"{name}." for name, _ in _spatial_units(self.unet))
         scale = items / len(self.plan.keep) if self.plan else 1.0  # spatial layers ran on the kept frames only
         handles = []
@@ -536,48 +546,61 @@ class _UNetHook(ModelHook):
 
 
 class _ShallowHook(ModelHook):
-    """On the first down block: its output is the deep path's input."""
+    """On the branch's signal module (the first down block, one of its layers, or conv_in)."""
 
     def __init__(self, state: PruningState):
         super().__init__()
         self.state = state
 
     def post_forward(self, module, output):
-        self.state.on_shallow_output(output[0])
+        self.state.on_shallow_output(output[0] if isinstance(output, tuple) else output)
         return output
 
 
-class _DeepBlockHook(ModelHook):
-    """On every block of the deep path: skipped on a reused step, with outputs of the right arity."""
+def _passthrough(module: torch.nn.Module, hidden: torch.Tensor, return_dict: bool) -> Any:
+    """What a skipped module hands on: its input, in the shape of result its caller unpacks.
 
-    def __init__(self, state: PruningState, kind: str, skip_outputs: int):
-        super().__init__()
-        self.state = state
-        self.kind = kind
-        self.skip_outputs = skip_outputs
-
-    def new_forward(self, module, *args, **kwargs):
-        if not self.state.deep_reused:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self.kind == "down":  # the up blocks these skip features feed are skipped too
-            return hidden, (hidden,) * self.skip_outputs
-        return hidden
+    Nothing downstream reads these values (the cache point replaces them before they matter); they
+    only keep the UNet's forward bookkeeping (skip-connection counts, tuple unpacking) intact.
+    """
+    if isinstance(module, TransformerSpatioTemporalModel):
+        return TransformerTemporalModelOutput(sample=hidden) if return_dict else (hidden,)
+    if getattr(module, "resnets", None) is not None and getattr(module, "downsamplers", "absent") != "absent":
+        skip_outputs = len(module.resnets) + (1 if module.downsamplers is not None else 0)
+        return hidden, (hidden,) * skip_outputs
+    return hidden
 
 
-class _DeepInputHook(ModelHook):
-    """On the last up block: swaps in the cached deep feature on a reused step."""
+class _SkipHook(ModelHook):
+    """On every module of the deep path: not run on a reused step."""
 
     def __init__(self, state: PruningState):
         super().__init__()
         self.state = state
 
-    def pre_forward(self, module, *args, **kwargs):
-        if args:
-            args = (self.state.deep_input(args[0]), *args[1:])
-        else:
-            kwargs["hidden_states"] = self.state.deep_input(kwargs["hidden_states"])
-        return args, kwargs
+    def new_forward(self, module, *args, **kwargs):
+        if not self.state.deep_reused:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return _passthrough(module, hidden, kwargs.get("return_dict", True))
+
+
+class _CachePointHook(ModelHook):
+    """On the deep path's last module: caches its output on computed steps and replays it on reused ones."""
+
+    def __init__(self, state: PruningState):
+        super().__init__()
+        self.state = state
+        self.as_tuple = False  # the module's output form, seen on the (always computed) first step
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.state.deep_reused:
+            cached = self.state.reused_deep_feature()
+            return (cached,) if self.as_tuple else cached
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.as_tuple = isinstance(output, tuple)
+        self.state.store_deep_feature(output[0] if self.as_tuple else output)
+        return output
 
 
 class _SpatialFramesHook(ModelHook):
@@ -608,18 +631,59 @@ _HOOK_NAMES = (
     f"{_HOOK_PREFIX}_unet",
     f"{_HOOK_PREFIX}_shallow",
     f"{_HOOK_PREFIX}_deep",
-    f"{_HOOK_PREFIX}_deep_input",
+    f"{_HOOK_PREFIX}_cache_point",
     f"{_HOOK_PREFIX}_frames",
 )
 
 
-def _deep_blocks(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every block between the first down block and the last up block (DeepCache's branch 0)."""
-    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks) if i > 0]
-    blocks.append(("mid_block", unet.mid_block))
+@dataclass
+class DeepBranch:
+    """Where a reused step leaves the UNet and where it comes back (DeepCache's branch choice).
+
+    ``signal``'s output is the shallow feature the step decision looks at; ``skipped`` run only on
+    computed steps; ``cache_point``'s output is cached then and replayed on reused steps.
+    """
+
+    signal: tuple[str, torch.nn.Module]
+    skipped: list[tuple[str, torch.nn.Module]]
+    cache_point: tuple[str, torch.nn.Module]
+
+
+def deep_branch(unet: torch.nn.Module, branch_layers: int | None = None) -> DeepBranch:
+    """The branch that keeps the first ``branch_layers`` layers of the first down block (None: all).
+
+    With k of the first block's n layers kept, the skip connections still fresh are conv_in's and
+    those k layers', which feed the last k+1 layers of the last up block: those layers are computed,
+    the output of the layer before them is the cached feature. k = n is the whole-block branch
+    (cache at the last up block's input); smaller k skips more of the full-resolution work.
+    """
+    first = unet.down_blocks[0]
+    layers = len(first.resnets)
+    k = layers if branch_layers is None else min(branch_layers, layers)
+    deep = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks) if i > 0]
+    deep.append(("mid_block", unet.mid_block))
     last = len(unet.up_blocks) - 1
-    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks) if i < last]
-    return blocks
+    deep += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks) if i < last]
+    if k == layers:  # the whole first block stays (its downsampler runs before the decision)
+        return DeepBranch(signal=("down_blocks.0", first), skipped=deep[:-1], cache_point=deep[-1])
+
+    def layer(prefix: str, block: torch.nn.Module, i: int) -> list[tuple[str, torch.nn.Module]]:
+        parts = [(f"{prefix}.resnets.{i}", block.resnets[i])]
+        if getattr(block, "attentions", None) is not None:
+            parts.append((f"{prefix}.attentions.{i}", block.attentions[i]))
+        return parts
+
+    signal = layer("down_blocks.0", first, k - 1)[-1] if k > 0 else ("conv_in", unet.conv_in)
+    skipped = [part for i in range(k, layers) for part in layer("down_blocks.0", first, i)]
+    if first.downsamplers is not None:
+        skipped += [(f"down_blocks.0.downsamplers.{i}", d) for i, d in enumerate(first.downsamplers)]
+    skipped += deep
+    up_name, up = f"up_blocks.{last}", unet.up_blocks[last]
+    cut = len(up.resnets) - k - 2  # the layer whose output is cached; the ones after it are computed
+    for i in range(cut):
+        skipped += layer(up_name, up, i)
+    *inside, cache_point = layer(up_name, up, cut)
+    return DeepBranch(signal=signal, skipped=skipped + inside, cache_point=cache_point)
 
 
 def _spatial_units(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -646,12 +710,11 @@ def apply_pruning(unet: torch.nn.Module, config: PruningConfig) -> PruningState 
     HookRegistry.check_if_exists_or_initialize(unet).register_hook(_UNetHook(state), _HOOK_NAMES[0])
     if config.reuse_steps or config.record_signals:
         register = HookRegistry.check_if_exists_or_initialize
-        register(unet.down_blocks[0]).register_hook(_ShallowHook(state), _HOOK_NAMES[1])
-        for name, block in _deep_blocks(unet):
-            kind = name.split("_")[0]
-            skip_outputs = len(block.resnets) + (1 if getattr(block, "downsamplers", None) is not None else 0)
-            register(block).register_hook(_DeepBlockHook(state, kind, skip_outputs), _HOOK_NAMES[2])
-        register(unet.up_blocks[-1]).register_hook(_DeepInputHook(state), _HOOK_NAMES[3])
+        branch = deep_branch(unet, config.branch_layers)
+        register(branch.signal[1]).register_hook(_ShallowHook(state), _HOOK_NAMES[1])
+        for _, module in branch.skipped:
+            register(module).register_hook(_SkipHook(state), _HOOK_NAMES[2])
+        register(branch.cache_point[1]).register_hook(_CachePointHook(state), _HOOK_NAMES[3])
     if config.reuse_frames:
         for _, unit in _spatial_units(unet):
             HookRegistry.check_if_exists_or_initialize(unit).register_hook(_SpatialFramesHook(state), _HOOK_NAMES[4])
