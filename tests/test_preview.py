@@ -155,12 +155,12 @@ def test_studio_panel_shows_each_new_preview_once_then_the_cost_beside_the_video
     assert all(PREVIEW_KEY not in event.data for event in job.events)
     shown = panel.live(job)["value"]
     assert "step 3/3" in shown and "ms per preview" in shown
-    gif = PIL.Image.open(io.BytesIO(_gif_bytes(shown)))
-    assert gif.n_frames == 6
+    animation = PIL.Image.open(io.BytesIO(_image_bytes(shown)))
+    assert animation.format == "WEBP" and animation.n_frames == 6
     assert "value" not in panel.live(job)  # nothing new since the last poll: the page keeps what it shows
     job.state = JobState.DONE
     assert "2 previews" in panel.finished(job)["value"]
 
 
-def _gif_bytes(html: str) -> bytes:
+def _image_bytes(html: str) -> bytes:
     return base64.b64decode(html.split("base64,", 1)[1].split('"', 1)[0])
