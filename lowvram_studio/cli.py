@@ -45,6 +45,7 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--prune-threshold": ("prune_threshold", float, "static-frame pruning L1 threshold (lossy; 0 = off)"),
     "--prune-mode": ("prune_mode", str, "steps | frames | both"),
     "--vram-budget": ("vram_budget", str, "off | auto | 4GB | 6GB | 8GB | 12GB | 24GB | e.g. 5GB"),
+    "--preview-every": ("preview_every", int, "live latent preview every N denoise steps (0 = off; no effect on the video)"),
     "--interpolate": ("interpolate", int, "optical-flow interpolation: N generated frames become (N-1)*k+1 (lossy; 1 = off)"),
 }
 

@@ -117,6 +117,9 @@ class RunSettings:
     vram_budget: str = "off"
     interpolate: int = 1
 
+    # Live latent preview (engine/preview.py): a preview every N denoise steps; 0 = off
+    preview_every: int = 1
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- validation -------------------------------------------------------------------------
@@ -193,6 +196,12 @@ class RunSettings:
         check(
             self.vram_budget in VRAM_BUDGETS or _parse_gib(self.vram_budget) is not None,
             f"vram_budget must be one of {', '.join(VRAM_BUDGETS)} or a size such as 5GB; got {self.vram_budget!r}",
+        )
+        check(
+            isinstance(self.preview_every, int) and not isinstance(self.preview_every, bool)
+            and 0 <= self.preview_every <= MAX_STEPS,
+            f"preview_every must be 0 (no live preview) or a number of steps from 1 to {MAX_STEPS}; "
+            f"got {self.preview_every!r}",
         )
         check(
             self.interpolate in INTERPOLATION_FACTORS,

@@ -8,6 +8,7 @@ progress labels the user sees (``Phase``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .oom import OomRetry, decode_with_fallback
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
 from .planner import ModelDims, Planner
 from .precision import PrecisionPolicy, apply_precision, check_finite, compute_dtype, detect_gpu, precision_applied
+from .preview import PREVIEW_KEY, LivePreview
 from .pruning import PruningConfig, apply_pruning
 from .vae import DecodeConfig, decode_latents
 from .windows import WindowConfig, describe_windows, seam_ratio, window_boundaries, windowed_noise_prediction
@@ -65,11 +67,12 @@ class _EventLog:
         self.callback = callback
         self.events: list[RunEvent] = []
 
-    def emit(self, phase: Phase, **kwargs: Any) -> RunEvent:
+    def emit(self, phase: Phase, live: dict[str, Any] | None = None, **kwargs: Any) -> RunEvent:
+        """``live``: data only the callback sees (preview frames), never kept in the run's events."""
         event = RunEvent(phase, **kwargs)
         self.events.append(event)
         if self.callback is not None:
-            self.callback(event)
+            self.callback(dataclasses.replace(event, data={**event.data, **live}) if live else event)
         return event
 
 
@@ -244,6 +247,7 @@ def generate(
             total = len(scheduler.timesteps)
             make_room(pipeline, "unet")
             pruning = apply_pruning(pipeline.unet, PruningConfig.from_settings(settings))
+            preview = LivePreview.for_run(pipeline, settings.preview_every)
             mark = log.emit(Phase.DENOISE, step=0, total=total).time
             for index, timestep in enumerate(scheduler.timesteps):
                 cancel.raise_if_cancelled()
@@ -263,8 +267,12 @@ def generate(
                 reuse = pruning.end_step(step.pred_original_sample) if pruning is not None else {}
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                log.emit(Phase.DENOISE, step=index + 1, total=total, data=reuse)
+                live = None
+                if preview.due(index + 1, total):
+                    live = {PREVIEW_KEY: preview.capture(step.pred_original_sample, index + 1, total)}
+                log.emit(Phase.DENOISE, step=index + 1, total=total, data=reuse, live=live)
             denoise_seconds = time.perf_counter() - mark
+            info["preview"] = preview.summary()
             if pruning is not None:
                 info["pruning"] = pruning.summary().to_dict()
             phase_seconds[Phase.DENOISE.value] = denoise_seconds

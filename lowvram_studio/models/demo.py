@@ -23,6 +23,9 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from ..engine.preview import FILE_NAME as LATENT_RGB_FILE
+from ..engine.preview import attach_latent_rgb, load_or_fit_latent_rgb
+
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "demo"
@@ -157,11 +160,15 @@ def _seeded(seed: int, build):
         return build()
 
 
-def build_demo_pipeline(weights: Path | None = None, random_init: bool = False) -> StableVideoDiffusionPipeline:
+def build_demo_pipeline(
+    weights: Path | None = None, random_init: bool = False, with_preview: bool = True
+) -> StableVideoDiffusionPipeline:
     """Return the demo pipeline in fp32 on the CPU; deterministic, nothing downloaded.
 
     Loads the trained weights from ``weights`` (default: assets/demo-model) when they are there,
     else (or with ``random_init``) keeps the seeded random init; ``demo_model_info`` says which.
+    ``with_preview`` attaches the live-preview projection shipped beside the weights
+    (``latent_rgb.json``), refitted in memory when it was fitted on other VAE weights.
     """
     unet = _seeded(1, lambda: UNetSpatioTemporalConditionModel(**DEMO_UNET_CONFIG))
     vae = _seeded(2, lambda: AutoencoderKLTemporalDecoder(**DEMO_VAE_CONFIG))
@@ -193,4 +200,7 @@ def build_demo_pipeline(weights: Path | None = None, random_init: bool = False) 
     pipeline.set_progress_bar_config(disable=True)
     for module in (unet, vae, image_encoder):
         module.eval().requires_grad_(False)
+    if with_preview:
+        shipped = (info.weights_dir or DEFAULT_WEIGHTS_DIR) / LATENT_RGB_FILE
+        attach_latent_rgb(pipeline, load_or_fit_latent_rgb(vae, shipped, save=False))
     return pipeline

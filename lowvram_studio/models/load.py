@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
+from ..engine.preview import attach_latent_rgb, cached_projection_path, load_or_fit_latent_rgb, vae_fingerprint
+from ..userdirs import cache_dir
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .single_file import SingleFileError, load_single_file
 
@@ -141,6 +143,17 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> StableVideoDiffusionPipeli
     pipeline.set_progress_bar_config(disable=True)
     for component in ("unet", "vae", "image_encoder"):
         getattr(pipeline, component).eval().requires_grad_(False)
+    return _with_preview(pipeline)
+
+
+def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusionPipeline:
+    """Attach the live-preview projection, fitted on first use of these VAE weights and cached in the
+    user's data folder by their fingerprint. A VAE it cannot be fitted on only costs the preview."""
+    path = cached_projection_path(cache_dir(), vae_fingerprint(pipeline.vae))
+    try:
+        attach_latent_rgb(pipeline, load_or_fit_latent_rgb(pipeline.vae, path, save=True))
+    except (RuntimeError, ValueError) as exc:
+        logger.warning("no live preview for this model: its VAE could not be fitted (%s)", exc)
     return pipeline
 
 
@@ -149,7 +162,7 @@ def _load_file(path: Path, dtype: torch.dtype, on_progress: Callable[[int, int],
         pipeline = load_single_file(path, dtype=dtype, on_progress=on_progress)
     except SingleFileError as exc:
         raise ModelError(str(exc)) from exc
-    return LoadedModel(pipeline, path.stem, str(path), "single-file")
+    return LoadedModel(_with_preview(pipeline), path.stem, str(path), "single-file")
 
 
 def _looks_like_hub_id(text: str) -> bool:

@@ -52,6 +52,7 @@ from .form import (
     settings_to_form,
 )
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
+from .preview_view import PreviewPanel
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
 from .queue_runner import QUEUE_COLUMNS, QueueRunner
 from .reuse import restore_form
@@ -353,33 +354,33 @@ class Studio:
         return status, history, None, [str(p) for p in result.files.values()], None
 
     def follow(self, job: Job, history: TabHistory, finish: Callable[[Job, TabHistory], tuple]) -> Iterator[tuple]:
-        """Stream (status, curve, video, stats, files, pruning map, history) until ``job`` ends.
+        """Stream (status, curve, video, stats, files, pruning map, history, preview) until ``job`` ends.
 
         Leaving early (the tab closed, the event was cancelled) stops the job.
         """
-        skip = gr.skip()
+        skip, panel = gr.skip(), PreviewPanel()
         try:
-            yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip
+            yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip, panel.live(job)
             while not job.done.wait(REFRESH_S):
-                yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip
+                yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip, panel.live(job)
         finally:
             if not job.done.is_set():
                 self.worker.cancel(job)
         if job.state == JobState.CANCELLED:
             stopped = job.last_event.label if job.last_event else "before it started"
             yield (f"⏹ Stopped ({stopped}); its memory was released.", self.live_curve(job, history),
-                   skip, skip, skip, skip, skip)
+                   skip, skip, skip, skip, skip, panel.finished(job))
             return
         if job.state == JobState.FAILED:
             message = user_message(job.error)
-            yield f"✖ {message}", skip, skip, skip, skip, skip, skip
+            yield f"✖ {message}", skip, skip, skip, skip, skip, skip, panel.finished(job)
             raise gr.Error(message)
         status, history, video, files, pruning_map = finish(job, history)
         curve = curve_update(history.runs, history.memory_label)
         status = "\n\n".join(line for line in (status, phase_caption(history.runs)) if line)
         stats = gr.update(value=history.rows, headers=STATS_COLUMNS)
         yield (status, curve, video if video else skip, stats, files, pruning_map if pruning_map is not None else skip,
-               history)
+               history, panel.finished(job))
 
     def stop_owner(self, owner: str) -> str:
         stopped = self.worker.cancel_owner(owner)
@@ -515,9 +516,11 @@ def build_app(studio: Studio) -> gr.Blocks:
                     add_queue = gr.Button("Add to queue", elem_id="queue-add", scale=1)
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", elem_id="status")
-                curve = gr.LinePlot(x="t_s", y="mib", color="series", x_title="seconds since the run started",
-                                    y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
-                                    color_title="run", elem_id="curve")  # a fixed height clips the legend
+                with gr.Row(equal_height=False):
+                    curve = gr.LinePlot(x="t_s", y="mib", color="series", x_title="seconds since the run started",
+                                        y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
+                                        color_title="run", elem_id="curve", scale=3)  # a fixed height clips the legend
+                    preview = gr.HTML(elem_id="live-preview", min_width=160, scale=1)
                 video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=320)
                 stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False,
                                      elem_id="stats")
@@ -541,7 +544,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         components = [controls[name] for name in names]
         optimization_names = [n for n in OPTIMIZATIONS_OFF if n in controls]
         lockable = [image, *components, generate, compare, save_preset, load_preset, delete_preset, reset, reuse_file]
-        results = [status, curve, video, stats, downloads, pruning_map, history]
+        results = [status, curve, video, stats, downloads, pruning_map, history, preview]
 
         # ---- wiring -----------------------------------------------------------------------------
         def form_of(values: tuple) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from ..engine.placement import release_memory
+from ..engine.preview import PreviewFrames, split_preview
 from ..monitor.vram import VramMonitor
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,12 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    preview: PreviewFrames | None = field(default=None, repr=False)  # the latest live preview only
 
     def on_event(self, event: RunEvent) -> None:
+        event, preview = split_preview(event)
+        if preview is not None:
+            self.preview = preview
         self.events.append(event)
 
     @property
