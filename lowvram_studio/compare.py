@@ -30,6 +30,7 @@ from PIL import Image
 from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
 from lowvram_studio.engine.placement import release_memory as free_cached_memory
+from lowvram_studio.engine.preview import split_preview
 from lowvram_studio.engine.precision import forget_precision
 from lowvram_studio.engine.sampler import generate, prepare_pipeline, resolve_device
 from lowvram_studio.models.load import LoadedModel
@@ -142,7 +143,7 @@ def run_compare(
             events: list[RunEvent] = []
 
             def collect(event: RunEvent, emit: EventCallback = emit, events: list[RunEvent] = events) -> None:
-                events.append(event)
+                events.append(split_preview(event)[0])  # a failure record keeps the events, not preview frames
                 emit(event)
 
             try:

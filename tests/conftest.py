@@ -8,6 +8,15 @@ import pytest
 
 from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import RunSettings
+from lowvram_studio.userdirs import DATA_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_data_dir(tmp_path_factory):
+    """Projection caches, queues and outputs of the tests go to a temporary folder, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DATA_ENV, str(tmp_path_factory.mktemp("user-data")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def _status_lines(job) -> list[str]:
 def test_generate_streams_progress_then_shows_video_stats_and_downloads(studio, studio_url):
     client = Client(studio_url, verbose=False)
     job = client.submit(image_path=handle_file(str(ASSET)), **SMALL, api_name="/generate")
-    status, curve, video, stats, downloads, _ = job.result(timeout=120)
+    status, curve, video, stats, downloads, _, _ = job.result(timeout=120)
 
     lines = _status_lines(job)
     assert lines[0].startswith(("▶", "⏳"))  # live status from the moment the job is submitted
@@ -120,7 +120,7 @@ def test_named_presets_save_load_and_reset(studio_url, studio):
 
 def test_compare_runs_fp32_fp16_and_optimized_with_fidelity(studio_url):
     client = Client(studio_url, verbose=False)
-    status, curve, _, stats, downloads, _ = client.predict(
+    status, curve, _, stats, downloads, _, _ = client.predict(
         image_path=handle_file(str(ASSET)), **{**SMALL, "num_frames": 2, "num_inference_steps": 1}, api_name="/compare")
     rows = stats["value"]["data"][-3:]
     assert [r[0].split()[0] for r in rows] == ["FP32", "FP16", "FP16"]

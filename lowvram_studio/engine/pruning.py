@@ -99,7 +99,10 @@ class PruningConfig:
     step_signal: StepSignal = StepSignal.SHALLOW
     frame_signal: FrameSignal = FrameSignal.LATENTS
     max_consecutive_reuse: int = 3  # DeepCache's cache interval minus one
-    branch_layers: int | None = None  # layers of the first down block kept on a reused step; None: all of it
+    # Layers of the first down block kept on a reused step (None: the whole block). 0 keeps only conv_in
+    # and the last up layer: at equal threshold ~1.25x more speed for ~1 dB (bench/results/pruning_branches_20261126.md,
+    # demo_fidelity_20261126.md).
+    branch_layers: int | None = 0
     motion_adaptive: bool = False  # raise the threshold to LARGE_MOTION_THRESHOLD on large motion
     large_motion: float = 0.1  # clip motion (median inter-frame change of the denoised estimate) deemed large
     record_signals: bool = False  # also record the deep-feature and output change each step (for measurements)

@@ -441,6 +441,7 @@ def _generation_controls(form: _Form) -> None:
             form.add("max_guidance_scale", gr.Slider, 0, 20, step=0.1,
                      label="Max guidance (last frame; ≤ 1 = no CFG)")
         form.add("device", gr.Radio, ["auto", "cpu", "cuda"], label="Device")
+        form.add("preview_every", gr.Slider, 0, 10, step=1, label="Live preview every N steps (0 = off)")
 
 
 def _optimization_controls(form: _Form) -> gr.Markdown:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..userdirs import CONFIG_ENV, config_dir, data_dir
+
 logger = logging.getLogger(__name__)
 
-CONFIG_ENV = "LOWVRAM_STUDIO_CONFIG_DIR"
 OUTPUTS_ENV = "LOWVRAM_STUDIO_OUTPUTS"
-APP_NAME = "LowVRAM Studio"
 FILE_NAME = "studio.json"
 STORE_VERSION = 1
 MAX_PRESET_NAME = 60
@@ -31,32 +30,10 @@ class PresetError(ValueError):
     """A preset name or lookup the user can fix."""
 
 
-def _platform_folder(kind: str) -> Path:
-    """The per-user folder for ``kind`` ('config' or 'data') by each OS's convention.
-
-    Written by hand (a dozen lines) rather than adding platformdirs for two paths.
-    """
-    home = Path.home()
-    if sys.platform == "win32":
-        variable = "APPDATA" if kind == "config" else "LOCALAPPDATA"
-        return Path(os.environ.get(variable, home / "AppData" / "Roaming")) / APP_NAME
-    if sys.platform == "darwin":
-        return home / "Library" / "Application Support" / APP_NAME
-    if kind == "config":
-        return Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "lowvram-studio"
-    return Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share") / "lowvram-studio"
-
-
-def config_dir() -> Path:
-    """Where settings live; ``LOWVRAM_STUDIO_CONFIG_DIR`` overrides (tests, portable installs)."""
-    override = os.environ.get(CONFIG_ENV)
-    return Path(override).expanduser() if override else _platform_folder("config")
-
-
 def default_output_dir() -> Path:
     """Where videos go unless --outputs says otherwise; ``LOWVRAM_STUDIO_OUTPUTS`` overrides."""
     override = os.environ.get(OUTPUTS_ENV)
-    return Path(override).expanduser() if override else _platform_folder("data") / "outputs"
+    return Path(override).expanduser() if override else data_dir() / "outputs"
 
 
 @dataclass

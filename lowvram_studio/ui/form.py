@@ -22,7 +22,7 @@ FP16_TOGGLES = ("unet_dtype", "vae_dtype", "encoder_dtype")
 # Every control of the saved form: RunSettings fields by their own names, plus the three above.
 FORM_NAMES = [
     MODEL, "num_frames", "num_inference_steps", "width", "height", "seed", "fps", "motion_bucket_id",
-    "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device", "vram_budget", BUDGET_GIB,
+    "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device", "preview_every", "vram_budget", BUDGET_GIB,
     *FP16_TOGGLES, "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
     "vae_tile", "chunk_size", "overlap", "prune_threshold", "interpolate", GIF,
 ]
@@ -55,6 +55,7 @@ BUDGET_TABLE: dict[str, dict[str, Any]] = {
 
 # What each control trades; shown as the control's info text. Lossy ones say so (DESIGN §3).
 INFO = {
+    "preview_every": "Live preview every N denoise steps (0 = off): ~1 ms each, no VAE call, never changes the video.",
     "vram_budget": "Fills the sliders below for a card of this size. Auto reads this GPU's memory.",
     "unet_dtype": "LOSSY (small): half the UNet's weight and activation memory; faster on tensor-core GPUs.",
     "vae_dtype": "LOSSY: half the VAE's memory; may shift colours. Keep off unless memory is short.",

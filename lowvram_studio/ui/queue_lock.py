@@ -14,7 +14,7 @@ from pathlib import Path
 
 import filelock
 
-from .config_store import CONFIG_ENV, _platform_folder, config_dir
+from ..userdirs import CONFIG_ENV, config_dir, data_dir
 
 QUEUE_FOLDER = "queue"
 LOCK_NAME = "queue.lock"
@@ -24,7 +24,7 @@ OWNER_NAME = "owner.json"
 def default_queue_dir() -> Path:
     """The user data folder's ``queue/`` (it holds image copies: local, not roaming, data); when
     ``LOWVRAM_STUDIO_CONFIG_DIR`` is set (tests, portable installs) the queue lives beside the settings."""
-    folder = config_dir() if os.environ.get(CONFIG_ENV) else _platform_folder("data")
+    folder = config_dir() if os.environ.get(CONFIG_ENV) else data_dir()
     return folder / QUEUE_FOLDER
 
 
