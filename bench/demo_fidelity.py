@@ -83,6 +83,7 @@ def configurations(cuda: bool) -> list[tuple[str, str, dict[str, Any]]]:
         ("both 0.03, motion-adaptive", 0.03, "both", {"prune_motion_adaptive": True}),
     ]
     for name, threshold, mode, extra in prune:
+        extra = {"prune_branch_layers": None, **extra}  # rows without "branch 0": the whole first block
         rows.append(("pruning", name, {"prune_threshold": threshold, "prune_mode": mode, "extra": extra}))
     return rows
 

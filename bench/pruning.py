@@ -162,7 +162,8 @@ def log_agreement(signal: list[float | None], target: list[float | None]) -> dic
 def probe(runner: "Runner", settings: RunSettings, image: PIL.Image.Image) -> dict[str, Any]:
     """Every step computed with the step signals recorded: which one tracks the deep feature's change?"""
     settings = settings.replace(
-        prune_threshold=0.012, prune_mode="steps", extra={"prune_max_reuse": 0, "prune_record_signals": True}
+        prune_threshold=0.012, prune_mode="steps",
+        extra={"prune_max_reuse": 0, "prune_record_signals": True, "prune_branch_layers": None},
     )
     result, _ = runner.run(image, settings)
     signals = result.info["pruning"]["signals"]
@@ -317,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         ref, ref_peaks = reference(job.case, job.input, latents)
         kind = "still" if job.input == "same-latent" else job.input
         settings = base_settings(job.case, kind, device, fp16).replace(
-            prune_threshold=job.threshold, prune_mode=job.mode, extra=dict(job.extra)
+            prune_threshold=job.threshold, prune_mode=job.mode,
+            extra={"prune_branch_layers": None, **job.extra},  # rows without a branch: the whole first block
         )
         result, peaks = runner.run(make_image(kind, job.case.width, job.case.height), settings, latents)
         rows.append(row_for(job.case, job.input, job.config, job.threshold, result, peaks, ref, ref_peaks))
