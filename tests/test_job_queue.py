@@ -83,6 +83,7 @@ def test_the_queue_lives_in_the_user_data_folder_or_beside_portable_settings(tmp
     monkeypatch.setenv("LOWVRAM_STUDIO_CONFIG_DIR", str(tmp_path / "portable"))
     assert default_queue_dir() == tmp_path / "portable" / "queue"
     monkeypatch.delenv("LOWVRAM_STUDIO_CONFIG_DIR")
+    monkeypatch.delenv("LOWVRAM_STUDIO_DATA_DIR", raising=False)  # the test session's private data folder
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     if sys.platform.startswith("linux"):
         assert default_queue_dir() == tmp_path / "data" / "lowvram-studio" / "queue"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass, make_clip
 from lowvram_studio.engine.vae import DecodeConfig, decode_latents, tile_starts
 from lowvram_studio.models.demo import build_demo_pipeline
 
@@ -17,10 +18,12 @@ def vae():
 
 
 @pytest.fixture(scope="module")
-def latents():
-    # Smooth latents (like a real clip's) so tile seams, not noise, decide the PSNR.
-    base = torch.randn(FRAMES, 4, 2, 4, generator=torch.Generator().manual_seed(0))
-    return torch.nn.functional.interpolate(base, size=(8, 16), mode="bilinear", align_corners=False)
+def latents(vae):
+    """A real clip's latents: a held-out procedural clip (64x128) through the demo VAE's encoder."""
+    clip = make_clip(10**9 + 3, ClipSpec(num_frames=FRAMES, size=128), MotionClass.RIGHT)
+    pixels = torch.from_numpy(clip.frames[:, 32:96]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
 
 def plain_decode(vae, latents):
@@ -73,6 +76,8 @@ def test_tile_covering_the_whole_latent_equals_plain_decode(vae, latents):
 
 def test_tiled_decode_is_close_and_needs_less_memory(vae, latents):
     reference = plain_decode(vae, latents)
+    # Tiles are lossy: every tile normalises (GroupNorm) and attends over itself only. Half-width tiles
+    # of this trained VAE give ~23-26 dB; quarter-width ones ~16 dB (measured on 256 px clips).
     config = DecodeConfig(tile=64, overlap=32)
     with torch.no_grad():
         tiled = decode_latents(vae, latents, config)
@@ -80,7 +85,7 @@ def test_tiled_decode_is_close_and_needs_less_memory(vae, latents):
         plain_peak = largest_activation(vae, lambda: plain_decode(vae, latents))
     quality = psnr(tiled, reference)
     print(f"tiled decode PSNR vs plain: {quality:.1f} dB; largest activation {tiled_peak} vs {plain_peak}")
-    assert quality > 20.0
+    assert quality > 20.0  # measured 22.8 dB
     assert tiled_peak < 0.75 * plain_peak
 
 
