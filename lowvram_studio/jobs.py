@@ -96,8 +96,8 @@ def run_job(
 
     The whole job runs under one memory monitor, whose samples and peaks go into the run record:
     ``monitor`` if given, else the running one the caller offered (``offer_monitor``: the studio's
-    worker, which draws the live curve from it, so curve and record are the same samples), else a
-    fresh one (the CLI). A monitor that is not running yet is started here. Either way the job stops
+    worker, which draws the live curve from it since the job began, model loading included, so curve
+    and record are the same samples), else a fresh one (the CLI). A monitor that is not running yet is started here. Either way the job stops
     it before recording, on every path, so the record has its last sample and torch peak. ``image_path``
     (where ``image`` was read from) goes into the record and, with the settings and model, into the
     mp4's comment tag, so the video alone can restore its run ("use these settings again").

@@ -4,6 +4,7 @@ Each sample holds the device's used memory and this process's share (NVML), torc
 reserved bytes (only once the run itself has initialised CUDA: the thread never creates a CUDA
 context), and the process RSS. Without an NVIDIA driver the curve is the RSS, labelled "CPU RAM".
 Samples are stamped with ``time.perf_counter()``, the clock of ``RunEvent``, so phases line up.
+One monitor per job: a caller that already watches (the studio's worker) offers its monitor to the run.
 """
 
 from __future__ import annotations

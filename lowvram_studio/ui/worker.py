@@ -39,7 +39,7 @@ class JobState(str, Enum):
 
 
 def start_memory_monitor() -> Any:
-    """A started memory monitor (NVML on an NVIDIA GPU, process RSS otherwise) for the live curve."""
+    """A started memory monitor (NVML on an NVIDIA GPU, process RSS otherwise): live curve and run record."""
     return VramMonitor().start()
 
 
