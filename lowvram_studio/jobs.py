@@ -20,7 +20,7 @@ from .engine.sampler import RunResult, generate, resolve_device
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
-from .monitor.vram import VramMonitor, measure_idle_baseline
+from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
 from .settings import RunSettings
 
 
@@ -94,8 +94,11 @@ def run_job(
 ) -> JobOutput:
     """Generate from ``image`` with ``settings`` and write OUT.mp4 + OUT.json (+ OUT.gif).
 
-    The whole job runs under ``monitor`` (a fresh one unless the caller passes its own, e.g. the
-    studio to draw the live curve); its samples and peaks go into the run record. ``image_path``
+    The whole job runs under one memory monitor, whose samples and peaks go into the run record:
+    ``monitor`` if given, else the running one the caller offered (``offer_monitor``: the studio's
+    worker, which draws the live curve from it since the job began, model loading included, so curve
+    and record are the same samples), else a fresh one (the CLI). A monitor that is not running yet is started here. Either way the job stops
+    it before recording, on every path, so the record has its last sample and torch peak. ``image_path``
     (where ``image`` was read from) goes into the record and, with the settings and model, into the
     mp4's comment tag, so the video alone can restore its run ("use these settings again").
     """
@@ -106,14 +109,16 @@ def run_job(
     cancel = cancel or CancelToken()
     input_info = input_image_info(image_path)
     baseline = measure_idle_baseline()
-    monitor = monitor or VramMonitor()
     planner = Planner(ModelDims.from_pipeline(model.pipeline), device_type=resolve_device(settings.device).type)
     plan = plan_for_settings(planner, settings)
     if plan is not None:  # a VRAM budget chose the settings; every choice is explained to the user
         settings = plan.settings
         if on_event:
             on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
-    with monitor:
+    monitor = monitor or take_offered_monitor() or VramMonitor()
+    if not monitor.running:
+        monitor.start()
+    try:
         result = run_with_replan(
             lambda current, callback: generate(model.pipeline, fitted, current, on_event=callback, cancel=cancel),
             settings,
@@ -132,6 +137,8 @@ def run_job(
         gif_path = media.write_gif(result.frames, paths["gif"], fps=fps) if gif else None
         result.phase_seconds[Phase.EXPORT.value] = time.perf_counter() - started
         _emit(RunEvent(Phase.DONE), result, on_event)
+    finally:
+        monitor.stop()
     record = RunRecord.from_result(result, monitor, model=model.describe(), baseline=baseline)
     record.input = input_info
     record.results.update(

@@ -21,13 +21,16 @@ from lowvram_studio.monitor import vram
 from lowvram_studio.monitor.nvml import MIB, open_gpu
 from lowvram_studio.monitor.vram import (
     CPU_RAM,
+    THREAD_NAME,
     VRAM,
     IdleBaseline,
     MonitorConfig,
     Sample,
     VramMonitor,
     measure_idle_baseline,
+    offer_monitor,
     process_peak_mib,
+    take_offered_monitor,
 )
 
 
@@ -70,7 +73,7 @@ class FakeDriver:
 
 
 def monitor_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "lowvram-vram-monitor"]
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
 
 
 def test_sampler_records_at_its_rate_and_stops_cleanly():
@@ -85,6 +88,18 @@ def test_sampler_records_at_its_rate_and_stops_cleanly():
     assert 0.6 * 50 * duration <= len(samples) <= 50 * duration + 2
     assert all(b.t > a.t for a, b in zip(samples, samples[1:]))
     assert monitor.started_at <= samples[0].t and samples[-1].t <= monitor.stopped_at
+
+
+def test_an_offered_monitor_goes_to_one_run_inside_the_block_only_while_it_runs():
+    assert take_offered_monitor() is None
+    with VramMonitor() as monitor:
+        with offer_monitor(monitor):
+            assert take_offered_monitor() is monitor
+            assert take_offered_monitor() is None  # a second run in the block starts its own
+        assert take_offered_monitor() is None  # only inside the block
+    with offer_monitor(monitor):
+        assert take_offered_monitor() is None  # a stopped monitor records nothing more
+    assert not monitor_threads()
 
 
 def test_stop_is_idempotent_and_a_monitor_records_one_run():

@@ -4,6 +4,7 @@ Each sample holds the device's used memory and this process's share (NVML), torc
 reserved bytes (only once the run itself has initialised CUDA: the thread never creates a CUDA
 context), and the process RSS. Without an NVIDIA driver the curve is the RSS, labelled "CPU RAM".
 Samples are stamped with ``time.perf_counter()``, the clock of ``RunEvent``, so phases line up.
+One monitor per job: a caller that already watches (the studio's worker) offers its monitor to the run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, fields
 from types import TracebackType
 from typing import Any
@@ -28,6 +32,7 @@ LOG = logging.getLogger(__name__)
 VRAM = "VRAM"
 CPU_RAM = "CPU RAM"
 MIN_RATE_HZ = 20.0
+THREAD_NAME = "lowvram-vram-monitor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +165,7 @@ class VramMonitor:
             _reset_torch_peak(self.config.cuda_index)
         self.started_at = time.perf_counter()
         self._samples.append(self._reader.read())  # the curve starts at t = 0 however late the thread runs
-        self._thread = threading.Thread(target=self._run, name="lowvram-vram-monitor", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread.start()
         return self
 
@@ -235,6 +240,36 @@ class VramMonitor:
             "device_peak_mib": peak(samples, "device_used_mib"),
             "ram_peak_mib": peak(samples, "rss_mib"),
         }
+
+
+# The running monitor a caller offers to the run it is about to do (``offer_monitor``), if any.
+_OFFERED: ContextVar[VramMonitor | None] = ContextVar("lowvram_offered_monitor", default=None)
+
+
+@contextmanager
+def offer_monitor(monitor: VramMonitor) -> Iterator[VramMonitor]:
+    """Let the run recorded inside this block (on this thread) record with ``monitor``, already running.
+
+    The studio's worker watches each job from its first moment for the live curve; ``run_job`` takes
+    that monitor (``take_offered_monitor``) for the run record instead of starting a second sampler:
+    two 50 Hz samplers cost twice the CPU (~5 % of a core each on an H100 box) and drew two curves of
+    one run that could disagree.
+    """
+    token = _OFFERED.set(monitor)
+    try:
+        yield monitor
+    finally:
+        _OFFERED.reset(token)
+
+
+def take_offered_monitor() -> VramMonitor | None:
+    """The running monitor offered to this run, or None (none offered, or an earlier run took it).
+
+    Whoever takes it records with it and stops it, so a second run in the same block starts its own.
+    """
+    monitor = _OFFERED.get()
+    _OFFERED.set(None)
+    return monitor if monitor is not None and monitor.running else None
 
 
 def measure_idle_baseline(cuda_index: int = 0, readings: int = 5, interval_s: float = 0.02) -> IdleBaseline:

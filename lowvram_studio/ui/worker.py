@@ -2,7 +2,8 @@
 
 The page's event handlers only submit jobs and poll them, so the page stays responsive while the
 sampler runs. Each job carries a ``CancelToken``: Stop, a closed browser tab or a removed queued
-job set it and the sampler ends at its next step. A memory monitor watches each job for the live curve.
+job set it and the sampler ends at its next step. One memory monitor watches each job: it draws the
+live curve and is offered to the job's run (``offer_monitor``), whose record then holds the same samples.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from ..engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from ..engine.placement import release_memory
 from ..engine.preview import PreviewFrames, split_preview
-from ..monitor.vram import VramMonitor
+from ..monitor.vram import VramMonitor, offer_monitor
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class JobState(str, Enum):
 
 
 def start_memory_monitor() -> Any:
-    """A started memory monitor (NVML on an NVIDIA GPU, process RSS otherwise) for the live curve."""
+    """A started memory monitor (NVML on an NVIDIA GPU, process RSS otherwise): live curve and run record."""
     return VramMonitor().start()
 
 
@@ -203,7 +204,8 @@ class Worker:
         job.monitor = start_memory_monitor()
         state = JobState.DONE
         try:
-            job.result = job.work(job.on_event, job.cancel)
+            with offer_monitor(job.monitor):  # run_job records with it instead of starting a second sampler
+                job.result = job.work(job.on_event, job.cancel)
         except RunCancelled:
             state = JobState.CANCELLED
         except Exception as exc:  # noqa: BLE001 - any failure belongs to the job and is shown on its page
@@ -211,7 +213,7 @@ class Worker:
             job.error = exc
             state = JobState.FAILED
         finally:
-            job.monitor.stop()
+            job.monitor.stop()  # a no-op when the job's run_job already stopped it for its record
             release_memory()  # what a finished or stopped job held goes back for the next one
             self._finish(job, state)
 
