@@ -212,7 +212,7 @@ def test_picking_4gb_fills_the_controls_with_the_plan_generate_applies(studio_ur
     request = {**studio.default_form(FORM_NAMES), **SVD_SIZE, "vram_budget": "4 GB"}
     changes, note = _budget(client, **SVD_SIZE, vram_budget="4 GB")
 
-    planner = Planner(ModelDims.from_pipeline(demo_pipeline), device_type=resolve_device("auto").type)
+    planner = Planner(ModelDims.from_pipeline(demo_pipeline, "demo"), device_type=resolve_device("auto").type)
     plan = plan_for_settings(planner, form_to_settings(request))  # what jobs.run_job would apply to the request
     shown = form_to_settings({**request, **changes})
     assert plan.fits and plan.reasons and changes

@@ -143,5 +143,6 @@ def plan_markdown(plan: Plan, dims: ModelDims, notes: list[str]) -> str:
                    "moves tried:")
     lines = [head, "", verdict, *(f"{i}. {reason}" for i, reason in enumerate(moves, 1)),
              "", f"Predicted peak per phase ({which} settings): {phases}."]
-    lines += [f"ℹ {note[0].upper()}{note[1:]}." for note in notes]
+    for note in notes:
+        lines += ["", f"ℹ {note[0].upper()}{note[1:]}."]
     return "\n".join(lines)
