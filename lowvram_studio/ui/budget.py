@@ -20,7 +20,7 @@ from ..engine.sampler import resolve_device
 from ..models.demo import DEMO_MODEL_NAME, build_demo_pipeline
 from ..models.load import LoadedModel
 from ..models.single_file import inspect_single_file
-from ..settings import RunSettings, SettingsError
+from ..settings import Precision, RunSettings, SettingsError
 from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
     notes = [dims_note] if dims_note else []
     if device_type == "cpu":
         notes.append("this run goes to the CPU: Generate applies the same plan; the figures are GPU memory")
+    elif request.unet_dtype == Precision.FP32:  # the planner never trades precision: that is the user's call
+        notes.append("the plan keeps your precision choices; UNet FP16 (lossy, small) halves the UNet's memory")
     if not plan.fits:
         return BudgetAnswer(None, plan_markdown(plan, dims, notes))
     problems = plan.settings.problems()
