@@ -9,11 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from lowvram_studio.media import read_video
 from lowvram_studio.ui.app import ASSETS, Studio, build_app, start_studio
+from lowvram_studio.ui.budget import PLANNED_FIELDS
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.form import FORM_NAMES
 from lowvram_studio.ui.share import ShareError
@@ -182,20 +184,60 @@ def test_offline_share_is_reported_plainly_and_the_local_address_keeps_working(t
         running.close()
 
 
-def test_budget_presets_fill_the_optimizations_and_manual_leaves_them():
-    from lowvram_studio.ui.form import budget_row, form_to_settings, settings_to_form
+def test_custom_budget_and_form_values_round_trip_through_settings():
+    from lowvram_studio.ui.form import form_to_settings, settings_to_form
 
-    assert budget_row("off", gpu_total_gib=None) is None
-    small = budget_row("4GB", gpu_total_gib=None)
-    assert small["unet_dtype"] == "fp16" and small["offload"] == "stream" and small["cfg_split"]
-    assert budget_row("5.5GB", None) == small  # a custom size gets the largest row that fits
-    assert budget_row("auto", gpu_total_gib=80.0)["offload"] == "none"
-    assert budget_row("auto", gpu_total_gib=None)["unet_dtype"] == "fp32"  # no GPU: nothing to save
     form = {"vram_budget": "Custom", "budget_gib": 5.5, "unet_dtype": True, "num_frames": 6.0, "interpolate": "2"}
     settings = form_to_settings(form)
     assert (settings.vram_budget, settings.unet_dtype.value, settings.num_frames, settings.interpolate) == (
         "5.5GB", "fp16", 6, 2)
     assert settings_to_form(settings, list(form)) == {**form, "num_frames": 6}
+
+
+SVD_SIZE = {"width": 1024, "height": 576, "num_frames": 25}  # SVD-XT's native request (DESIGN case B)
+
+
+def _budget(client: Client, **form) -> tuple[dict, str]:
+    """Pick a budget through the page's API: (controls the plan changed, the note beside the panel)."""
+    *values, note = client.predict(**form, api_name="/plan_budget")
+    return {name: v for name, v in zip(PLANNED_FIELDS, values, strict=True) if v != {"__type__": "update"}}, note
+
+
+def test_picking_4gb_fills_the_controls_with_the_plan_generate_applies(studio_url, studio, demo_pipeline):
+    from lowvram_studio.engine.planner import ModelDims, Planner, plan_for_settings
+    from lowvram_studio.engine.sampler import resolve_device
+    from lowvram_studio.ui.form import form_to_settings
+
+    client = Client(studio_url, verbose=False)
+    request = {**studio.default_form(FORM_NAMES), **SVD_SIZE, "vram_budget": "4 GB"}
+    changes, note = _budget(client, **SVD_SIZE, vram_budget="4 GB")
+
+    planner = Planner(ModelDims.from_pipeline(demo_pipeline, "demo"), device_type=resolve_device("auto").type)
+    plan = plan_for_settings(planner, form_to_settings(request))  # what jobs.run_job would apply to the request
+    shown = form_to_settings({**request, **changes})
+    assert plan.fits and plan.reasons and changes
+    assert shown.to_dict() == plan.settings.to_dict()
+    assert plan_for_settings(planner, shown).settings.to_dict() == shown.to_dict()  # Generate changes nothing more
+    assert note.count("\n1. ") == 1 and "✔ Fits" in note and "VRAM budget 4GB" in note
+    assert all(reason.split(";")[0] in note for reason in plan.reasons)
+    assert "encode image" in note and "denoise" in note and "decode" in note  # predicted peak per phase
+
+
+def test_a_budget_too_small_for_anything_says_so_and_changes_nothing(studio_url):
+    changes, note = _budget(Client(studio_url, verbose=False), **SVD_SIZE, vram_budget="Custom", budget_gib=0.5)
+    assert changes == {}
+    assert "✖ Does not fit" in note and "lower the size or frame count" in note and "left as they are" in note
+
+
+def test_manual_changes_nothing(studio_url):
+    changes, note = _budget(Client(studio_url, verbose=False), **SVD_SIZE, vram_budget="Manual", cfg_split=True)
+    assert changes == {} and note.startswith("Manual")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Auto plans for the real GPU's free memory there")
+def test_auto_without_a_gpu_says_there_is_nothing_to_plan_for_and_changes_nothing(studio_url):
+    changes, note = _budget(Client(studio_url, verbose=False), **SVD_SIZE, vram_budget="Auto")
+    assert changes == {} and "no GPU memory to plan for" in note
 
 
 def test_lossy_and_ghosting_warnings_name_the_setting():
@@ -208,8 +250,6 @@ def test_lossy_and_ghosting_warnings_name_the_setting():
 
 
 def test_out_of_memory_becomes_a_message_with_the_fix():
-    import torch
-
     from lowvram_studio.ui.app import user_message
 
     message = user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))

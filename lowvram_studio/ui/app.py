@@ -33,7 +33,8 @@ from ..models.demo import demo_model_info
 from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
-from ..sysinfo import collect_env, cuda_torch_hint, nvml_facts
+from ..sysinfo import collect_env, cuda_torch_hint
+from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget
 from .config_store import ConfigStore, PresetError, default_output_dir
 from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
 from .form import (
@@ -43,9 +44,6 @@ from .form import (
     GIF,
     INFO,
     MODEL,
-    OPTIMIZATIONS_OFF,
-    budget_row,
-    budget_value,
     form_to_settings,
     lossy_summary,
     prune_warning,
@@ -73,14 +71,6 @@ DEMO = "demo"
 def discovered_models() -> list[str]:
     """Models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT)."""
     return [str(c.path) for c in discover_models(DiscoveryConfig.from_env())]
-
-
-def gpu_total_gib() -> float | None:
-    """Total memory of GPU 0 from NVML (never creates a CUDA context); None without an NVIDIA driver."""
-    facts = nvml_facts()
-    if not facts.get("available") or not facts.get("gpus"):
-        return None
-    return facts["gpus"][0]["total_mib"] / 1024
 
 
 def user_message(exc: BaseException) -> str:
@@ -181,6 +171,11 @@ class Studio:
                 self._model = None  # let the old weights go before the new ones load
                 self._model = load_model(source)
             return self._model
+
+    @property
+    def loaded_model(self) -> LoadedModel | None:
+        """The model loaded now, if any (the budget panel counts its dimensions instead of assuming them)."""
+        return self._model
 
     def output_problem(self) -> str | None:
         """Why outputs cannot be written to the output folder, or None."""
@@ -444,12 +439,14 @@ def _generation_controls(form: _Form) -> None:
         form.add("preview_every", gr.Slider, 0, 10, step=1, label="Live preview every N steps (0 = off)")
 
 
-def _optimization_controls(form: _Form) -> gr.Markdown:
-    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label."""
+def _optimization_controls(form: _Form) -> tuple[gr.Markdown, gr.Markdown]:
+    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label.
+    Returns the pruning warning and the budget's plan note."""
     with gr.Row():
         form.add("vram_budget", gr.Dropdown, list(BUDGET_CHOICES), label="VRAM budget")
         form.add(BUDGET_GIB, gr.Number, label="Custom budget (GB)", minimum=0.5, maximum=1024,
                  info="used when the VRAM budget is Custom")
+    budget_note = gr.Markdown(elem_id="budget-note")
     with gr.Row():
         form.add("unet_dtype", gr.Checkbox, label="UNet FP16 ⚠ lossy")
         form.add("vae_dtype", gr.Checkbox, label="VAE FP16 ⚠ lossy")
@@ -470,7 +467,7 @@ def _optimization_controls(form: _Form) -> gr.Markdown:
             form.add("temporal_chunk", gr.Slider, 0, 16384, step=256, label="Temporal chunk")
             form.add("ff_chunk", gr.Slider, 0, 16384, step=256, label="Feed-forward chunk")
         form.add("vae_tile", gr.Slider, 0, 1024, step=64, label="VAE tile (px) ⚠ lossy")
-    return warning
+    return warning, budget_note
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -496,7 +493,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Tab("Generation"):
                     _generation_controls(form)
                 with gr.Tab("Optimizations"):
-                    prune_note = _optimization_controls(form)
+                    prune_note, budget_note = _optimization_controls(form)
                 with gr.Tab("Presets"):
                     preset_name = gr.Dropdown([], allow_custom_value=True, label="Preset",
                                               info="type a name to save the current settings, or pick one")
@@ -543,7 +540,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         names = list(FORM_NAMES)  # the API's parameter order
         components = [controls[name] for name in names]
-        optimization_names = [n for n in OPTIMIZATIONS_OFF if n in controls]
+        planned = [controls[name] for name in PLANNED_FIELDS]
         lockable = [image, *components, generate, compare, save_preset, load_preset, delete_preset, reset, reuse_file]
         results = [status, curve, video, stats, downloads, pruning_map, history, preview]
 
@@ -584,12 +581,11 @@ def build_app(studio: Studio) -> gr.Blocks:
 
             return update
 
-        def apply_budget(choice: str, gib: float | None) -> list[Any]:
-            row = budget_row(budget_value(choice, gib), gpu_total_gib())
-            if row is None:  # Manual: the sliders stay as the user set them
-                return [gr.skip() for _ in optimization_names]
-            values = settings_to_form(RunSettings().replace(**row), optimization_names)
-            return [values[name] for name in optimization_names]
+        def apply_budget(*values: Any) -> list[Any]:
+            """The budget's plan into the planned controls (only those it changes) and its note beside them."""
+            answer = plan_budget(form_of(values), studio.loaded_model)
+            changes = answer.changes or {}
+            return [*(changes[name] if name in changes else gr.skip() for name in PLANNED_FIELDS), answer.note]
 
         def describe(*values: Any) -> str:
             try:
@@ -674,10 +670,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 concurrency_limit=None, show_progress="hidden",
             ).then(set_locked(False), outputs=lockable, queue=False, api_name=False)
         stop.click(stop_run, outputs=status, api_name="stop", concurrency_limit=None)
-        budget_inputs = [controls["vram_budget"], controls[BUDGET_GIB]]
-        budget_outputs = [controls[n] for n in optimization_names]
-        controls["vram_budget"].input(apply_budget, budget_inputs, budget_outputs, queue=False, api_name=False)
-        controls[BUDGET_GIB].input(apply_budget, budget_inputs, budget_outputs, queue=False, api_name=False)
+        # A budget plans when picked and again when the model, size, frames, device or precision change.
+        budget_triggers = [controls[name].input for name in ("vram_budget", BUDGET_GIB, *REPLAN_INPUTS)]
+        gr.on(budget_triggers, with_named_values(apply_budget, names), components, [*planned, budget_note],
+              queue=False, api_name="plan_budget", show_progress="hidden")
         gr.on([c.change for c in components], describe, components, lossy_note, queue=False, api_name=False,
               show_progress="hidden")
         controls["prune_threshold"].change(prune_warning, controls["prune_threshold"], prune_note, queue=False,

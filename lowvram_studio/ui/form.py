@@ -1,4 +1,4 @@
-"""The studio's form: control values <-> RunSettings, the VRAM budget presets, and what each setting trades.
+"""The studio's form: control values <-> RunSettings, the VRAM budget choices, and what each setting trades.
 
 Every Optimizations control is one RunSettings field (same name), so an engine technique takes
 effect in the studio the moment the engine honours its field. The FP16 toggles are the only
@@ -31,32 +31,11 @@ FORM_NAMES = [
 BUDGET_CHOICES = {"Manual": "off", "Auto": "auto", "4 GB": "4GB", "6 GB": "6GB", "8 GB": "8GB",
                   "12 GB": "12GB", "24 GB": "24GB", "Custom": None}
 
-# The Optimizations fields a budget preset sets, at their "everything off" values.
-OPTIMIZATIONS_OFF: dict[str, Any] = {
-    "unet_dtype": "fp32", "vae_dtype": "fp32", "encoder_dtype": "fp32", "cfg_split": False,
-    "spatial_chunk": 0, "temporal_chunk": 0, "ff_chunk": 0, "offload": "none", "decode_chunk": 0,
-    "vae_tile": 0, "chunk_size": 0, "overlap": 2, "prune_threshold": 0.0,
-}
-
-# STAND-IN for engine/planner.py until it is merged: one fixed row per budget, chosen from the
-# H100 figures of DESIGN §5 (fp16 UNet ~3 GB, decode sets the peak, CFG split and chunking are
-# lossless), not measured per card. Lossless techniques first; lossy ones (fp16 VAE, decode
-# chunks) only where the budget needs them. The planner replaces this table with a fit per model and size.
-BUDGET_TABLE: dict[str, dict[str, Any]] = {
-    "4GB": {"unet_dtype": "fp16", "vae_dtype": "fp16", "encoder_dtype": "fp16", "cfg_split": True,
-            "spatial_chunk": 2, "temporal_chunk": 4096, "ff_chunk": 4096, "offload": "stream", "decode_chunk": 1},
-    "6GB": {"unet_dtype": "fp16", "vae_dtype": "fp16", "encoder_dtype": "fp16", "cfg_split": True,
-            "spatial_chunk": 4, "ff_chunk": 8192, "offload": "model", "decode_chunk": 2},
-    "8GB": {"unet_dtype": "fp16", "encoder_dtype": "fp16", "cfg_split": True, "ff_chunk": 8192,
-            "offload": "model", "decode_chunk": 4},
-    "12GB": {"unet_dtype": "fp16", "cfg_split": True, "decode_chunk": 8},
-    "24GB": {"unet_dtype": "fp16", "decode_chunk": 14},
-}
-
 # What each control trades; shown as the control's info text. Lossy ones say so (DESIGN §3).
 INFO = {
     "preview_every": "Live preview every N denoise steps (0 = off): ~1 ms each, no VAE call, never changes the video.",
-    "vram_budget": "Fills the sliders below for a card of this size. Auto reads this GPU's memory.",
+    "vram_budget": "Fills the settings below with the planner's plan for this model, size and frames on a card of "
+                   "this size (the same plan Generate applies). Auto plans for this GPU's free memory.",
     "unet_dtype": "LOSSY (small): half the UNet's weight and activation memory; faster on tensor-core GPUs.",
     "vae_dtype": "LOSSY: half the VAE's memory; may shift colours. Keep off unless memory is short.",
     "encoder_dtype": "LOSSY (tiny): saves ~0.6 GB of CLIP weights; the embedding changes slightly.",
@@ -95,18 +74,6 @@ def budget_value(choice: str, custom_gib: float | None) -> str:
     if value is None:
         return f"{float(custom_gib or 0):g}GB"
     return value
-
-
-def budget_row(vram_budget: str, gpu_total_gib: float | None) -> dict[str, Any] | None:
-    """The Optimizations values a budget stands for; None for Manual (the sliders stay as they are)."""
-    if vram_budget == "off":
-        return None
-    gib = gpu_total_gib if vram_budget == "auto" else budget_gib(vram_budget)
-    if gib is None:  # Auto without a GPU: the CPU path needs none of these
-        return dict(OPTIMIZATIONS_OFF)
-    fitting = [name for name in BUDGET_TABLE if float(name.removesuffix("GB")) <= gib]
-    row = BUDGET_TABLE[fitting[-1] if fitting else "4GB"]
-    return {**OPTIMIZATIONS_OFF, **row}
 
 
 def form_to_settings(form: dict[str, Any]) -> RunSettings:

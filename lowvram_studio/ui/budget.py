@@ -1,0 +1,150 @@
+"""The VRAM budget panel: the planner's plan for the form's request, as control values and a note.
+
+Picking a budget runs the same ``plan_for_settings`` that ``jobs.run_job`` applies when the job starts,
+for the chosen model's dimensions, size, frames and device, so the controls show what will run and
+Generate's own planning finds nothing left to change. Planning is arithmetic (about a millisecond);
+only a model's dimensions can cost something, and they are looked up without loading weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..engine.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
+from ..engine.sampler import resolve_device
+from ..models.demo import DEMO_MODEL_NAME, build_demo_pipeline
+from ..models.load import LoadedModel
+from ..models.single_file import inspect_single_file
+from ..settings import Precision, RunSettings, SettingsError
+from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
+
+logger = logging.getLogger(__name__)
+
+# The controls a plan may set (engine/planner.py: Planner.base and MOVES): the memory savers, plus frames and
+# interpolation (the last rung generates half the frames and interpolates) and the UNet precision (fp8).
+# Size, steps, guidance, the FP16 choices and pruning stay the user's.
+PLANNED_FIELDS = ("num_frames", "unet_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
+                  "decode_chunk", "vae_tile", "chunk_size", "overlap", "interpolate")
+# What the plan starts from: these at their defaults, so a larger budget loosens what a smaller one tightened.
+_RESET_FIELDS = ("cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk", "vae_tile",
+                 "chunk_size", "overlap", "interpolate")
+
+# Controls whose change alters the plan: with a budget picked, changing one plans again.
+REPLAN_INPUTS = (MODEL, "width", "height", "num_frames", "device", "max_guidance_scale", "unet_dtype", "vae_dtype",
+                 "encoder_dtype")
+
+
+@dataclass
+class BudgetAnswer:
+    """What picking a budget does: control values to set (None: leave every control as it is) and the note."""
+
+    changes: dict[str, Any] | None
+    note: str
+
+
+@functools.cache
+def _demo_dims() -> ModelDims:
+    """The built-in model's dimensions: built once (about a second), only the counts are kept."""
+    return ModelDims.from_pipeline(build_demo_pipeline(), DEMO_MODEL_NAME)
+
+
+def _native_frames(path: Path) -> int:
+    """Native frame count from a diffusers folder's UNet config or a single file's header (no weights read)."""
+    if path.is_dir():
+        return int(json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))["num_frames"])
+    return inspect_single_file(path).num_frames
+
+
+def model_dims(source: str, loaded: LoadedModel | None) -> tuple[ModelDims, str]:
+    """Dimensions of ``source`` for the planner, and a note when they are assumed rather than counted.
+
+    The loaded model counts its own (as ``run_job`` does); the demo is counted once; another model is not
+    loaded for a dropdown: it gets the standard SVD / SVD-XT counts for the native frames its config names.
+    """
+    source = (source or DEMO_MODEL_NAME).strip()
+    if loaded is not None and loaded.source == source:
+        return ModelDims.from_pipeline(loaded.pipeline, loaded.name), ""
+    if source == DEMO_MODEL_NAME:
+        return _demo_dims(), ""
+    try:
+        frames = _native_frames(Path(source).expanduser())
+    except (OSError, ValueError, KeyError) as exc:  # not found / not SVD: Generate reports it with the fix
+        logger.info("planning %s with SVD-XT dimensions: %s", source, exc)
+        return SVD_XT_DIMS, (f"{source} could not be inspected, so the plan assumes SVD-XT's size; "
+                             "press the budget again after a Generate has loaded it")
+    dims = replace(SVD_XT_DIMS if frames == SVD_XT_DIMS.native_frames else SVD_DIMS, native_frames=frames)
+    return dims, f"{Path(source).name} is not loaded yet: planned with standard SVD sizes ({frames} native frames)"
+
+
+def budget_request(settings: RunSettings) -> RunSettings:
+    """What a budget plans from: the request with every planned setting back at its default. The delivered clip
+    keeps its length: frames a former plan left to interpolation are asked for again ((F-1)*k+1 frames)."""
+    defaults = RunSettings()
+    delivered = (settings.num_frames - 1) * settings.interpolate + 1
+    return settings.replace(num_frames=delivered, **{name: getattr(defaults, name) for name in _RESET_FIELDS})
+
+
+def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswer:
+    """Plan the form's request for its budget; the changes are the planned controls that differ from ``form``."""
+    if BUDGET_CHOICES.get(form.get("vram_budget")) == "off":
+        return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget.")
+    try:
+        request = budget_request(form_to_settings(form)).validate()
+        device_type = resolve_device(request.device).type
+    except (SettingsError, RuntimeError) as exc:
+        return BudgetAnswer(None, f"⚠ {exc}")
+    dims, dims_note = model_dims(form.get(MODEL) or DEMO_MODEL_NAME, loaded)
+    plan = plan_for_settings(Planner(dims, device_type=device_type), request)
+    if plan is None:  # 'auto' without a CUDA GPU
+        return BudgetAnswer(None, "No CUDA GPU here, so Auto has no GPU memory to plan for; the settings were left "
+                                  "as they are. Pick a size (e.g. 6 GB) to plan for such a card.")
+    notes = [dims_note] if dims_note else []
+    if device_type == "cpu":
+        notes.append("this run goes to the CPU: Generate applies the same plan; the figures are GPU memory")
+    elif request.unet_dtype == Precision.FP32:  # the planner never trades precision: that is the user's call
+        notes.append("the plan keeps your precision choices; UNet FP16 (lossy, small) halves the UNet's memory")
+    if not plan.fits:
+        return BudgetAnswer(None, plan_markdown(plan, dims, notes))
+    problems = plan.settings.problems()
+    if problems:  # e.g. the plan's temporal windows with pruning on
+        return BudgetAnswer(None, f"⚠ The plan for {plan.budget.label} conflicts with your settings: "
+                                  f"{'; '.join(problems)}. The settings were left as they are.")
+    planned = settings_to_form(plan.settings, list(PLANNED_FIELDS))
+    changes = {name: value for name, value in planned.items() if value != form.get(name)}
+    shown, wanted = form_to_settings({**form, **changes}).to_dict(), plan.settings.to_dict()
+    hidden = [f"{name}={wanted[name]}" for name in PLANNED_FIELDS if shown[name] != wanted[name]]
+    if hidden:  # the UNet FP16 checkbox cannot show fp8
+        notes.append(f"the form cannot show {', '.join(hidden)}; Generate plans again and applies it")
+    return BudgetAnswer(changes, plan_markdown(plan, dims, notes))
+
+
+def _gib(mib: float) -> str:
+    return f"{mib / 1024:.2f} GiB"
+
+
+def plan_markdown(plan: Plan, dims: ModelDims, notes: list[str]) -> str:
+    """The plan for the page: verdict, each move with its reason, predicted peak per phase against the budget."""
+    budget, settings, prediction = plan.budget, plan.settings, plan.prediction
+    about = f" ({budget.note})" if budget.note else ""
+    head = (f"**VRAM budget {budget.label}**{about}: {_gib(budget.available_mib)} usable of {_gib(budget.total_mib)} "
+            f"for {dims.name} at {settings.width}x{settings.height}, {settings.num_frames} frames")
+    phases = " · ".join(f"{phase} {_gib(mib)}" for phase, mib in prediction.phases.items())
+    if plan.fits:
+        moves, which = plan.reasons, "planned"
+        verdict = (f"✔ Fits: predicted process peak {_gib(prediction.peak_mib)} ({prediction.peak_phase}); "
+                   + (f"{len(moves)} move(s):" if moves else "your settings need no change."))
+    else:
+        moves, which = plan.reasons[:-1], "tightest"
+        message = plan.reasons[-1]
+        verdict = (f"✖ Does not fit: {message[0].upper()}{message[1:]}. The settings were left as they are; "
+                   "moves tried:")
+    lines = [head, "", verdict, *(f"{i}. {reason}" for i, reason in enumerate(moves, 1)),
+             "", f"Predicted peak per phase ({which} settings): {phases}."]
+    for note in notes:
+        lines += ["", f"ℹ {note[0].upper()}{note[1:]}."]
+    return "\n".join(lines)
