@@ -109,7 +109,7 @@ def run_job(
     cancel = cancel or CancelToken()
     input_info = input_image_info(image_path)
     baseline = measure_idle_baseline()
-    planner = Planner(ModelDims.from_pipeline(model.pipeline), device_type=resolve_device(settings.device).type)
+    planner = Planner(ModelDims.from_pipeline(model.pipeline, model.name), device_type=resolve_device(settings.device).type)
     plan = plan_for_settings(planner, settings)
     if plan is not None:  # a VRAM budget chose the settings; every choice is explained to the user
         settings = plan.settings
