@@ -162,7 +162,8 @@ def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_pa
     _screenshot(driver, "studio.png")
 
 
-# Records every distinct src the live preview's <img> gets, however briefly it is shown between two polls.
+# Records every src the live preview's <img> gets (however briefly it shows between two polls), with
+# whether the status line still said the run was going at that moment.
 WATCH_PREVIEW = """
 const panel = document.getElementById('live-preview');
 window.previewSources = [];
@@ -170,7 +171,9 @@ const record = () => {
   for (const img of panel.querySelectorAll('img')) {
     const src = img.getAttribute('src') || '';
     const seen = window.previewSources;
-    if (src && seen[seen.length - 1] !== src) seen.push(src);
+    if (src && (!seen.length || seen[seen.length - 1].src !== src)) {
+      seen.push({src: src, running: !document.getElementById('status').innerText.includes('✔')});
+    }
   }
 };
 window.previewWatch = new MutationObserver(record);
@@ -201,6 +204,9 @@ def test_live_preview_animates_while_generating_then_gives_way_to_the_video_and_
     frames, steps = 4, 8  # 64x64: a few seconds on 2 cores, a preview every step (the default)
     _set_number(driver, "num_frames", frames)
     _set_number(driver, "num_inference_steps", steps)
+    _open_tab(driver, "Optimizations")
+    _set_number(driver, "chunk_size", 0)  # a plain run, whatever an earlier test left in the saved form
+    _open_tab(driver, "Generation")
     assert studio_page.studio.store.data.last.get("preview_every", 1) == 1
     driver.execute_script(WATCH_PREVIEW)
 
@@ -209,13 +215,14 @@ def test_live_preview_animates_while_generating_then_gives_way_to_the_video_and_
     caption = driver.find_element(By.CSS_SELECTOR, "#live-preview figcaption").text
     assert re.search(rf"step \d+/{steps} · [\d.]+ ms per preview", caption), caption
     _screenshot(driver, "studio-live-preview.png")
-    _wait(driver, lambda d: len(set(d.execute_script("return window.previewSources"))) >= 2, 60)
-    assert "✔" not in _text(driver, "status")  # the src changed while the run was still going
+    _wait(driver, lambda d: len(d.execute_script("return window.previewSources")) >= 2, 60)
 
     _wait(driver, lambda d: "✔" in _text(d, "status"), 120)
-    sources = driver.execute_script("return window.previewSources")
-    clip = PIL.Image.open(io.BytesIO(_image_bytes(sources[-1])))
-    assert clip.is_animated and clip.n_frames == frames  # the whole clip loops, not one frame
+    shown = driver.execute_script("return window.previewSources")
+    assert len({s["src"] for s in shown}) >= 2 and all(s["running"] for s in shown)  # it changed while running
+    for source in shown:
+        clip = PIL.Image.open(io.BytesIO(_image_bytes(source["src"])))
+        assert clip.is_animated and clip.n_frames == frames  # the whole clip loops, not one frame
     video = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#video video"), 30)
     assert video.get_attribute("src").split("?")[0].endswith(".mp4")
     _wait(driver, lambda d: video.get_property("readyState") >= 2, 30)  # the user sees its first frame
