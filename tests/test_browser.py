@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import PIL.Image
-
 import pytest
 
 from lowvram_studio.jobs import run_job
@@ -40,12 +39,12 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
                                 reason="needs chromium and chromedriver")
-
-
 INPUT_IMAGE = ASSETS / "ball_and_box.png"
 
 
 class StudioPage(NamedTuple):
+    """What every test drives: the browser, the studio behind the page, and the page's address."""
+
     driver: webdriver.Chrome
     studio: Studio
     url: str
@@ -244,8 +243,12 @@ def finished_video(studio_page, tmp_path_factory) -> tuple[Path, RunSettings]:
     return video, settings
 
 
+REUSE_CHECKED = ("seed", "num_frames", "num_inference_steps")
+
+
 def _form_values(driver) -> dict[str, str]:
-    return {name: _number(driver, name).get_attribute("value") for name in ("seed", "num_frames", "num_inference_steps")}
+    """What the form's number boxes show for the fields the reuse test checks."""
+    return {name: _number(driver, name).get_attribute("value") for name in REUSE_CHECKED}
 
 
 def test_dropping_an_output_mp4_restores_its_settings_and_another_file_changes_nothing(
@@ -255,7 +258,7 @@ def test_dropping_an_output_mp4_restores_its_settings_and_another_file_changes_n
     video, recorded = finished_video
     _fresh_page(studio_page)
     before = _form_values(driver)
-    expected = {"seed": "7", "num_frames": "6", "num_inference_steps": "3"}
+    expected = {name: str(getattr(recorded, name)) for name in REUSE_CHECKED}
     assert before != expected
 
     not_a_video = tmp_path / "notes.txt"
@@ -268,6 +271,7 @@ def test_dropping_an_output_mp4_restores_its_settings_and_another_file_changes_n
     assert not _text(driver, "reuse-note")
     assert not driver.find_elements(By.CSS_SELECTOR, "#input-image img")
 
+    # A filled box has no drop zone (Gradio's File shows the file instead): the user clears it first.
     driver.find_element(By.CSS_SELECTOR, "#reuse-drop button[aria-label=Clear]").click()
     drop = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#reuse-drop input[type=file]"), 10)
     drop.send_keys(str(video))
