@@ -225,8 +225,8 @@ def test_live_preview_animates_while_generating_then_gives_way_to_the_video_and_
     video = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#video video"), 30)
     assert video.get_attribute("src").split("?")[0].endswith(".mp4")
     _wait(driver, lambda d: video.get_property("readyState") >= 2, 30)  # the user sees its first frame
-    note = _wait(driver, lambda d: re.search(r"Live preview: (\d+) previews, [\d.]+ ms each", _text(d, "live-preview")),
-                 30)
+    cost_note = r"Live preview: (\d+) previews, [\d.]+ ms each"
+    note = _wait(driver, lambda d: re.search(cost_note, _text(d, "live-preview")), 30)
     assert int(note[1]) == steps
     assert not driver.find_elements(By.CSS_SELECTOR, "#live-preview img")  # the video replaced the preview
     driver.execute_script("window.scrollTo(0, 0)")
@@ -313,6 +313,7 @@ def test_a_seed_sweep_added_to_the_queue_shows_two_rows_that_finish(studio_page)
     assert [row[0] for row in rows] == ["1", "2"]
     assert [row[2].split(" · ")[0] for row in rows] == ["seed 1", "seed 2"]
     rows = _wait(driver, _queue_rows_when(lambda rows: [row[3] for row in rows] == ["done", "done"]), 90)
+    assert all(row[4].startswith("took ") for row in rows)  # the ETA column reports the measured time
     outputs = [row[5] for row in rows]
     assert all(name.endswith(".mp4") and (studio_page.studio.output_dir / name).is_file() for name in outputs)
     driver.execute_script("document.getElementById('queue').scrollIntoView()")
