@@ -1,19 +1,29 @@
-"""A real headless Chromium drives the studio: upload, move a slider, Generate, see the video and the curve.
+"""A real headless Chromium drives the studio as a user does: upload, move a slider, Generate, watch the
+live preview animate, see the video and the curve, drop an output to reuse its settings, queue a seed sweep.
 
-Needs /usr/bin/chromium + chromedriver and the selenium package (skipped when missing). The
-screenshot lands in test-artifacts/ for a human to look at.
+Needs /usr/bin/chromium + chromedriver and the selenium package (skipped when missing). One studio and
+one browser serve the whole module; each test that needs a clean page reloads it. Screenshots land in
+test-artifacts/ for a human to look at.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import shutil
 import socket
-import time
+import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
+import PIL.Image
 import pytest
 
-from lowvram_studio.ui.app import ASSETS, Studio, build_app
+from lowvram_studio.jobs import run_job
+from lowvram_studio.media import load_image
+from lowvram_studio.settings import RunSettings
+from lowvram_studio.ui.app import ASSETS, DEMO, Studio, build_app
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.form import FORM_NAMES
 from lowvram_studio.ui.worker import JobState
@@ -29,10 +39,19 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
                                 reason="needs chromium and chromedriver")
+INPUT_IMAGE = ASSETS / "ball_and_box.png"
+
+
+class StudioPage(NamedTuple):
+    """What every test drives: the browser, the studio behind the page, and the page's address."""
+
+    driver: webdriver.Chrome
+    studio: Studio
+    url: str
 
 
 @pytest.fixture(scope="module")
-def studio_page(tmp_path_factory):
+def studio_page(tmp_path_factory) -> StudioPage:
     """The studio with small settings saved from a 'previous session', and a browser on its page."""
     store = ConfigStore(tmp_path_factory.mktemp("config"))
     store.load()
@@ -53,10 +72,11 @@ def studio_page(tmp_path_factory):
                  "--window-size=1400,1700", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.get(f"http://127.0.0.1:{port}/")
-    yield driver, studio
+    url = f"http://127.0.0.1:{port}/"
+    driver.get(url)
+    yield StudioPage(driver, studio, url)
     driver.quit()
-    studio.worker.close()
+    studio.close()
     app.close()
 
 
@@ -79,13 +99,41 @@ def _text(driver, element_id: str) -> str:
     return driver.find_element(By.ID, element_id).text
 
 
+def _fresh_page(page: StudioPage) -> None:
+    """Reload the studio: no image, the last used settings restored (the banner is filled with them)."""
+    page.driver.get(page.url)
+    _wait(page.driver, lambda d: "ℹ" in _text(d, "banner"), 30)
+
+
+def _upload_image(driver) -> None:
+    driver.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(INPUT_IMAGE))
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"), 30)
+
+
+def _number(driver, name: str):
+    return driver.find_element(By.CSS_SELECTOR, f"#ctl-{name} input[type=number]")
+
+
+def _set_number(driver, name: str, value: int):
+    """Type ``value`` into a control's number box and leave it, as a user does (the change event fires on blur)."""
+    box = _number(driver, name)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+    _wait(driver, lambda d: box.get_attribute("value") == str(value), 10)
+    return box
+
+
+def _screenshot(driver, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / name))
+
+
 def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_page):
-    driver, studio = studio_page
+    driver, studio, _ = studio_page
     steps = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-num_inference_steps input[type=number]"))
     _wait(driver, lambda d: steps.get_attribute("value") == "2", 30)  # last session's settings restored
 
-    driver.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(ASSETS / "ball_and_box.png"))
-    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"), 30)
+    _upload_image(driver)
 
     _open_tab(driver, "Optimizations")
     fp16_unet = driver.find_element(By.CSS_SELECTOR, "#ctl-unet_dtype input[type=checkbox]")
@@ -108,18 +156,175 @@ def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_pa
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#curve canvas, #curve svg.marks"), 30)
     assert "optimized" in _text(driver, "stats")  # chunk size made it a lossy ("optimized") run
     assert studio.store.data.last["chunk_size"] == 3
-    ARTIFACTS.mkdir(exist_ok=True)
     driver.execute_script("window.scrollTo(0, 0)")
-    time.sleep(1.0)  # let the video's first frame paint
-    driver.save_screenshot(str(ARTIFACTS / "studio.png"))
+    _wait(driver, lambda d: video.get_property("readyState") >= 2, 30)  # its first frame is decoded
+    _screenshot(driver, "studio.png")
+
+
+# Records every src the live preview's <img> gets (however briefly it shows between two polls), with
+# whether the status line still said the run was going at that moment.
+WATCH_PREVIEW = """
+const panel = document.getElementById('live-preview');
+window.previewSources = [];
+const record = () => {
+  for (const img of panel.querySelectorAll('img')) {
+    const src = img.getAttribute('src') || '';
+    const seen = window.previewSources;
+    if (src && (!seen.length || seen[seen.length - 1].src !== src)) {
+      seen.push({src: src, running: !document.getElementById('status').innerText.includes('✔')});
+    }
+  }
+};
+window.previewWatch = new MutationObserver(record);
+window.previewWatch.observe(panel, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+"""
+
+
+def _shown_preview(driver) -> str | None:
+    """The preview <img>'s src once the browser has decoded and laid it out (non-empty), else None."""
+    return driver.execute_script(
+        "const img = document.querySelector('#live-preview img');"
+        "return img && img.complete && img.naturalWidth > 0 && img.getBoundingClientRect().width > 0"
+        " ? img.getAttribute('src') : null;")
+
+
+def _image_bytes(src: str) -> bytes:
+    """The bytes behind an <img> src: an inline data: URI or a file the studio serves."""
+    if src.startswith("data:"):
+        return base64.b64decode(src.split(",", 1)[1])
+    with urllib.request.urlopen(src, timeout=10) as response:
+        return response.read()
+
+
+def test_live_preview_animates_while_generating_then_gives_way_to_the_video_and_its_cost(studio_page):
+    driver = studio_page.driver
+    _fresh_page(studio_page)
+    _upload_image(driver)
+    frames, steps = 4, 8  # 64x64: a few seconds on 2 cores, a preview every step (the default)
+    _set_number(driver, "num_frames", frames)
+    _set_number(driver, "num_inference_steps", steps)
+    _open_tab(driver, "Optimizations")
+    _set_number(driver, "chunk_size", 0)  # a plain run, whatever an earlier test left in the saved form
+    _open_tab(driver, "Generation")
+    assert studio_page.studio.store.data.last.get("preview_every", 1) == 1
+    driver.execute_script(WATCH_PREVIEW)
+
+    driver.find_element(By.ID, "generate").click()
+    _wait(driver, _shown_preview, 60)
+    caption = driver.find_element(By.CSS_SELECTOR, "#live-preview figcaption").text
+    assert re.search(rf"step \d+/{steps} · [\d.]+ ms per preview", caption), caption
+    _screenshot(driver, "studio-live-preview.png")
+    _wait(driver, lambda d: len(d.execute_script("return window.previewSources")) >= 2, 60)
+
+    _wait(driver, lambda d: "✔" in _text(d, "status"), 120)
+    shown = driver.execute_script("return window.previewSources")
+    assert len({s["src"] for s in shown}) >= 2 and all(s["running"] for s in shown)  # it changed while running
+    for source in shown:
+        clip = PIL.Image.open(io.BytesIO(_image_bytes(source["src"])))
+        assert clip.is_animated and clip.n_frames == frames  # the whole clip loops, not one frame
+    video = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#video video"), 30)
+    assert video.get_attribute("src").split("?")[0].endswith(".mp4")
+    _wait(driver, lambda d: video.get_property("readyState") >= 2, 30)  # the user sees its first frame
+    cost_note = r"Live preview: (\d+) previews, [\d.]+ ms each"
+    note = _wait(driver, lambda d: re.search(cost_note, _text(d, "live-preview")), 30)
+    assert int(note[1]) == steps
+    assert not driver.find_elements(By.CSS_SELECTOR, "#live-preview img")  # the video replaced the preview
+    driver.execute_script("window.scrollTo(0, 0)")
+    _screenshot(driver, "studio-preview-done.png")
+
+
+@pytest.fixture(scope="module")
+def finished_video(studio_page, tmp_path_factory) -> tuple[Path, RunSettings]:
+    """An mp4 of a finished run (with its embedded record) whose seed, frames and steps no form here uses."""
+    settings = RunSettings(height=64, width=64, num_frames=6, num_inference_steps=3, seed=7)
+    video = tmp_path_factory.mktemp("finished") / "finished.mp4"
+    model = studio_page.studio.model(DEMO, settings)
+    run_job(model, load_image(INPUT_IMAGE), settings, video, image_path=INPUT_IMAGE)
+    return video, settings
+
+
+REUSE_CHECKED = ("seed", "num_frames", "num_inference_steps")
+
+
+def _form_values(driver) -> dict[str, str]:
+    """What the form's number boxes show for the fields the reuse test checks."""
+    return {name: _number(driver, name).get_attribute("value") for name in REUSE_CHECKED}
+
+
+def test_dropping_an_output_mp4_restores_its_settings_and_another_file_changes_nothing(
+    studio_page, finished_video, tmp_path
+):
+    driver = studio_page.driver
+    video, recorded = finished_video
+    _fresh_page(studio_page)
+    before = _form_values(driver)
+    expected = {name: str(getattr(recorded, name)) for name in REUSE_CHECKED}
+    assert before != expected
+
+    not_a_video = tmp_path / "notes.txt"
+    not_a_video.write_text("not a video")
+    driver.find_element(By.CSS_SELECTOR, "#reuse-drop input[type=file]").send_keys(str(not_a_video))
+    error = _wait(driver, lambda d: [t.text for t in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")
+                                     if "notes.txt" in t.text], 30)
+    assert "neither an output video" in error[0] and "drop an mp4" in error[0]  # what is wrong; what to do
+    assert _form_values(driver) == before
+    assert not _text(driver, "reuse-note")
+    assert not driver.find_elements(By.CSS_SELECTOR, "#input-image img")
+
+    # A filled box has no drop zone (Gradio's File shows the file instead): the user clears it first.
+    driver.find_element(By.CSS_SELECTOR, "#reuse-drop button[aria-label=Clear]").click()
+    drop = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#reuse-drop input[type=file]"), 10)
+    drop.send_keys(str(video))
+    _wait(driver, lambda d: "Restored" in _text(d, "reuse-note"), 30)
+    assert f"seed {recorded.seed}" in _text(driver, "reuse-note")
+    _wait(driver, lambda d: _form_values(d) == expected, 10)
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"), 10)  # its input image is back
+    driver.execute_script("window.scrollTo(0, 0)")
+    _screenshot(driver, "studio-reuse.png")
+
+
+def _queue_rows(driver) -> list[list[str]]:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#queue [role=row][data-index]')]"
+        ".sort((a, b) => a.dataset.index - b.dataset.index)"
+        ".map(row => [...row.querySelectorAll('[role=gridcell]')].map(cell => cell.innerText.trim()));")
+
+
+def _queue_rows_when(condition):
+    """A wait condition: the queue table's rows once ``condition(rows)`` holds."""
+    def check(driver):
+        rows = _queue_rows(driver)
+        return rows if condition(rows) else None
+
+    return check
+
+
+def test_a_seed_sweep_added_to_the_queue_shows_two_rows_that_finish(studio_page):
+    driver = studio_page.driver
+    _fresh_page(studio_page)
+    _upload_image(driver)
+    _set_number(driver, "num_frames", 4)
+    _set_number(driver, "num_inference_steps", 2)
+    driver.find_element(By.CSS_SELECTOR, "#queue-seeds textarea, #queue-seeds input").send_keys("1..2")
+    driver.find_element(By.ID, "queue-add").click()
+    _wait(driver, lambda d: "Queued 2 job(s)" in _text(d, "queue-note"), 30)
+
+    rows = _wait(driver, _queue_rows_when(lambda rows: len(rows) == 2), 10)
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert [row[2].split(" · ")[0] for row in rows] == ["seed 1", "seed 2"]
+    rows = _wait(driver, _queue_rows_when(lambda rows: [row[3] for row in rows] == ["done", "done"]), 90)
+    assert all(row[4].startswith("took ") for row in rows)  # the ETA column reports the measured time
+    outputs = [row[5] for row in rows]
+    assert all(name.endswith(".mp4") and (studio_page.studio.output_dir / name).is_file() for name in outputs)
+    driver.execute_script("document.getElementById('queue').scrollIntoView()")
+    _screenshot(driver, "studio-queue.png")
 
 
 def test_leaving_the_page_mid_run_stops_its_job(studio_page):
-    driver, studio = studio_page
-    _open_tab(driver, "Generation")
-    steps = driver.find_element(By.CSS_SELECTOR, "#ctl-num_inference_steps input[type=number]")
-    steps.send_keys(Keys.CONTROL, "a")
-    steps.send_keys("80", Keys.TAB)
+    driver, studio, _ = studio_page
+    _fresh_page(studio_page)
+    _upload_image(driver)
+    steps = _set_number(driver, "num_inference_steps", 80)
     driver.find_element(By.ID, "generate").click()
     _wait(driver, lambda d: "denoise step" in _text(d, "status"), 60)
     assert driver.find_element(By.ID, "generate").get_attribute("disabled")  # nothing may disturb the run
