@@ -692,7 +692,10 @@ def build_app(studio: Studio) -> gr.Blocks:
         remove_job.click(queue_remove, job_id, [queue_table, queue_note], api_name="queue_remove")
         clear_done.click(queue_clear, outputs=[queue_table, queue_note], api_name="queue_clear")
         queue_table.select(queue_select, outputs=[job_id, video], api_name=False)
+        # Empty the drop box afterwards (also after an error) so the next file can be dropped straight away;
+        # the note names the file that was restored.
         reuse_file.upload(reuse_drop, reuse_file, [*components, image, reuse_note], api_name="reuse")
+        reuse_file.upload(lambda: None, outputs=reuse_file, queue=False, api_name=False)
     return app
 
 
