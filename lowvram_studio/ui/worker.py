@@ -201,9 +201,9 @@ class Worker:
     def _run(self, job: Job) -> None:
         job.state = JobState.RUNNING
         job.started_at = time.perf_counter()
-        job.monitor = start_memory_monitor()
         state = JobState.DONE
         try:
+            job.monitor = start_memory_monitor()  # inside the try: a monitor that cannot start fails the job
             with offer_monitor(job.monitor):  # run_job records with it instead of starting a second sampler
                 job.result = job.work(job.on_event, job.cancel)
         except RunCancelled:
@@ -213,7 +213,8 @@ class Worker:
             job.error = exc
             state = JobState.FAILED
         finally:
-            job.monitor.stop()  # a no-op when the job's run_job already stopped it for its record
+            if job.monitor is not None:
+                job.monitor.stop()  # a no-op when the job's run_job already stopped it for its record
             release_memory()  # what a finished or stopped job held goes back for the next one
             self._finish(job, state)
 
