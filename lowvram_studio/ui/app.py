@@ -47,6 +47,7 @@ from .form import (
     form_to_settings,
     lossy_summary,
     prune_warning,
+    resolve_auto_precision,
     settings_to_form,
 )
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
@@ -199,7 +200,7 @@ class Studio:
 
     # ---- settings -----------------------------------------------------------------------------
     def default_form(self, names: list[str]) -> dict[str, Any]:
-        form = settings_to_form(RunSettings(), names)
+        form = settings_to_form(resolve_auto_precision(RunSettings())[0], names)  # FP16 on a GPU, FP32 on the CPU
         form.update({MODEL: self.model_source, GIF: True})
         return form
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..engine.precision import DTYPE_NAMES, SETTING_OF, PrecisionPolicy, detect_gpu
+from ..engine.sampler import resolve_device
 from ..settings import Precision, RunSettings, SettingsError, budget_gib
 
 # Controls that are not RunSettings fields but belong to the saved form.
@@ -91,6 +93,19 @@ def form_to_settings(form: dict[str, Any]) -> RunSettings:
     if "interpolate" in data:
         data["interpolate"] = int(data["interpolate"])
     return RunSettings.from_dict(data).validate()
+
+
+def resolve_auto_precision(settings: RunSettings) -> tuple[RunSettings, dict[str, str]]:
+    """The FP16 checkboxes say fp16 or fp32 only: an 'auto' precision becomes what the engine picks on this
+    machine (fp16 storage on CUDA GPUs, fp32 on the CPU; engine/precision.py). Returns the settings and
+    the fields it set."""
+    auto = [name for name in FP16_TOGGLES if getattr(settings, name) == Precision.AUTO]
+    if not auto:
+        return settings, {}
+    component_of = {setting: component for component, setting in SETTING_OF.items()}
+    policy = PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device)))
+    changes = {name: DTYPE_NAMES[policy.component(component_of[name]).storage] for name in auto}
+    return settings.replace(**changes), changes
 
 
 def settings_to_form(settings: RunSettings, names: list[str]) -> dict[str, Any]:

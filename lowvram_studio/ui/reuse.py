@@ -12,12 +12,10 @@ from typing import Any
 
 import PIL.Image
 
-from ..engine.precision import DTYPE_NAMES, SETTING_OF, PrecisionPolicy, detect_gpu
-from ..engine.sampler import resolve_device
 from ..media import MediaError, load_image
 from ..monitor.record import ReuseError, load_reuse
 from ..settings import Precision, RunSettings
-from .form import FP16_TOGGLES, MODEL, settings_to_form
+from .form import FP16_TOGGLES, MODEL, resolve_auto_precision, settings_to_form
 
 
 @dataclass
@@ -54,14 +52,8 @@ def restore_form(path: str | Path | None, names: list[str]) -> RestoredForm:
 def _as_toggles(settings: RunSettings) -> tuple[RunSettings, list[str]]:
     """The studio's FP16 checkboxes say fp16 or fp32 only: 'auto' (a CLI run) is resolved as the engine
     resolves it on this machine; bf16 / fp8 cannot be shown, which a note says."""
-    component_of = {setting: component for component, setting in SETTING_OF.items()}
-    auto = [name for name in FP16_TOGGLES if getattr(settings, name) == Precision.AUTO]
-    changes: dict[str, str] = {}
-    if auto:
-        policy = PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device)))
-        changes = {name: DTYPE_NAMES[policy.component(component_of[name]).storage] for name in auto}
+    settings, changes = resolve_auto_precision(settings)
     notes = [f"{name} was auto; on this machine that is {value}, set explicitly" for name, value in changes.items()]
-    settings = settings.replace(**changes)
     other = [f"{name}={Precision(getattr(settings, name)).value}" for name in FP16_TOGGLES
              if Precision(getattr(settings, name)) not in (Precision.FP16, Precision.FP32)]
     if other:
