@@ -12,9 +12,7 @@ run — the reference run of DESIGN §3. Rows 10-11: our sampler with every comp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,8 @@ from lowvram_studio.engine.sampler import generate  # noqa: E402
 from lowvram_studio.models.svd_configs import build_svd_xt_pipeline  # noqa: E402
 from lowvram_studio.monitor.report import psnr_ssim  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
-from lowvram_studio.sysinfo import collect_env  # noqa: E402
+
+from common import new_report, write_report  # noqa: E402  (bench/common.py)
 
 TECHNIQUES = [
     ("plain", {}),
@@ -81,19 +80,13 @@ def main() -> int:
                  "seconds_per_step": None})
     print(rows[-1], flush=True)
 
-    report = {"env": collect_env(), "command": "python " + " ".join(sys.argv), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    report = new_report(rows=rows)
     lines = ["| case | config | reference | steps | PSNR dB | SSIM | max abs | s/step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sps = f"{r['seconds_per_step']:.3f}" if r["seconds_per_step"] else "n/a"
         lines.append(f"| {r['case']} | {r['config']} | {r['reference']} | {r['steps']} | {r['psnr_db']:.2f} | "
                      f"{r['ssim']:.4f} | {r['max_abs']:.4f} | {sps} |")
-    env = report["env"]
-    header = (f"# Lossless ablation ({time.strftime('%Y-%m-%d')})\n\nGPU {env['gpu']} (driver {env['driver']}), torch "
-              f"{env['torch']}, diffusers {env['diffusers']}. Command: `{report['command']}`\n\n")
-    args.out.with_suffix(".md").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(args.out, "Lossless ablation", report, lines)
     return 0
 
 

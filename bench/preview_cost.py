@@ -13,7 +13,6 @@ on the host CPU against the full-size VAE (what a user model costs once, on firs
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowvram_studio.engine.preview import attach_latent_rgb, fit_latent_rgb, fitting_images, vae_fingerprint  # noqa: E402
 from lowvram_studio.engine.sampler import generate  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
-from lowvram_studio.sysinfo import collect_env  # noqa: E402
+
+from common import new_report, write_report  # noqa: E402  (bench/common.py)
 
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25)}
 
@@ -98,9 +98,7 @@ def main() -> int:
             rows.append(row)
             print(row, flush=True)
 
-    report = {"env": collect_env(), "command": "python " + " ".join(sys.argv), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    report = new_report(rows=rows)
     fit = rows[0]
     lines = [f"Fit on the host CPU ({fit['cpu_threads']} threads): {fit['fit_seconds']:.1f} s "
              f"(fingerprint {fit['fingerprint_seconds']:.2f} s), {fit['fit_images']} images, RMSE {fit['fit_rmse']:.3f}", "",
@@ -113,11 +111,7 @@ def main() -> int:
         lines.append(f"| {r['case']} | {r['config']} | {r['steps']} | {r['seconds_per_step']:.3f} | "
                      f"{r['ratio_s_per_step_vs_off']:.3f} | {peak} | {ms} | {ms_max} | {r['previews']} | "
                      f"{r['max_abs_vs_other']:.1e} |")
-    env = report["env"]
-    header = (f"# Live preview cost ({time.strftime('%Y-%m-%d')})\n\nGPU {env.get('gpu')} (driver {env.get('driver')}), "
-              f"torch {env.get('torch')}, diffusers {env.get('diffusers')}. Command: `{report['command']}`\n\n")
-    args.out.with_suffix(".md").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(args.out, "Live preview cost", report, lines)
     return 0
 
 

@@ -309,13 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..models.demo import DEFAULT_WEIGHTS_DIR, build_demo_pipeline, demo_model_info
 
     if not demo_model_info().trained:
-        print(f"error: trained demo weights not found in {DEFAULT_WEIGHTS_DIR}; restore them first", file=sys.stderr)
+        logger.error("error: trained demo weights not found in %s; restore them first", DEFAULT_WEIGHTS_DIR)
         return 2
     vae = build_demo_pipeline(with_preview=False).vae
     projection = fit_latent_rgb(vae, fitting_images())
     path = projection.save(DEFAULT_WEIGHTS_DIR / FILE_NAME)
-    print(f"wrote {path}: VAE {projection.vae_fingerprint}, RMSE {projection.fit['rmse']:.4f} "
-          f"on {projection.fit['images']} images in {projection.fit['seconds']:.1f} s")
+    logger.info("wrote %s: VAE %s, RMSE %.4f on %d images in %.1f s", path, projection.vae_fingerprint,
+                projection.fit["rmse"], projection.fit["images"], projection.fit["seconds"])
     return 0
 
 

@@ -1,0 +1,29 @@
+"""What every benchmark writes: the JSON report (env stamp, exact command, rows) and a markdown table beside it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lowvram_studio.sysinfo import collect_env  # noqa: E402
+
+
+def new_report(**fields: Any) -> dict[str, Any]:
+    """A report stamped with this machine (GPU, driver, torch, diffusers) and the exact command line."""
+    return {"env": collect_env(), "command": "python " + " ".join(sys.argv), **fields}
+
+
+def write_report(out: Path, title: str, report: dict[str, Any], table: list[str]) -> None:
+    """``out`` (JSON) and ``out.md`` (title, env stamp, command, table); prints the table last."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    env = report["env"]
+    header = (f"# {title} ({time.strftime('%Y-%m-%d')})\n\nGPU {env.get('gpu')} (driver {env.get('driver')}), "
+              f"torch {env.get('torch')}, diffusers {env.get('diffusers')}. Command: `{report['command']}`\n\n")
+    out.with_suffix(".md").write_text(header + "\n".join(table) + "\n", encoding="utf-8")
+    print("\n".join(table))
