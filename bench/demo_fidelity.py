@@ -36,7 +36,7 @@ from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass  # noq
 from lowvram_studio.engine.sampler import generate  # noqa: E402
 from lowvram_studio.models.demo import build_demo_pipeline, demo_model_info  # noqa: E402
 from lowvram_studio.monitor.report import psnr_ssim  # noqa: E402
-from lowvram_studio.settings import RunSettings  # noqa: E402
+from lowvram_studio.settings import Precision, RunSettings  # noqa: E402
 from lowvram_studio.sysinfo import collect_env  # noqa: E402
 
 logger = logging.getLogger("bench.demo_fidelity")
@@ -137,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     if not info.trained and not args.smoke:
         print(f"error: the demo model has no trained weights ({info.note}); this bench needs them", file=sys.stderr)
         return 2
-    pipeline = build_demo_pipeline()  # stays FP32: reduced-precision rows get a fresh copy (rounding is one-way)
+    # Rounding weights is one-way (the engine refuses to widen them), so each precision mix gets its own copy.
+    pipelines: dict[tuple[str, ...], Any] = {}
+
+    def pipeline_for(settings: RunSettings) -> Any:
+        key = tuple(Precision(getattr(settings, name)).value for name in ("unet_dtype", "vae_dtype", "encoder_dtype"))
+        if key not in pipelines:
+            pipelines[key] = build_demo_pipeline()
+        return pipelines[key]
     spec = ClipSpec(num_frames=4, size=64) if args.smoke else ClipSpec()
     clips = held_out_clips(2 if args.smoke else args.clips, spec)
     steps = 3 if args.smoke else args.steps
@@ -153,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             "unet_dtype": "fp32",
         })
         image = PIL.Image.fromarray(clip.frames[0])
-        reference = generate(pipeline, image, base).frames
+        reference = generate(pipeline_for(base), image, base).frames
         for group, name, changes in configs:
             settings = RunSettings.from_dict({**base.to_dict(), **changes})
-            rounded = any(str(changes.get(k, "fp32")) != "fp32" for k in ("unet_dtype", "vae_dtype", "encoder_dtype"))
-            result = generate(build_demo_pipeline() if rounded else pipeline, image, settings)
+            result = generate(pipeline_for(settings), image, settings)
             psnr, ssim = psnr_ssim(result.frames, reference)
             pruning = result.info.get("pruning", {})
             rows.append({

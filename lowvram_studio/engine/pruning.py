@@ -568,7 +568,7 @@ def _passthrough(module: torch.nn.Module, hidden: torch.Tensor, return_dict: boo
     """
     if isinstance(module, TransformerSpatioTemporalModel):
         return TransformerTemporalModelOutput(sample=hidden) if return_dict else (hidden,)
-    if getattr(module, "resnets", None) is not None and getattr(module, "downsamplers", "absent") != "absent":
+    if hasattr(module, "downsamplers"):  # a down block: its output plus one skip feature per layer (and downsampler)
         skip_outputs = len(module.resnets) + (1 if module.downsamplers is not None else 0)
         return hidden, (hidden,) * skip_outputs
     return hidden
