@@ -21,6 +21,7 @@ from diffusers import StableVideoDiffusionPipeline
 
 from ..settings import DeviceChoice, RunSettings
 from .chunking import ChunkingConfig, apply_chunking, chunk_hook_counts, chunking_applied, split_cfg_call
+from .geglu import apply_geglu_halves, remove_geglu_halves
 from .events import CancelToken, EventCallback, Phase, RunEvent
 from .oom import OomRetry, decode_with_fallback
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
@@ -96,6 +97,10 @@ def prepare_pipeline(pipeline: StableVideoDiffusionPipeline, settings: RunSettin
         clear_placement(pipeline)  # casts and chunk hooks go in under the placement hooks, never over them
         apply_precision(pipeline, policy)
         apply_chunking(pipeline.unet, chunking)
+    if device.type == "cuda":  # a GPU kernel fix; on the CPU the run stays bit-equal to the diffusers pipeline
+        apply_geglu_halves(pipeline.unet)
+    else:
+        remove_geglu_halves(pipeline.unet)
     apply_placement(pipeline, PlacementConfig.from_settings(settings, device))
     return policy
 
