@@ -24,6 +24,15 @@ from lowvram_studio.models.demo import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second OpenMP thread makes every op slower (as --smoke)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_training_objective_matches_euler_v_prediction_scheduler():
     scheduler = EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
     scheduler.set_timesteps(20)
@@ -101,17 +110,12 @@ def test_init_from_starts_from_the_weights_and_the_decoder_phase_leaves_the_late
     shipped = {name: load_file(str(folder / filename)) for name, filename in WEIGHT_FILES.items()}
     # The VAE phase runs; the UNet phase would need 579 s of the 580 left, so it waits for a resume.
     config = replace(train.smoke_config(), init_from=str(folder), min_phase_minutes=579 / 60)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = train.Trainer(config, tmp_path, torch.device("cpu"))
-        for name, tensors in shipped.items():
-            state = trainer.models[name].state_dict()
-            assert all(torch.equal(state[k], v.float()) for k, v in tensors.items()), name
-            assert all(v.dtype == torch.float32 for v in state.values())
-        trainer.run(minutes=10)
-    finally:
-        torch.set_num_threads(threads)
+    trainer = train.Trainer(config, tmp_path, torch.device("cpu"))
+    for name, tensors in shipped.items():
+        state = trainer.models[name].state_dict()
+        assert all(torch.equal(state[k], v.float()) for k, v in tensors.items()), name
+        assert all(v.dtype == torch.float32 for v in state.values())
+    trainer.run(minutes=10)
     assert trainer.state.phase == "unet" and trainer.state.step["vae"] == 5
     vae = trainer.models["vae"].state_dict()
     latent_path = [k for k in vae if k.startswith(("encoder.", "quant_conv."))]
@@ -125,17 +129,25 @@ def test_init_from_starts_from_the_weights_and_the_decoder_phase_leaves_the_late
     assert all(torch.equal(unet[k], v.float()) for k, v in shipped["unet"].items())
 
 
+@needs_trained
+def test_init_from_cli_fine_tunes_to_the_end_and_exports_the_unchanged_encoder(tmp_path):
+    folder = demo_model_info().weights_dir
+    args = ["--smoke", "--init-from", str(folder), "--ckpt-dir", str(tmp_path / "ckpt"), "--minutes", "5", "--final",
+            "--export", str(tmp_path / "model")]
+    assert train.main(args) == 0
+    log = json.loads((tmp_path / "model" / "training_log.json").read_text())
+    assert log["phase"] == "done" and log["config"]["init_from"] == str(folder)
+    assert log["init"]["from"] == str(folder) and log["latent_scale_fold"] is None
+    exported, shipped = load_file(str(tmp_path / "model" / "vae.safetensors")), load_file(str(folder / "vae.safetensors"))
+    assert all(torch.equal(exported[k], shipped[k]) for k in shipped if k.startswith(("encoder.", "quant_conv.")))
+
+
 def test_first_invocation_checkpoint_holds_only_the_frozen_vae_and_a_final_resume_finishes(tmp_path):
     ckpt = tmp_path / "ckpt"
     # 10 minutes leave 580 s to train; phases need 579 s to start: the VAE starts, the UNet does not.
     config = replace(train.smoke_config(), min_phase_minutes=579 / 60)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as main() does for --smoke: tiny tensors, busy CI cores
-    try:
-        first = train.Trainer(config, ckpt, torch.device("cpu"))
-        first.run(minutes=10)
-    finally:
-        torch.set_num_threads(threads)
+    first = train.Trainer(config, ckpt, torch.device("cpu"))
+    first.run(minutes=10)
     assert first.state.phase == "unet" and first.state.step["unet"] == 0
     names = sorted(f.name for f in ckpt.glob("*.safetensors"))
     assert names == ["vae-00.safetensors"]

@@ -539,7 +539,10 @@ def export(trainer: Trainer, folder: Path) -> dict[str, int]:
     sizes = {}
     for name, filename in WEIGHT_FILES.items():
         tensors = {k: v.detach().half().contiguous().cpu() for k, v in trainer.models[name].state_dict().items()}
-        save_file(tensors, str(folder / filename), metadata={"format": "pt", "trained_steps": json.dumps(trainer.state.step)})
+        save_file(
+            tensors, str(folder / filename),
+            metadata={"format": "pt", "trained_steps": json.dumps(trainer.state.step), "init": json.dumps(trainer.state.init)},
+        )
         sizes[filename] = (folder / filename).stat().st_size
     (folder / "training_log.json").write_text(json.dumps(trainer.training_log(), indent=1))
     logger.info("exported %s (%.1f MB)", folder, sum(sizes.values()) / 1e6)
@@ -609,10 +612,14 @@ def main(argv: list[str] | None = None) -> int:
         # two threads on two shared cores makes every op ~10x slower.
         torch.set_num_threads(1)
     try:
-        trainer = Trainer(config, args.ckpt_dir, device)
-        trainer.run(args.minutes, final=args.final)
+        return _train_export_evaluate(args, config, device)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_export_evaluate(args: argparse.Namespace, config: TrainConfig, device: torch.device) -> int:
+    trainer = Trainer(config, args.ckpt_dir, device)
+    trainer.run(args.minutes, final=args.final)
     if trainer.state.phase != "done":
         logger.info("training continues: phase %s, steps %s; run again to resume", trainer.state.phase, trainer.state.step)
         return 0
