@@ -3,13 +3,14 @@
 Two phases share one wall-clock budget and one checkpoint folder:
 
 1. **VAE**: ``AutoencoderKLTemporalDecoder`` learns to reconstruct clips (encoder per frame, temporal
-   decoder over the clip; L1 + MSE + a small KL). At the end its latent scale is folded into the
+   decoder over the clip; L1 + MSE + frame-difference L1 against flicker + a small KL). At the end its latent scale is folded into the
    weights so that ``latents * scaling_factor`` (0.18215, as the pipeline uses it) has unit variance.
    Half the old batch (8 clips) and twice the minutes; the held-out round trip is logged as it goes.
 2. **UNet**: ``UNetSpatioTemporalConditionModel`` and the small CLIP image encoder learn to denoise
    with SVD's conditioning and the EDM v-prediction objective (``objective.py``); conditioning is
    dropped together (zeros, as the pipeline's unconditional branch) so classifier-free guidance works.
-   Clips are encoded once into a ``LatentBank`` on the device that a few fresh clips refresh every step.
+   Targets are posterior means (a still clip's frames are then identical); still clips can be
+   oversampled (``still_fraction``). Clips are encoded once into a ``LatentBank`` on the device that a few fresh clips refresh every step.
 
 **Fine-tuning** (``--init-from DIR``): the models start from exported fp16 weights (fp32 master
 copies, fresh optimizers with a short warm-up); the VAE phase then trains the decoder only (encoder
