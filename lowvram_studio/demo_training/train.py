@@ -3,14 +3,15 @@
 Two phases share one wall-clock budget and one checkpoint folder:
 
 1. **VAE**: ``AutoencoderKLTemporalDecoder`` learns to reconstruct clips (encoder per frame, temporal
-   decoder over the clip; L1 + MSE + frame-difference L1 against flicker + a small KL). At the end its latent scale is folded into the
-   weights so that ``latents * scaling_factor`` (0.18215, as the pipeline uses it) has unit variance.
-   Half the old batch (8 clips) and twice the minutes; the held-out round trip is logged as it goes.
+   decoder over the clip; L1 + MSE + frame-difference L1 against flicker + a small KL). At the end its
+   latent scale is folded into the weights so that ``latents * scaling_factor`` (0.18215, as the
+   pipeline uses it) has unit variance. 8 clips per step; the held-out round trip is logged as it goes.
 2. **UNet**: ``UNetSpatioTemporalConditionModel`` and the small CLIP image encoder learn to denoise
    with SVD's conditioning and the EDM v-prediction objective (``objective.py``); conditioning is
    dropped together (zeros, as the pipeline's unconditional branch) so classifier-free guidance works.
    Targets are posterior means (a still clip's frames are then identical); still clips can be
-   oversampled (``still_fraction``). Clips are encoded once into a ``LatentBank`` on the device that a few fresh clips refresh every step.
+   oversampled (``still_fraction``). Clips are encoded once into a ``LatentBank`` on the device that
+   a few fresh clips refresh every step.
 
 **Fine-tuning** (``--init-from DIR``): the models start from exported fp16 weights (fp32 master
 copies, fresh optimizers with a short warm-up); the VAE phase then trains the decoder only (encoder
@@ -216,7 +217,9 @@ def load_exported(models: dict[str, torch.nn.Module], folder: Path) -> None:
     """Load exported fp16 safetensors (``export``'s files) into the models as fp32 master weights."""
     missing = [name for name in WEIGHT_FILES.values() if not (folder / name).is_file()]
     if missing:
-        raise SystemExit(f"error: --init-from {folder} lacks {', '.join(missing)}; give a folder that --export wrote (e.g. assets/demo-model)")
+        raise SystemExit(
+            f"error: --init-from {folder} lacks {', '.join(missing)}; give a folder that --export wrote (e.g. assets/demo-model)"
+        )
     for name, filename in WEIGHT_FILES.items():
         models[name].load_state_dict({k: v.float() for k, v in load_file(str(folder / filename)).items()})
     logger.info("initialised from %s", folder)
@@ -586,7 +589,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         if args.seed is not None and args.seed != config.seed:
             raise SystemExit(f"error: --seed {args.seed} differs from the checkpoint's seed {config.seed}; use a new --ckpt-dir")
         if args.init_from is not None and str(args.init_from) != config.init_from:
-            raise SystemExit(f"error: --init-from {args.init_from} differs from the checkpoint's {config.init_from}; use a new --ckpt-dir")
+            raise SystemExit(
+                f"error: --init-from {args.init_from} differs from the checkpoint's {config.init_from}; use a new --ckpt-dir"
+            )
     else:
         config = smoke_config() if args.smoke else TrainConfig()
         if args.init_from is not None:
