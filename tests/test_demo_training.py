@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
 from lowvram_studio.demo_training import objective, train
 from lowvram_studio.demo_training.latent_bank import LatentBank
@@ -17,9 +18,19 @@ from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass, make_
 from lowvram_studio.models.demo import (
     DEMO_VAE_CONFIG,
     SVD_SCHEDULER_CONFIG,
+    WEIGHT_FILES,
     build_demo_pipeline,
     demo_model_info,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second OpenMP thread makes every op slower (as --smoke)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_training_objective_matches_euler_v_prediction_scheduler():
@@ -73,17 +84,70 @@ def test_motion_weights_favour_the_moving_region_and_keep_each_clip_mean_one():
     torch.testing.assert_close(weights[1], torch.ones_like(weights[1]))
 
 
+def test_temporal_difference_l1_sees_flicker_but_not_a_steady_offset():
+    target = torch.zeros(1, 4, 3, 8, 8)
+    torch.testing.assert_close(objective.temporal_difference_l1(target + 0.3, target), torch.tensor(0.0))
+    flicker = target.clone()
+    flicker[:, -1] += 0.3  # the last frame pops, as the temporal decoder's edge frames do
+    assert float(objective.temporal_difference_l1(flicker, target)) > 0.05
+
+
+def test_still_oversampling_turns_a_seeded_share_of_clips_still_and_leaves_uniform_streams_alone():
+    assert all(train.stream_motion(seed, 0.1) is None for seed in range(200))
+    forced = [train.stream_motion(seed, 0.2) for seed in range(4000)]
+    assert set(forced) == {None, MotionClass.STILL}
+    # 0.1 of clips are still by their own pick; a further (0.2 - 0.1) / 0.9 of the rest are made still.
+    assert np.mean([m is MotionClass.STILL for m in forced]) == pytest.approx(0.1 / 0.9, abs=0.015)
+    assert forced == [train.stream_motion(seed, 0.2) for seed in range(4000)]
+
+
+needs_trained = pytest.mark.skipif(not demo_model_info().trained, reason="trained demo weights not in assets/demo-model")
+
+
+@needs_trained
+def test_init_from_starts_from_the_weights_and_the_decoder_phase_leaves_the_latent_path_bit_identical(tmp_path):
+    folder = demo_model_info().weights_dir
+    shipped = {name: load_file(str(folder / filename)) for name, filename in WEIGHT_FILES.items()}
+    # The VAE phase runs; the UNet phase would need 579 s of the 580 left, so it waits for a resume.
+    config = replace(train.smoke_config(), init_from=str(folder), min_phase_minutes=579 / 60)
+    trainer = train.Trainer(config, tmp_path, torch.device("cpu"))
+    for name, tensors in shipped.items():
+        state = trainer.models[name].state_dict()
+        assert all(torch.equal(state[k], v.float()) for k, v in tensors.items()), name
+        assert all(v.dtype == torch.float32 for v in state.values())
+    trainer.run(minutes=10)
+    assert trainer.state.phase == "unet" and trainer.state.step["vae"] == 5
+    vae = trainer.models["vae"].state_dict()
+    latent_path = [k for k in vae if k.startswith(("encoder.", "quant_conv."))]
+    assert latent_path and all(torch.equal(vae[k], shipped["vae"][k].float()) for k in latent_path)
+    assert any(not torch.equal(vae[k], shipped["vae"][k].float()) for k in vae if k.startswith("decoder."))
+    assert trainer.state.latent_scale_fold is None  # the shipped VAE is folded already
+    assert trainer.state.vae_holdout[0]["step"] == 0  # the starting point is measured
+    resumed = train.Trainer(config, tmp_path, torch.device("cpu"))
+    assert all(torch.equal(v, resumed.models["vae"].state_dict()[k]) for k, v in vae.items())
+    unet = resumed.models["unet"].state_dict()
+    assert all(torch.equal(unet[k], v.float()) for k, v in shipped["unet"].items())
+
+
+@needs_trained
+def test_init_from_cli_fine_tunes_to_the_end_and_exports_the_unchanged_encoder(tmp_path):
+    folder = demo_model_info().weights_dir
+    args = ["--smoke", "--init-from", str(folder), "--ckpt-dir", str(tmp_path / "ckpt"), "--minutes", "5", "--final",
+            "--export", str(tmp_path / "model")]
+    assert train.main(args) == 0
+    log = json.loads((tmp_path / "model" / "training_log.json").read_text())
+    assert log["phase"] == "done" and log["config"]["init_from"] == str(folder)
+    assert log["init"]["from"] == str(folder) and log["latent_scale_fold"] is None
+    exported, shipped = load_file(str(tmp_path / "model" / "vae.safetensors")), load_file(str(folder / "vae.safetensors"))
+    assert all(torch.equal(exported[k], shipped[k]) for k in shipped if k.startswith(("encoder.", "quant_conv.")))
+
+
 def test_first_invocation_checkpoint_holds_only_the_frozen_vae_and_a_final_resume_finishes(tmp_path):
     ckpt = tmp_path / "ckpt"
     # 10 minutes leave 580 s to train; phases need 579 s to start: the VAE starts, the UNet does not.
     config = replace(train.smoke_config(), min_phase_minutes=579 / 60)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as main() does for --smoke: tiny tensors, busy CI cores
-    try:
-        first = train.Trainer(config, ckpt, torch.device("cpu"))
-        first.run(minutes=10)
-    finally:
-        torch.set_num_threads(threads)
+    first = train.Trainer(config, ckpt, torch.device("cpu"))
+    first.run(minutes=10)
     assert first.state.phase == "unet" and first.state.step["unet"] == 0
     names = sorted(f.name for f in ckpt.glob("*.safetensors"))
     assert names == ["vae-00.safetensors"]
@@ -150,9 +214,6 @@ def test_missing_weights_fall_back_to_random_init_and_say_so(tmp_path):
     assert not info.trained and info.weights_dir is None and "random weights" in info.note
     pipeline = build_demo_pipeline(random_init=True)
     assert pipeline.unet.config.in_channels == 8
-
-
-needs_trained = pytest.mark.skipif(not demo_model_info().trained, reason="trained demo weights not in assets/demo-model")
 
 
 def _generate(pipeline, clip, num_frames: int, steps: int) -> np.ndarray:

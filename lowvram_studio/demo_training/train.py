@@ -3,13 +3,20 @@
 Two phases share one wall-clock budget and one checkpoint folder:
 
 1. **VAE**: ``AutoencoderKLTemporalDecoder`` learns to reconstruct clips (encoder per frame, temporal
-   decoder over the clip; L1 + MSE + a small KL). At the end its latent scale is folded into the
-   weights so that ``latents * scaling_factor`` (0.18215, as the pipeline uses it) has unit variance.
-   Half the old batch (8 clips) and twice the minutes; the held-out round trip is logged as it goes.
+   decoder over the clip; L1 + MSE + frame-difference L1 against flicker + a small KL). At the end its
+   latent scale is folded into the weights so that ``latents * scaling_factor`` (0.18215, as the
+   pipeline uses it) has unit variance. 8 clips per step; the held-out round trip is logged as it goes.
 2. **UNet**: ``UNetSpatioTemporalConditionModel`` and the small CLIP image encoder learn to denoise
    with SVD's conditioning and the EDM v-prediction objective (``objective.py``); conditioning is
    dropped together (zeros, as the pipeline's unconditional branch) so classifier-free guidance works.
-   Clips are encoded once into a ``LatentBank`` on the device that a few fresh clips refresh every step.
+   Targets are posterior means (a still clip's frames are then identical); still clips can be
+   oversampled (``still_fraction``). Clips are encoded once into a ``LatentBank`` on the device that
+   a few fresh clips refresh every step.
+
+**Fine-tuning** (``--init-from DIR``): the models start from exported fp16 weights (fp32 master
+copies, fresh optimizers with a short warm-up); the VAE phase then trains the decoder only (encoder
+and ``quant_conv`` frozen, no second latent-scale fold), so the UNet's latent space stays the one the
+UNet phase continues in. ``FINETUNE_DEFAULTS`` holds the recipe.
 
 Every invocation trains for ``--minutes`` of wall time, checkpoints every few minutes and at the end,
 and resumes from ``--ckpt-dir`` (only what the current phase needs: a finished VAE in fp16, an untouched
@@ -31,9 +38,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -46,8 +54,14 @@ from lowvram_studio.demo_training.checkpoint import (
     save_sharded,
 )
 from lowvram_studio.demo_training.latent_bank import LatentBank
-from lowvram_studio.demo_training.objective import encode_for_unet, fold_latent_scale, unet_loss, vae_loss
-from lowvram_studio.demo_training.procedural import ClipSpec, make_clip
+from lowvram_studio.demo_training.objective import (
+    encode_for_unet,
+    fold_latent_scale,
+    temporal_difference_l1,
+    unet_loss,
+    vae_loss,
+)
+from lowvram_studio.demo_training.procedural import MOTION_CLASSES, ClipSpec, MotionClass, make_clip
 from lowvram_studio.models.demo import (
     DEMO_IMAGE_ENCODER_CONFIG,
     DEMO_UNET_CONFIG,
@@ -82,6 +96,7 @@ class TrainConfig:
     warmup_steps: int = 200
     kl_weight: float = 1e-4
     edge_weight: float = 0.0  # weight of the image-gradient L1 term of the VAE loss
+    temporal_weight: float = 1.0  # weight of the frame-difference L1 term of the VAE loss (flicker)
     bank_size: int = 16384  # clips held in the latent bank (~110 KB each on the device)
     bank_initial: int = 1024  # clips encoded before the first UNet step
     bank_refresh: int = 8  # fresh clips encoded into the bank per UNet step
@@ -101,6 +116,22 @@ class TrainConfig:
     save_every_minutes: float = 3.0
     log_every: int = 25  # steps averaged into one training-log entry
     clip_pool: int | None = None  # cycle through this many clips (smoke: see the loss fall in a few steps)
+    still_fraction: float = 1 / len(MOTION_CLASSES)  # share of still clips in the training streams (uniform: 0.1)
+    init_from: str | None = None  # fine-tune: exported weights folder the models start from (decoder-only VAE phase)
+
+
+# Fine-tune recipe, applied by --init-from on top of TrainConfig's defaults (not to --smoke's sizes).
+# One device call of 9.5 min: ~2 min decoder, the UNet until --final's deadline, 50-clip evaluation.
+FINETUNE_DEFAULTS: dict = {
+    "seed": 1,  # fresh clips: seed 0's streams are the ones the shipped weights were trained on
+    "vae_minutes": 2.0,
+    "unet_minutes": 5.0,
+    "vae_lr": 2e-4,  # the decoder is trained: no need for the 4e-4 of a scratch run
+    "unet_lr": 1.5e-4,  # 16 clips per step: a quarter of the shipped run's batch, ~4x its steps
+    "unet_batch": 16,
+    "warmup_steps": 100,
+    "still_fraction": 0.2,  # the shipped model drifts on still scenes: twice their natural share
+}
 
 
 def smoke_config() -> TrainConfig:
@@ -116,13 +147,27 @@ def smoke_config() -> TrainConfig:
 # Data
 
 
+def stream_motion(seed: int, still_fraction: float) -> MotionClass | None:
+    """The class forced on a stream's clip ``seed`` (None: the seed's own, uniform pick).
+
+    Still clips are oversampled by turning a seeded share of the other clips still, so that a share
+    of 0.1 (uniform over the ten classes) leaves every clip as ``make_clip(seed)`` draws it.
+    """
+    natural = 1 / len(MOTION_CLASSES)
+    if still_fraction <= natural:
+        return None
+    extra = (still_fraction - natural) / (1 - natural)
+    return MotionClass.STILL if np.random.default_rng([seed, 7]).random() < extra else None
+
+
 class ClipStream(IterableDataset):
     """Endless procedural clips; clip ``i`` has seed ``first_seed + i``, split across workers."""
 
-    def __init__(self, first_seed: int, spec: ClipSpec, pool: int | None = None) -> None:
+    def __init__(self, first_seed: int, spec: ClipSpec, pool: int | None = None, still_fraction: float = 0.1) -> None:
         self.first_seed = first_seed
         self.spec = spec
         self.pool = pool
+        self.still_fraction = still_fraction
 
     def __iter__(self):
         info = get_worker_info()
@@ -131,7 +176,8 @@ class ClipStream(IterableDataset):
             cv2.setNumThreads(1)  # one clip per worker at a time; OpenCV's own threads only contend
         i = worker
         while True:
-            clip = make_clip(self.first_seed + (i % self.pool if self.pool else i), self.spec)
+            seed = self.first_seed + (i % self.pool if self.pool else i)
+            clip = make_clip(seed, self.spec, stream_motion(seed, self.still_fraction))
             yield torch.from_numpy(clip.frames), clip.motion_bucket_id
             i += workers
 
@@ -143,7 +189,7 @@ def training_seed(config: TrainConfig, phase: str, clips_seen: int) -> int:
 
 def make_loader(config: TrainConfig, phase: str, clips_seen: int, batch: int) -> DataLoader:
     spec = ClipSpec(num_frames=config.num_frames, size=config.size)
-    dataset = ClipStream(training_seed(config, phase, clips_seen), spec, config.clip_pool)
+    dataset = ClipStream(training_seed(config, phase, clips_seen), spec, config.clip_pool, config.still_fraction)
     extra = {"prefetch_factor": 4, "persistent_workers": True} if config.workers else {}
     return DataLoader(dataset, batch_size=batch, num_workers=config.workers, pin_memory=torch.cuda.is_available(), **extra)
 
@@ -167,6 +213,23 @@ def build_models(seed: int) -> dict[str, torch.nn.Module]:
     }
 
 
+def load_exported(models: dict[str, torch.nn.Module], folder: Path) -> None:
+    """Load exported fp16 safetensors (``export``'s files) into the models as fp32 master weights."""
+    missing = [name for name in WEIGHT_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise SystemExit(
+            f"error: --init-from {folder} lacks {', '.join(missing)}; give a folder that --export wrote (e.g. assets/demo-model)"
+        )
+    for name, filename in WEIGHT_FILES.items():
+        models[name].load_state_dict({k: v.float() for k, v in load_file(str(folder / filename)).items()})
+    logger.info("initialised from %s", folder)
+
+
+def frozen_for_latents(vae: AutoencoderKLTemporalDecoder) -> list[torch.nn.Module]:
+    """The VAE parts that produce the latent (and its scale): frozen when only the decoder is tuned."""
+    return [vae.encoder, vae.quant_conv]
+
+
 
 
 
@@ -182,7 +245,9 @@ class TrainState:
     step: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
     seconds: dict = field(default_factory=lambda: {"vae": 0.0, "unet": 0.0})
     clips: dict = field(default_factory=lambda: {"vae": 0, "unet": 0})
-    latent_scale_fold: float | None = None
+    latent_scale_fold: float | None = None  # None when fine-tuning: the exported VAE is already folded
+    latent_scaled_std: float | None = None  # std of latents x scaling_factor at the end of the VAE phase
+    init: dict | None = None  # fine-tune: the folder started from and its training log's steps
     vae_holdout: list = field(default_factory=list)  # held-out round-trip PSNR during the VAE phase
     log: dict = field(default_factory=lambda: {"vae": [], "unet": []})
 
@@ -203,21 +268,35 @@ class Trainer:
         self._resume()
 
     # -- checkpoint ----------------------------------------------------------------------------
+    @property
+    def decoder_only(self) -> bool:
+        """Fine-tuning keeps the VAE's latent space: its phase trains the decoder only."""
+        return self.config.init_from is not None
+
     def _trainable(self) -> list[torch.nn.Module]:
         if self.state.phase == "vae":
             return [self.models["vae"]]
         return [self.models["unet"], self.models["image_encoder"]]
 
     def _make_optimizer(self) -> None:
-        params = [p for m in self._trainable() for p in m.parameters()]
-        lr = self.config.vae_lr if self.state.phase == "vae" else self.config.unet_lr
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
         for name, module in self.models.items():
             module.to(self.device)
             trainable = any(module is m for m in self._trainable())
             module.train(trainable).requires_grad_(trainable)
+        if self.state.phase == "vae" and self.decoder_only:
+            for module in frozen_for_latents(self.models["vae"]):
+                module.eval().requires_grad_(False)
+        params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
+        lr = self.config.vae_lr if self.state.phase == "vae" else self.config.unet_lr
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
 
     def _resume(self) -> None:
+        if self.config.init_from is not None:  # a resume's checkpoint then overrides what it holds
+            folder = Path(self.config.init_from)
+            load_exported(self.models, folder)
+            log_path = folder / "training_log.json"
+            steps = json.loads(log_path.read_text()).get("step") if log_path.exists() else None
+            self.state.init = {"from": str(folder), "steps": steps}
         state_path = self.ckpt_dir / "state.json"
         if state_path.exists():
             saved = json.loads(state_path.read_text())
@@ -241,7 +320,7 @@ class Trainer:
             if name == "vae":
                 frozen = self.state.phase != "vae"
                 needed[name] = {k: (v.half() if frozen else v.float()) for k, v in module.state_dict().items()}
-            elif self.state.step["unet"] > 0:  # before its first step the UNet is its seeded init
+            elif self.state.step["unet"] > 0:  # before its first step the UNet is its seeded init (or --init-from's)
                 needed[name] = {k: v.float() for k, v in module.state_dict().items()}
         return needed
 
@@ -306,6 +385,8 @@ class Trainer:
         batch = self.config.vae_batch if phase == "vae" else self.config.bank_refresh
         loader = iter(make_loader(self.config, phase, self.state.clips[phase], batch))
         bank = self._fill_bank(loader) if phase == "unet" else None
+        if phase == "vae" and self.state.step["vae"] == 0 and self.decoder_only:
+            self._log_holdout()  # where the fine-tune starts from
         if final and phase == "unet" and self.config.unet_steps is None:
             budget = self.state.seconds["unet"] + max(1.0, deadline - time.perf_counter())
             self.config = replace(self.config, unet_minutes=budget / 60)
@@ -320,7 +401,7 @@ class Trainer:
                 group["lr"] = self._learning_rate(phase)
             with self.autocast:
                 if phase == "vae":
-                    loss, stats = vae_loss(self.models["vae"], x, self.config)
+                    loss, stats = vae_loss(self.models["vae"], x, self.config, decoder_only=self.decoder_only)
                 else:
                     bank.add(encode_for_unet(self.models["vae"], x, buckets, self.config, self.generator))
                     batch_clips = bank.sample(self.config.unet_batch, self.generator)
@@ -376,7 +457,7 @@ class Trainer:
         was_training = vae.training
         vae.eval()
         spec = ClipSpec(num_frames=self.config.num_frames, size=self.config.size)
-        first_mse, all_mse = [], []
+        first_mse, all_mse, temporal = [], [], []
         for i in range(self.config.holdout_clips):
             frames = torch.from_numpy(make_clip(HOLDOUT_FIRST_SEED + i, spec).frames)[None]
             x = to_model_range(frames, self.device)[0]
@@ -384,16 +465,22 @@ class Trainer:
             error = ((recon - x) / 2) ** 2
             first_mse.append(float(error[0].mean()))
             all_mse.append(error.mean(dim=(1, 2, 3)).cpu())
+            temporal.append(float(temporal_difference_l1(recon[None], x[None])) / 2)
         vae.train(was_training)
+        if self.decoder_only:
+            for module in frozen_for_latents(vae):
+                module.eval()
         entry = {
             "step": self.state.step["vae"],
             "first_frame_psnr_db": float(sum(-10 * math.log10(max(m, 1e-10)) for m in first_mse) / len(first_mse)),
             "all_frames_psnr_db": float((-10 * torch.log10(torch.cat(all_mse).clamp(min=1e-10))).mean()),
+            "temporal_l1": sum(temporal) / len(temporal),  # frame-to-frame change error, [0, 1] units
         }
         self.state.vae_holdout.append(entry)
         logger.info(
-            "vae held-out round trip at step %d: first frame %.2f dB, all frames %.2f dB (%d clips)",
-            entry["step"], entry["first_frame_psnr_db"], entry["all_frames_psnr_db"], self.config.holdout_clips,
+            "vae held-out round trip at step %d: first frame %.2f dB, all frames %.2f dB, temporal L1 %.4f (%d clips)",
+            entry["step"], entry["first_frame_psnr_db"], entry["all_frames_psnr_db"], entry["temporal_l1"],
+            self.config.holdout_clips,
         )
 
     def _log(self, phase: str, window: list[dict]) -> None:
@@ -426,11 +513,19 @@ class Trainer:
             with torch.no_grad():
                 for p in vae.parameters():  # the exported VAE is fp16: train the UNet on exactly it
                     p.copy_(p.half().float())
-            self.state.latent_scale_fold = fold_latent_scale(vae, x.flatten(0, 1).float())
+            if not self.decoder_only:  # exported weights are folded already: never fold twice
+                self.state.latent_scale_fold = fold_latent_scale(vae, x.flatten(0, 1).float())
+                with torch.no_grad():
+                    for p in vae.parameters():
+                        p.copy_(p.half().float())
             with torch.no_grad():
-                for p in vae.parameters():
-                    p.copy_(p.half().float())
-            logger.info("VAE done; latent scale folded by %.4f", self.state.latent_scale_fold)
+                latents = vae.encode(x.flatten(0, 1).float()).latent_dist.mode()
+            self.state.latent_scaled_std = float(latents.std() * vae.config.scaling_factor)
+            logger.info(
+                "VAE done; latent scale %s; latents x %.5f have std %.3f on the last batch",
+                "kept (decoder only)" if self.decoder_only else f"folded by {self.state.latent_scale_fold:.4f}",
+                vae.config.scaling_factor, self.state.latent_scaled_std,
+            )
             self._log_holdout()
             self.state.phase = "unet"
         else:
@@ -448,7 +543,10 @@ def export(trainer: Trainer, folder: Path) -> dict[str, int]:
     sizes = {}
     for name, filename in WEIGHT_FILES.items():
         tensors = {k: v.detach().half().contiguous().cpu() for k, v in trainer.models[name].state_dict().items()}
-        save_file(tensors, str(folder / filename), metadata={"format": "pt", "trained_steps": json.dumps(trainer.state.step)})
+        save_file(
+            tensors, str(folder / filename),
+            metadata={"format": "pt", "trained_steps": json.dumps(trainer.state.step), "init": json.dumps(trainer.state.init)},
+        )
         sizes[filename] = (folder / filename).stat().st_size
     (folder / "training_log.json").write_text(json.dumps(trainer.training_log(), indent=1))
     logger.info("exported %s (%.1f MB)", folder, sum(sizes.values()) / 1e6)
@@ -468,7 +566,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-minutes", type=float, default=None, help=budget)
     parser.add_argument("--vae-batch", type=int, default=None, help="clips per VAE step")
     parser.add_argument("--unet-batch", type=int, default=None, help="clips per UNet step")
-    parser.add_argument("--seed", type=int, default=None, help="a new run's seed (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="a new run's seed (default 0; fine-tune 1)")
+    parser.add_argument(
+        "--init-from", type=Path, default=None,
+        help="fine-tune: start from the fp16 safetensors an --export wrote (e.g. assets/demo-model); "
+        "the VAE phase then trains the decoder only",
+    )
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2, at most 14)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--export", type=Path, default=None, help="write fp16 safetensors here when training is done")
@@ -485,9 +588,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         config = TrainConfig(**json.loads(state_path.read_text())["config"])
         if args.seed is not None and args.seed != config.seed:
             raise SystemExit(f"error: --seed {args.seed} differs from the checkpoint's seed {config.seed}; use a new --ckpt-dir")
+        if args.init_from is not None and str(args.init_from) != config.init_from:
+            raise SystemExit(
+                f"error: --init-from {args.init_from} differs from the checkpoint's {config.init_from}; use a new --ckpt-dir"
+            )
     else:
         config = smoke_config() if args.smoke else TrainConfig()
-        config = replace(config, seed=args.seed or 0)
+        if args.init_from is not None:
+            config = replace(config, init_from=str(args.init_from), **({} if args.smoke else FINETUNE_DEFAULTS))
+        config = replace(config, seed=args.seed if args.seed is not None else config.seed)
     overrides = {
         "vae_minutes": args.vae_minutes, "unet_minutes": args.unet_minutes,
         "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "workers": args.workers,
@@ -509,10 +618,14 @@ def main(argv: list[str] | None = None) -> int:
         # two threads on two shared cores makes every op ~10x slower.
         torch.set_num_threads(1)
     try:
-        trainer = Trainer(config, args.ckpt_dir, device)
-        trainer.run(args.minutes, final=args.final)
+        return _train_export_evaluate(args, config, device)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_export_evaluate(args: argparse.Namespace, config: TrainConfig, device: torch.device) -> int:
+    trainer = Trainer(config, args.ckpt_dir, device)
+    trainer.run(args.minutes, final=args.final)
     if trainer.state.phase != "done":
         logger.info("training continues: phase %s, steps %s; run again to resume", trainer.state.phase, trainer.state.step)
         return 0
