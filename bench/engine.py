@@ -9,12 +9,14 @@ Cases A 512x512x24 and B 576x1024x25. Configurations:
   ours-lossless    our sampler: UNet fp16, VAE/encoder fp32, CFG split + frame/token/FF chunking,
                    whole-model placement (UNet weights on the GPU while denoising), chunked+tiled decode
   ours-stream      the same with UNet block streaming (diffusers group offloading on a CUDA stream)
-  ours-fidelity    ours-lossless's denoise with diffusers-fp16's decode (VAE fp16, all frames at once): isolates
+  ours-fp8         ours-lossless with the UNet stored in fp8 (lossy; layerwise casting computes in fp16)
+  ours-fidelity    ours-lossless's denoise with diffusers' fp32 decode (all frames at once, no tiles): isolates
                    the fidelity of the lossless engine from the lossy decode; its peak is that decode's
 
 Per row: process peak (NVML per process; fallback device used minus the idle baseline), torch peak
 (max_memory_allocated), device peak, s/step (mean over steps 2..N, synchronised), total seconds (model
-loaded; one warm-up run first), output FPS, PSNR against diffusers-fp16 of the same case, MFU (UNet FLOPs of
+loaded; one warm-up run first), output FPS, PSNR against diffusers-fp16 and against diffusers-fp32 of the same
+case (where the step counts match: ``--steps-fp32 25`` for the fp32 reference), MFU (UNet FLOPs of
 one CFG step counted by torch.utils.flop_counter.FlopCounterMode, over the H100's dense fp16/bf16 peak
 taken as 989 TFLOP/s for every row, fp32 included). After the matrix: memory release (5 runs in a row of
 ours-lossless at case A return to the idle footprint).
@@ -61,17 +63,22 @@ PEAK_FLOPS = 989e12  # H100 SXM dense fp16/bf16 tensor-core peak
 MIB = 2**20
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25)}
 SMOKE_CASES = {"A": (64, 64, 4), "B": (64, 128, 5)}
-CONFIGS = ("diffusers-fp32", "diffusers-fp16", "diffusers-best", "ours-lossless", "ours-stream", "ours-fidelity")
-# ours: (offload, settings overrides); ours-fidelity runs last: it casts the shared VAE to fp16.
+CONFIGS = (
+    "diffusers-fp32", "diffusers-fp16", "diffusers-best", "ours-lossless", "ours-stream", "ours-fp8", "ours-fidelity"
+)
+# ours: (offload, settings overrides)
 OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-lossless": ("model", {}),
     "ours-stream": ("stream", {}),
-    "ours-fidelity": ("model", {"vae_dtype": "fp16", "decode_chunk": 0, "vae_tile": 0}),
+    "ours-fp8": ("model", {"unet_dtype": "fp8"}),
+    "ours-fidelity": ("model", {"decode_chunk": 0, "vae_tile": 0}),
 }
 NOTES = {
-    "ours-fidelity": "fidelity check: ours-lossless denoise, diffusers-fp16's decode (VAE fp16, all frames, no tiles)",
+    "ours-fp8": "lossy: UNet weights stored in fp8 (diffusers layerwise casting), computed in fp16",
+    "ours-fidelity": "fidelity check: ours-lossless denoise, diffusers' decode (VAE fp32, all frames, no tiles)",
 }
 REFERENCE = "diffusers-fp16"
+REFERENCE_FP32 = "diffusers-fp32"  # the arithmetic both fp16 paths approximate
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -339,16 +346,24 @@ def release_check(pipeline, image, settings: RunSettings, probe: MemoryProbe, de
 
 
 # ---- report -----------------------------------------------------------------------------------------
+def psnr_against(rows: list[dict[str, Any]], frames: dict[tuple[str, str], np.ndarray], row: dict[str, Any],
+                 reference: str) -> float | None:
+    """PSNR of ``row``'s frames against ``reference``'s of the same case (None where the step counts differ)."""
+    ref_row = next((r for r in rows if r["case"] == row["case"] and r["config"] == reference and "error" not in r), None)
+    ref_frames, mine = frames.get((row["case"], reference)), frames.get((row["case"], row["config"]))
+    if ref_row is None or ref_row["steps"] != row["steps"] or row["config"] == reference:
+        return None
+    if ref_frames is None or mine is None:
+        return None
+    return float(peak_signal_noise_ratio(ref_frames, mine, data_range=1.0))
+
+
 def add_comparisons(rows: list[dict[str, Any]], frames: dict[tuple[str, str], np.ndarray], flops: dict[str, int]) -> None:
     for row in rows:
         case = row["case"]
         ref_row = next((r for r in rows if r["case"] == case and r["config"] == REFERENCE and "error" not in r), None)
-        reference = frames.get((case, REFERENCE))
-        mine = frames.get((case, row["config"]))
-        row["psnr_db"] = None
-        comparable = ref_row is not None and ref_row["steps"] == row["steps"] and row["config"] != REFERENCE
-        if reference is not None and mine is not None and comparable:
-            row["psnr_db"] = float(peak_signal_noise_ratio(reference, mine, data_range=1.0))
+        row["psnr_db"] = psnr_against(rows, frames, row, REFERENCE)
+        row["psnr_vs_fp32_db"] = psnr_against(rows, frames, row, REFERENCE_FP32)
         step = row.get("seconds_per_step")
         ref_step = ref_row.get("seconds_per_step") if ref_row else None
         row["ratio_vs_fp16"] = step / ref_step if step and ref_step else None
@@ -374,13 +389,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"GPU {env['gpu']} (driver {env['driver']}), torch {env['torch']}, diffusers {env['diffusers']}, "
         f"process memory by {env['process_memory_method']}, allocator `{env['alloc_conf']}`.",
         f"MFU = UNet FLOPs per CFG step (FlopCounterMode) / s/step / {PEAK_FLOPS / 1e12:.0f} TFLOP/s "
-        "(H100 dense fp16/bf16 peak, used for every row). PSNR against diffusers-fp16 of the same case "
-        "(n/a where step counts differ). s/step = mean of steps 2..N. Command: "
+        "(H100 dense fp16/bf16 peak, used for every row). PSNR against diffusers-fp16 and diffusers-fp32 of the "
+        "same case (n/a where step counts differ). s/step = mean of steps 2..N. Command: "
         f"`{report['command']}`",
         "",
         "| case | config | steps | process peak MiB | torch peak MiB | device peak MiB | s/step | x fp16 | total s "
-        "| x fp16 total | output FPS | PSNR dB | MFU % | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x fp16 total | output FPS | PSNR vs fp16 dB | PSNR vs fp32 dB | MFU % | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         mfu = r.get("mfu")
@@ -388,7 +403,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['case']} | {r['config']} | {r['steps']} | {fmt(r.get('process_peak_mib'))} | "
             f"{fmt(r.get('torch_peak_mib'))} | {fmt(r.get('device_peak_mib'))} | {fmt(r.get('seconds_per_step'), 3)} | "
             f"{fmt(r.get('ratio_vs_fp16'))} | {fmt(r.get('seconds_total'), 1)} | {fmt(r.get('total_ratio_vs_fp16'))} | "
-            f"{fmt(r.get('output_fps'))} | {fmt(r.get('psnr_db'), 1)} | {fmt(mfu * 100 if mfu else None, 1)} | "
+            f"{fmt(r.get('output_fps'))} | {fmt(r.get('psnr_db'), 1)} | {fmt(r.get('psnr_vs_fp32_db'), 1)} | {fmt(mfu * 100 if mfu else None, 1)} | "
             f"{r.get('error') or r.get('note', '')} |"
         )
     release = report.get("release")
@@ -400,7 +415,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{release['worst_deviation_pct']} %, growth {release['growth_mib']} MiB -> "
             f"{'within 1 %' if release['within_1pct'] else 'NOT within 1 %'}.",
         ]
-    lines += ["", "Ours settings: " + json.dumps(report["ours_settings"])]
+    lines += ["", "Ours settings: " + json.dumps(report.get("ours_settings"))]
     return "\n".join(lines) + "\n"
 
 
@@ -464,11 +479,22 @@ def main(argv: list[str] | None = None) -> int:
     images = {name: test_image(case[1], case[0]) for name, case in cases.items()}
     wanted = set(args.configs)
 
+    def save() -> str:
+        """Write the report as it stands: a run cut short by a time limit keeps every finished row."""
+        add_comparisons(rows, frames, flops)
+        report["env"]["process_memory_method"] = probe.method
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        table = markdown(report)
+        args.out.with_suffix(".md").write_text(table, encoding="utf-8")
+        return table
+
     def record(name: str, case_name: str, steps: int, run: Callable[[int], Timed]) -> None:
         row, out = measure(name, case_name, steps, run, probe, device, args.warmup_steps)
         rows.append(row)
         if out is not None:
             frames[(case_name, name)] = out
+        save()
 
     def count_flops(unet: torch.nn.Module) -> None:
         for name, case in cases.items():
@@ -534,15 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         free(device)
     if "ours-fidelity" in wanted:
         run_ours_config("ours-fidelity")
+    if "ours-fp8" in wanted:  # last: rounding the shared UNet to fp8 cannot be undone (PrecisionError)
+        run_ours_config("ours-fp8")
 
-    add_comparisons(rows, frames, flops)
-    report["env"]["process_memory_method"] = probe.method
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table, encoding="utf-8")
-    print(table)
+    print(save())
     return 0
 
 

@@ -234,7 +234,7 @@ def test_trained_model_first_frame_resembles_input_better_than_random_init():
 
 @needs_trained
 @pytest.mark.xfail(
-    reason="the shipped weights drift ~1.2 px/frame on still scenes (issue 10 open): "
+    reason="the shipped weights drift ~0.65 px/frame (limit 0.3) on still scenes (issue 10 open): "
     "see assets/demo-model/README.md, 'What it cannot do'",
     strict=False,
 )

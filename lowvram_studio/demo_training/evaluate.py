@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,6 +182,7 @@ def write_gallery(cells: dict, path: Path) -> None:
 def evaluate_folder(weights: Path | None, out: Path, num_clips: int, device: torch.device, smoke: bool = False) -> dict:
     """Evaluate the demo pipeline built from ``weights``; writes ``out`` (JSON) and a gallery GIF beside it."""
     from lowvram_studio.models.demo import build_demo_pipeline
+    from lowvram_studio.sysinfo import collect_env
 
     pipeline = build_demo_pipeline(weights=weights)
     spec = ClipSpec(num_frames=4, size=64) if smoke else ClipSpec()
@@ -188,6 +190,8 @@ def evaluate_folder(weights: Path | None, out: Path, num_clips: int, device: tor
     report = evaluate_pipeline(pipeline, num_clips, spec, device, steps=steps, gallery=out.with_suffix(".gif"))
     report["weights"] = str(weights)
     report["steps"] = steps
+    report["env"] = collect_env()  # GPU, driver, torch, diffusers: every committed result carries them
+    report["command"] = " ".join(["python -m lowvram_studio.demo_training.evaluate", *sys.argv[1:]])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     logger.info("evaluation written to %s: %s", out, report["summary"])
