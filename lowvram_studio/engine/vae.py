@@ -16,6 +16,7 @@ so tiles of any count and size meet smoothly.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from lowvram_studio.engine.precision import compute_dtype
+from lowvram_studio.engine.vae_norm import image_wide_group_norm
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +89,30 @@ def _edge_weight(start: int, stop: int, starts: list[int], length: int, tile: in
     return _ramp((stop - start) * LATENT_SCALE, ramp_in * LATENT_SCALE, ramp_out * LATENT_SCALE, device)
 
 
+def statistics_latents(latents: torch.Tensor, tile: int) -> torch.Tensor:
+    """The whole chunk's latents area-downscaled to at most one tile's area (aspect kept): the input of
+    the statistics pass, which so costs no more memory than one tile decode. Equal area rather than
+    equal longest side: the closer to full resolution, the closer its statistics (measured: 64x128 px
+    frames, 64 px tiles, 25.9 dB instead of 15.3 dB)."""
+    height, width = latents.shape[-2:]
+    scale = min(1.0, math.sqrt(min(tile, height) * min(tile, width) / (height * width)))
+    size = (max(int(height * scale), 1), max(int(width * scale), 1))
+    return torch.nn.functional.interpolate(latents, size=size, mode="area")
+
+
 def _decode_tiled(vae: torch.nn.Module, latents: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
-    """Decode one chunk of frames tile by tile; overlaps blended with linear ramps."""
+    """Decode one chunk of frames tile by tile with image-wide GroupNorm statistics; overlaps blended
+    with linear ramps."""
     frames, _, height, width = latents.shape
     tile, overlap = config.tile_latent, config.overlap_latent
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     out = weight_sum = None
-    for y0 in rows:
-        y1 = min(y0 + tile, height)
-        for x0 in cols:
-            x1 = min(x0 + tile, width)
+    with image_wide_group_norm(vae.decoder) as norms:
+        with norms.recording():
+            _decode(vae, statistics_latents(latents, tile))
+        for y0, x0 in itertools.product(rows, cols):
+            y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+            norms.start_pass()
             pixels = _decode(vae, latents[:, :, y0:y1, x0:x1]).float()
             if out is None:
                 out = pixels.new_zeros(frames, pixels.shape[1], height * LATENT_SCALE, width * LATENT_SCALE)
