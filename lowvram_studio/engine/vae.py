@@ -7,7 +7,22 @@ Both are lossy (DESIGN §3):
   diffusers' ``decode_chunk_size`` does too);
 * spatial tiles (``tile``): each tile is decoded with all frames of its chunk (temporal layers still
   see every frame) but the mid-block attention and the convolutions see only the tile, so tiles
-  overlap and are blended with linear ramps to hide seams.
+  overlap and are blended with linear ramps to hide seams. Their GroupNorms use image-wide statistics
+  (``vae_norm``): before the tiles of a chunk, one statistics pass decodes the chunk's latents
+  area-downscaled to one tile's area (so it costs no more memory than a tile) and records every
+  GroupNorm's per-frame group mean and variance; each tile then normalises with those instead of its
+  own. Statistics of the tile alone made tiles disagree far beyond their seams.
+
+PSNR of tiled against untiled decode, trained demo model, CPU fp32, realistic latents (5 held-out
+procedural clips encoded, incl. a still one; pipeline outputs from 2 held-out first frames, still and
+moving, and from both assets/ images; 14 frames at 128 px, 4 at 256 px), own tile statistics -> image-wide:
+
+    128 px, 64 px tiles   mean 19.0 -> 26.3 dB, min  9.7 -> 14.4 (generated still clip; encoded still 15.0 -> 26.1)
+    256 px, 128 px tiles  mean 19.8 -> 30.7 dB, min 13.0 -> 27.5
+    256 px,  64 px tiles  mean 15.2 -> 23.9 dB, min  9.0 -> 22.0
+
+Every clip improved. Exact image-wide statistics (from an untiled decode, for comparison only) would
+give 29-50 dB: the gap is the downscaled estimate, largest with small tiles on large frames.
 
 diffusers has no tiling for ``AutoencoderKLTemporalDecoder`` (diffusers issue #9958); this is a
 hand-written tiler in the style of ``AutoencoderKL.tiled_decode``, with the blend done by weights
