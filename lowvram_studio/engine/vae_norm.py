@@ -32,6 +32,14 @@ import torch
 OWN_VARIANCE_FLOOR = 0.5  # see the module docstring
 
 
+def _group_mean_var(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance over the last axis, accumulated and returned in float32 without a
+    float32 copy of the activation (fp16 squares overflow; a copy would double the tile's memory)."""
+    mean = grouped.mean(dim=-1, dtype=torch.float32)
+    mean_square = torch.linalg.vector_norm(grouped, dim=-1, dtype=torch.float32).square() / grouped.shape[-1]
+    return mean, (mean_square - mean.square()).clamp_min(0)
+
+
 class GroupNormStatistics:
     """Records GroupNorm statistics in one decoder pass and applies them in the passes that follow.
 
@@ -64,12 +72,12 @@ class GroupNormStatistics:
         self._calls[norm] = call + 1
         grouped = x.reshape(x.shape[0], norm.num_groups, -1)
         if self._recording:
-            var, mean = torch.var_mean(grouped.float(), dim=-1, correction=0)
+            mean, var = _group_mean_var(grouped)
             self._records.setdefault(norm, []).append((mean, var))
         else:
             mean, var = self._recorded(norm, call, x.shape[0])
             # The downscaled pass underestimates variance; never amplify far beyond the tile's own spread.
-            var = torch.maximum(var, OWN_VARIANCE_FLOOR * torch.var(grouped, dim=-1, correction=0).float())
+            var = torch.maximum(var, OWN_VARIANCE_FLOOR * _group_mean_var(grouped)[1])
         out = grouped - mean[..., None].to(x.dtype)
         out.mul_(torch.rsqrt(var + norm.eps)[..., None].to(x.dtype))
         out = out.reshape(x.shape)
