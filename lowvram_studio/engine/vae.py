@@ -7,7 +7,22 @@ Both are lossy (DESIGN §3):
   diffusers' ``decode_chunk_size`` does too);
 * spatial tiles (``tile``): each tile is decoded with all frames of its chunk (temporal layers still
   see every frame) but the mid-block attention and the convolutions see only the tile, so tiles
-  overlap and are blended with linear ramps to hide seams.
+  overlap and are blended with linear ramps to hide seams. Their GroupNorms use image-wide statistics
+  (``vae_norm``): before the tiles of a chunk, one statistics pass decodes the chunk's latents
+  area-downscaled to one tile's area (so it costs no more memory than a tile) and records every
+  GroupNorm's per-frame group mean and variance; each tile then normalises with those instead of its
+  own. Statistics of the tile alone made tiles disagree far beyond their seams.
+
+PSNR of tiled against untiled decode, trained demo model, CPU fp32, realistic latents (5 held-out
+procedural clips encoded, incl. a still one; pipeline outputs from 2 held-out first frames, still and
+moving, and from both assets/ images; 14 frames at 128 px, 4 at 256 px), own tile statistics -> image-wide:
+
+    128 px, 64 px tiles   mean 19.0 -> 26.3 dB, min  9.7 -> 14.4 (generated still clip; encoded still 15.0 -> 26.1)
+    256 px, 128 px tiles  mean 19.8 -> 30.7 dB, min 13.0 -> 27.5
+    256 px,  64 px tiles  mean 15.2 -> 23.9 dB, min  9.0 -> 22.0
+
+Every clip improved. Exact image-wide statistics (from an untiled decode, for comparison only) would
+give 29-51 dB (no floor needed there): the gap is the downscaled estimate, largest with small tiles on large frames.
 
 diffusers has no tiling for ``AutoencoderKLTemporalDecoder`` (diffusers issue #9958); this is a
 hand-written tiler in the style of ``AutoencoderKL.tiled_decode``, with the blend done by weights
@@ -16,6 +31,7 @@ so tiles of any count and size meet smoothly.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +40,7 @@ from typing import Any
 import torch
 
 from lowvram_studio.engine.precision import compute_dtype
+from lowvram_studio.engine.vae_norm import image_wide_group_norm
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +49,8 @@ LATENT_SCALE = 8  # pixels per latent cell in SVD's VAE
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """chunk: frames per decode call (0 = all). tile: tile side in pixels (0 = no tiling).
+    """chunk: frames per decode call (0 = all). tile: tile side in pixels (0 = no tiling); tiles normalise
+    with image-wide GroupNorm statistics from one extra decode at one tile's area per chunk.
     overlap: pixels shared by neighbouring tiles (None = a quarter of the tile)."""
 
     chunk: int = 0
@@ -87,16 +105,30 @@ def _edge_weight(start: int, stop: int, starts: list[int], length: int, tile: in
     return _ramp((stop - start) * LATENT_SCALE, ramp_in * LATENT_SCALE, ramp_out * LATENT_SCALE, device)
 
 
+def _statistics_latents(latents: torch.Tensor, tile: int) -> torch.Tensor:
+    """The whole chunk's latents area-downscaled to at most one tile's area (aspect kept): the input of
+    the statistics pass, which so costs no more memory than one tile decode. Equal area rather than
+    equal longest side: the closer to full resolution, the closer its statistics (64x128 px frames,
+    64 px tiles, before the variance floor: 25.9 dB against 15.3 dB)."""
+    height, width = latents.shape[-2:]
+    scale = min(1.0, math.sqrt(min(tile, height) * min(tile, width) / (height * width)))
+    size = (max(int(height * scale), 1), max(int(width * scale), 1))
+    return torch.nn.functional.interpolate(latents, size=size, mode="area")
+
+
 def _decode_tiled(vae: torch.nn.Module, latents: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
-    """Decode one chunk of frames tile by tile; overlaps blended with linear ramps."""
+    """Decode one chunk of frames tile by tile with image-wide GroupNorm statistics; overlaps blended
+    with linear ramps."""
     frames, _, height, width = latents.shape
     tile, overlap = config.tile_latent, config.overlap_latent
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     out = weight_sum = None
-    for y0 in rows:
-        y1 = min(y0 + tile, height)
-        for x0 in cols:
-            x1 = min(x0 + tile, width)
+    with image_wide_group_norm(vae.decoder) as norms:
+        with norms.recording():
+            _decode(vae, _statistics_latents(latents, tile))
+        for y0, x0 in itertools.product(rows, cols):
+            y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+            norms.start_pass()
             pixels = _decode(vae, latents[:, :, y0:y1, x0:x1]).float()
             if out is None:
                 out = pixels.new_zeros(frames, pixels.shape[1], height * LATENT_SCALE, width * LATENT_SCALE)
