@@ -190,8 +190,13 @@ def training_seed(config: TrainConfig, phase: str, clips_seen: int) -> int:
 def make_loader(config: TrainConfig, phase: str, clips_seen: int, batch: int) -> DataLoader:
     spec = ClipSpec(num_frames=config.num_frames, size=config.size)
     dataset = ClipStream(training_seed(config, phase, clips_seen), spec, config.clip_pool, config.still_fraction)
-    # A stalled worker raises after 2 minutes instead of holding a device call until it is killed.
-    extra = {"prefetch_factor": 4, "persistent_workers": True, "timeout": 120} if config.workers else {}
+    # Spawned, not forked, workers: forking while the previous phase's loader threads (pin memory) still run left
+    # the UNet phase's loader stalled for minutes on the GPU. A stalled worker raises after 2 minutes anyway.
+    extra = (
+        {"prefetch_factor": 4, "persistent_workers": True, "timeout": 120, "multiprocessing_context": "spawn"}
+        if config.workers
+        else {}
+    )
     return DataLoader(dataset, batch_size=batch, num_workers=config.workers, pin_memory=torch.cuda.is_available(), **extra)
 
 
