@@ -28,7 +28,10 @@ GEGLU_HOOK = "lowvram_geglu_halves"
 class _GegluHalvesHook(ModelHook):
     def new_forward(self, module: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj = module.proj
-        if proj.weight.dtype != hidden_states.dtype:  # stored in another dtype (fp8 layerwise casting): its hook casts
+        weight = proj.weight
+        if weight.dtype != hidden_states.dtype or weight.device != hidden_states.device:
+            # stored in another dtype (fp8 layerwise casting) or elsewhere (leaf-level offloading): the
+            # projection's own hooks cast or move its weight, so it must run as a module
             return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
         inner = proj.out_features // 2
         bias = proj.bias
