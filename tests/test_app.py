@@ -110,12 +110,12 @@ def test_user_errors_arrive_as_messages_with_the_fix(studio_url, tmp_path):
 
 def test_named_presets_save_load_and_reset(studio_url, studio):
     client = Client(studio_url, verbose=False)
-    client.predict(name="tiny card", **SMALL, unet_dtype=True, api_name="/save_preset")
+    client.predict(name="tiny card", **SMALL, unet_dtype="fp8", api_name="/save_preset")
     assert "tiny card" in studio.store.preset_names()
     loaded = dict(zip(FORM_NAMES, client.predict(name="tiny card", api_name="/load_preset")))
-    assert (loaded["num_frames"], loaded["unet_dtype"], loaded["width"]) == (4, True, 64)
+    assert (loaded["num_frames"], loaded["unet_dtype"], loaded["width"]) == (4, "fp8", 64)
     defaults = dict(zip(FORM_NAMES, client.predict(api_name="/reset")))
-    assert (defaults["num_frames"], defaults["unet_dtype"]) == (14, False)
+    assert (defaults["num_frames"], defaults["unet_dtype"]) == (14, "fp32")  # the engine's pick on the CPU
     client.predict(name="tiny card", api_name="/delete_preset")
     assert "tiny card" not in studio.store.preset_names()
 
@@ -191,7 +191,20 @@ def test_custom_budget_and_form_values_round_trip_through_settings():
     settings = form_to_settings(form)
     assert (settings.vram_budget, settings.unet_dtype.value, settings.num_frames, settings.interpolate) == (
         "5.5GB", "fp16", 6, 2)
-    assert settings_to_form(settings, list(form)) == {**form, "num_frames": 6}
+    assert settings_to_form(settings, list(form)) == {**form, "num_frames": 6, "unet_dtype": "fp16"}
+
+
+def test_a_form_saved_when_the_unet_precision_was_a_checkbox_loads_into_the_dropdown(studio):
+    from lowvram_studio.ui.form import UNET_PRECISION_CHOICES, upgrade_stored_form
+
+    values = [value for _, value in UNET_PRECISION_CHOICES]
+    assert values == ["fp32", "fp16", "bf16", "fp8"]
+    assert upgrade_stored_form({"unet_dtype": True, "seed": 3}) == {"unet_dtype": "fp16", "seed": 3}
+    assert upgrade_stored_form({"unet_dtype": False})["unet_dtype"] == "fp32"
+    assert upgrade_stored_form({"unet_dtype": "bf16"})["unet_dtype"] == "bf16"
+    studio.store.save_last({**studio.default_form(FORM_NAMES), "unet_dtype": True, "num_frames": 6})
+    restored, note = studio.restored_form(FORM_NAMES)
+    assert (restored["unet_dtype"], restored["num_frames"], note) == ("fp16", 6, "")
 
 
 SVD_SIZE = {"width": 1024, "height": 576, "num_frames": 25}  # SVD-XT's native request (DESIGN case B)

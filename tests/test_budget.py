@@ -50,16 +50,16 @@ def test_a_model_not_loaded_is_planned_from_its_config_without_loading_weights(t
     assert dims.native_frames == 14 and dims.unet_params < 10_000_000 and note == ""
 
 
-def test_a_plan_the_form_cannot_show_says_so_and_generate_arrives_at_it(tmp_path):
+def test_a_plan_that_stores_the_unet_in_fp8_shows_it_and_generate_arrives_at_it(tmp_path):
     from lowvram_studio.engine.planner import Planner, plan_for_settings
     from lowvram_studio.engine.sampler import resolve_device
 
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"num_frames": 25}), encoding="utf-8")
-    form = _form(model=str(tmp_path), width=64, height=64, num_frames=4, unet_dtype=False, vram_budget="Custom",
+    form = _form(model=str(tmp_path), width=64, height=64, num_frames=4, unet_dtype="fp32", vram_budget="Custom",
                  budget_gib=1.5)  # SVD-XT in FP32 on a 1.5 GB card: the plan stores the UNet in fp8
     answer = plan_budget(form, None)
-    assert "cannot show unet_dtype=fp8" in answer.note
+    assert answer.changes["unet_dtype"] == "fp8" and "cannot show" not in answer.note
     shown = form_to_settings({**form, **answer.changes})
     again = plan_for_settings(Planner(model_dims(str(tmp_path), None)[0], device_type=resolve_device("auto").type), shown)
     assert again.settings.unet_dtype.value == "fp8" and again.fits

@@ -95,17 +95,18 @@ def test_a_bare_mp4_restores_from_the_record_beside_it(first_run, tmp_path):
 def test_the_studio_form_gets_the_run_model_and_seed_and_names_what_it_cannot_show(first_run, tmp_path):
     restored = restore_form(str(first_run), FORM_NAMES)
     assert (restored.values["seed"], restored.values["num_frames"], restored.values[MODEL]) == (7, 2, "demo")
-    assert restored.values["unet_dtype"] is False and restored.values["vram_budget"] == "Manual"
+    assert restored.values["unet_dtype"] == "fp32" and restored.values["vram_budget"] == "Manual"
     assert restored.image is not None and restored.image.size == PIL.Image.open(ASSET).size
     assert restored.message.startswith("✔ Restored from first.mp4 (its embedded record): model demo, seed 7")
     assert "unet_dtype was auto; on this machine that is fp32, set explicitly" in restored.message  # a CLI run's auto
 
     record = json.loads(first_run.with_suffix(".json").read_text())
-    record["settings"].update(window_blend="linear", unet_dtype="bf16")
+    record["settings"].update(window_blend="linear", unet_dtype="bf16", vae_dtype="bf16")
     (tmp_path / "cli.json").write_text(json.dumps(record))
-    message = restore_form(str(tmp_path / "cli.json"), FORM_NAMES).message
-    assert "no control for window_blend=linear and runs the default instead" in message
-    assert "FP16 switches cannot express unet_dtype=bf16" in message
+    again = restore_form(str(tmp_path / "cli.json"), FORM_NAMES)
+    assert "no control for window_blend=linear and runs the default instead" in again.message
+    assert again.values["unet_dtype"] == "bf16"  # the UNet's dropdown has every precision the engine runs
+    assert "FP16 switches cannot express vae_dtype=bf16" in again.message
 
 
 @pytest.mark.parametrize(

@@ -44,11 +44,13 @@ from .form import (
     GIF,
     INFO,
     MODEL,
+    UNET_PRECISION_CHOICES,
     form_to_settings,
     lossy_summary,
     prune_warning,
     resolve_auto_precision,
     settings_to_form,
+    upgrade_stored_form,
 )
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
 from .preview_view import PreviewPanel
@@ -210,7 +212,7 @@ class Studio:
         last = self.store.data.last
         if not last:
             return form, ""
-        candidate = {**form, **{k: v for k, v in last.items() if k in form}}
+        candidate = {**form, **{k: v for k, v in upgrade_stored_form(last).items() if k in form}}
         try:
             form_to_settings(candidate)
         except SettingsError as exc:
@@ -449,7 +451,7 @@ def _optimization_controls(form: _Form) -> tuple[gr.Markdown, gr.Markdown]:
                  info="used when the VRAM budget is Custom")
     budget_note = gr.Markdown(elem_id="budget-note")
     with gr.Row():
-        form.add("unet_dtype", gr.Checkbox, label="UNet FP16 ⚠ lossy")
+        form.add("unet_dtype", gr.Dropdown, UNET_PRECISION_CHOICES, label="UNet precision")
         form.add("vae_dtype", gr.Checkbox, label="VAE FP16 ⚠ lossy")
         form.add("encoder_dtype", gr.Checkbox, label="Image encoder FP16 ⚠ lossy")
     with gr.Row():
@@ -607,7 +609,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 stored = studio.store.preset(name or "")
             except PresetError as exc:
                 raise gr.Error(str(exc)) from exc
-            form = {**studio.default_form(names), **{k: v for k, v in stored.items() if k in names}}
+            form = {**studio.default_form(names), **{k: v for k, v in upgrade_stored_form(stored).items() if k in names}}
             return values_of(form)
 
         def delete_named(name: str | None) -> dict:

@@ -106,8 +106,8 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
     notes = [dims_note] if dims_note else []
     if device_type == "cpu":
         notes.append("this run goes to the CPU: Generate applies the same plan; the figures are GPU memory")
-    elif request.unet_dtype == Precision.FP32:  # the planner never trades precision: that is the user's call
-        notes.append("the plan keeps your precision choices; UNet FP16 (lossy, small) halves the UNet's memory")
+    elif request.unet_dtype == Precision.FP32:  # the planner's only precision move is fp8 storage, as a last resort
+        notes.append("the plan keeps your precision choices; UNet precision FP16 (lossy, small) halves the UNet's memory")
     if not plan.fits:
         return BudgetAnswer(None, plan_markdown(plan, dims, notes))
     problems = plan.settings.problems()
@@ -118,7 +118,7 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
     changes = {name: value for name, value in planned.items() if value != form.get(name)}
     shown, wanted = form_to_settings({**form, **changes}).to_dict(), plan.settings.to_dict()
     hidden = [f"{name}={wanted[name]}" for name in PLANNED_FIELDS if shown[name] != wanted[name]]
-    if hidden:  # the UNet FP16 checkbox cannot show fp8
+    if hidden:  # a planned value no control can show
         notes.append(f"the form cannot show {', '.join(hidden)}; Generate plans again and applies it")
     return BudgetAnswer(changes, plan_markdown(plan, dims, notes))
 

@@ -1,8 +1,9 @@
 """The studio's form: control values <-> RunSettings, the VRAM budget choices, and what each setting trades.
 
 Every Optimizations control is one RunSettings field (same name), so an engine technique takes
-effect in the studio the moment the engine honours its field. The FP16 toggles are the only
-translation: a checkbox per component standing for ``fp16`` (on) or ``fp32`` (off).
+effect in the studio the moment the engine honours its field. The UNet's precision is a dropdown of
+the engine's choices (fp32, fp16, bf16, fp8 storage); the VAE and image-encoder FP16 toggles are the
+only translation: a checkbox standing for ``fp16`` (on) or ``fp32`` (off).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ MODEL = "model"
 BUDGET_GIB = "budget_gib"
 GIF = "gif"
 
-FP16_TOGGLES = ("unet_dtype", "vae_dtype", "encoder_dtype")
+PRECISION_FIELDS = ("unet_dtype", "vae_dtype", "encoder_dtype")
+FP16_TOGGLES = ("vae_dtype", "encoder_dtype")  # checkboxes: fp16 on, fp32 off
+# The UNet's dropdown: (label, RunSettings value); every precision the engine can run the UNet in.
+UNET_PRECISION_CHOICES = [("FP32", Precision.FP32.value), ("FP16 ⚠ lossy (small)", Precision.FP16.value),
+                          ("BF16 ⚠ lossy", Precision.BF16.value), ("FP8 storage ⚠ lossy", Precision.FP8.value)]
 
 # Every control of the saved form: RunSettings fields by their own names, plus the three above.
 FORM_NAMES = [
     MODEL, "num_frames", "num_inference_steps", "width", "height", "seed", "fps", "motion_bucket_id",
     "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device", "preview_every", "vram_budget", BUDGET_GIB,
-    *FP16_TOGGLES, "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
+    *PRECISION_FIELDS, "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
     "vae_tile", "chunk_size", "overlap", "prune_threshold", "interpolate", GIF,
 ]
 
@@ -38,7 +43,8 @@ INFO = {
     "preview_every": "Live preview every N denoise steps (0 = off): ~1 ms each, no VAE call, never changes the video.",
     "vram_budget": "Fills the settings below with the planner's plan for this model, size and frames on a card of "
                    "this size (the same plan Generate applies). Auto plans for this GPU's free memory.",
-    "unet_dtype": "LOSSY (small): half the UNet's weight and activation memory; faster on tensor-core GPUs.",
+    "unet_dtype": "LOSSY: FP16 / BF16 halve the UNet's weight and activation memory (FP16 is the closer to FP32; "
+                  "BF16 where FP16 overflows); FP8 storage halves the weights again, computed in FP16, slower.",
     "vae_dtype": "LOSSY: half the VAE's memory; may shift colours. Keep off unless memory is short.",
     "encoder_dtype": "LOSSY (tiny): saves ~0.6 GB of CLIP weights; the embedding changes slightly.",
     "cfg_split": "Lossless: runs the two guidance branches one after the other: less memory, a little slower.",
@@ -82,7 +88,7 @@ def form_to_settings(form: dict[str, Any]) -> RunSettings:
     """The settings a form describes; ``SettingsError`` lists every problem with its fix."""
     fields = {f.name for f in dataclasses.fields(RunSettings)}
     data = {name: value for name, value in form.items() if name in fields}
-    for name in FP16_TOGGLES:
+    for name in PRECISION_FIELDS:  # the UNet's too: forms saved before it became a dropdown hold a bool
         if name in data and isinstance(data[name], bool):
             data[name] = Precision.FP16.value if data[name] else Precision.FP32.value
     if "vram_budget" in form:
@@ -96,16 +102,23 @@ def form_to_settings(form: dict[str, Any]) -> RunSettings:
 
 
 def resolve_auto_precision(settings: RunSettings) -> tuple[RunSettings, dict[str, str]]:
-    """The FP16 checkboxes say fp16 or fp32 only: an 'auto' precision becomes what the engine picks on this
-    machine (fp16 storage on CUDA GPUs, fp32 on the CPU; engine/precision.py). Returns the settings and
-    the fields it set."""
-    auto = [name for name in FP16_TOGGLES if getattr(settings, name) == Precision.AUTO]
+    """The precision controls have no 'auto': it becomes what the engine picks on this machine (fp16 storage
+    on CUDA GPUs, fp32 on the CPU; engine/precision.py). Returns the settings and the fields it set."""
+    auto = [name for name in PRECISION_FIELDS if getattr(settings, name) == Precision.AUTO]
     if not auto:
         return settings, {}
     component_of = {setting: component for component, setting in SETTING_OF.items()}
     policy = PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device)))
     changes = {name: DTYPE_NAMES[policy.component(component_of[name]).storage] for name in auto}
     return settings.replace(**changes), changes
+
+
+def upgrade_stored_form(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved form (last used, preset) as today's controls take it: the UNet's precision was a checkbox."""
+    unet = values.get("unet_dtype")
+    if isinstance(unet, bool):
+        return {**values, "unet_dtype": Precision.FP16.value if unet else Precision.FP32.value}
+    return values
 
 
 def settings_to_form(settings: RunSettings, names: list[str]) -> dict[str, Any]:

@@ -50,14 +50,14 @@ def restore_form(path: str | Path | None, names: list[str]) -> RestoredForm:
 
 
 def _as_toggles(settings: RunSettings) -> tuple[RunSettings, list[str]]:
-    """The studio's FP16 checkboxes say fp16 or fp32 only: 'auto' (a CLI run) is resolved as the engine
-    resolves it on this machine; bf16 / fp8 cannot be shown, which a note says."""
+    """The studio's precision controls have no 'auto' (a CLI run): it is resolved as the engine resolves it on this
+    machine; the VAE / encoder FP16 checkboxes cannot show bf16 / fp8, which a note says."""
     settings, changes = resolve_auto_precision(settings)
     notes = [f"{name} was auto; on this machine that is {value}, set explicitly" for name, value in changes.items()]
     other = [f"{name}={Precision(getattr(settings, name)).value}" for name in FP16_TOGGLES
              if Precision(getattr(settings, name)) not in (Precision.FP16, Precision.FP32)]
     if other:
-        notes.append(f"the studio's FP16 switches cannot express {', '.join(other)}; they show FP32 here. "
+        notes.append(f"the studio's VAE / encoder FP16 switches cannot express {', '.join(other)}; they show FP32 here. "
                      "Run it with `lowvram-studio generate --from-record` to reproduce it exactly")
     return settings, notes
 
