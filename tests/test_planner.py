@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from lowvram_studio.engine.planner import (
     Planner,
     budget_for,
     calibrate,
+    phase_features,
 )
 from lowvram_studio.engine.sampler import generate
 from lowvram_studio.settings import OffloadMode, Precision, RunSettings
@@ -174,3 +176,17 @@ def test_retries_are_bounded_and_end_in_a_clear_error(demo_pipeline, test_image,
     for tighter, looser in zip(attempts[1:], attempts):
         assert all(new <= old for new, old in zip(_looseness(tighter), _looseness(looser)))
         assert _looseness(tighter) != _looseness(looser)
+
+
+def test_a_narrower_model_is_predicted_with_proportionally_smaller_activations():
+    """The coefficients are SVD-XT's; the demo model (first-level channels 32 of 320, VAE 32 of 128) scales them."""
+    from lowvram_studio.models.demo import build_demo_pipeline
+
+    demo = ModelDims.from_pipeline(build_demo_pipeline(), "demo")
+    assert (demo.unet_width, demo.vae_width) == (0.1, 0.25)
+    settings = RunSettings(height=512, width=512, num_frames=14)
+    wide = replace(demo, unet_width=1.0, vae_width=1.0)
+    for phase, name, width in ((Phase.DENOISE, "unet_spatial", 0.1), (Phase.DECODE, "vae_decode", 0.25)):
+        narrow, full = phase_features(demo, settings, phase)[name], phase_features(wide, settings, phase)[name]
+        assert narrow == pytest.approx(full * width)
+    assert SVD_XT_DIMS.unet_width == SVD_XT_DIMS.vae_width == 1.0  # what the coefficients were fitted on

@@ -42,6 +42,9 @@ PHASES = (Phase.ENCODE, Phase.DENOISE, Phase.DECODE)
 
 
 # ---- model dimensions ---------------------------------------------------------------------------
+SVD_UNET_WIDTH, SVD_VAE_WIDTH = 320, 128  # first-level channels of SVD / SVD-XT (models/svd_configs.py)
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """What the memory model needs to know about a pipeline: parameter counts and native frames.
@@ -49,6 +52,10 @@ class ModelDims:
     ``unet_stream_params``: UNet weights resident while streaming (engine/placement.py groups each
     resnet / attention / sampler of the blocks): the two largest groups (the one computing and the one
     prefetched) plus the modules outside the blocks.
+
+    ``unet_width`` / ``vae_width``: first-level channels relative to SVD's (UNet 320, VAE 128). The activation
+    coefficients were fitted on SVD-XT, and activations scale with the channels of the full-resolution level
+    that sets the peak, so a narrower model (the built-in demo: 0.1 and 0.25) is predicted by scaling them.
     """
 
     name: str
@@ -58,6 +65,8 @@ class ModelDims:
     unet_stream_params: int
     native_frames: int
     latent_scale: int = 8
+    unet_width: float = 1.0
+    vae_width: float = 1.0
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, name: str = "pipeline") -> "ModelDims":
@@ -79,6 +88,8 @@ class ModelDims:
             unet_stream_params=sum(sorted(groups)[-2:]) + outside,
             native_frames=int(unet.config.num_frames),
             latent_scale=int(pipeline.vae_scale_factor),
+            unet_width=unet.config.block_out_channels[0] / SVD_UNET_WIDTH,
+            vae_width=pipeline.vae.config.block_out_channels[0] / SVD_VAE_WIDTH,
         )
 
 
@@ -130,14 +141,14 @@ def phase_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_
     features = {"overhead_mib": 1.0, "weights": resident_weights_mib(dims, settings, phase, device_type)}
     if phase == Phase.ENCODE:
         vae_bytes = _compute_bytes(settings.vae_dtype, device_type)
-        features["vae_encode"] = height * width * vae_bytes / MIB
+        features["vae_encode"] = height * width * vae_bytes * dims.vae_width / MIB
         return features
     if phase == Phase.DENOISE:
         tokens = (height // dims.latent_scale) * (width // dims.latent_scale)
         frames = window_frames(settings)
         branches = 2 if settings.guidance_enabled and not settings.cfg_split else 1
         unet_bytes = _compute_bytes(settings.unet_dtype, device_type)
-        per_channel = tokens * frames * branches * unet_bytes / MIB
+        per_channel = tokens * frames * branches * unet_bytes * dims.unet_width / MIB
         rows = branches * frames
         spatial = min(1.0, settings.spatial_chunk / rows) if settings.spatial_chunk else 1.0
         temporal = min(1.0, settings.temporal_chunk / tokens) if settings.temporal_chunk else 1.0
@@ -155,7 +166,7 @@ def phase_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_
     tile = settings.vae_tile
     decoded_px = (min(tile, height) * min(tile, width)) if tile else height * width
     vae_bytes = _compute_bytes(settings.vae_dtype, device_type)
-    features["vae_decode"] = decoded_px * frames_per_call * vae_bytes / MIB
+    features["vae_decode"] = decoded_px * frames_per_call * vae_bytes * dims.vae_width / MIB
     features["decode_output"] = settings.num_frames * height * width * 3 / MIB
     return features
 
