@@ -21,8 +21,8 @@ from diffusers import StableVideoDiffusionPipeline
 
 from ..settings import DeviceChoice, RunSettings
 from .chunking import ChunkingConfig, apply_chunking, chunk_hook_counts, chunking_applied, split_cfg_call
-from .geglu import apply_geglu_halves, remove_geglu_halves
 from .events import CancelToken, EventCallback, Phase, RunEvent
+from .geglu import apply_geglu_halves, remove_geglu_halves
 from .oom import OomRetry, decode_with_fallback
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
 from .planner import ModelDims, Planner
