@@ -3,7 +3,8 @@
 diffusers' ``GEGLU`` projects to ``2 * inner`` features and splits the result with ``chunk(2, dim=-1)``:
 both halves are strided views, so the ``gelu`` and the product run in PyTorch's non-vectorised strided
 elementwise kernel. On an H100 at SVD-XT 576x1024x25 that kernel is the largest single item of a
-denoise step: 192 of 655 ms (bench/results/engine_profile_20261126.md). Here the projection is done as
+denoise step (192 of 655 ms; GroupNorm's apply step runs in it too), and routing GEGLU around it took
+the step from 0.661 to 0.629 s (bench/results/engine_profile_20261126.md). Here the projection is done as
 two GEMMs over the two row blocks of the same weight (views, no copy), so each half comes out
 contiguous, and the product is taken in place when no gradient is needed (one activation-sized
 buffer fewer). Every output element is the same dot product as before; only the GEMM's blocking may
