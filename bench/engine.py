@@ -362,8 +362,10 @@ def add_comparisons(rows: list[dict[str, Any]], frames: dict[tuple[str, str], np
     for row in rows:
         case = row["case"]
         ref_row = next((r for r in rows if r["case"] == case and r["config"] == REFERENCE and "error" not in r), None)
-        row["psnr_db"] = psnr_against(rows, frames, row, REFERENCE)
-        row["psnr_vs_fp32_db"] = psnr_against(rows, frames, row, REFERENCE_FP32)
+        # the report is saved after every row: a PSNR once computed is kept, not recomputed over full videos
+        for key, reference in (("psnr_db", REFERENCE), ("psnr_vs_fp32_db", REFERENCE_FP32)):
+            if row.get(key) is None:
+                row[key] = psnr_against(rows, frames, row, reference)
         step = row.get("seconds_per_step")
         ref_step = ref_row.get("seconds_per_step") if ref_row else None
         row["ratio_vs_fp16"] = step / ref_step if step and ref_step else None
