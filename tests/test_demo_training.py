@@ -246,3 +246,73 @@ def test_trained_model_moves_a_moving_shape_and_keeps_a_still_scene_still():
         for motion in (MotionClass.RIGHT, MotionClass.STILL)
     }
     assert speeds[MotionClass.RIGHT] > STILL_FLOOR > speeds[MotionClass.STILL]
+
+
+@needs_trained
+def test_zero_vae_budget_fine_tunes_the_unet_on_the_shipped_vae_as_is(tmp_path):
+    folder = demo_model_info().weights_dir
+    args = ["--smoke", "--init-from", str(folder), "--ckpt-dir", str(tmp_path / "ckpt"), "--vae-minutes", "0",
+            "--minutes", "5", "--final", "--export", str(tmp_path / "model")]
+    assert train.main(args) == 0
+    log = json.loads((tmp_path / "model" / "training_log.json").read_text())
+    assert log["step"] == {"vae": 0, "unet": 3} and log["log"]["vae"] == []
+    exported, shipped = load_file(str(tmp_path / "model" / "vae.safetensors")), load_file(str(folder / "vae.safetensors"))
+    assert all(torch.equal(exported[k], shipped[k]) for k in shipped)
+
+
+def test_zero_vae_budget_without_init_from_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="only a fine-tune"):
+        train.main(["--smoke", "--ckpt-dir", str(tmp_path / "ckpt"), "--vae-minutes", "0", "--minutes", "1"])
+
+
+def unet_step_trainers(tmp_path, device: torch.device) -> tuple:
+    """Two trainers from the same seed in the UNet phase, one eager, one replaying a CUDA graph."""
+    config = replace(train.smoke_config(), init_from=None, vae_steps=0)
+    trainers = []
+    for graphed in (False, True):
+        trainer = train.Trainer(replace(config, cuda_graph=graphed), tmp_path / str(graphed), device)
+        trainer.state.phase = "unet"
+        trainer._make_optimizer()
+        trainers.append(trainer)
+    return config, trainers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the lent GPU)")
+def test_graphed_unet_step_follows_the_eager_step(tmp_path):
+    device = torch.device("cuda")
+    config, (eager, graphed) = unet_step_trainers(tmp_path, device)
+    assert graphed.train_step.graphed and not eager.train_step.graphed
+    bank = LatentBank(8)
+    clips = torch.from_numpy(np.stack([make_clip(i, ClipSpec(num_frames=2, size=64)).frames for i in range(4)]))
+    with eager.autocast:
+        bank.add(objective.encode_for_unet(eager.models["vae"], train.to_model_range(clips, device), torch.full((4,), 64.0), config, eager.generator))
+    def set_lr(lr: float) -> None:
+        for trainer in (eager, graphed):
+            for group in trainer.optimizer.param_groups:
+                group["lr"].fill_(lr) if torch.is_tensor(group["lr"]) else group.update(lr=lr)
+
+    def batch() -> dict:
+        return objective.draw_unet_inputs(bank.sample(config.unet_batch, eager.generator), config, eager.generator)
+
+    def flat(trainer, attr: str) -> torch.Tensor:
+        return torch.cat([getattr(p, attr).flatten().float() for p in trainer.models["unet"].parameters()])
+
+    # lr 0: the weights stay equal, so every step compares forward and backward on the same weights.
+    set_lr(0.0)
+    before = flat(eager, "data")
+    for step in range(6):  # 3 eager warm-up steps, the capture, 2 replays
+        inputs = batch()
+        a, b = eager.train_step(inputs), graphed.train_step(inputs)
+        # bf16 autocast and atomics in cuDNN / attention backward: equal to bf16's precision, not bitwise.
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=2e-2, atol=0)
+        difference = (flat(eager, "grad") - flat(graphed, "grad")).norm() / flat(eager, "grad").norm()
+        assert difference < 2e-2, (step, float(difference))
+    assert graphed.train_step.graph is not None
+    assert torch.equal(flat(graphed, "data"), before)
+    # The learning rate set in place reaches the captured optimizer: both take the same update.
+    set_lr(1e-3)
+    inputs = batch()
+    eager.train_step(inputs), graphed.train_step(inputs)
+    updates = flat(eager, "data") - before, flat(graphed, "data") - before
+    assert updates[1].abs().max() > 1e-4
+    assert torch.nn.functional.cosine_similarity(*updates, dim=0) > 0.95

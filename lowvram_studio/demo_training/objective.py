@@ -45,15 +45,13 @@ def fold_latent_scale(vae: AutoencoderKLTemporalDecoder, x: torch.Tensor) -> flo
     return s
 
 
-def clip_embeddings(image_encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 1, D), the preprocessing of the pipeline's ``_encode_image``."""
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> the image encoder's input, the preprocessing of the pipeline's ``_encode_image``."""
     x = _resize_with_antialiasing(images, (224, 224))
     x = (x + 1.0) / 2.0
     mean = torch.tensor(CLIP_IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_IMAGE_STD, device=x.device).view(1, 3, 1, 1)
-    return image_encoder((x - mean) / std).image_embeds.unsqueeze(1)
-
-
+    return (x - mean) / std
 
 
 def image_gradient_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -170,26 +168,46 @@ def motion_weights(mean: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
 
 
-def unet_loss(models: dict, batch: dict, config: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """SVD's EDM v-prediction loss with the pipeline's conditioning; ``batch`` comes from ``encode_for_unet``."""
-    unet, encoder = models["unet"], models["image_encoder"]
+def draw_unet_inputs(batch: dict, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random draw and input preparation of a UNet step, apart from the differentiable part.
+
+    Kept out of ``unet_loss_on`` so that the latter is a fixed sequence of kernels on fixed-shape
+    tensors, which a CUDA graph can capture (``graphed_step.py``); ``batch`` comes from ``encode_for_unet``.
+    """
     latents = batch["mean"].float()
-    b, f = latents.shape[:2]
+    b = latents.shape[0]
     device = latents.device
     first = batch["first"].float() / 127.5 - 1.0  # exact: the frames were uint8
-    embeddings = clip_embeddings(encoder, first)
     keep = (torch.rand(b, generator=generator, device=device) >= config.cond_dropout).float()
-    embeddings = embeddings * keep.view(b, 1, 1)
-    image_latents = (batch["image_latent"].float() * keep.view(b, 1, 1, 1)).unsqueeze(1).expand(-1, f, -1, -1, -1)
     fps = torch.randint(4, 31, (b,), generator=generator, device=device).float()
-    added_time_ids = torch.stack([fps - 1, batch["bucket"].float(), batch["aug"].float()], dim=1)
-
     sigma = sample_sigmas(b, config, device, generator)
-    s = sigma.view(b, 1, 1, 1, 1)
-    noisy = latents + s * torch.randn(latents.shape, generator=generator, device=device)
+    return {
+        "latents": latents,
+        "pixels": clip_pixels(first),
+        "keep": keep,
+        "image_latent": batch["image_latent"].float(),
+        "added_time_ids": torch.stack([fps - 1, batch["bucket"].float(), batch["aug"].float()], dim=1),
+        "sigma": sigma,
+        "noise": torch.randn(latents.shape, generator=generator, device=device),
+    }
+
+
+def unet_loss_on(models: dict, inputs: dict[str, torch.Tensor], config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """SVD's EDM v-prediction loss with the pipeline's conditioning, on ``draw_unet_inputs``' tensors.
+
+    Conditioning is dropped together (``keep`` = 0: zero embedding and zero image latent, the
+    pipeline's unconditional branch) so that classifier-free guidance works at inference.
+    """
+    unet, encoder = models["unet"], models["image_encoder"]
+    latents, keep = inputs["latents"], inputs["keep"]
+    b, f = latents.shape[:2]
+    embeddings = encoder(inputs["pixels"]).image_embeds.unsqueeze(1) * keep.view(b, 1, 1)
+    image_latents = (inputs["image_latent"] * keep.view(b, 1, 1, 1)).unsqueeze(1).expand(-1, f, -1, -1, -1)
+    s = inputs["sigma"].view(b, 1, 1, 1, 1)
+    noisy = latents + s * inputs["noise"]
     c_in, c_skip, c_out, c_noise = edm_preconditioning(s)
     model_input = torch.cat([c_in * noisy, image_latents], dim=2)
-    out = unet(model_input, c_noise.flatten(), embeddings, added_time_ids).sample.float()
+    out = unet(model_input, c_noise.flatten(), embeddings, inputs["added_time_ids"]).sample.float()
     target = (latents - c_skip * noisy) / c_out
     error = (out - target) ** 2
     loss = (motion_weights(latents, config) * error).mean()

@@ -53,12 +53,14 @@ from lowvram_studio.demo_training.checkpoint import (
     rng_blob,
     save_sharded,
 )
+from lowvram_studio.demo_training.graphed_step import TrainStep
 from lowvram_studio.demo_training.latent_bank import LatentBank
 from lowvram_studio.demo_training.objective import (
+    draw_unet_inputs,
     encode_for_unet,
     fold_latent_scale,
     temporal_difference_l1,
-    unet_loss,
+    unet_loss_on,
     vae_loss,
 )
 from lowvram_studio.demo_training.procedural import MOTION_CLASSES, ClipSpec, MotionClass, make_clip
@@ -99,7 +101,9 @@ class TrainConfig:
     temporal_weight: float = 1.0  # weight of the frame-difference L1 term of the VAE loss (flicker)
     bank_size: int = 16384  # clips held in the latent bank (~110 KB each on the device)
     bank_initial: int = 1024  # clips encoded before the first UNet step
-    bank_refresh: int = 8  # fresh clips encoded into the bank per UNet step
+    bank_refresh: int = 8  # fresh clips encoded into the bank every bank_refresh_every UNet steps
+    bank_refresh_every: int = 1  # > 1 when the data workers cannot keep up with a graphed step
+    cuda_graph: bool = True  # replay each UNet step from a CUDA graph (graphed_step.py); CUDA only
     motion_weight: float = 3.0  # extra loss weight where the clip moves (objective.motion_weights)
     motion_threshold: float = 0.25  # scaled-latent change that counts as fully moving
     holdout_clips: int = 8  # VAE round trip measured on these held-out clips
@@ -121,14 +125,15 @@ class TrainConfig:
 
 
 # Fine-tune recipe, applied by --init-from on top of TrainConfig's defaults (not to --smoke's sizes).
-# One device call of 9.5 min: ~2 min decoder, the UNet until --final's deadline, 50-clip evaluation.
 FINETUNE_DEFAULTS: dict = {
-    "seed": 1,  # fresh clips: seed 0's streams are the ones the shipped weights were trained on
-    "vae_minutes": 2.0,
+    "seed": 1,  # fresh clips: seed 0's streams are the ones the first two releases were trained on
+    "vae_minutes": 2.0,  # 0 skips the VAE phase: the UNet trains on the --init-from VAE as it is
     "unet_minutes": 5.0,
     "vae_lr": 2e-4,  # the decoder is trained: no need for the 4e-4 of a scratch run
-    "unet_lr": 1.5e-4,  # 16 clips per step: a quarter of the shipped run's batch, ~4x its steps
-    "unet_batch": 16,
+    # Replayed from a CUDA graph a step of 64 clips takes ~0.10 s (eager: 0.25 s at 16, 64 or 128 clips,
+    # bench/results/demo_train_step_20261126.md), so the batch no longer costs steps.
+    "unet_batch": 64,
+    "unet_lr": 2e-4,
     "warmup_steps": 100,
     "still_fraction": 0.2,  # the shipped model drifts on still scenes: twice their natural share
 }
@@ -270,7 +275,12 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed + 17)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        # No cast cache: a CUDA graph must not keep casts made during capture; the demo's weights are used once per pass.
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+            if device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
         self._resume()
 
     # -- checkpoint ----------------------------------------------------------------------------
@@ -294,7 +304,38 @@ class Trainer:
                 module.eval().requires_grad_(False)
         params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
         lr = self.config.vae_lr if self.state.phase == "vae" else self.config.unet_lr
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+        if self.graphed:  # a captured AdamW reads its step count and learning rate from device tensors
+            self.optimizer = torch.optim.AdamW(
+                params, lr=torch.tensor(lr, device=self.device), betas=(0.9, 0.99), weight_decay=0.01, capturable=True
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+        self.train_step = TrainStep(self._step_fn, self.optimizer, graphed=self.graphed)
+
+    @property
+    def graphed(self) -> bool:
+        return self.state.phase == "unet" and self.config.cuda_graph and self.device.type == "cuda"
+
+    def _set_learning_rate(self, phase: str) -> None:
+        lr = self._learning_rate(phase)
+        for group in self.optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def _step_fn(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss, backward, clipped gradients, AdamW: what a CUDA graph replays in the UNet phase."""
+        with self.autocast:
+            if self.state.phase == "vae":
+                loss, stats = vae_loss(self.models["vae"], inputs["x"], self.config, decoder_only=self.decoder_only)
+            else:
+                loss, stats = unet_loss_on(self.models, inputs, self.config)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        return stats
 
     def _resume(self) -> None:
         if self.config.init_from is not None:  # a resume's checkpoint then overrides what it holds
@@ -374,6 +415,8 @@ class Trainer:
         start = time.perf_counter()
         deadline = start + 60 * minutes - SAVE_MARGIN_S
         last_save = start
+        if self.state.phase == "vae" and self.state.step["vae"] == 0 and 0 in (self.config.vae_minutes, self.config.vae_steps):
+            self.skip_vae_phase()
         while self.state.phase != "done":
             phase = self.state.phase
             left = deadline - time.perf_counter()
@@ -387,6 +430,14 @@ class Trainer:
                 break
         self.save()
 
+    def skip_vae_phase(self) -> None:
+        """A zero VAE budget: the UNet fine-tunes on the --init-from VAE as it is."""
+        if not self.decoder_only:
+            raise SystemExit("error: a VAE budget of 0 skips the VAE phase, which only a fine-tune (--init-from DIR) can do")
+        logger.info("VAE phase skipped (budget 0): the UNet trains on the VAE of %s", self.config.init_from)
+        self.state.phase = "unet"
+        self._make_optimizer()
+
     def _run_phase(self, phase: str, deadline: float, last_save: float, final: bool) -> float:
         batch = self.config.vae_batch if phase == "vae" else self.config.bank_refresh
         loader = iter(make_loader(self.config, phase, self.state.clips[phase], batch))
@@ -399,28 +450,27 @@ class Trainer:
             logger.info("final invocation: UNet phase budget %.2f min ends at this invocation's deadline", self.config.unet_minutes)
         window: list[dict] = []
         last = time.perf_counter()
+        x = None
         while True:
-            frames, buckets = next(loader)
-            fetched = time.perf_counter()
-            x = to_model_range(frames, self.device)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._learning_rate(phase)
-            with self.autocast:
-                if phase == "vae":
-                    loss, stats = vae_loss(self.models["vae"], x, self.config, decoder_only=self.decoder_only)
-                else:
-                    bank.add(encode_for_unet(self.models["vae"], x, buckets, self.config, self.generator))
-                    batch_clips = bank.sample(self.config.unet_batch, self.generator)
-                    loss, stats = unet_loss(self.models, batch_clips, self.config, self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self._set_learning_rate(phase)
+            clips, fetched = 0, last
+            if phase == "vae" or self.state.step[phase] % self.config.bank_refresh_every == 0:
+                frames, buckets = next(loader)
+                fetched = time.perf_counter()
+                x = to_model_range(frames, self.device)
+                clips = x.shape[0]
+            if phase == "vae":
+                inputs = {"x": x}
+            else:
+                if clips:
+                    with self.autocast:
+                        bank.add(encode_for_unet(self.models["vae"], x, buckets, self.config, self.generator))
+                inputs = draw_unet_inputs(bank.sample(self.config.unet_batch, self.generator), self.config, self.generator)
+            stats = self.train_step(inputs)
             stats["data_wait_s"] = torch.tensor(fetched - last)
-            self.optimizer.step()
             now = time.perf_counter()
             self.state.step[phase] += 1
-            self.state.clips[phase] += x.shape[0]
+            self.state.clips[phase] += clips
             self.state.seconds[phase] += now - last  # wall time, data waits and logging included
             window.append(stats)
             done = self._progress(phase) >= 1.0 or (final and phase == "unet" and now >= deadline)
@@ -512,7 +562,7 @@ class Trainer:
             return log[-1]["seconds"] / max(1, log[-1]["step"])
         return (log[-1]["seconds"] - log[-2]["seconds"]) / max(1, log[-1]["step"] - log[-2]["step"])
 
-    def _finish_phase(self, phase: str, x: torch.Tensor) -> None:
+    def _finish_phase(self, phase: str, x: torch.Tensor | None) -> None:
         if phase == "vae":
             vae = self.models["vae"]
             vae.eval()
