@@ -54,7 +54,7 @@ def base_config(smoke: bool) -> TrainConfig:
 
 def unet_trainer(config: TrainConfig, device: torch.device) -> Trainer:
     trainer = Trainer(config, Path(tempfile.mkdtemp()), device)
-    trainer.skip_vae_phase()
+    trainer.skip_phase("vae")
     return trainer
 
 

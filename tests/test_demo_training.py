@@ -260,6 +260,19 @@ def test_zero_vae_budget_fine_tunes_the_unet_on_the_shipped_vae_as_is(tmp_path):
     assert all(torch.equal(exported[k], shipped[k]) for k in shipped)
 
 
+@needs_trained
+def test_zero_unet_budget_fine_tunes_the_decoder_alone(tmp_path):
+    folder = demo_model_info().weights_dir
+    args = ["--smoke", "--init-from", str(folder), "--ckpt-dir", str(tmp_path / "ckpt"), "--unet-minutes", "0",
+            "--minutes", "5", "--export", str(tmp_path / "model")]
+    assert train.main(args) == 0
+    log = json.loads((tmp_path / "model" / "training_log.json").read_text())
+    assert log["phase"] == "done" and log["step"] == {"vae": 5, "unet": 0}
+    for name in ("unet", "image_encoder"):
+        exported, shipped = load_file(str(tmp_path / "model" / WEIGHT_FILES[name])), load_file(str(folder / WEIGHT_FILES[name]))
+        assert all(torch.equal(exported[k], shipped[k]) for k in shipped)
+
+
 def test_zero_vae_budget_without_init_from_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="only a fine-tune"):
         train.main(["--smoke", "--ckpt-dir", str(tmp_path / "ckpt"), "--vae-minutes", "0", "--minutes", "1"])

@@ -415,10 +415,11 @@ class Trainer:
         start = time.perf_counter()
         deadline = start + 60 * minutes - SAVE_MARGIN_S
         last_save = start
-        if self.state.phase == "vae" and self.state.step["vae"] == 0 and 0 in (self.config.vae_minutes, self.config.vae_steps):
-            self.skip_vae_phase()
         while self.state.phase != "done":
             phase = self.state.phase
+            if self.state.step[phase] == 0 and 0 in (getattr(self.config, f"{phase}_minutes"), getattr(self.config, f"{phase}_steps")):
+                self.skip_phase(phase)
+                continue
             left = deadline - time.perf_counter()
             if self.state.step[phase] == 0 and left < 60 * self.config.min_phase_minutes and not final:
                 logger.info("%s phase starts in the next invocation (%.0f s left here)", phase, left)
@@ -430,12 +431,12 @@ class Trainer:
                 break
         self.save()
 
-    def skip_vae_phase(self) -> None:
-        """A zero VAE budget: the UNet fine-tunes on the --init-from VAE as it is."""
+    def skip_phase(self, phase: str) -> None:
+        """A zero budget: the phase's models stay as --init-from gave them (a UNet-only or decoder-only fine-tune)."""
         if not self.decoder_only:
-            raise SystemExit("error: a VAE budget of 0 skips the VAE phase, which only a fine-tune (--init-from DIR) can do")
-        logger.info("VAE phase skipped (budget 0): the UNet trains on the VAE of %s", self.config.init_from)
-        self.state.phase = "unet"
+            raise SystemExit(f"error: a {phase.upper()} budget of 0 skips its phase, which only a fine-tune (--init-from DIR) can do")
+        logger.info("%s phase skipped (budget 0): its weights stay those of %s", phase, self.config.init_from)
+        self.state.phase = "unet" if phase == "vae" else "done"
         self._make_optimizer()
 
     def _run_phase(self, phase: str, deadline: float, last_save: float, final: bool) -> float:
