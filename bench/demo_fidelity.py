@@ -173,25 +173,30 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_estimate": pruning.get("speedup_estimate"),
             })
         logger.info("clip %s (%s) done after %.0f s", clip.seed, clip.motion.value, time.perf_counter() - started)
-        write_results(args, rows, info, device, spec, steps, started)  # after every clip: a cut-off run keeps its rows
+        write_results(args, rows, info, device, spec, steps, started, clips)  # after every clip: a cut-off run keeps its rows
     return 0
 
 
-def write_results(args, rows, info, device, spec, steps, started) -> None:
+def write_results(args, rows, info, device, spec, steps, started, clips_asked) -> None:
     summary = summarise(rows)
     env = collect_env()
     command = "python bench/demo_fidelity.py " + " ".join(sys.argv[1:])
     payload = {
         "env": env, "command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device, "model": {"weights": info.note, "trained": info.trained},
-        "clips": len({r["clip_seed"] for r in rows}), "frames": spec.num_frames, "size": spec.size, "steps": steps,
+        "clips": len({r["clip_seed"] for r in rows}), "clips_asked": len(clips_asked), "frames": spec.num_frames, "size": spec.size, "steps": steps,
         "reference": "the plain FP32 run of the same clip and seed",
         "seconds": time.perf_counter() - started, "summary": summary, "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     table = markdown_table(summary)
-    header = f"# Fidelity on the trained demo model ({env.get('gpu') or device})\n\n`{command}`\n\n"
+    motions = ", ".join(dict.fromkeys(r["motion"] for r in rows))
+    header = (
+        f"# Fidelity on the trained demo model ({env.get('gpu') or device})\n\n`{command}`\n\n"
+        f"{payload['clips']} of the {len(clips_asked)} held-out clips asked ({motions}), {spec.num_frames} frames at "
+        f"{spec.size} px, {steps} steps (a run cut by its time limit keeps the clips it finished).\n\n"
+    )
     args.out.with_suffix(".md").write_text(header + table, encoding="utf-8")
     print(table)
 

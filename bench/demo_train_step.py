@@ -5,7 +5,9 @@ the data workers' clip rate, the VAE encode of a bank refresh, and the UNet step
 gradient clip, AdamW) per batch size, eager and replayed from a CUDA graph (``graphed_step.py``).
 A step whose time does not grow with the batch is launch-bound. Last, the eager and graphed steps are
 checked to compute the same thing: two trainers from the same weights take the same batches and the
-loss and weights are compared after each step.
+loss and weights are compared after each step (a second eager run gives the eager run's own spread).
+Batches stop at 128: at 256 clips the temporal attention gets 65 536 sequences (clips x 16 x 16
+latent positions) and SDPA's kernel launch fails ("invalid argument", seen on the H200).
 
     python bench/demo_train_step.py --out $OUT/demo_train_step.json          # H100, ~2 minutes
     python bench/demo_train_step.py --smoke --out /tmp/demo_train_step.json  # CPU, tiny sizes, eager only

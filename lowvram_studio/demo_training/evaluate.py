@@ -191,7 +191,7 @@ def evaluate_folder(weights: Path | None, out: Path, num_clips: int, device: tor
     report["weights"] = str(weights)
     report["steps"] = steps
     report["env"] = collect_env()  # GPU, driver, torch, diffusers: every committed result carries them
-    report["command"] = " ".join(["python -m lowvram_studio.demo_training.evaluate", *sys.argv[1:]])
+    report["command"] = " ".join(["python", *sys.argv])  # evaluate.py's own main or train.py's --evaluate
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     logger.info("evaluation written to %s: %s", out, report["summary"])

@@ -11,12 +11,14 @@ Two phases share one wall-clock budget and one checkpoint folder:
    dropped together (zeros, as the pipeline's unconditional branch) so classifier-free guidance works.
    Targets are posterior means (a still clip's frames are then identical); still clips can be
    oversampled (``still_fraction``). Clips are encoded once into a ``LatentBank`` on the device that
-   a few fresh clips refresh every step.
+   a few fresh clips refresh every step. On CUDA the step (loss, backward, clip, AdamW) is replayed
+   from a CUDA graph (``graphed_step.py``): eager, this small UNet is launch-bound.
 
 **Fine-tuning** (``--init-from DIR``): the models start from exported fp16 weights (fp32 master
 copies, fresh optimizers with a short warm-up); the VAE phase then trains the decoder only (encoder
 and ``quant_conv`` frozen, no second latent-scale fold), so the UNet's latent space stays the one the
-UNet phase continues in. ``FINETUNE_DEFAULTS`` holds the recipe.
+UNet phase continues in. ``FINETUNE_DEFAULTS`` holds the recipe. A phase budget of 0
+(``--vae-minutes 0`` / ``--unet-minutes 0``) skips that phase: a UNet-only or decoder-only fine-tune.
 
 Every invocation trains for ``--minutes`` of wall time, checkpoints every few minutes and at the end,
 and resumes from ``--ckpt-dir`` (only what the current phase needs: a finished VAE in fp16, an untouched
@@ -623,6 +625,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-minutes", type=float, default=None, help=budget)
     parser.add_argument("--vae-batch", type=int, default=None, help="clips per VAE step")
     parser.add_argument("--unet-batch", type=int, default=None, help="clips per UNet step")
+    parser.add_argument(
+        "--temporal-weight", type=float, default=None,
+        help="weight of the VAE loss's frame-difference term (default 1; higher fights the decoder's pops at a clip's ends)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="a new run's seed (default 0; fine-tune 1)")
     parser.add_argument(
         "--init-from", type=Path, default=None,
@@ -657,6 +663,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         "vae_minutes": args.vae_minutes, "unet_minutes": args.unet_minutes,
         "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "workers": args.workers,
+        "temporal_weight": args.temporal_weight,
     }
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
