@@ -135,6 +135,21 @@ def test_eta_is_unknown_until_a_run_of_that_model_and_size_was_measured(tmp_path
     queue.close()
 
 
+def test_eta_prefers_a_run_with_the_same_optimisation_settings_and_says_when_it_had_none(tmp_path):
+    queue = JobQueue(tmp_path)
+    runner = QueueRunner(queue, Worker(), tmp_path / "out", run_entry=None)
+    split = TINY.replace(num_inference_steps=10, cfg_split=True)
+    queue.add(PIL.Image.open(ASSET), split, "demo", [1])
+    queue.record_speed("demo", TINY, seconds_per_step=0.5, seconds=3.0)  # plain settings: 0.5 s/step
+    assert runner.rows()[0][4] == "≈ 8 s, done in ≈ 8 s (measured with other optimisation settings)"
+    queue.record_speed("demo", split.replace(seed=5), seconds_per_step=1.0, seconds=12.5)  # same settings, other seed
+    assert runner.rows()[0][4] == "≈ 12 s, done in ≈ 12 s"
+    queue.record_speed("demo", TINY, seconds_per_step=0.5, seconds=3.0)  # a later plain run does not override it
+    assert runner.rows()[0][4] == "≈ 12 s, done in ≈ 12 s"
+    queue.close()
+    assert JobQueue(tmp_path).estimate(queue.snapshot()[0]).same_settings  # kept on disk
+
+
 # ---- a real studio process, killed and started again --------------------------------------------
 def _port() -> int:
     with socket.socket() as probe:

@@ -116,10 +116,31 @@ class Speed:
         return steps * self.seconds_per_step + self.overhead_s
 
 
-def speed_key(model: str, settings: RunSettings | dict[str, Any]) -> str:
-    """Runs of one model, device choice and size (width x height x frames) take about the same time per step."""
+# Settings that change how long a run of a given size takes (precision, CFG split, chunks, offload, decode,
+# windows, pruning, budget plan, interpolation, guidance); seed, motion and fps conditioning do not.
+COST_FIELDS = (
+    "unet_dtype", "vae_dtype", "encoder_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
+    "decode_chunk", "vae_tile", "chunk_size", "overlap", "prune_threshold", "prune_mode", "vram_budget", "interpolate",
+    "max_guidance_scale", "extra",
+)
+
+
+def speed_key(model: str, settings: RunSettings | dict[str, Any], same_settings: bool = False) -> str:
+    """Key of the runs whose speed predicts this one's: same model, device choice and size (width x height x
+    frames), and with ``same_settings`` also the same time-changing settings (``COST_FIELDS``)."""
     s = settings.to_dict() if isinstance(settings, RunSettings) else settings
-    return f"{model}|{s['device']}|{s['width']}x{s['height']}x{s['num_frames']}"
+    key = f"{model}|{s['device']}|{s['width']}x{s['height']}x{s['num_frames']}"
+    if same_settings:
+        key += "|" + json.dumps({name: s.get(name) for name in COST_FIELDS}, sort_keys=True, default=str)
+    return key
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Seconds a queued job should take, and whether they come from a run with the same settings."""
+
+    seconds: float
+    same_settings: bool
 
 
 class JobQueue:
@@ -302,7 +323,10 @@ class JobQueue:
             return
         steps = settings.num_inference_steps
         with self._lock:
-            self.speeds[speed_key(model, settings)] = Speed(seconds_per_step, max(seconds - steps * seconds_per_step, 0.0))
+            speed = Speed(seconds_per_step, max(seconds - steps * seconds_per_step, 0.0))
+            # The latest run of this size answers for any settings until one with the same settings was measured.
+            self.speeds[speed_key(model, settings)] = speed
+            self.speeds[speed_key(model, settings, same_settings=True)] = speed
             self._save()
 
     # ---- reading -----------------------------------------------------------------------------
@@ -314,10 +338,15 @@ class JobQueue:
         with self._lock:
             return any(e.state == JobState.QUEUED for e in self.entries)
 
-    def estimate(self, entry: QueueEntry) -> float | None:
-        """Seconds the whole job should take, from earlier runs of this model and size; None if there were none."""
-        speed = self.speeds.get(speed_key(entry.model, entry.settings))
-        return None if speed is None else speed.estimate(entry.settings["num_inference_steps"])
+    def estimate(self, entry: QueueEntry) -> Estimate | None:
+        """How long the whole job should take, from an earlier run of this model and size with the same
+        settings, else with other settings; None if there was none."""
+        steps = entry.settings["num_inference_steps"]
+        for same in (True, False):
+            speed = self.speeds.get(speed_key(entry.model, entry.settings, same_settings=same))
+            if speed is not None:
+                return Estimate(speed.estimate(steps), same_settings=same)
+        return None
 
     def _drop_unused_images(self) -> None:
         used = {e.image for e in self.entries}

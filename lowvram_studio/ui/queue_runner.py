@@ -167,7 +167,7 @@ class QueueRunner:
             return None
         if estimate is None or job.started_at is None:
             return None
-        return max(estimate - (time.perf_counter() - job.started_at), 0.0)
+        return max(estimate.seconds - (time.perf_counter() - job.started_at), 0.0)
 
     def _eta(self, entry: QueueEntry, running: tuple[str, Job] | None, ahead: float | None,
              others: int) -> tuple[str, float | None]:
@@ -179,8 +179,10 @@ class QueueRunner:
         estimate = self.queue.estimate(entry)
         if estimate is None:
             return "unknown (no earlier run of this model and size)", None
-        done_in = None if ahead is None else ahead + estimate
-        text = f"≈ {_seconds(estimate)}" + (f", done in ≈ {_seconds(done_in)}" if done_in is not None else "")
+        done_in = None if ahead is None else ahead + estimate.seconds
+        text = f"≈ {_seconds(estimate.seconds)}" + (f", done in ≈ {_seconds(done_in)}" if done_in is not None else "")
+        if not estimate.same_settings:
+            text += " (measured with other optimisation settings)"
         if others:
             text += f", after {others} other studio job(s)"
         return text, done_in
