@@ -103,8 +103,7 @@ class TrainConfig:
     temporal_weight: float = 1.0  # weight of the frame-difference L1 term of the VAE loss (flicker)
     bank_size: int = 16384  # clips held in the latent bank (~110 KB each on the device)
     bank_initial: int = 1024  # clips encoded before the first UNet step
-    bank_refresh: int = 8  # fresh clips encoded into the bank every bank_refresh_every UNet steps
-    bank_refresh_every: int = 1  # > 1 when the data workers cannot keep up with a graphed step
+    bank_refresh: int = 8  # fresh clips encoded into the bank per UNet step
     cuda_graph: bool = True  # replay each UNet step from a CUDA graph (graphed_step.py); CUDA only
     motion_weight: float = 3.0  # extra loss weight where the clip moves (objective.motion_weights)
     motion_threshold: float = 0.25  # scaled-latent change that counts as fully moving
@@ -453,21 +452,17 @@ class Trainer:
             logger.info("final invocation: UNet phase budget %.2f min ends at this invocation's deadline", self.config.unet_minutes)
         window: list[dict] = []
         last = time.perf_counter()
-        x = None
         while True:
             self._set_learning_rate(phase)
-            clips, fetched = 0, last
-            if phase == "vae" or self.state.step[phase] % self.config.bank_refresh_every == 0:
-                frames, buckets = next(loader)
-                fetched = time.perf_counter()
-                x = to_model_range(frames, self.device)
-                clips = x.shape[0]
+            frames, buckets = next(loader)
+            fetched = time.perf_counter()
+            x = to_model_range(frames, self.device)
+            clips = x.shape[0]
             if phase == "vae":
                 inputs = {"x": x}
             else:
-                if clips:
-                    with self.autocast:
-                        bank.add(encode_for_unet(self.models["vae"], x, buckets, self.config, self.generator))
+                with self.autocast:
+                    bank.add(encode_for_unet(self.models["vae"], x, buckets, self.config, self.generator))
                 inputs = draw_unet_inputs(bank.sample(self.config.unet_batch, self.generator), self.config, self.generator)
             stats = self.train_step(inputs)
             stats["data_wait_s"] = torch.tensor(fetched - last)
