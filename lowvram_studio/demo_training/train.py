@@ -457,7 +457,6 @@ class Trainer:
             frames, buckets = next(loader)
             fetched = time.perf_counter()
             x = to_model_range(frames, self.device)
-            clips = x.shape[0]
             if phase == "vae":
                 inputs = {"x": x}
             else:
@@ -468,7 +467,7 @@ class Trainer:
             stats["data_wait_s"] = torch.tensor(fetched - last)
             now = time.perf_counter()
             self.state.step[phase] += 1
-            self.state.clips[phase] += clips
+            self.state.clips[phase] += x.shape[0]
             self.state.seconds[phase] += now - last  # wall time, data waits and logging included
             window.append(stats)
             done = self._progress(phase) >= 1.0 or (final and phase == "unet" and now >= deadline)
@@ -560,7 +559,7 @@ class Trainer:
             return log[-1]["seconds"] / max(1, log[-1]["step"])
         return (log[-1]["seconds"] - log[-2]["seconds"]) / max(1, log[-1]["step"] - log[-2]["step"])
 
-    def _finish_phase(self, phase: str, x: torch.Tensor | None) -> None:
+    def _finish_phase(self, phase: str, x: torch.Tensor) -> None:
         if phase == "vae":
             vae = self.models["vae"]
             vae.eval()
