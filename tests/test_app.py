@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from lowvram_studio.media import read_video
+from lowvram_studio.media import read_mp4_comment, read_video
 from lowvram_studio.ui.app import ASSETS, Studio, build_app, start_studio
 from lowvram_studio.ui.budget import PLANNED_FIELDS
 from lowvram_studio.ui.config_store import ConfigStore
@@ -289,6 +291,13 @@ def test_dropping_an_output_fills_form_model_seed_and_image_and_a_bad_drop_chang
     form = dict(zip(FORM_NAMES, values))
     assert (form["seed"], form["motion_bucket_id"], form["num_frames"], form["model"]) == (5, 40, 4, "demo")
     assert image and note.startswith("✔ Restored from") and "model demo, seed 5" in note
+    crafted = tmp_path / "crafted.json"  # a record naming a file of this machine the studio does not serve
+    record = json.loads(read_mp4_comment(video))
+    record["input"] = {"image": str(tmp_path / "secret.png")}
+    shutil.copy(ASSET, tmp_path / "secret.png")
+    crafted.write_text(json.dumps(record))
+    *_, image, note = client.predict(handle_file(str(crafted)), api_name="/reuse")
+    assert image == {"__type__": "update"} and "is not available to the studio" in note  # image left as it was
     with pytest.raises(AppError, match="neither an output video .* nor a run record"):
         client.predict(handle_file(str(ASSET)), api_name="/reuse")
 

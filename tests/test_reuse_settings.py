@@ -93,7 +93,7 @@ def test_a_bare_mp4_restores_from_the_record_beside_it(first_run, tmp_path):
 
 
 def test_the_studio_form_gets_the_run_model_and_seed_and_names_what_it_cannot_show(first_run, tmp_path):
-    restored = restore_form(str(first_run), FORM_NAMES)
+    restored = restore_form(str(first_run), FORM_NAMES, served=[ASSET.parent])
     assert (restored.values["seed"], restored.values["num_frames"], restored.values[MODEL]) == (7, 2, "demo")
     assert restored.values["unet_dtype"] == "fp32" and restored.values["vram_budget"] == "Manual"
     assert restored.image is not None and restored.image.size == PIL.Image.open(ASSET).size
@@ -103,7 +103,7 @@ def test_the_studio_form_gets_the_run_model_and_seed_and_names_what_it_cannot_sh
     record = json.loads(first_run.with_suffix(".json").read_text())
     record["settings"].update(window_blend="linear", unet_dtype="bf16", vae_dtype="bf16")
     (tmp_path / "cli.json").write_text(json.dumps(record))
-    again = restore_form(str(tmp_path / "cli.json"), FORM_NAMES)
+    again = restore_form(str(tmp_path / "cli.json"), FORM_NAMES, served=[ASSET.parent])
     assert "no control for window_blend=linear and runs the default instead" in again.message
     assert again.values["unet_dtype"] == "bf16"  # the UNet's dropdown has every precision the engine runs
     assert "FP16 switches cannot express vae_dtype=bf16" in again.message
@@ -124,4 +124,73 @@ def test_files_that_are_not_outputs_are_refused_with_what_to_drop(tmp_path, name
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(ReuseError, match=message):
-        restore_form(str(path), FORM_NAMES)
+        restore_form(str(path), FORM_NAMES, served=[tmp_path])
+
+
+def _record_naming(first_run: Path, folder: Path, image: str | Path) -> Path:
+    """A copy of the first run's record whose input image is ``image`` (what a crafted record could name)."""
+    record = json.loads(first_run.with_suffix(".json").read_text())
+    record["input"] = {"image": str(image), "sha256": "0" * 64}
+    path = folder / "crafted.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_the_studio_reads_back_only_images_in_its_folders_and_never_says_whether_another_path_exists(
+        first_run, tmp_path):
+    served, elsewhere = tmp_path / "served", tmp_path / "elsewhere"
+    served.mkdir(), elsewhere.mkdir()
+    shutil.copy(ASSET, served / "mine.png")
+    shutil.copy(ASSET, elsewhere / "secret.png")
+    (served / "link.png").symlink_to(elsewhere / "secret.png")  # a link out of a served folder is not in it
+
+    ok = restore_form(str(_record_naming(first_run, tmp_path, served / "mine.png")), FORM_NAMES, served=[served])
+    assert ok.image is not None and "changed since that run" in ok.message
+    notes = {}
+    for name, image in (("secret", elsewhere / "secret.png"), ("missing", elsewhere / "missing.png"),
+                        ("link", served / "link.png"), ("climb", served / ".." / "elsewhere" / "secret.png")):
+        restored = restore_form(str(_record_naming(first_run, tmp_path, image)), FORM_NAMES, served=[served])
+        assert restored.image is None, name
+        notes[name] = restored.message.replace(str(image), "IMAGE")
+    assert len(set(notes.values())) == 1  # "missing" and "not allowed" read the same
+    assert "not available to the studio" in notes["secret"] and "choose the image yourself" in notes["secret"]
+
+
+def test_a_recorded_image_over_the_size_cap_is_not_read_in_the_studio_or_the_cli(first_run, tmp_path):
+    from lowvram_studio.monitor.record import MAX_RECORDED_IMAGE_BYTES
+
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as file:
+        file.truncate(MAX_RECORDED_IMAGE_BYTES + 1)  # sparse: costs no disk, and reading it would cost the RAM
+    record = _record_naming(first_run, tmp_path, huge)
+    reused = load_reuse(record)
+    assert reused.image is None and "larger than the" in reused.image_note and "choose the image yourself" in reused.image_note
+    restored = restore_form(str(record), FORM_NAMES, served=[tmp_path])
+    assert restored.image is None and "larger than the" in restored.message
+
+
+def test_checking_a_recorded_image_hashes_it_in_chunks(first_run, tmp_path):
+    import tracemalloc
+
+    big = tmp_path / "big.png"
+    with big.open("wb") as file:
+        file.truncate(32 * 2**20)  # under the cap: read, hashed, found changed
+    record = _record_naming(first_run, tmp_path, big)
+    tracemalloc.start()
+    try:
+        reused = load_reuse(record)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reused.image == big and "changed since that run" in reused.image_note
+    assert peak < 8 * 2**20  # not the whole 32 MiB file at once
+
+
+def test_a_dropped_record_over_the_size_cap_is_refused_unread(tmp_path):
+    from lowvram_studio.monitor.record import MAX_RECORD_BYTES
+
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as file:
+        file.truncate(MAX_RECORD_BYTES + 1)
+    with pytest.raises(ReuseError, match="huge.json is larger than"):
+        restore_form(str(huge), FORM_NAMES, served=[tmp_path])

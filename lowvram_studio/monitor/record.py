@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -356,6 +356,12 @@ def _jsonable(value: Any) -> Any:
 REUSE_KIND = "lowvram-studio run"  # marks the compact record embedded in an mp4's comment tag
 REUSE_KEYS = ("kind", "version", "settings", "model", "input")
 MODEL_REUSE_KEYS = ("name", "source", "kind")
+# Read caps, checked with stat() before a byte is read: a crafted record must not make the studio hold a
+# 2 GB file in memory. An input image of MAX_INPUT_PIXELS (100 MP) as PNG is well under 256 MiB; a run
+# record with an hour of memory samples is a few MiB.
+MAX_RECORDED_IMAGE_BYTES = 256 * 2**20
+MAX_RECORD_BYTES = 64 * 2**20
+HASH_CHUNK_BYTES = 2**20
 
 
 class ReuseError(ValueError):
@@ -367,7 +373,16 @@ def input_image_info(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path).resolve()
-    return {"image": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"image": str(path), "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file read in 1 MiB chunks, so hashing never holds the whole file in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def reuse_comment(settings: "RunSettings", model: dict[str, Any], input_info: dict[str, Any]) -> str:
@@ -400,11 +415,12 @@ class ReusedRun:
                 + (f"; input image {self.image.name}" if self.image else ""))
 
 
-def reuse_from_dict(data: Any, origin: str) -> ReusedRun:
+def reuse_from_dict(data: Any, origin: str, image_folders: Sequence[Path] | None = None) -> ReusedRun:
     """Settings, model and input of a run record (full record or the mp4's compact one), of any version.
 
     Fields this version does not know are ignored and named in one note; fields the record lacks take
-    their defaults, also named, so the user knows what could not be restored exactly.
+    their defaults, also named, so the user knows what could not be restored exactly. ``image_folders``:
+    see ``load_reuse``.
     """
     from lowvram_studio.settings import RunSettings, SettingsError
 
@@ -433,25 +449,48 @@ def reuse_from_dict(data: Any, origin: str) -> ReusedRun:
     source = model.get("source") or model.get("name")
     if not source:
         notes.append("the record names no model; the built-in demo model is used")
-    image, image_note = _recorded_image(data.get("input"))
+    image, image_note = _recorded_image(data.get("input"), image_folders)
     return ReusedRun(settings, str(source or "demo"), image, origin, notes, image_note)
 
 
-def _recorded_image(info: Any) -> tuple[Path | None, str | None]:
-    """The recorded input image when it is still there, and a note when it is gone or changed."""
+def _recorded_image(info: Any, image_folders: Sequence[Path] | None) -> tuple[Path | None, str | None]:
+    """The recorded input image when it may be read and is still there, and a note when not or when it changed.
+
+    With ``image_folders`` (the studio) a path outside them is never touched, and its note is the one a
+    missing file gets: a caller cannot read the server's files, nor learn which paths exist.
+    """
     if not isinstance(info, dict) or not info.get("image"):
         return None, "the record does not name its input image; choose the image yourself"
-    path = Path(info["image"])
-    if not path.is_file():
+    path = Path(str(info["image"]))
+    if image_folders is not None:
+        if not _inside(path, image_folders) or not path.is_file():
+            return None, (f"its input image {path} is not available to the studio (it reads back only images "
+                          "uploaded to it or saved in its output folder); choose the image yourself")
+    elif not path.is_file():
         return None, f"its input image {path} no longer exists; choose the image yourself"
-    if info.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != info["sha256"]:
+    size = path.stat().st_size
+    if size > MAX_RECORDED_IMAGE_BYTES:
+        return None, (f"its input image {path} is {size / 2**20:.0f} MiB, larger than the "
+                      f"{MAX_RECORDED_IMAGE_BYTES // 2**20} MiB read back; choose the image yourself")
+    if info.get("sha256") and file_sha256(path) != info["sha256"]:
         return path, f"its input image {path} changed since that run, so the frames will differ"
     return path, None
 
 
-def load_reuse(path: str | Path) -> ReusedRun:
+def _inside(path: Path, folders: Sequence[Path]) -> bool:
+    """Whether ``path``, links and ``..`` resolved, lies in one of ``folders`` (also resolved)."""
+    real = path.resolve()
+    return any(real.is_relative_to(Path(folder).resolve()) for folder in folders)
+
+
+def load_reuse(path: str | Path, image_folders: Sequence[Path] | None = None) -> ReusedRun:
     """Read what to restore from a run record (.json) or an output video (.mp4: its embedded record, else
-    the record beside it)."""
+    the record beside it).
+
+    ``image_folders``: the only folders the record's input image may be read from (the studio: its upload
+    and served folders, as a record may come from anyone); None reads any local path (the CLI, run by the
+    user on their own files). Either way the image is size-checked before it is read.
+    """
     from lowvram_studio.media import MediaError, read_mp4_comment
 
     path = Path(path)
@@ -459,11 +498,14 @@ def load_reuse(path: str | Path) -> ReusedRun:
         raise ReuseError(f"{path} does not exist or is not a file; check the path")
     suffix = path.suffix.lower()
     if suffix == ".json":
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            raise ReuseError(f"{path.name} is larger than the {MAX_RECORD_BYTES // 2**20} MiB a run record can be; "
+                             "drop a run record saved by LowVRAM Studio")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ReuseError(f"{path.name} is not readable JSON ({exc}); drop a run record saved by LowVRAM Studio") from exc
-        return reuse_from_dict(data, path.name)
+        return reuse_from_dict(data, path.name, image_folders)
     if suffix in (".mp4", ".m4v", ".mov"):
         try:
             comment = read_mp4_comment(path)
@@ -471,10 +513,10 @@ def load_reuse(path: str | Path) -> ReusedRun:
             raise ReuseError(str(exc)) from exc
         embedded = _parse_embedded(comment)
         if embedded is not None:
-            return reuse_from_dict(embedded, f"{path.name} (its embedded record)")
+            return reuse_from_dict(embedded, f"{path.name} (its embedded record)", image_folders)
         sibling = path.with_suffix(".json")
         if sibling.is_file():
-            return load_reuse(sibling)
+            return load_reuse(sibling, image_folders)
         raise ReuseError(f"{path.name} carries no LowVRAM Studio record and has no {sibling.name} beside it; "
                          "drop a video made by the studio, or its .json record")
     raise ReuseError(f"{path.name} is neither an output video (.mp4) nor a run record (.json); "

@@ -658,7 +658,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def reuse_drop(path: str | None) -> list[Any]:
             try:
-                restored = restore_form(path, names)
+                restored = restore_form(path, names, served=[studio.output_dir, ASSETS, studio.queue.inputs])
             except ReuseError as exc:
                 raise gr.Error(str(exc)) from exc
             values = [restored.values[name] if name in restored.values else gr.skip() for name in names]

@@ -1,15 +1,19 @@
 """Use these settings again in the studio: a dropped output (mp4 or run record JSON) -> the form's values.
 
 The record holds the settings actually used (a VRAM budget's plan and out-of-memory re-plans
-included), so the restored form reproduces the run, seed and model included.
+included), so the restored form reproduces the run, seed and model included. A dropped record may come
+from anyone who can reach the studio, so its input image is read back only from Gradio's upload folder
+and the folders the studio serves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gradio.utils
 import PIL.Image
 
 from ..media import MediaError, load_image
@@ -27,11 +31,15 @@ class RestoredForm:
     message: str
 
 
-def restore_form(path: str | Path | None, names: list[str]) -> RestoredForm:
-    """What dropping ``path`` onto the studio sets; ``ReuseError`` (nothing changes) for any other file."""
+def restore_form(path: str | Path | None, names: list[str], served: Sequence[Path]) -> RestoredForm:
+    """What dropping ``path`` onto the studio sets; ``ReuseError`` (nothing changes) for any other file.
+
+    The record's input image is read only from Gradio's upload folder or ``served`` (the studio's output
+    and asset folders): never another file of this machine.
+    """
     if not path:
         raise ReuseError("no file was dropped; drop an mp4 made by LowVRAM Studio or its .json record")
-    reused = load_reuse(path)
+    reused = load_reuse(path, image_folders=[Path(gradio.utils.get_upload_folder()), *served])
     settings, notes = _as_toggles(reused.settings)
     notes += _without_controls(settings, names)
     values = settings_to_form(settings, names)
