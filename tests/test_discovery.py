@@ -148,3 +148,13 @@ def test_format_lists_candidates_and_explains_an_empty_result(comfyui, tmp_path)
     empty = DiscoveryConfig(models_dirs=[tmp_path / "nothing"])
     message = format_candidates([], empty)
     assert "No SVD models found" in message and str(tmp_path / "nothing") in message and "--models-dir" in message
+
+
+def test_a_folder_with_only_pickle_weights_is_not_listed_and_a_warning_says_why(tmp_path, caplog):
+    pickled = _diffusers_folder(tmp_path / "models" / "svd-pickled", "StableVideoDiffusionPipeline")
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    fine = _diffusers_folder(tmp_path / "models" / "svd-fine", "StableVideoDiffusionPipeline")
+    with caplog.at_level("WARNING"):
+        found = discover_models(DiscoveryConfig(models_dirs=[tmp_path / "models"]))
+    assert [c.path for c in found] == [fine]
+    assert "svd-pickled" in caplog.text and "pickle weights only (unet/diffusion_pytorch_model.bin)" in caplog.text

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lowvram_studio.engine.sampler import generate
 from lowvram_studio.models.load import ModelError, load_model, native_size
@@ -65,3 +66,29 @@ def test_uncached_hub_id_is_not_downloaded(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelError, match="not in the Hugging Face cache"):
         load_model("stabilityai/stable-video-diffusion-img2vid-xt")
+
+
+def test_a_folder_with_pickle_weights_is_refused_with_what_to_do(tmp_path, demo_pipeline):
+    pickled = tmp_path / "pickled-svd"
+    demo_pipeline.save_pretrained(pickled, safe_serialization=False)  # .bin files: torch.load, i.e. pickle
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(ModelError, match=r"pickle weights only \(unet/diffusion_pytorch_model.bin, vae/.*\).*"
+                                         r"refuses.*convert it to safetensors"):
+        load_model(pickled)
+
+
+@pytest.mark.parametrize(("component", "safetensors", "pickle"), [
+    ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    ("image_encoder", "model.safetensors", "pytorch_model.bin"),
+])
+def test_pickle_weights_beside_an_unrelated_safetensors_file_are_not_loaded(tmp_path, svd_folder, component,
+                                                                            safetensors, pickle):
+    """diffusers / transformers themselves must be told safetensors only: they would fall back to the .bin."""
+    folder = tmp_path / "decoy"
+    shutil.copytree(svd_folder, folder)
+    weights = folder / component / safetensors
+    torch.save(load_file(weights), folder / component / pickle)
+    weights.unlink()
+    save_file({"x": torch.zeros(1)}, str(folder / component / "notes.safetensors"))
+    with pytest.raises(ModelError, match="could not be loaded"):
+        load_model(folder)

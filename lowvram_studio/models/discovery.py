@@ -3,7 +3,8 @@
 Only plausible SVD models are listed: diffusers folders whose ``model_index.json`` names
 ``StableVideoDiffusionPipeline``, and ``.safetensors`` files whose header (read alone, a few MB at
 most) holds an SVD UNet (``model.diffusion_model.`` keys with temporal ``time_stack`` layers).
-Nothing is loaded and nothing is downloaded.
+A folder whose weights are pickle only (``.bin``, ``.pt``, ``.ckpt``) is refused, not listed: loading
+pickle runs whatever code it holds. Nothing is loaded and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .single_file import SAFETENSORS_SUFFIXES, UNET_PREFIX, SingleFileError, read_header
+from .single_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, UNET_PREFIX, SingleFileError, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
 HF_REPO_PATTERN = "models--*stable-video-diffusion*"
 COMFYUI_SUBFOLDERS = ("models/checkpoints", "models/diffusers")
 MAX_DEPTH = 3  # how deep to look below each folder (ComfyUI users sort checkpoints into subfolders)
+WEIGHT_COMPONENTS = ("unet", "vae", "image_encoder")
 
 
 class CandidateKind(str, Enum):
@@ -99,6 +101,42 @@ def is_svd_folder(folder: Path) -> bool:
         return False
 
 
+def pickle_only_weights(folder: Path) -> list[str]:
+    """``component/file`` of each pickle weights file in a component that has no safetensors weights.
+
+    Such a component could only be loaded with pickle (``torch.load``), which runs whatever code the
+    file holds; a component with safetensors beside a ``.bin`` is fine (only the safetensors is read).
+    """
+    pickled = []
+    for component in WEIGHT_COMPONENTS:
+        try:
+            names = sorted(f.name for f in (folder / component).iterdir())
+        except OSError:
+            continue  # missing: check_svd_folder names what is missing
+        if not any(name.endswith(SAFETENSORS_SUFFIXES) for name in names):
+            pickled += [f"{component}/{name}" for name in names if name.lower().endswith(PICKLE_SUFFIXES)]
+    return pickled
+
+
+def pickle_refusal(folder: Path, pickled: list[str]) -> str:
+    """Why a folder with pickle-only weights is refused, and what to do instead."""
+    return (f"{folder} has pickle weights only ({', '.join(pickled)}): loading them runs whatever code they "
+            "contain, so LowVRAM Studio refuses them; download the model's .safetensors files instead, or "
+            "convert it to safetensors once in a sandbox you trust (diffusers: load it and "
+            "save_pretrained(folder, safe_serialization=True))")
+
+
+def _usable_svd_folder(folder: Path) -> bool:
+    """An SVD folder that can be listed; one with pickle-only weights is skipped with a warning saying why."""
+    if not is_svd_folder(folder):
+        return False
+    pickled = pickle_only_weights(folder)
+    if pickled:
+        logger.warning("not listing %s", pickle_refusal(folder, pickled))
+        return False
+    return True
+
+
 def is_svd_single_file(path: Path) -> bool:
     """A safetensors file whose header holds an SVD UNet in the original layout (header read only)."""
     try:
@@ -149,7 +187,7 @@ def _scan(folder: Path, source: str) -> Iterator[ModelCandidate]:
         logger.debug("model folder %s does not exist", folder)
         return
     for entry in entries:
-        if entry.is_dir() and is_svd_folder(entry):
+        if entry.is_dir() and _usable_svd_folder(entry):
             yield ModelCandidate(entry.name, entry, CandidateKind.DIFFUSERS_FOLDER, _folder_size(entry), source)
         elif entry.is_file() and entry.suffix.lower() in SAFETENSORS_SUFFIXES and is_svd_single_file(entry):
             yield ModelCandidate(entry.stem, entry, CandidateKind.SINGLE_FILE, entry.stat().st_size, source)
@@ -171,7 +209,7 @@ def _scan_hf_cache(cache: Path) -> Iterator[ModelCandidate]:
         return
     for repo_folder in sorted(cache.glob(HF_REPO_PATTERN)):
         snapshot = _hf_snapshot(repo_folder)
-        if snapshot is not None and is_svd_folder(snapshot):
+        if snapshot is not None and _usable_svd_folder(snapshot):
             repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)
             yield ModelCandidate(repo_id, snapshot, CandidateKind.DIFFUSERS_FOLDER, _folder_size(snapshot), "hf-cache")
 

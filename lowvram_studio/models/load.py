@@ -1,6 +1,9 @@
 """Where a pipeline comes from: the demo model, a diffusers SVD folder, or an HF cache id — offline.
 
 Nothing is ever downloaded: a model is read from disk or the user is told exactly what is missing.
+Weights are read from safetensors only: pickle (``.bin``) weights run code when loaded, so a folder with
+only those is refused, and diffusers / transformers are told ``use_safetensors=True`` so they never fall
+back to a ``.bin`` beside them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from diffusers import StableVideoDiffusionPipeline
 from ..engine.preview import attach_latent_rgb, cached_projection_path, load_or_fit_latent_rgb, vae_fingerprint
 from ..userdirs import cache_dir
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
+from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
 from .single_file import SingleFileError, load_single_file
 
 logger = logging.getLogger(__name__)
 
 SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
 SVD_COMPONENTS = ("unet", "vae", "image_encoder", "scheduler", "feature_extractor")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_WEIGHT_SUFFIXES = (".safetensors",)
 _CONFIG_FILES = {
     "unet": "config.json",
     "vae": "config.json",
@@ -115,12 +119,15 @@ def check_svd_folder(folder: Path) -> None:
             f"{folder} holds a {class_name or 'unknown'} model, not Stable Video Diffusion; "
             "choose an SVD / SVD-XT image-to-video model"
         )
+    pickled = pickle_only_weights(folder)
+    if pickled:
+        raise ModelError(pickle_refusal(folder, pickled))
     missing = []
     for component in SVD_COMPONENTS:
         sub = folder / component
         if not (sub / _CONFIG_FILES[component]).is_file():
             missing.append(f"{component}/{_CONFIG_FILES[component]}")
-        elif component in ("unet", "vae", "image_encoder") and not any(
+        elif component in WEIGHT_COMPONENTS and not any(
             f.name.endswith(_WEIGHT_SUFFIXES) for f in sub.iterdir()
         ):
             missing.append(f"{component}/ weights (*.safetensors)")
@@ -136,7 +143,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> StableVideoDiffusionPipeli
     logger.info("loading diffusers SVD folder %s", folder)
     try:
         pipeline = StableVideoDiffusionPipeline.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, variant="fp16" if only_fp16 else None
+            folder, dtype=dtype, local_files_only=True, use_safetensors=True, variant="fp16" if only_fp16 else None
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{folder} could not be loaded ({exc}); the files may be damaged, re-download them") from exc
