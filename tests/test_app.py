@@ -186,6 +186,21 @@ def test_offline_share_is_reported_plainly_and_the_local_address_keeps_working(t
         running.close()
 
 
+def test_repeated_wrong_passwords_lock_the_studio_login(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWVRAM_STUDIO_CONFIG_DIR", str(tmp_path / "config"))
+    running = start_studio(_ui_args(auth="me:long-secret", outputs=tmp_path / "out"))
+    try:
+        login = f"{running.local_url}login"
+        started = time.perf_counter()
+        wrong = [httpx.post(login, data={"username": "me", "password": f"guess{i}"}, timeout=10).status_code
+                 for i in range(10)]
+        right = httpx.post(login, data={"username": "me", "password": "long-secret"}, timeout=10).status_code
+        assert wrong == [400] * 10 and right == 400  # locked after three: the other guesses were not even checked
+        assert time.perf_counter() - started < 5.0  # refused at once, not slept through (that would be 7 s+)
+    finally:
+        running.close()
+
+
 def test_custom_budget_and_form_values_round_trip_through_settings():
     from lowvram_studio.ui.form import form_to_settings, settings_to_form
 

@@ -57,7 +57,7 @@ from .preview_view import PreviewPanel
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
 from .queue_runner import QUEUE_COLUMNS, QueueRunner
 from .reuse import restore_form
-from .share import serve_options, share_report
+from .share import LoginGuard, serve_options, share_report
 from .worker import Job, JobState, Worker
 
 logger = logging.getLogger(__name__)
@@ -732,7 +732,7 @@ def start_studio(args: argparse.Namespace) -> RunningStudio:
         server_port=args.port or free_port(),
         inbrowser=not args.no_browser,
         share=options.share,
-        auth=options.auth,
+        auth=LoginGuard(*options.auth) if options.auth else None,
         allowed_paths=[str(studio.output_dir), str(ASSETS)],  # nothing else of this machine is served
         prevent_thread_lock=True,
     )

@@ -2,14 +2,21 @@
 
 Rules: bind 127.0.0.1 unless --listen; a public link (--share) needs a password (--auth USER:PASS or
 LOWVRAM_STUDIO_AUTH) unless the user says --insecure-share; a link that cannot be made (offline) is
-reported plainly while the local address keeps working.
+reported plainly while the local address keeps working; repeated wrong passwords lock the login for a
+while (``LoginGuard``), so a public link cannot be brute-forced at hundreds of guesses a second.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 AUTH_ENV = "LOWVRAM_STUDIO_AUTH"
 LOCAL_HOST = "127.0.0.1"
@@ -33,6 +40,46 @@ def parse_auth(text: str) -> tuple[str, str]:
     if not sep or not user or not password:
         raise ShareError("--auth must look like USER:PASS with both parts non-empty; e.g. --auth me:long-secret")
     return user, password
+
+
+@dataclass
+class LoginGuard:
+    """Gradio's ``auth`` callable: the one account, compared in constant time, with failures slowed down.
+
+    Gradio hands the callable the form only, not the client (and behind --share every request comes
+    from the share tunnel anyway), so the limit is global: after ``free_failures`` wrong logins in a
+    row every login is refused unchecked for a delay that doubles with each further failure, up to
+    ``max_delay_s``; a success resets it. Refusing, not sleeping, keeps Gradio's event loop free and
+    makes parallel guesses useless; guesses while locked do not extend the lock.
+    """
+
+    user: str
+    password: str
+    free_failures: int = 3
+    first_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _failures: int = field(default=0, init=False)
+    _locked_until: float = field(default=float("-inf"), init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __call__(self, username: str, password: str) -> bool:
+        with self._lock:
+            now = self.clock()
+            if now < self._locked_until:
+                return False
+            user_ok = hmac.compare_digest(username.encode("utf-8"), self.user.encode("utf-8"))
+            password_ok = hmac.compare_digest(password.encode("utf-8"), self.password.encode("utf-8"))
+            if user_ok and password_ok:
+                self._failures = 0
+                return True
+            self._failures += 1
+            beyond = self._failures - self.free_failures
+            if beyond >= 0:
+                delay = min(self.first_delay_s * 2.0 ** min(beyond, 32), self.max_delay_s)
+                self._locked_until = now + delay
+                logger.warning("%d wrong logins in a row; refusing every login for %.0f s", self._failures, delay)
+            return False
 
 
 def serve_options(
