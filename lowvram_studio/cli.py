@@ -33,6 +33,8 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--unet-dtype": ("unet_dtype", str, "auto | fp32 | fp16 | bf16 | fp8"),
     "--vae-dtype": ("vae_dtype", str, "fp32 | fp16 | bf16 (fp32 avoids colour shifts)"),
     "--encoder-dtype": ("encoder_dtype", str, "fp32 | fp16 | bf16"),
+    "--half-compute": ("half_compute", str, "auto | fp16 | fp32: what fp16-stored weights compute in "
+                       "(auto: by GPU generation, fp32 below Turing and on GTX 16xx)"),
     "--spatial-chunk": ("spatial_chunk", int, "frames per chunk in spatial layers (lossless; 0 = off)"),
     "--temporal-chunk": ("temporal_chunk", int, "positions per chunk in temporal layers (lossless; 0 = off)"),
     "--ff-chunk": ("ff_chunk", int, "tokens per feed-forward chunk (lossless; 0 = off)"),
@@ -195,7 +197,21 @@ def _apply_record(args: argparse.Namespace) -> "RunSettings | None":
     return reused.settings
 
 
+def _requested_device(args: argparse.Namespace, recorded: "RunSettings | None") -> str:
+    """The device a run will ask for, known before the model loads (flag, else settings file or record)."""
+    if args.device is not None:
+        return args.device
+    if args.settings is not None:  # an unreadable file is reported by settings_from_args, after this check
+        try:
+            data = json.loads(args.settings.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        return str(data.get("device", "auto")) if isinstance(data, dict) else "auto"
+    return recorded.device.value if recorded is not None else "auto"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .sysinfo import check_torch_runs
     from .jobs import check_outputs_free, run_job
     from .media import load_image
     from .models.load import load_model
@@ -205,6 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     args.model = args.model or "demo"
     check_outputs_free(args.out, args.gif)
     image = load_image(args.image)
+    check_torch_runs(_requested_device(args, recorded))
     model = load_model(args.model, on_progress=tqdm_progress(f"loading {Path(args.model).name}"))
     if model.note:
         print(f"note: {model.note}", file=sys.stderr)
@@ -220,12 +237,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from .sysinfo import check_torch_runs
     from .compare import run_compare
     from .media import load_image
     from .models.load import load_model
     from .monitor.vram import MonitorConfig, measure_idle_baseline
 
     image = load_image(args.image)
+    check_torch_runs(_requested_device(args, None))
     device_baseline = measure_idle_baseline().device_used_mib  # before this process starts CUDA
     model = load_model(args.model)
     settings = settings_from_args(args, model.pipeline)
@@ -306,10 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models.load import ModelError
     from .monitor.record import ReuseError
     from .settings import SettingsError
+    from .sysinfo import TorchGpuError
     try:
         return COMMANDS[args.command](args)
     except (UserError, MediaError, ModelError, SettingsError, CompareError, OutOfMemoryAfterRetries,
-            NonFiniteError, PrecisionError, ReuseError) as exc:
+            NonFiniteError, PrecisionError, ReuseError, TorchGpuError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunCancelled:

@@ -24,6 +24,14 @@ class Precision(str, Enum):
     FP8 = "fp8"
 
 
+class HalfCompute(str, Enum):
+    """What a component stored in fp16 computes in. ``auto``: by GPU generation (engine/precision.py)."""
+
+    AUTO = "auto"
+    FP16 = "fp16"
+    FP32 = "fp32"  # fp16 storage, each layer up-cast to fp32 just before it runs
+
+
 class OffloadMode(str, Enum):
     """Where weights live while they are not computing (engine/placement.py)."""
 
@@ -90,6 +98,7 @@ class RunSettings:
     unet_dtype: Precision = Precision.AUTO
     vae_dtype: Precision = Precision.FP32
     encoder_dtype: Precision = Precision.FP32
+    half_compute: HalfCompute = HalfCompute.AUTO
 
     # Lossless chunking (engine/chunking.py); 0 = off
     cfg_split: bool = False
@@ -281,6 +290,7 @@ _ENUM_FIELDS = {
     "unet_dtype": Precision,
     "vae_dtype": Precision,
     "encoder_dtype": Precision,
+    "half_compute": HalfCompute,
     "offload": OffloadMode,
     "window_blend": WindowBlend,
     "prune_mode": PruneMode,

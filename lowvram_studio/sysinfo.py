@@ -7,11 +7,14 @@ never hides the rest.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 from typing import Any
 
 import torch
+
+from .gpu_support import NvidiaGpu, choose_torch, fix_command, installed_torch_problem
 
 
 def _version(package: str) -> str | None:
@@ -40,6 +43,7 @@ def nvml_facts() -> dict[str, Any]:
                 {
                     "index": index,
                     "name": pynvml.nvmlDeviceGetName(handle),
+                    "capability": list(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),
                     "total_mib": memory.total / 2**20,
                     "used_mib": memory.used / 2**20,
                 }
@@ -66,6 +70,7 @@ def collect_env() -> dict[str, Any]:
         "gpu": None,
         "gpu_capability": None,
         "vram_total_mib": None,
+        "torch_archs": torch.cuda.get_arch_list() if torch.version.cuda else [],
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
@@ -78,14 +83,46 @@ def collect_env() -> dict[str, Any]:
     return env
 
 
-def cuda_torch_hint(env: dict[str, Any]) -> str | None:
-    """The fix when an NVIDIA GPU is present but this PyTorch is a CPU-only build."""
-    if env["nvml"].get("available") and not env["cuda_available"] and env["torch_cuda"] is None:
-        return (
-            "an NVIDIA GPU is present but this PyTorch is CPU-only; install a CUDA build: "
-            f"{sys.executable} -m pip install --upgrade torch --index-url https://download.pytorch.org/whl/cu128"
-        )
+def _first_gpu(env: dict[str, Any]) -> NvidiaGpu | None:
+    """The GPU the runs would use, from torch when it sees one, else from NVML (a CPU-only torch sees none)."""
+    nvml = env["nvml"]
+    driver = tuple(int(part) for part in (nvml.get("driver") or "999").split(".") if part.isdigit())
+    if env["gpu_capability"]:
+        major, minor = (int(part) for part in env["gpu_capability"].split("."))
+        return NvidiaGpu(env["gpu"], (major, minor), driver)
+    if nvml.get("available") and nvml["gpus"] and nvml["gpus"][0].get("capability"):
+        first = nvml["gpus"][0]
+        return NvidiaGpu(first["name"], tuple(first["capability"]), driver)
     return None
+
+
+def torch_gpu_problem(env: dict[str, Any]) -> str | None:
+    """One line when this PyTorch cannot run on this machine's NVIDIA GPU, with the command that fixes it.
+
+    Checked before any model is loaded: a build without kernels for the GPU's capability (and no PTX
+    that JITs to it) fails at the first kernel with "no kernel image is available", after the load.
+    """
+    gpu = _first_gpu(env)
+    problem = installed_torch_problem(env["torch_cuda"], env["torch_archs"], gpu)
+    if problem is None:
+        return None
+    choice = choose_torch(gpu, os.name, sys.platform)
+    if choice.blocker:
+        return f"{problem}; {choice.blocker}"
+    return f"{problem}; fix: {fix_command(sys.executable, choice)} (or run on the CPU with device cpu)"
+
+
+class TorchGpuError(ValueError):
+    """This PyTorch cannot run on this machine's GPU; the message has the command that fixes it."""
+
+
+def check_torch_runs(device: str) -> None:
+    """Raise ``TorchGpuError`` before a model loads when a GPU run would fail at its first kernel."""
+    if getattr(device, "value", device) == "cpu":
+        return
+    problem = torch_gpu_problem(collect_env())
+    if problem:
+        raise TorchGpuError(problem)
 
 
 def format_env(env: dict[str, Any]) -> str:
@@ -103,7 +140,7 @@ def format_env(env: dict[str, Any]) -> str:
             lines.append(f"GPU {gpu['index']}         {gpu['name']}: {gpu['total_mib'] / 1024:.1f} GiB, {gpu['used_mib'] / 1024:.1f} GiB in use")
     else:
         lines.append(f"NVML          n/a ({nvml['reason']}); runs use the CPU and the curve shows CPU RAM")
-    hint = cuda_torch_hint(env)
-    if hint:
-        lines.append(f"hint: {hint}")
+    problem = torch_gpu_problem(env)
+    if problem:
+        lines.append(f"problem: {problem}")
     return "\n".join(lines)

@@ -12,15 +12,17 @@ from lowvram_studio.engine.precision import (
     PrecisionPolicy,
     apply_precision,
     check_finite,
+    execution_path,
     resolve_component,
 )
 from lowvram_studio.models.demo import build_demo_pipeline
-from lowvram_studio.settings import Precision, RunSettings
+from lowvram_studio.settings import HalfCompute, Precision, RunSettings
 
 F16, F32, BF16, F8 = torch.float16, torch.float32, torch.bfloat16, torch.float8_e4m3fn
 
 GPUS = {
     "gtx1060": GpuInfo("NVIDIA GeForce GTX 1060 6GB", (6, 1)),
+    "v100": GpuInfo("Tesla V100-SXM2-16GB", (7, 0)),
     "gtx1660": GpuInfo("NVIDIA GeForce GTX 1660 SUPER", (7, 5)),
     "rtx2060": GpuInfo("NVIDIA GeForce RTX 2060", (7, 5)),
     "t4": GpuInfo("Tesla T4", (7, 5)),
@@ -35,8 +37,9 @@ GPUS = {
     [
         (None, Precision.AUTO, F32, F32),
         (None, Precision.FP8, F8, F32),
-        ("gtx1060", Precision.AUTO, F16, F16),
-        ("gtx1060", Precision.FP8, F8, F16),
+        ("gtx1060", Precision.AUTO, F16, F32),
+        ("gtx1060", Precision.FP8, F8, F32),
+        ("v100", Precision.FP16, F16, F32),
         ("gtx1660", Precision.AUTO, F16, F32),
         ("gtx1660", Precision.FP16, F16, F32),
         ("rtx2060", Precision.AUTO, F16, F16),
@@ -50,6 +53,35 @@ GPUS = {
 def test_unet_precision_follows_the_gpu_table(gpu, requested, storage, compute):
     got = resolve_component(requested, "unet", GPUS.get(gpu))
     assert (got.storage, got.compute) == (storage, compute)
+
+
+@pytest.mark.parametrize(
+    "gpu, generation, compute, bf16, native_fp8, compile_ok",
+    [
+        ("gtx1060", "Pascal", F32, False, False, False),
+        ("v100", "Volta", F32, False, False, False),
+        ("gtx1660", "Turing GTX 16xx", F32, False, False, True),
+        ("rtx2060", "Turing", F16, False, False, True),
+        ("rtx3060", "Ampere", F16, True, False, True),
+        ("rtx4090", "Ada", F16, True, True, True),
+        ("h100", "Hopper", F16, True, True, True),
+    ],
+)
+def test_each_gpu_generation_gets_its_execution_path(gpu, generation, compute, bf16, native_fp8, compile_ok):
+    path = execution_path(GPUS[gpu])
+    assert (path.generation, path.half_compute, path.bf16, path.native_fp8, path.compile) == (
+        generation, compute, bf16, native_fp8, compile_ok)
+    assert path.describe().startswith(f"{GPUS[gpu].name} ({generation}): ")
+    assert "NaN guard on" in path.describe() and not path.overridden
+
+
+def test_half_compute_overrides_the_path_and_the_record_says_so():
+    settings = RunSettings(unet_dtype="fp16", half_compute="fp16")
+    policy = PrecisionPolicy.from_settings(settings, GPUS["gtx1060"])
+    assert (policy.unet.storage, policy.unet.compute) == (F16, F16)
+    assert "fp16 compute (set by half_compute)" in policy.path.describe()
+    h100 = PrecisionPolicy.from_settings(settings.replace(half_compute=HalfCompute.FP32), GPUS["h100"])
+    assert h100.unet.describe() == "fp16 storage, fp32 compute"
 
 
 @pytest.mark.parametrize("gpu", ["gtx1060", "gtx1660", "rtx2060"])
@@ -106,7 +138,7 @@ def test_nan_guard_names_component_step_and_setting():
 
 def test_inf_guard_on_pascal_suggests_fp32_only():
     policy = PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["gtx1060"])
-    with pytest.raises(NonFiniteError, match="produced inf at step 1 in fp16; set unet_dtype to fp32$"):
+    with pytest.raises(NonFiniteError, match="produced inf at step 1 in fp16 storage, fp32 compute; set unet_dtype to fp32$"):
         check_finite(torch.tensor([1.0, float("inf")]), "unet", policy, "at step 1")
 
 

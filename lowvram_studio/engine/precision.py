@@ -1,9 +1,12 @@
 """Precision policy: a storage and a compute dtype per component, chosen for the GPU; a NaN/inf guard.
 
-Defaults follow DESIGN §4: Pascal (GTX 10xx, sm_6x) stores fp16 and its cuBLAS computes fp16 GEMMs
-with fp32 accumulation at fp32 speed, so fp16 costs nothing there, but it has no bf16; GTX 16xx
-(TU116/TU117) gives NaN/black frames in fp16 arithmetic, so it stores fp16 and computes fp32;
-Volta/Turing RTX compute fp16; Ampere and newer compute fp16 or bf16. The VAE decodes in fp32 by
+Each GPU generation gets an execution path (``execution_path``), shown in the studio and the run
+record, and ``half_compute`` overrides its compute dtype: Pascal and Volta (sm < 7.5) store fp16 and
+compute fp32 (Pascal's fp16 arithmetic runs at 1/64 rate; no bf16; no torch.compile, whose Triton
+backend this project only enables from Turing); GTX 16xx (TU116/TU117) store fp16 and compute fp32
+(fp16 arithmetic gives NaN/black frames there) with the NaN guard; Turing RTX and newer compute
+fp16; Ampere and newer may use bf16; Ada and Hopper have native fp8, which older cards only get by
+up-casting each layer (slower, same memory). The NaN guard checks every step on every path. The VAE decodes in fp32 by
 default (an fp16 VAE shifts colours, as the write-up found) and the image is encoded in fp32.
 Storage that differs from compute (fp8 storage, or fp16 storage with fp32 compute) goes through
 diffusers' layerwise casting, which casts each layer's weights just before it runs.
@@ -21,7 +24,7 @@ import torch
 from diffusers.hooks import apply_layerwise_casting
 from diffusers.models.modeling_utils import ModelMixin
 
-from lowvram_studio.settings import Precision
+from lowvram_studio.settings import HalfCompute, Precision
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,53 @@ class GpuInfo:
         return self.capability >= (6, 0) and not _FP16_UNSAFE_NAMES.search(self.name)
 
 
+GENERATIONS = (  # (first capability, name), newest last
+    ((5, 0), "Maxwell"), ((6, 0), "Pascal"), ((7, 0), "Volta"), ((7, 5), "Turing"), ((8, 0), "Ampere"),
+    ((8, 9), "Ada"), ((9, 0), "Hopper"), ((10, 0), "Blackwell"),
+)
+
+
+@dataclass(frozen=True)
+class ExecutionPath:
+    """How a GPU generation runs half-precision models: the facts the policy and the record state."""
+
+    gpu: str
+    generation: str
+    half_compute: torch.dtype
+    bf16: bool
+    native_fp8: bool
+    compile: bool
+    overridden: bool = False
+
+    def describe(self) -> str:
+        """One line for the studio and the run record."""
+        compute = "fp16 compute" if self.half_compute == torch.float16 else "fp16 storage + fp32 compute"
+        parts = [compute + (" (set by half_compute)" if self.overridden else ""), "NaN guard on",
+                 "bf16 allowed" if self.bf16 else "no bf16",
+                 "native fp8 storage" if self.native_fp8 else "fp8 storage by up-casting",
+                 "torch.compile allowed" if self.compile else "no torch.compile"]
+        return f"{self.gpu} ({self.generation}): " + ", ".join(parts)
+
+
+def execution_path(gpu: "GpuInfo | None", half_compute: HalfCompute = HalfCompute.AUTO) -> ExecutionPath:
+    """The path for ``gpu`` (None: the CPU, which computes in whatever dtype the weights are stored in)."""
+    half_compute = HalfCompute(half_compute)
+    if gpu is None:
+        generation, auto, bf16, fp8, compile_ok = "CPU", torch.float16, True, False, False
+    else:
+        generation = next(name for first, name in reversed(GENERATIONS) if gpu.capability >= first) \
+            if gpu.capability >= GENERATIONS[0][0] else "pre-Maxwell"
+        if generation == "Turing" and not gpu.fp16_compute_safe:
+            generation = "Turing GTX 16xx"
+        auto = torch.float16 if gpu.capability >= (7, 5) and gpu.fp16_compute_safe else torch.float32
+        bf16, fp8, compile_ok = gpu.supports_bf16, gpu.capability >= (8, 9), gpu.capability >= (7, 5)
+    chosen = {HalfCompute.AUTO: auto, HalfCompute.FP16: torch.float16, HalfCompute.FP32: torch.float32}[half_compute]
+    if gpu is not None and chosen == torch.float16 and not gpu.fp16_compute_safe:
+        logger.warning("half_compute=fp16 on %s: fp16 arithmetic is known to give NaN/black frames there", gpu.name)
+    return ExecutionPath(gpu.name if gpu else "CPU", generation, chosen, bf16, fp8, compile_ok,
+                         overridden=chosen != auto)
+
+
 def detect_gpu(device: torch.device | str) -> GpuInfo | None:
     """The GPU behind ``device``; None on the CPU. Called per run, never at import."""
     device = torch.device(device)
@@ -93,25 +143,20 @@ class ComponentPrecision:
         return storage if storage == compute else f"{storage} storage, {compute} compute"
 
 
-def _half_compute(gpu: GpuInfo | None) -> torch.dtype:
-    """The compute dtype a half-precision request gets on this device."""
-    if gpu is None:
-        return torch.float16
-    return torch.float16 if gpu.fp16_compute_safe else torch.float32
-
-
-def resolve_component(requested: Precision, component: str, gpu: GpuInfo | None) -> ComponentPrecision:
+def resolve_component(requested: Precision, component: str, gpu: GpuInfo | None,
+                      path: ExecutionPath | None = None) -> ComponentPrecision:
     """Storage and compute dtype for one component; raises ``PrecisionError`` for impossible requests."""
     requested = Precision(requested)
+    path = path or execution_path(gpu)
     setting = SETTING_OF[component]
     if requested == Precision.AUTO:
         if component != "unet" or gpu is None:
             return ComponentPrecision(torch.float32, torch.float32)
-        return ComponentPrecision(torch.float16, _half_compute(gpu))
+        return ComponentPrecision(torch.float16, path.half_compute)
     if requested == Precision.FP32:
         return ComponentPrecision(torch.float32, torch.float32)
     if requested == Precision.FP16:
-        return ComponentPrecision(torch.float16, _half_compute(gpu))
+        return ComponentPrecision(torch.float16, path.half_compute)
     if requested == Precision.BF16:
         if gpu is not None and not gpu.supports_bf16:
             raise PrecisionError(
@@ -120,8 +165,7 @@ def resolve_component(requested: Precision, component: str, gpu: GpuInfo | None)
             )
         return ComponentPrecision(torch.bfloat16, torch.bfloat16)
     # fp8 is storage only: each layer is cast up to the compute dtype just before it runs.
-    compute = _half_compute(gpu) if gpu is not None else torch.float32
-    return ComponentPrecision(torch.float8_e4m3fn, compute)
+    return ComponentPrecision(torch.float8_e4m3fn, path.half_compute if gpu is not None else torch.float32)
 
 
 @dataclass(frozen=True)
@@ -130,15 +174,18 @@ class PrecisionPolicy:
     vae: ComponentPrecision
     image_encoder: ComponentPrecision
     gpu: GpuInfo | None = None
+    path: ExecutionPath | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, gpu: GpuInfo | None) -> "PrecisionPolicy":
-        """Resolve ``settings.unet_dtype/vae_dtype/encoder_dtype`` for ``gpu`` (None = CPU)."""
+        """Resolve ``settings.unet_dtype/vae_dtype/encoder_dtype`` for ``gpu`` (None = CPU) on its execution path."""
+        path = execution_path(gpu, settings.half_compute)
         return cls(
-            unet=resolve_component(settings.unet_dtype, "unet", gpu),
-            vae=resolve_component(settings.vae_dtype, "vae", gpu),
-            image_encoder=resolve_component(settings.encoder_dtype, "image_encoder", gpu),
+            unet=resolve_component(settings.unet_dtype, "unet", gpu, path),
+            vae=resolve_component(settings.vae_dtype, "vae", gpu, path),
+            image_encoder=resolve_component(settings.encoder_dtype, "image_encoder", gpu, path),
             gpu=gpu,
+            path=path,
         )
 
     def component(self, name: str) -> ComponentPrecision:

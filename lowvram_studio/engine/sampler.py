@@ -294,6 +294,7 @@ def generate(
             phase_seconds[Phase.DECODE.value] = time.perf_counter() - mark
             info.update(
                 precision=policy.describe(),
+                execution_path=policy.path.describe(),
                 placement=placement_hooks(pipeline),
                 chunk_hooks=chunk_hook_counts(pipeline.unet),
             )

@@ -23,7 +23,7 @@ import gradio as gr
 import PIL.Image
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunEvent
-from ..engine.precision import PrecisionPolicy, detect_gpu, rounded_components
+from ..engine.precision import PrecisionPolicy, detect_gpu, execution_path, rounded_components
 from ..engine.pruning import draw_pruning_map
 from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, run_job
@@ -33,7 +33,7 @@ from ..models.demo import demo_model_info
 from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
-from ..sysinfo import collect_env, cuda_torch_hint
+from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
 from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget
 from .config_store import ConfigStore, PresetError, default_output_dir
 from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
@@ -140,6 +140,8 @@ class Studio:
             queue_dir = store.folder / QUEUE_FOLDER if store is not None else default_queue_dir()
         self.store = store or ConfigStore()
         self.startup_warning = self.store.load().warning
+        self.torch_problem = torch_gpu_problem(collect_env())  # read once: the GPU and torch do not change
+        self.execution_path = None if self.torch_problem else execution_path(detect_gpu(resolve_device("auto")))
         self.worker = Worker()
         self._model: LoadedModel | None = None
         self._model_lock = threading.Lock()
@@ -171,6 +173,7 @@ class Studio:
                 )
             )
             if self._model is None or self._model.source != source or stale:
+                check_torch_runs(settings.device if settings is not None else "auto")
                 self._model = None  # let the old weights go before the new ones load
                 self._model = load_model(source)
             return self._model
@@ -194,8 +197,10 @@ class Studio:
 
     def banner(self) -> str:
         """Warnings for the top of the page (damaged settings, unwritable outputs, CPU-only torch) and the demo note."""
-        warnings = (self.startup_warning, self.queue.warning, self.output_problem(), cuda_torch_hint(collect_env()))
+        warnings = (self.startup_warning, self.queue.warning, self.output_problem(), self.torch_problem)
         notes = [f"⚠ {w}" for w in warnings if w]
+        if self.execution_path is not None:
+            notes.append(f"ℹ Execution path: {self.execution_path.describe()}")
         if self.model_source == DEMO:
             notes.append(f"ℹ {demo_model_info().note}")
         return "\n\n".join(notes)
@@ -454,6 +459,7 @@ def _optimization_controls(form: _Form) -> tuple[gr.Markdown, gr.Markdown]:
         form.add("unet_dtype", gr.Dropdown, UNET_PRECISION_CHOICES, label="UNet precision")
         form.add("vae_dtype", gr.Checkbox, label="VAE FP16 ⚠ lossy")
         form.add("encoder_dtype", gr.Checkbox, label="Image encoder FP16 ⚠ lossy")
+        form.add("half_compute", gr.Dropdown, ["auto", "fp16", "fp32"], label="FP16 weights compute in")
     with gr.Row():
         form.add("chunk_size", gr.Slider, 0, 64, step=1, label="Temporal chunk size ⚠ lossy")
         form.add("overlap", gr.Slider, 0, 16, step=1, label="Chunk overlap")

@@ -30,7 +30,7 @@ UNET_PRECISION_CHOICES = [("FP32", Precision.FP32.value), ("FP16 ⚠ lossy (smal
 FORM_NAMES = [
     MODEL, "num_frames", "num_inference_steps", "width", "height", "seed", "fps", "motion_bucket_id",
     "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device", "preview_every", "vram_budget", BUDGET_GIB,
-    *PRECISION_FIELDS, "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
+    *PRECISION_FIELDS, "half_compute", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
     "vae_tile", "chunk_size", "overlap", "prune_threshold", "interpolate", GIF,
 ]
 
@@ -45,6 +45,8 @@ INFO = {
                    "this size (the same plan Generate applies). Auto plans for this GPU's free memory.",
     "unet_dtype": "LOSSY: FP16 / BF16 halve the UNet's weight and activation memory (FP16 is the closer to FP32; "
                   "BF16 where FP16 overflows); FP8 storage halves the weights again, computed in FP16, slower.",
+    "half_compute": "What FP16-stored weights compute in. auto: by this GPU's generation (FP32 on GTX 10xx / "
+                    "Volta and GTX 16xx, FP16 from RTX 20xx on); FP32 costs speed, not memory.",
     "vae_dtype": "LOSSY: half the VAE's memory; may shift colours. Keep off unless memory is short.",
     "encoder_dtype": "LOSSY (tiny): saves ~0.6 GB of CLIP weights; the embedding changes slightly.",
     "cfg_split": "Lossless: runs the two guidance branches one after the other: less memory, a little slower.",
