@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKLTemporalDecoder
 
 from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass, make_clip
+from lowvram_studio.engine.events import CancelToken, RunCancelled
 from lowvram_studio.engine.vae import DecodeConfig, decode_latents, tile_starts
 from lowvram_studio.engine.vae_norm import image_wide_group_norm
 from lowvram_studio.models.demo import build_demo_pipeline
@@ -178,3 +179,40 @@ def test_frame_chunks_decode_every_frame(vae, latents):
         single = decode_latents(vae, latents[:3], DecodeConfig())
     assert chunked.shape == (FRAMES, 3, 64, 128)
     assert torch.equal(chunked[:3], single)
+
+
+def _stop_after_decoder_calls(vae, token: CancelToken, calls: int) -> tuple[list[int], object]:
+    """Press Stop once the VAE decoder has run ``calls`` times (a forward hook on the real diffusers decoder)."""
+    seen = [0]
+
+    def count(_module, _inputs, _output):
+        seen[0] += 1
+        if seen[0] == calls:
+            token.cancel()
+
+    return seen, vae.decoder.register_forward_hook(count)
+
+
+@pytest.mark.parametrize("config", [DecodeConfig(chunk=1), DecodeConfig(chunk=2, tile=64)], ids=["chunks", "tiles"])
+def test_stop_during_decode_ends_it_before_the_next_chunk_or_tile(vae, latents, config):
+    token = CancelToken()
+    seen, hook = _stop_after_decoder_calls(vae, token, calls=1)
+    try:
+        with torch.no_grad(), pytest.raises(RunCancelled):
+            decode_latents(vae, latents, config, cancel=token)
+    finally:
+        hook.remove()
+    assert seen == [1]  # chunks: 1 of 4 frames decoded; tiles: the statistics pass ran, no tile did
+
+
+def test_decode_checks_the_token_of_the_run_on_its_thread(vae, latents):
+    token = CancelToken()
+    seen, hook = _stop_after_decoder_calls(vae, token, calls=2)
+    try:
+        with torch.no_grad(), token.current(), pytest.raises(RunCancelled):
+            decode_latents(vae, latents, DecodeConfig(chunk=1))  # no token handed in: the run's is used
+    finally:
+        hook.remove()
+    assert seen == [2]
+    with torch.no_grad():
+        assert decode_latents(vae, latents, DecodeConfig(chunk=1)).shape[0] == FRAMES  # outside it: no stop

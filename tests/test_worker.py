@@ -1,4 +1,5 @@
-"""The background worker: one job at a time, queue positions, Stop within a step, failures kept per job."""
+"""The background worker: one job at a time, queue positions, Stop within a step or a decode chunk (a real
+run_job on the demo model: a stopped run ends cancelled and writes nothing), failures kept per job."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 
 from lowvram_studio.engine.events import Phase
 from lowvram_studio.engine.sampler import generate
+from lowvram_studio.jobs import run_job
+from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.ui.worker import JobState, Worker
 
 
@@ -93,3 +96,71 @@ def test_stop_ends_a_real_run_within_one_step_and_the_curve_was_sampled(
     curve = job.curve()
     assert len(curve) >= 2 and all(mib > 0 for _, mib in curve)
     assert job.monitor.memory_label in ("CPU RAM", "VRAM")
+
+
+@pytest.fixture(scope="module")
+def model(demo_pipeline) -> LoadedModel:
+    return LoadedModel(demo_pipeline, "demo", "demo", "demo")
+
+
+def _decoder_calls(pipeline, after_each=None):
+    """Count the real VAE decoder's calls (a forward hook on the diffusers module); ``after_each(count)``."""
+    calls = [0]
+
+    def count(_module, _inputs, _output):
+        calls[0] += 1
+        if after_each is not None:
+            after_each(calls[0])
+
+    return calls, pipeline.vae.decoder.register_forward_hook(count)
+
+
+def test_stop_when_decode_starts_ends_the_run_cancelled_before_the_first_chunk_and_writes_nothing(
+    worker, model, test_image, small_settings, tmp_path
+):
+    settings = small_settings.replace(num_frames=4, num_inference_steps=2, decode_chunk=1)
+    video = tmp_path / "out.mp4"
+
+    def work(on_event, cancel):
+        def relay(event):
+            on_event(event)
+            if event.phase == Phase.DECODE:
+                cancel.cancel()  # Stop pressed as decoding starts
+
+        return run_job(model, test_image, settings, video, on_event=relay, cancel=cancel, gif=True)
+
+    calls, hook = _decoder_calls(model.pipeline)
+    try:
+        job = worker.submit("tab", "run", work)
+        assert job.done.wait(60)
+    finally:
+        hook.remove()
+    assert (job.state, job.error, job.result) == (JobState.CANCELLED, None, None)
+    assert calls == [0]  # not one of the 4 decode chunks ran after Stop
+    assert Phase.EXPORT not in [e.phase for e in job.events]
+    assert list(tmp_path.iterdir()) == []  # no video, gif, record or temporary
+
+
+def test_stop_during_an_all_frames_decode_ends_the_run_before_export_and_writes_nothing(
+    worker, model, test_image, small_settings, tmp_path
+):
+    settings = small_settings.replace(num_frames=4, num_inference_steps=2, decode_chunk=0)  # one decode call
+    job = None
+
+    def stop_inside_decode(count):
+        job.cancel.cancel()  # Stop pressed while the single decode call runs
+
+    def work(on_event, cancel):
+        return run_job(model, test_image, settings, tmp_path / "out.mp4", on_event=on_event, cancel=cancel)
+
+    calls, hook = _decoder_calls(model.pipeline, stop_inside_decode)
+    try:
+        job = worker.submit("tab", "run", work)
+        assert job.done.wait(60)
+    finally:
+        hook.remove()
+    assert (job.state, job.error) == (JobState.CANCELLED, None)
+    assert calls == [1]
+    phases = [e.phase for e in job.events]
+    assert Phase.DECODE in phases and Phase.EXPORT not in phases
+    assert list(tmp_path.iterdir()) == []

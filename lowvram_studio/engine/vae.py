@@ -27,6 +27,9 @@ give 29-51 dB (no floor needed there): the gap is the downscaled estimate, large
 diffusers has no tiling for ``AutoencoderKLTemporalDecoder`` (diffusers issue #9958); this is a
 hand-written tiler in the style of ``AutoencoderKL.tiled_decode``, with the blend done by weights
 so tiles of any count and size meet smoothly.
+
+Stop: the run's ``CancelToken`` is checked before every chunk and every tile, so a stopped run ends
+within one decode call (with ``chunk=0`` and no tiles that is the whole decode).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 
 import torch
 
+from lowvram_studio.engine.events import CancelToken, current_token
 from lowvram_studio.engine.precision import compute_dtype
 from lowvram_studio.engine.vae_norm import image_wide_group_norm
 
@@ -116,9 +120,11 @@ def _statistics_latents(latents: torch.Tensor, tile: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(latents, size=size, mode="area")
 
 
-def _decode_tiled(vae: torch.nn.Module, latents: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+def _decode_tiled(
+    vae: torch.nn.Module, latents: torch.Tensor, config: DecodeConfig, cancel: CancelToken
+) -> torch.Tensor:
     """Decode one chunk of frames tile by tile with image-wide GroupNorm statistics; overlaps blended
-    with linear ramps."""
+    with linear ramps. ``cancel`` is checked before each tile."""
     frames, _, height, width = latents.shape
     tile, overlap = config.tile_latent, config.overlap_latent
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
@@ -127,6 +133,7 @@ def _decode_tiled(vae: torch.nn.Module, latents: torch.Tensor, config: DecodeCon
         with norms.recording():
             _decode(vae, _statistics_latents(latents, tile))
         for y0, x0 in itertools.product(rows, cols):
+            cancel.raise_if_cancelled()
             y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
             norms.start_pass()
             pixels = _decode(vae, latents[:, :, y0:y1, x0:x1]).float()
@@ -149,20 +156,25 @@ def decode_latents(
     latents: torch.Tensor,
     config: DecodeConfig,
     out_device: torch.device | str | None = None,
+    cancel: CancelToken | None = None,
 ) -> torch.Tensor:
     """SVD latents ``(frames, 4, h, w)`` (unscaled, as the sampler holds them) -> frames ``(frames, 3, H, W)``
     float32 in [-1, 1], on ``out_device`` (default: the latents' device).
 
-    With ``chunk=0`` and ``tile=0`` this equals diffusers' ``decode_latents`` with all frames at once.
+    Raises ``RunCancelled`` before the next chunk or tile once ``cancel`` (default: the token of the run
+    on this thread, ``events.current_token``) is set. With ``chunk=0`` and ``tile=0`` this equals
+    diffusers' ``decode_latents`` with all frames at once.
     """
+    cancel = cancel or current_token() or CancelToken()
     latents = 1 / vae.config.scaling_factor * latents.to(compute_dtype(vae))  # diffusers' exact arithmetic
     frames = latents.shape[0]
     chunk = config.chunk or frames
     out = None
     for start in range(0, frames, chunk):
+        cancel.raise_if_cancelled()
         piece = latents[start : start + chunk]
         tiled = config.tile and config.tile_latent < max(piece.shape[-2:])
-        pixels = (_decode_tiled(vae, piece, config) if tiled else _decode(vae, piece)).float()
+        pixels = (_decode_tiled(vae, piece, config, cancel) if tiled else _decode(vae, piece)).float()
         if out is None:
             out = torch.empty((frames, *pixels.shape[1:]), dtype=torch.float32, device=out_device or pixels.device)
         out[start : start + chunk] = pixels

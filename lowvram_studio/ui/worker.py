@@ -2,8 +2,11 @@
 
 The page's event handlers only submit jobs and poll them, so the page stays responsive while the
 sampler runs. Each job carries a ``CancelToken``: Stop, a closed browser tab or a removed queued
-job set it and the sampler ends at its next step. One memory monitor watches each job: it draws the
-live curve and is offered to the job's run (``offer_monitor``), whose record then holds the same samples.
+job set it, and the run ends as cancelled at the first of: its next denoise step, its next decode
+chunk or tile (the token is the run's ``current_token`` on the worker thread), or the next phase
+or step it reports (so at the latest before export starts: a stopped job writes no video). One
+memory monitor watches each job: it draws the live curve and is offered to the job's run
+(``offer_monitor``), whose record then holds the same samples.
 """
 
 from __future__ import annotations
@@ -84,6 +87,14 @@ class Job:
         if preview is not None:
             self.preview = preview
         self.events.append(event)
+
+    def report(self, event: RunEvent) -> None:
+        """The callback a job's work gets: a stopped run ends here instead of starting the phase or step it
+        reports, else the event is kept. Not at ``done``: the files are written by then, and stopping would
+        only leave them without a record."""
+        if event.phase != Phase.DONE:
+            self.cancel.raise_if_cancelled()
+        self.on_event(event)
 
     @property
     def last_event(self) -> RunEvent | None:
@@ -204,8 +215,8 @@ class Worker:
         state = JobState.DONE
         try:
             job.monitor = start_memory_monitor()  # inside the try: a monitor that cannot start fails the job
-            with offer_monitor(job.monitor):  # run_job records with it instead of starting a second sampler
-                job.result = job.work(job.on_event, job.cancel)
+            with offer_monitor(job.monitor), job.cancel.current():  # run_job records with this monitor
+                job.result = job.work(job.report, job.cancel)
         except RunCancelled:
             state = JobState.CANCELLED
         except Exception as exc:  # noqa: BLE001 - any failure belongs to the job and is shown on its page
