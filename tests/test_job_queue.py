@@ -1,5 +1,7 @@
-"""The studio's job queue: order, moves and removals kept on disk; one studio per queue; a queue of three
-survives a studio killed with SIGKILL in the middle of a job (a real `lowvram-studio ui` process, demo model)."""
+"""The studio's job queue: order, moves and removals kept on disk; one studio per queue; entries that cannot
+be run are set aside and the rest runs; recovery deletes only what the queue made in its output folder; a
+queue of three survives a studio killed with SIGKILL in the middle of a job (a real `lowvram-studio ui`
+process, demo model)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from gradio_client import Client, handle_file
 
 from lowvram_studio.media import read_video
 from lowvram_studio.settings import RunSettings
+from lowvram_studio.ui.app import Studio
+from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.job_queue import JobQueue, QueueError, parse_seeds
 from lowvram_studio.ui.queue_lock import QueueLocked, default_queue_dir
 from lowvram_studio.ui.queue_runner import QueueRunner
@@ -101,6 +105,7 @@ def test_an_interrupted_job_runs_again_and_its_partial_output_is_deleted(tmp_pat
     queue.close()  # the process died: nobody marked the job finished
 
     restarted = JobQueue(tmp_path / "queue")
+    restarted.recover(tmp_path / "out")  # the runner does this as the studio starts
     entry = restarted.snapshot()[0]
     assert (entry.state, entry.video) == (JobState.QUEUED, None)
     assert "runs again from the beginning" in entry.note and video.name in entry.note
@@ -111,8 +116,85 @@ def test_an_interrupted_job_runs_again_and_its_partial_output_is_deleted(tmp_pat
     Path(finished.video).with_suffix(".json").write_text("{}")
     restarted.close()
     again = JobQueue(tmp_path / "queue")
+    again.recover(tmp_path / "out")
     assert again.snapshot()[0].state == JobState.DONE and Path(finished.video).exists()
     again.close()
+
+
+def _edit_queue_file(folder: Path, edit) -> None:
+    path = folder / "queue.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data["entries"])
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_recovery_deletes_only_videos_the_queue_made_in_its_output_folder(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    queue = JobQueue(tmp_path / "queue")
+    entries = queue.add(PIL.Image.open(ASSET), TINY, "demo", [1, 2, 3])
+    for _ in entries:
+        queue.start_next(out)  # all three "running" when the studio died
+    queue.close()
+    precious = elsewhere / "precious.mp4"  # the user's own files
+    other_folder = elsewhere / f"queue-{entries[1].id}-seed2.mp4"  # a queue name, but not in the output folder
+    holiday = out / "holiday.mp4"  # in the output folder, but not a name this queue gives its job
+    kept = [precious, elsewhere / ".precious.backup", other_folder, holiday, out / ".holiday.x1.partial.mp4"]
+    for path in kept:
+        path.write_bytes(b"keep me")
+
+    def point_elsewhere(stored):
+        for entry, video in zip(stored, (precious, other_folder, holiday)):
+            entry["video"] = str(video)  # a hand-edited, copied or older queue file
+
+    _edit_queue_file(tmp_path / "queue", point_elsewhere)
+    restarted = JobQueue(tmp_path / "queue")
+    restarted.recover(out)
+    assert [e.state for e in restarted.snapshot()] == [JobState.QUEUED] * 3
+    assert all(path.read_bytes() == b"keep me" for path in kept)
+    assert all("was left in place" in e.note and "runs again" in e.note for e in restarted.snapshot())
+    restarted.close()
+
+
+def test_entries_with_missing_or_odd_settings_are_set_aside_with_a_banner_and_the_rest_of_the_queue_runs(
+    tmp_path,
+):
+    config = tmp_path / "config"
+    queue = JobQueue(config / "queue")
+    entries = queue.add(PIL.Image.open(ASSET), TINY, "demo", [1, 2, 3, 4, 5])
+    queue.close()
+    bad = {e.id for e in entries[:4]}
+
+    def damage(stored):
+        del stored[0]["settings"]["seed"]  # missing: KeyError on every refresh, and when it starts
+        stored[1]["settings"]["noise_aug_strength"] = "abc"  # of the wrong type
+        stored[2]["state"] = "paused"  # a state this version does not know
+        stored[3]["image"] = "../../../etc/hostname"  # not a file of the queue's inputs/ folder
+
+    _edit_queue_file(config / "queue", damage)
+    for start in range(2):  # the first start sets them aside; a restart still says so and still runs
+        studio = Studio("demo", tmp_path / "out", ConfigStore(config))
+        try:
+            banner = studio.banner()
+            assert "4 queued job(s) could not be run as stored and were set aside" in banner
+            assert all(e.id in banner for e in entries[:3]) and "seed" in banner and "1 more" in banner
+            assert "the rest of the queue runs" in banner
+            rows = studio.runner.rows()
+            assert [row[1] for row in rows] == [entries[4].id]
+            if start == 0:
+                _wait_until(lambda: studio.queue.snapshot()[0].state == JobState.DONE, 120, "the good job to run")
+        finally:
+            studio.close()
+    aside = json.loads((config / "queue" / "set-aside.json").read_text(encoding="utf-8"))["entries"]
+    assert {e["entry"]["id"] for e in aside} == bad
+    problems = " | ".join(e["problem"] for e in aside)
+    for expected in ("settings lack seed", "wrong type: noise_aug_strength='abc'", "state must be one of",
+                     "image must be"):
+        assert expected in problems
+    frames, _ = read_video(studio.queue.snapshot()[0].video)
+    assert frames.shape == (2, 64, 64, 3)
+    assert sorted(p.name for p in (config / "queue" / "inputs").iterdir()) == [entries[0].image]  # kept for them
 
 
 def test_a_damaged_queue_file_is_set_aside_and_the_studio_starts_with_an_empty_queue(tmp_path):
@@ -148,6 +230,31 @@ def test_eta_prefers_a_run_with_the_same_optimisation_settings_and_says_when_it_
     assert runner.rows()[0][4] == "≈ 12 s, done in ≈ 12 s"
     queue.close()
     assert JobQueue(tmp_path).estimate(queue.snapshot()[0]).same_settings  # kept on disk
+
+
+def test_entries_whose_id_or_shape_cannot_name_an_output_are_set_aside_and_the_list_grows_across_starts(tmp_path):
+    queue = JobQueue(tmp_path)
+    entries = queue.add(PIL.Image.open(ASSET), TINY, "demo", [1, 2, 3])
+    queue.close()
+
+    def damage(stored):
+        stored[0]["id"] = "../../outside"  # would name its video outside the output folder
+        stored[2]["id"] = stored[1]["id"]  # a second job of the same id
+        stored.append(["not", "an", "entry"])
+
+    _edit_queue_file(tmp_path, damage)
+    reopened = JobQueue(tmp_path)
+    assert [e.id for e in reopened.snapshot()] == [entries[1].id]
+    assert reopened.start_next(tmp_path / "out").video.endswith(f"queue-{entries[1].id}-seed2.mp4")
+    assert "3 queued job(s)" in reopened.warning and "job without a readable id" in reopened.warning
+    reopened.close()
+    _edit_queue_file(tmp_path, lambda stored: stored[0]["settings"].update(width=65))
+    again = JobQueue(tmp_path)
+    assert again.snapshot() == [] and "4 queued job(s)" in again.warning
+    problems = [e["problem"] for e in json.loads((tmp_path / "set-aside.json").read_text())["entries"]]
+    assert problems[0].startswith("id must be") and "used by an earlier entry" in problems[1]
+    assert problems[2].startswith("an entry must be a mapping") and "width must be a multiple of 64" in problems[3]
+    again.close()
 
 
 # ---- a real studio process, killed and started again --------------------------------------------

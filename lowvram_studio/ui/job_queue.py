@@ -5,11 +5,16 @@ One folder (by default ``queue/`` in the user data folder, see ``queue_lock.defa
   state, output) and the measured speed of earlier runs, for ETAs. Every change rewrites it
   atomically (temporary file + ``os.replace``), so a crash leaves the previous or the new queue.
 - ``inputs/``: a PNG copy of each queued image (named by a hash of its pixels: a seed sweep shares one).
+- ``set-aside.json``: entries that could not be read (a setting missing or of the wrong type, an unknown
+  state, an image path that is not a file name in ``inputs/``), with the reason. They are taken out of
+  the queue when it loads, so the rest runs, and the page's banner (``JobQueue.warning``) names them.
 - ``queue.lock`` + ``owner.json``: keep a second studio from running the same queue (queue_lock.py).
 
-On start, a job that was running when the studio stopped runs again from the beginning: its partial
-output (the mp4 linked before its record was written, and ``.partial`` temporaries that a killed
-writer left behind) is deleted first. A job whose record exists had finished and is marked done.
+On start (``JobQueue.recover``, called by the runner, which knows the output folder), a job that was
+running when the studio stopped runs again from the beginning. Its partial output (the mp4 linked
+before its record was written, and ``.partial`` temporaries that a killed writer left behind) is
+deleted first, but only if it is what this queue makes: a ``queue-<id>-seed<seed>.mp4`` of that job,
+directly in the output folder. A job whose record exists had finished and is marked done.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 QUEUE_VERSION = 1
 FILE_NAME = "queue.json"
+SET_ASIDE = "set-aside.json"
 INPUTS = "inputs"
 MAX_SWEEP = 64  # jobs one "Add to queue" may create
 FINISHED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
@@ -45,6 +51,46 @@ FINISHED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 class QueueError(ValueError):
     """A queue request the user can fix (unknown job, job already running, bad seed list)."""
+
+
+class EntryError(ValueError):
+    """A stored queue entry that cannot be run as it is (its message names the field and the value)."""
+
+
+# What defines a queued job: filling these from defaults would run another job than the one queued.
+# Other settings missing (a queue of an older version) take their defaults.
+JOB_SETTINGS = ("seed", "width", "height", "num_frames", "num_inference_steps")
+ENTRY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # part of the output file name
+INPUT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # a file directly in inputs/
+
+
+def output_stem(entry_id: str, seed: int) -> str:
+    """The name (without -2, -3 ... and .mp4) of the video a queued job writes."""
+    return f"queue-{entry_id}-seed{seed}"
+
+
+def _checked_settings(settings: Any) -> dict[str, Any]:
+    """The stored settings as RunSettings.to_dict(): every key present, every value of its type."""
+    if not isinstance(settings, dict):
+        raise EntryError(f"settings must be a mapping of setting names to values; got {settings!r}")
+    missing = [name for name in JOB_SETTINGS if name not in settings]
+    if missing:
+        raise EntryError(f"settings lack {', '.join(missing)}")
+    try:
+        return RunSettings.from_dict_lenient(settings)[0].validate().to_dict()
+    except TypeError as exc:  # a check compared e.g. "abc" with 1.0: name the values unlike their defaults
+        defaults = RunSettings().to_dict()
+        odd = [f"{k}={v!r}" for k, v in settings.items() if k in defaults and _kind(v) != _kind(defaults[k])]
+        raise EntryError(f"settings of the wrong type: {', '.join(odd) or exc}") from exc
+    except ValueError as exc:  # SettingsError: each problem named
+        raise EntryError(f"settings: {exc}") from exc
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of a value: number (int or float), bool, text, list, mapping or null."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "bool"
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
 
 
 def parse_seeds(text: str | None, default: int) -> list[int]:
@@ -98,10 +144,39 @@ class QueueEntry:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QueueEntry":
+    def from_dict(cls, data: Any) -> "QueueEntry":
+        """An entry from queue.json; ``EntryError`` naming the field when it cannot be run as stored."""
+        if not isinstance(data, dict):
+            raise EntryError(f"an entry must be a mapping of fields to values; got {data!r}")
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in data.items() if k in known}
-        values["state"] = JobState(values.get("state", JobState.QUEUED))
+        missing = [name for name in ("id", "image", "settings", "model") if name not in values]
+        if missing:
+            raise EntryError(f"the entry lacks {', '.join(missing)}")
+
+        def check(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise EntryError(f"{name} must be {expected}; got {values[name]!r}")
+
+        check(isinstance(values["id"], str) and ENTRY_ID.fullmatch(values["id"]) is not None, "id",
+              "1 to 64 letters, digits, - or _")
+        check(isinstance(values["image"], str) and INPUT_NAME.fullmatch(values["image"]) is not None, "image",
+              f"the name of a file in the queue's {INPUTS}/ folder")
+        check(isinstance(values["model"], str) and values["model"] != "", "model", "a model source")
+        for name in ("video", "error", "note"):
+            check(values.get(name) is None or isinstance(values[name], str), name, "text or null")
+        check(isinstance(values.get("gif", False), bool), "gif", "true or false")
+        for name in ("created", "seconds"):
+            value = values.get(name)
+            check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), name,
+                  "a number of seconds")
+        states = ", ".join(state.value for state in JobState)
+        state = values.setdefault("state", JobState.QUEUED.value)
+        check(isinstance(state, str) and state in {s.value for s in JobState}, "state", f"one of {states}")
+        values["state"] = JobState(state)
+        values["settings"] = _checked_settings(values["settings"])
+        if values.get("created") is None:
+            values.pop("created", None)
         return cls(**values)
 
 
@@ -150,13 +225,13 @@ class JobQueue:
         self.folder = Path(folder)
         self.path = self.folder / FILE_NAME
         self.inputs = self.folder / INPUTS
-        self.warning: str | None = None  # for the page's banner (a damaged queue file)
+        self.warning: str | None = None  # for the page's banner (a damaged queue file, entries set aside)
         self._lock = threading.RLock()
         self._file_lock = self._acquire()  # QueueLocked when another studio runs this queue
         self.entries: list[QueueEntry] = []
         self.speeds: dict[str, Speed] = {}
+        self.set_aside: list[dict[str, Any]] = []  # {"entry": as stored, "problem": why, "time": when}
         self._load()
-        self._recover()
         self._save()
 
     # ---- one studio per queue ------------------------------------------------------------------
@@ -180,19 +255,69 @@ class JobQueue:
 
     # ---- file --------------------------------------------------------------------------------
     def _load(self) -> None:
+        self._load_set_aside()
         if not self.path.exists():
             return
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
-            entries = [QueueEntry.from_dict(e) for e in raw["entries"]]
-            speeds = {k: Speed(**v) for k, v in raw.get("speeds", {}).items()}
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            aside = self.path.with_name(f"{FILE_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.replace(aside)
-            self.warning = f"The saved job queue could not be read ({exc}); it was moved to {aside} and the queue starts empty."
-            logger.warning(self.warning)
+            stored, speeds = raw["entries"], raw.get("speeds", {})
+            if not isinstance(stored, list):
+                raise TypeError(f"entries must be a list; got {stored!r:.80}")
+            speeds = {str(k): Speed(float(v["seconds_per_step"]), float(v["overhead_s"])) for k, v in speeds.items()}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            aside = self._move_damaged(self.path)
+            self._warn(f"The saved job queue could not be read ({exc}); it was moved to {aside} "
+                       "and the queue starts empty.")
             return
-        self.entries, self.speeds = entries, speeds
+        self.speeds = speeds
+        problems = []
+        for data in stored:  # one entry that cannot run is set aside; the others stay queued
+            try:
+                entry = QueueEntry.from_dict(data)
+                if any(e.id == entry.id for e in self.entries):
+                    raise EntryError(f"id {entry.id!r} is used by an earlier entry")
+            except EntryError as exc:
+                logger.warning("queued job %s set aside: %s", _entry_name(data), exc)
+                problems.append({"entry": data, "problem": str(exc), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+                continue
+            self.entries.append(entry)
+        if problems:
+            self.set_aside.extend(problems)
+            payload = {"version": QUEUE_VERSION, "entries": self.set_aside}
+            write_text_atomic(self.folder / SET_ASIDE, json.dumps(payload, indent=1))
+        if self.set_aside:
+            self._warn(self._set_aside_message())
+
+    def _load_set_aside(self) -> None:
+        path = self.folder / SET_ASIDE
+        if not path.exists():
+            return
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
+            if not isinstance(entries, list) or not all(isinstance(e, dict) and "problem" in e for e in entries):
+                raise TypeError("entries must be a list of {entry, problem}")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            aside = self._move_damaged(path)
+            self._warn(f"The list of set-aside queue jobs could not be read ({exc}); it was moved to {aside}.")
+            return
+        self.set_aside = entries
+
+    def _set_aside_message(self) -> str:
+        shown = "; ".join(f"job {_entry_name(e['entry'])}: {e['problem']}" for e in self.set_aside[:3])
+        more = f"; and {len(self.set_aside) - 3} more" if len(self.set_aside) > 3 else ""
+        return (f"{len(self.set_aside)} queued job(s) could not be run as stored and were set aside in "
+                f"{self.folder / SET_ASIDE} ({shown}{more}); the rest of the queue runs. Queue them again "
+                "from the page to run them, and delete that file once you no longer need it.")
+
+    def _warn(self, message: str) -> None:
+        logger.warning(message)
+        self.warning = f"{self.warning} {message}" if self.warning else message
+
+    @staticmethod
+    def _move_damaged(path: Path) -> Path:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.replace(aside)
+        return aside
 
     def _save(self) -> None:
         payload = {
@@ -202,21 +327,31 @@ class JobQueue:
         }
         write_text_atomic(self.path, json.dumps(payload, indent=1))
 
-    def _recover(self) -> None:
-        """After a restart: a job that was running either finished (its record exists) or runs again."""
-        for entry in self.entries:
-            if entry.state != JobState.RUNNING:
-                continue
-            video = Path(entry.video) if entry.video else None
-            if video is not None and video.with_suffix(".json").is_file():
-                entry.state = JobState.DONE
-                entry.note = "finished just before the studio stopped"
-                continue
-            discarded = discard_partial_outputs(video) if video is not None else []
-            entry.state, entry.video = JobState.QUEUED, None
-            entry.note = "runs again from the beginning: the studio stopped during its run" + (
-                f" (its partial output {', '.join(p.name for p in discarded)} was deleted)" if discarded else "")
-            logger.warning("queued job %s %s", entry.id, entry.note)
+    def recover(self, output_dir: Path) -> None:
+        """After a restart: a job that was running either finished (its record exists) or runs again.
+        What it left is deleted only if this queue made it in ``output_dir`` (``made_by_queue``)."""
+        with self._lock:
+            for entry in self.entries:
+                if entry.state == JobState.RUNNING:
+                    self._recover(entry, Path(output_dir))
+            self._save()
+
+    @staticmethod
+    def _recover(entry: QueueEntry, output_dir: Path) -> None:
+        video = Path(entry.video) if entry.video else None
+        if video is not None and video.with_suffix(".json").is_file():
+            entry.state = JobState.DONE
+            entry.note = "finished just before the studio stopped"
+            return
+        note = "runs again from the beginning: the studio stopped during its run"
+        if video is not None and made_by_queue(entry, video, output_dir):
+            discarded = discard_partial_outputs(video)
+            if discarded:
+                note += f" (its partial output {', '.join(p.name for p in discarded)} was deleted)"
+        elif video is not None and video.exists():
+            note += f" ({video} was left in place: it is not a video this queue writes in {output_dir})"
+        entry.state, entry.video, entry.note = JobState.QUEUED, None, note
+        logger.warning("queued job %s %s", entry.id, entry.note)
 
     # ---- changes (each saved at once) -----------------------------------------------------------
     def add(self, image: PIL.Image.Image, settings: RunSettings, model: str, seeds: list[int],
@@ -295,10 +430,9 @@ class JobQueue:
             entry = next((e for e in self.entries if e.state == JobState.QUEUED), None)
             if entry is None:
                 return None
-            entry.state = JobState.RUNNING
-            stem = f"queue-{entry.id}-seed{entry.settings['seed']}"
-            entry.video = str(unique_path(Path(output_dir).resolve(), stem, ".mp4"))  # absolute: found after a restart
-            entry.error = None
+            stem = output_stem(entry.id, entry.settings["seed"])
+            video = unique_path(Path(output_dir).resolve(), stem, ".mp4")  # absolute: found after a restart
+            entry.state, entry.video, entry.error = JobState.RUNNING, str(video), None
             self._save()
             return entry
 
@@ -350,16 +484,37 @@ class JobQueue:
 
     def _drop_unused_images(self) -> None:
         used = {e.image for e in self.entries}
+        used |= {e["entry"].get("image") for e in self.set_aside if isinstance(e.get("entry"), dict)}
         for path in self.inputs.glob("*.png"):
             if path.name not in used:
                 path.unlink(missing_ok=True)
 
 
+def _entry_name(data: Any) -> str:
+    """An entry's id for messages, whatever the stored entry looks like."""
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and ENTRY_ID.fullmatch(value) else "without a readable id"
+
+
+def made_by_queue(entry: QueueEntry, video: Path, output_dir: Path) -> bool:
+    """Whether ``video`` is the file ``start_next`` chose for ``entry``: named ``queue-<its id>-seed<its
+    seed>[-n].mp4`` and directly in the output folder (symlinks resolved). Anything else, e.g. a path
+    from a hand-edited queue file or from another output folder, was not made by this queue."""
+    pattern = re.escape(output_stem(entry.id, entry.settings["seed"])) + r"(-\d+)?\.mp4"
+    if not video.is_absolute() or re.fullmatch(pattern, video.name) is None or video.is_symlink():
+        return False
+    try:
+        return video.parent.resolve(strict=True) == Path(output_dir).resolve(strict=True)
+    except OSError:  # the folder is gone: nothing to delete
+        return False
+
+
 def discard_partial_outputs(video: Path) -> list[Path]:
-    """Delete what an interrupted job left: its mp4 / gif (written before the record) and writer temporaries."""
+    """Delete what an interrupted job left: its mp4 / gif (written before the record) and writer temporaries.
+    Only for a ``video`` that ``made_by_queue`` confirmed."""
     leftovers = [video.with_suffix(s) for s in (".mp4", ".gif", ".json")]
     leftovers += list(video.parent.glob(f".{video.stem}.*"))  # temporaries of media and record writers
-    removed = [p for p in leftovers if p.exists()]
+    removed = [p for p in leftovers if p.is_file() and not p.is_symlink()]
     for path in removed:
         path.unlink()
     return removed

@@ -36,10 +36,15 @@ def _seconds(value: float) -> str:
 
 
 class QueueRunner:
-    """Runs the queue's waiting entries through ``worker`` in order; remove / move / add for the page."""
+    """Runs the queue's waiting entries through ``worker`` in order; remove / move / add for the page.
+
+    Made once per studio, before any of its jobs runs: a job the queue lists as running was running when
+    the studio last stopped, and is recovered (``JobQueue.recover``): it waits again, and what it left
+    in this studio's output folder is deleted."""
 
     def __init__(self, queue: JobQueue, worker: Worker, output_dir: Path, run_entry: RunEntry,
                  describe_error: Callable[[BaseException], str] = str):
+        queue.recover(output_dir)
         self.queue = queue
         self.worker = worker
         self.output_dir = Path(output_dir)
