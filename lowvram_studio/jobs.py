@@ -5,7 +5,9 @@ The CLI and the studio's worker both call this, so every output gets the same re
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
 from .settings import RunSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +44,16 @@ def output_paths(video: str | Path, gif: bool = False) -> dict[str, Path]:
     if gif:
         paths["gif"] = video.with_suffix(".gif")
     return paths
+
+
+def new_output_path(folder: str | Path, kind: str = "video", suffix: str = ".mp4") -> Path:
+    """A free name like ``video-20250101-120000-3fa9c1.mp4`` for a job submitted now.
+
+    Names are chosen when a job is submitted but written when it runs, so the time alone gave every
+    job submitted in the same second the same name and all but the first failed (issue #21); the
+    random part keeps them apart. Should two names still meet, the second write fails, never overwrites.
+    """
+    return media.unique_path(folder, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", suffix)
 
 
 def check_outputs_free(video: str | Path, gif: bool = False) -> None:
@@ -101,10 +115,14 @@ def run_job(
     it before recording, on every path, so the record has its last sample and torch peak. ``image_path``
     (where ``image`` was read from) goes into the record and, with the settings and model, into the
     mp4's comment tag, so the video alone can restore its run ("use these settings again").
+    Each output appears whole under its name or not at all and never replaces a file, even one made
+    during the run (``media``'s output rule); killed writers' temporaries in the folder are swept first.
     """
     settings.validate()
     check_outputs_free(video_path, gif)
     paths = output_paths(video_path, gif)
+    for stale in media.sweep_partial_outputs(paths["video"].parent):
+        logger.info("deleted %s, left half-written by a writer that was killed", stale)
     fitted = media.fit_image(image, settings.width, settings.height)
     cancel = cancel or CancelToken()
     input_info = input_image_info(image_path)
@@ -145,5 +163,8 @@ def run_job(
         video_fps=fps,
         interpolation=result.info.get("interpolation"),
     )
-    record.save(paths["record"])
+    try:
+        record.save(paths["record"])
+    except media.MediaError as exc:
+        raise media.MediaError(f"{exc} (the video was saved without its record: {paths['video']})") from exc
     return JobOutput(paths["video"], paths["record"], gif_path, result, record)

@@ -4,8 +4,10 @@ Input rule (documented for users): the image is turned upright by its EXIF orien
 RGB (transparency composited on white, 16-bit scaled to 8-bit), then scaled so it covers the target
 size and centre-cropped to exactly width x height.
 
-Output rule: a file is first written beside its final name and then linked into place, so a failed
-run leaves no half-written file and an existing file is never overwritten.
+Output rule: a file is first written to a marked temporary file beside its final name, its writer's
+status is checked, and only then is it linked into place: nothing half-written ever carries a final
+name and an existing file is never overwritten. Temporaries are removed when a write fails, and those
+of a killed process are swept by ``sweep_partial_outputs`` when the next job starts.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import psutil
 
 # Larger inputs are refused before decoding: 100 megapixels is ~5x an 8K frame and far past any
 # useful input, while a decompression bomb claims billions.
 MAX_INPUT_PIXELS = 100_000_000
+
+# Temporary files are named ".STEM.PID.RANDOM.partial.SUFFIX" (the suffix last: ffmpeg picks the
+# container by it); the writer's process id tells a killed writer's leftovers from a live one's.
+PARTIAL_NAME = re.compile(r"^\..*\.(?P<pid>\d+)\.[a-z0-9_]{8}\.partial(\.[^.]*)?$")
 
 
 class MediaError(ValueError):
@@ -107,28 +115,70 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(frames) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder, then link it in without overwriting."""
+def write_atomically(path: str | Path, write: Callable[[Path], None], replace: bool = False) -> Path:
+    """Have ``write`` fill a marked temporary file beside ``path``, then put it in place: all or nothing.
+
+    New outputs are hard-linked in, which fails with ``FileExistsError`` when ``path`` exists, even one
+    that appeared during the write; files the studio rewrites (its queue, settings) pass ``replace=True``
+    for ``os.replace``. The temporary file is gone afterwards however ``write`` ends; OSErrors propagate.
+    """
     path = Path(path)
-    if path.exists():
-        raise MediaError(f"{path} already exists; choose another name or delete it first")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)
-        os.close(handle)
-    except OSError as exc:
-        raise MediaError(f"cannot write to {folder} ({exc.strerror}); choose a writable output folder") from exc
-    temp = Path(temp_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=f".partial{path.suffix}",
+                                    dir=path.parent)
+    os.close(handle)
+    temp = Path(name)
     try:
         write(temp)
-        try:
-            os.link(temp, path)  # fails if `path` appeared meanwhile: never overwrites
-        except FileExistsError as exc:
-            raise MediaError(f"{path} already exists; choose another name or delete it first") from exc
+        if replace:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+def _write_output(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write_atomically`` for a new output file, its failures phrased for the user."""
+    if path.exists():
+        raise MediaError(f"{path} already exists; choose another name or delete it first")
+    try:
+        return write_atomically(path, write)
+    except FileExistsError as exc:
+        raise MediaError(f"{path} already exists; choose another name or delete it first") from exc
+    except OSError as exc:
+        raise MediaError(f"could not write {path} ({exc.strerror or exc}); free some disk space or choose a "
+                         "writable output folder") from exc
+
+
+def sweep_partial_outputs(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``folder``; returns what was deleted.
+
+    A temporary file is stale when the process named in it is gone, or started after the file was last
+    written (its id was reused). Live writers' files, and every file not named like ours, are kept.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    swept = []
+    for path in folder.iterdir():
+        match = PARTIAL_NAME.match(path.name)
+        if match is None or not path.is_file() or _writer_alive(int(match["pid"]), path.stat().st_mtime):
+            continue
+        path.unlink(missing_ok=True)
+        swept.append(path)
+    return swept
+
+
+def _writer_alive(pid: int, written_at: float) -> bool:
+    # Start times are only good to about a second (Linux counts from a boot time in whole seconds).
+    try:
+        return psutil.Process(pid).create_time() <= written_at + 2.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's live process
+        return True
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float, comment: str | None = None) -> Path:
@@ -140,30 +190,37 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float, comment: str | N
     pixels = _check_frames(to_uint8(frames))
     if comment is not None and "\n" in comment:
         raise ValueError("an mp4 comment must be one line; serialise it without newlines")
-    metadata = ["-metadata", f"comment={comment}"] if comment else []
     height, width = pixels.shape[1:3]
+    if width % 2 or height % 2:
+        raise ValueError(f"an mp4 (yuv420p) needs an even width and height; got {width}x{height}")
+    metadata = ["-metadata", f"comment={comment}"] if comment else []
+    path = Path(path)
+    return _write_output(path, lambda temp: _encode_h264(pixels, temp, fps, metadata, path))
 
-    def write(temp: Path) -> None:
-        import imageio_ffmpeg  # only the video paths need the bundled ffmpeg
 
-        writer = imageio_ffmpeg.write_frames(
-            str(temp),
-            (width, height),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_out="yuv420p",
-            quality=None,
-            bitrate=None,
-            output_params=["-crf", "16", "-movflags", "+faststart", *metadata],
-            macro_block_size=2,
-            ffmpeg_log_level="error",
-        )
-        writer.send(None)
-        for frame in pixels:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+def _encode_h264(pixels: np.ndarray, temp: Path, fps: float, output_params: list[str], path: Path) -> None:
+    """Pipe the frames through ffmpeg and check how it ended.
 
-    return _write_atomically(Path(path), write)
+    Not imageio-ffmpeg's ``write_frames``: it ignores ffmpeg's exit status, so a disk that filled up
+    while ffmpeg wrote left a truncated mp4 that passed for a finished one (issue #21).
+    """
+    import imageio_ffmpeg  # only the video paths need the bundled ffmpeg
+
+    height, width = pixels.shape[1:3]
+    rate = str(Fraction(fps).limit_denominator())
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", rate, "-i", "-",
+        "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "16", "-movflags", "+faststart",
+        *output_params, str(temp),
+    ]
+    raw = memoryview(np.ascontiguousarray(pixels)).cast("B")  # the frames' bytes, not a copy of them
+    done = subprocess.run(command, input=raw, capture_output=True, check=False)
+    if done.returncode != 0:
+        problem = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = problem[-1] if problem else f"ffmpeg ended with status {done.returncode}"
+        raise MediaError(f"could not write {path} ({detail}); free some disk space or choose a writable "
+                         "output folder")
 
 
 def _check_frames(pixels: np.ndarray) -> np.ndarray:
@@ -181,7 +238,7 @@ def write_gif(frames: np.ndarray, path: str | Path, fps: float) -> Path:
             temp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
         )
 
-    return _write_atomically(Path(path), write)
+    return _write_output(Path(path), write)
 
 
 def write_png_frames(frames: np.ndarray, folder: str | Path) -> list[Path]:
@@ -190,13 +247,19 @@ def write_png_frames(frames: np.ndarray, folder: str | Path) -> list[Path]:
     if folder.exists():
         raise MediaError(f"{folder} already exists; choose another folder name")
     return [
-        _write_atomically(folder / f"frame_{index:04d}.png", lambda temp, f=frame: PIL.Image.fromarray(f).save(temp, format="PNG"))
+        _write_output(folder / f"frame_{index:04d}.png",
+                      lambda temp, f=frame: PIL.Image.fromarray(f).save(temp, format="PNG"))
         for index, frame in enumerate(to_uint8(frames))
     ]
 
 
+def write_text(text: str, path: str | Path) -> Path:
+    """A new UTF-8 text output (a run record), written whole or not at all and never over another file."""
+    return _write_output(Path(path), lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
 def write_json(data: dict, path: str | Path) -> Path:
-    return _write_atomically(Path(path), lambda temp: temp.write_text(json.dumps(data, indent=2), encoding="utf-8"))
+    return write_text(json.dumps(data, indent=2), path)
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:

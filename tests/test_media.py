@@ -10,13 +10,13 @@ import PIL.Image
 import pytest
 
 from lowvram_studio.media import (
-    _write_atomically,
     MediaError,
     fit_image,
     load_image,
     read_video,
     to_uint8,
     unique_path,
+    write_atomically,
     write_gif,
     write_mp4,
     write_png_frames,
@@ -135,7 +135,7 @@ def test_a_write_failing_halfway_leaves_no_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _write_atomically(tmp_path / "v.mp4", half_then_fail)
+        write_atomically(tmp_path / "v.mp4", half_then_fail)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,8 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lowvram_studio.engine.events import Phase, RunEvent
+from lowvram_studio.media import write_atomically, write_text
 from lowvram_studio.monitor.vram import CPU_RAM, IdleBaseline, MonitorConfig, Sample, VramMonitor, measure_idle_baseline
 from lowvram_studio.sysinfo import collect_env
 
@@ -193,8 +192,8 @@ class RunRecord:
         return cls(**values)
 
     def save(self, path: str | Path) -> Path:
-        """Write the record as JSON atomically: a reader never sees half a file."""
-        return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        """Write the record as JSON, whole or not at all, never over an existing file (``MediaError``)."""
+        return write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True), path)
 
     @classmethod
     def load(cls, path: str | Path) -> "RunRecord":
@@ -321,12 +320,8 @@ def _describe_error(error: BaseException) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file in the same folder and ``os.replace``: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-    return path
+    """Rewrite a state file (queue, settings) whole: a reader sees the old text or the new, never half."""
+    return write_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"), replace=True)
 
 
 def _empty_results() -> dict[str, Any]:
