@@ -332,3 +332,89 @@ def test_leaving_the_page_mid_run_stops_its_job(studio_page):
     driver.get("about:blank")
     assert job.done.wait(30)
     assert job.state == JobState.CANCELLED
+
+
+def _toast(driver, text: str, timeout: float = 30) -> str:
+    """The first error/warning toast that contains ``text`` (read in the page: toasts come and go)."""
+    read = "return [...document.querySelectorAll('[data-testid=toast-text]')].map(t => t.innerText)"
+    return _wait(driver, lambda d: [t for t in d.execute_script(read) if text in t], timeout)[0]
+
+
+def _close_toasts(driver) -> None:
+    driver.execute_script("document.querySelectorAll('[data-testid=toast-close]').forEach(b => b.click())")
+
+
+def _unlocked(driver) -> bool:
+    """Generate, Compare, a form box and the image's upload take input again (the run's lock is lifted)."""
+    boxes = [driver.find_element(By.ID, "generate"), driver.find_element(By.ID, "compare"),
+             _number(driver, "num_frames")]
+    return not any(box.get_attribute("disabled") for box in boxes) and bool(
+        driver.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
+
+
+def test_an_error_on_generate_or_compare_leaves_the_form_usable_with_its_image(studio_page):
+    studio = studio_page.studio
+    saved = dict(studio.store.data.last)  # the failing run below saves its model; later tests get this back
+    try:
+        _errors_leave_the_form_usable(studio_page)
+    finally:
+        studio.store.save_last(saved)
+
+
+def _errors_leave_the_form_usable(studio_page):
+    driver = studio_page.driver
+    _fresh_page(studio_page)
+    _upload_image(driver)
+    _open_tab(driver, "Optimizations")
+    _set_number(driver, "chunk_size", 4)
+    _set_number(driver, "overlap", 6)  # conflicts with the chunk size: refused before anything runs
+    for button in ("generate", "compare"):
+        driver.find_element(By.ID, button).click()
+        assert "overlap must be at least 0 and smaller than chunk_size" in _toast(driver, "overlap must be")
+        _wait(driver, _unlocked, 10)
+        assert driver.find_elements(By.CSS_SELECTOR, "#input-image img")  # the image is still there
+        assert _number(driver, "overlap").get_attribute("value") == "6"  # and the settings as the user left them
+        _close_toasts(driver)
+
+    _set_number(driver, "overlap", 0)
+    _set_number(driver, "chunk_size", 0)
+    _open_tab(driver, "Generation")
+    model = driver.find_element(By.CSS_SELECTOR, "#ctl-model input")  # a model that fails once the run started
+    model.send_keys(Keys.CONTROL, "a")
+    model.send_keys("/no/such/model", Keys.ENTER)
+    _wait(driver, lambda d: model.get_attribute("value") == "/no/such/model", 10)
+    driver.find_element(By.ID, "generate").click()
+    assert "model_index.json" in _toast(driver, "was not found", 60)
+    _wait(driver, _unlocked, 10)
+    assert driver.find_elements(By.CSS_SELECTOR, "#input-image img")
+    _close_toasts(driver)
+
+
+def test_a_file_that_is_not_an_image_is_named_with_the_fix_and_earlier_results_stay(studio_page, tmp_path):
+    driver = studio_page.driver
+    _fresh_page(studio_page)
+    _upload_image(driver)
+    driver.find_element(By.ID, "generate").click()
+    _wait(driver, lambda d: "✔" in _text(d, "status"), 120)
+    finished = _text(driver, "status")
+
+    box = "#input-image input[type=file]"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    driver.find_element(By.CSS_SELECTOR, box).send_keys(str(notes))
+    assert "Only image/* allowed" in _toast(driver, "notes.txt")  # the page itself refuses it by its name
+    _close_toasts(driver)
+    broken = tmp_path / "broken.png"  # named like an image, but PIL cannot read it
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not an image")
+    renamed = tmp_path / "holiday.jpg"
+    renamed.write_text("a text file renamed to .jpg")
+    for bad in (broken, renamed):
+        driver.find_element(By.CSS_SELECTOR, box).send_keys(str(bad))
+        message = _toast(driver, bad.name)  # what media.load_image tells the CLI user
+        assert "is not an image PIL can read; use PNG, JPEG, WebP, BMP, TIFF or GIF" in message
+        _wait(driver, lambda d: not d.find_elements(By.CSS_SELECTOR, "#input-image img"), 10)  # box emptied
+        _wait(driver, _unlocked, 10)
+        _close_toasts(driver)
+    assert _text(driver, "status") == finished  # the earlier run's status, video and table are kept
+    assert driver.find_element(By.CSS_SELECTOR, "#video video").get_attribute("src").split("?")[0].endswith(".mp4")
+    assert "FP32" in _text(driver, "stats")

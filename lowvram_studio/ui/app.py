@@ -87,6 +87,15 @@ def user_message(exc: BaseException) -> str:
     return f"the run failed ({type(exc).__name__}: {text[:300]}); see the terminal for details, then try again"
 
 
+def check_image_upload(path: Path, name: str | None) -> None:
+    """Raise ``gr.Error`` with ``media.load_image``'s message (the CLI's) when PIL cannot read the upload,
+    naming the file as the user knows it rather than Gradio's temporary copy."""
+    try:
+        load_image(path.read_bytes())
+    except MediaError as exc:
+        raise gr.Error(f"{name or path.name}: {exc}") from exc
+
+
 def _fmt(value: Any, digits: int = 1, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{float(value) * scale:.{digits}f}"
 
@@ -226,6 +235,12 @@ class Studio:
 
     # ---- jobs ---------------------------------------------------------------------------------
     def prepare(self, image_path: str | None, form: dict[str, Any]) -> tuple[PIL.Image.Image, RunSettings]:
+        """``check_request``, then remember the form for the next start."""
+        image, settings = self.check_request(image_path, form)
+        self.store.save_last(form)
+        return image, settings
+
+    def check_request(self, image_path: str | None, form: dict[str, Any]) -> tuple[PIL.Image.Image, RunSettings]:
         """Check everything the user can fix before any job is queued; raise ``gr.Error`` with the fix."""
         if not image_path:
             raise gr.Error("No input image; drop an image or pick an example first.")
@@ -237,7 +252,6 @@ class Studio:
             settings = form_to_settings(form)
         except (MediaError, SettingsError) as exc:
             raise gr.Error(str(exc)) from exc
-        self.store.save_last(form)
         return image, settings
 
     def submit_generate(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any],
@@ -577,6 +591,13 @@ def build_app(studio: Studio) -> gr.Blocks:
             job = studio.submit_compare(request.session_hash or "anonymous", picture, settings, form)
             yield from studio.follow(job, tab, studio.finish_compare)
 
+        def check_request(image_path: str | None, *values: Any) -> None:
+            studio.check_request(image_path, form_of(values))
+
+        def check_upload(upload: dict | None) -> None:
+            if upload and upload.get("path"):
+                check_image_upload(Path(upload["path"]), upload.get("orig_name"))
+
         def stop_run(request: gr.Request) -> str:
             return studio.stop_owner(request.session_hash or "anonymous")
 
@@ -672,12 +693,24 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         app.load(restore, outputs=[*components, banner, preset_name], api_name="restore")
         app.unload(tab_closed)
+        # Generate and Compare check the request first, so a fixable problem locks nothing; the form is locked
+        # while the run goes and unlocked however it ends. Gradio 6.31's page fires a `.then()` step only when
+        # the step before it succeeded (an error fires just the `.failure()` steps), so the unlock hangs on both.
+        # The check is queued: the page shows no toast for a gr.Error of a queue=False step.
         for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
-            button.click(set_locked(True), outputs=lockable, queue=False, api_name=False).then(
+            run = button.click(check_request, [image, *components], api_name=False, concurrency_limit=None,
+                               show_progress="hidden").success(
+                set_locked(True), outputs=lockable, queue=False, api_name=False).then(
                 with_named_values(handler, names), inputs=[history, image, *components], outputs=results,
                 api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
-            ).then(set_locked(False), outputs=lockable, queue=False, api_name=False)
+            )
+            run.then(set_locked(False), outputs=lockable, queue=False, api_name=False)
+            run.failure(set_locked(False), outputs=lockable, queue=False, api_name=False)
+        # An upload PIL cannot read is named with the fix at once and the box emptied for the next file; the
+        # check reads the upload itself (preprocess=False): Gradio's own decoding would fail with a bare "Error".
+        image.upload(check_upload, image, preprocess=False, api_name=False, concurrency_limit=None,
+                     show_progress="hidden").failure(lambda: None, outputs=image, queue=False, api_name=False)
         stop.click(stop_run, outputs=status, api_name="stop", concurrency_limit=None)
         # A budget plans when picked and again when the model, size, frames, device or precision change.
         budget_triggers = [controls[name].input for name in ("vram_budget", BUDGET_GIB, *REPLAN_INPUTS)]
