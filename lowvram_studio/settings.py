@@ -7,7 +7,9 @@ The CLI flags, the UI controls, the run record and the benchmarks all speak thes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -70,6 +72,14 @@ class SettingsError(ValueError):
         super().__init__("; ".join(problems))
 
 
+class SettingsTypeError(SettingsError, TypeError):
+    """A value that is not of its field's type (``"abc"`` for a number, ``true`` for a seed).
+
+    Also a ``TypeError``, so code that caught the TypeError a comparison with such a value used to raise
+    still catches it.
+    """
+
+
 VRAM_BUDGETS = ("off", "auto", "4GB", "6GB", "8GB", "12GB", "24GB")
 INTERPOLATION_FACTORS = (1, 2, 4)
 MAX_SIDE = 2048
@@ -79,7 +89,11 @@ MAX_STEPS = 200
 
 @dataclass
 class RunSettings:
-    """Every knob of one run. Defaults suit the built-in demo model on a CPU."""
+    """Every knob of one run. Defaults suit the built-in demo model on a CPU.
+
+    This is the table of settings: each field's annotation is the type its values are checked against
+    (``type_problems``), so a new knob is checked by declaring it.
+    """
 
     # What to make
     height: int = 128
@@ -133,7 +147,14 @@ class RunSettings:
 
     # ---- validation -------------------------------------------------------------------------
     def problems(self) -> list[str]:
-        """Every problem with these settings, as user-facing sentences (empty when valid)."""
+        """Every problem with these settings, as user-facing sentences (empty when valid).
+
+        Types first: while a value is not of its field's type, only the type problems are listed, since
+        the value checks below compare numbers.
+        """
+        typed = type_problems(self._values())
+        if typed:
+            return typed
         out: list[str] = []
 
         def check(ok: bool, message: str) -> None:
@@ -222,8 +243,11 @@ class RunSettings:
         """Raise ``SettingsError`` listing every problem; return self when valid."""
         found = self.problems()
         if found:
-            raise SettingsError(found)
+            raise (SettingsTypeError if type_problems(self._values()) else SettingsError)(found)
         return self
+
+    def _values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -286,31 +310,72 @@ class RunSettings:
         Path(path).write_text(self.to_json(), encoding="utf-8")
 
 
-_ENUM_FIELDS = {
-    "unet_dtype": Precision,
-    "vae_dtype": Precision,
-    "encoder_dtype": Precision,
-    "half_compute": HalfCompute,
-    "offload": OffloadMode,
-    "window_blend": WindowBlend,
-    "prune_mode": PruneMode,
-    "device": DeviceChoice,
+# What a value of each field type must be, in the user's words.
+_EXPECTED = {
+    bool: "true or false (bool)",
+    int: "a whole number (int)",
+    float: "a number (float)",
+    str: "text (str)",
+    dict: "an object of named values (dict)",
 }
 
 
+@functools.cache
+def field_types() -> dict[str, type]:
+    """Each RunSettings field's type from its annotation: bool, int, float, str, dict or an Enum class."""
+    hints = typing.get_type_hints(RunSettings)
+    return {f.name: typing.get_origin(hints[f.name]) or hints[f.name] for f in dataclasses.fields(RunSettings)}
+
+
+def type_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the value of field ``name``, or None when it is of the field's type.
+
+    A bool is not a number (``true`` is no seed), a whole number is a float's value, an Enum field takes its
+    member or one of the member's strings in any case.
+    """
+    kind = field_types()[name]
+    if issubclass(kind, Enum):
+        if isinstance(value, kind) or (isinstance(value, str) and value.lower() in {e.value for e in kind}):
+            return None
+        expected = "one of " + ", ".join(e.value for e in kind)
+    else:
+        ok = isinstance(value, (int, float) if kind is float else kind)
+        if ok and (kind is bool or not isinstance(value, bool)):
+            return None
+        expected = _EXPECTED[kind]
+    return f"{name} must be {expected}; got {_shown(value)}"
+
+
+def type_problems(data: dict[str, Any]) -> list[str]:
+    """``type_problem`` of each known field in ``data``, in the table's order."""
+    return [problem for name in field_types() if name in data and (problem := type_problem(name, data[name]))]
+
+
+def _shown(value: Any) -> str:
+    """A value as the JSON of a settings file spells it, with its type: ``"abc" (str)``, ``true (bool)``."""
+    if value is None:
+        return "null"
+    try:
+        text = json.dumps(value.value if isinstance(value, Enum) else value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
 def _coerce(data: dict[str, Any]) -> dict[str, Any]:
-    """Turn enum strings into enums, with a message naming the allowed values."""
-    out = dict(data)
-    problems = []
-    for name, enum in _ENUM_FIELDS.items():
-        if name in out and not isinstance(out[name], enum):
-            try:
-                out[name] = enum(str(out[name]).lower())
-            except ValueError:
-                allowed = ", ".join(e.value for e in enum)
-                problems.append(f"{name} must be one of {allowed}; got {out[name]!r}")
+    """Check each value against its field's type (``SettingsTypeError`` listing every mismatch), then turn
+    enum strings into enums and whole numbers given for a float into floats."""
+    problems = type_problems(data)
     if problems:
-        raise SettingsError(problems)
+        raise SettingsTypeError(problems)
+    out = dict(data)
+    for name, value in data.items():
+        kind = field_types().get(name)
+        if kind is not None and issubclass(kind, Enum) and not isinstance(value, kind):
+            out[name] = kind(value.lower())
+        elif kind is float:
+            out[name] = float(value)
     return out
 
 

@@ -49,7 +49,7 @@ def test_json_round_trip_keeps_every_field():
 
 
 def test_enum_strings_are_checked():
-    with pytest.raises(SettingsError, match="offload must be one of none, model, stream; got 'disk'"):
+    with pytest.raises(SettingsError, match='offload must be one of none, model, stream; got "disk" \\(str\\)'):
         RunSettings.from_dict({"offload": "disk"})
 
 
@@ -69,3 +69,46 @@ def test_lossy_settings_are_named():
 def test_budget_strings_parse():
     assert budget_gib("6GB") == 6.0 and budget_gib("5.5gb") == 5.5
     assert budget_gib("auto") is None and budget_gib("off") is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"noise_aug_strength": "abc"}, 'noise_aug_strength must be a number (float); got "abc" (str)'),
+        ({"seed": True}, "seed must be a whole number (int); got true (bool)"),
+        ({"seed": 1.5}, "seed must be a whole number (int); got 1.5 (float)"),
+        ({"extra": "hello"}, 'extra must be an object of named values (dict); got "hello" (str)'),
+        ({"cfg_split": "yes"}, 'cfg_split must be true or false (bool); got "yes" (str)'),
+        ({"interpolate": True}, "interpolate must be a whole number (int); got true (bool)"),
+        ({"prune_threshold": [1]}, "prune_threshold must be a number (float); got [1] (list)"),
+        ({"vram_budget": 6}, "vram_budget must be text (str); got 6 (int)"),
+        ({"offload": None}, "offload must be one of none, model, stream; got null"),
+        ({"device": 5}, "device must be one of auto, cpu, cuda; got 5 (int)"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_field_the_type_and_the_value(data, message):
+    with pytest.raises(SettingsError) as caught:
+        RunSettings.from_dict(data)
+    assert caught.value.problems == [message]
+    with pytest.raises(SettingsError) as lenient:  # records and queue entries take this path
+        RunSettings.from_dict_lenient(data)
+    assert lenient.value.problems == [message]
+
+
+def test_validate_checks_types_before_values_instead_of_failing_on_a_comparison():
+    settings = RunSettings(seed=True, noise_aug_strength="abc", min_guidance_scale="x", height=500)  # type: ignore[arg-type]
+    assert settings.problems() == [
+        "seed must be a whole number (int); got true (bool)",
+        'noise_aug_strength must be a number (float); got "abc" (str)',
+        'min_guidance_scale must be a number (float); got "x" (str)',
+    ]
+    with pytest.raises(SettingsError, match="seed must be a whole number"):
+        settings.validate()
+
+
+def test_every_default_has_its_fields_type_and_whole_numbers_count_as_numbers():
+    assert RunSettings().problems() == []
+    settings = RunSettings.from_dict({"noise_aug_strength": 0, "max_guidance_scale": 3})
+    assert settings.noise_aug_strength == 0.0 and isinstance(settings.noise_aug_strength, float)
+    assert isinstance(settings.max_guidance_scale, float) and settings.validate() == settings
+    assert RunSettings.from_dict({"offload": "STREAM"}).offload is OffloadMode.STREAM
