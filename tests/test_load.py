@@ -52,6 +52,19 @@ def test_non_svd_model_is_named(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [(b'["StableVideoDiffusionPipeline"]', "a JSON list"), (b'"StableVideoDiffusionPipeline"', "a JSON string"),
+     (b"null", "JSON null"), (b"\xff\xfe not utf-8", None)],
+)
+def test_a_model_index_that_is_not_an_object_is_explained(tmp_path, content, kind):
+    (tmp_path / "model_index.json").write_bytes(content)
+    expected = (f"model_index.json holds {kind}, not the object of components a diffusers model index is"
+                if kind else "model_index.json cannot be read")
+    with pytest.raises(ModelError, match=expected + ".*re-download or repair the model folder"):
+        load_model(tmp_path)
+
+
 def test_incomplete_folder_lists_what_is_missing(tmp_path, svd_folder):
     broken = tmp_path / "broken"
     shutil.copytree(svd_folder, broken)

@@ -37,6 +37,9 @@ _CONFIG_FILES = {
 }
 
 
+_JSON_KINDS = {list: "list", str: "string", bool: "boolean"}
+
+
 class ModelError(ValueError):
     """A model that cannot be used, phrased as 'what is wrong; what to do'."""
 
@@ -111,8 +114,12 @@ def check_svd_folder(folder: Path) -> None:
         )
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{index_file} cannot be read ({exc}); re-download or repair the model folder") from exc
+    if not isinstance(index, dict):
+        kind = "JSON null" if index is None else f"a JSON {_JSON_KINDS.get(type(index), 'number')}"
+        raise ModelError(f"{index_file} holds {kind}, not the object of components a diffusers model index is; "
+                         "re-download or repair the model folder")
     class_name = index.get("_class_name")
     if class_name != SVD_PIPELINE_CLASS:
         raise ModelError(
