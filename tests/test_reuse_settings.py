@@ -194,3 +194,44 @@ def test_a_dropped_record_over_the_size_cap_is_refused_unread(tmp_path):
         file.truncate(MAX_RECORD_BYTES + 1)
     with pytest.raises(ReuseError, match="huge.json is larger than"):
         restore_form(str(huge), FORM_NAMES, served=[tmp_path])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"noise_aug_strength": "abc"}, 'noise_aug_strength must be a number (float); got "abc" (str)'),
+        ({"seed": True}, "seed must be a whole number (int); got true (bool)"),
+        ({"extra": "hello"}, 'extra must be an object of named values (dict); got "hello" (str)'),
+        ({"cfg_split": "yes"}, 'cfg_split must be true or false (bool); got "yes" (str)'),
+    ],
+)
+def test_a_record_with_a_value_of_the_wrong_type_is_refused_naming_it(first_run, tmp_path, capsys, change, message):
+    record = json.loads(first_run.with_suffix(".json").read_text())
+    record["settings"].update(change)
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps(record))
+    with pytest.raises(ReuseError, match="the settings in odd.json are not valid here") as caught:
+        load_reuse(odd)
+    assert message in str(caught.value)
+    assert main(["generate", "--from-record", str(odd), "--out", str(tmp_path / "o.mp4")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("image", "note"),
+    [
+        (["a"], 'its input image is recorded as ["a"] (list), not a file path; choose the image yourself'),
+        (5, "its input image is recorded as 5 (int), not a file path; choose the image yourself"),
+        ("/tmp/" + "x" * 300 + ".png", "cannot be read (File name too long); choose the image yourself"),
+    ],
+)
+def test_a_recorded_image_that_is_no_path_is_a_note_not_a_crash(first_run, tmp_path, image, note):
+    record = json.loads(first_run.with_suffix(".json").read_text())
+    record["input"] = {"image": image, "sha256": "0" * 64}
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps(record))
+    reused = load_reuse(odd)
+    assert reused.image is None and note in reused.image_note
+    restored = restore_form(str(odd), FORM_NAMES, served=[tmp_path])
+    assert restored.image is None and "choose the image yourself" in restored.message

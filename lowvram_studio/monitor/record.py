@@ -456,18 +456,26 @@ def _recorded_image(info: Any, image_folders: Sequence[Path] | None) -> tuple[Pa
     """
     if not isinstance(info, dict) or not info.get("image"):
         return None, "the record does not name its input image; choose the image yourself"
-    path = Path(str(info["image"]))
-    if image_folders is not None:
-        if not _inside(path, image_folders) or not path.is_file():
-            return None, (f"its input image {path} is not available to the studio (it reads back only images "
-                          "uploaded to it or saved in its output folder); choose the image yourself")
-    elif not path.is_file():
-        return None, f"its input image {path} no longer exists; choose the image yourself"
-    size = path.stat().st_size
-    if size > MAX_RECORDED_IMAGE_BYTES:
-        return None, (f"its input image {path} is {size / 2**20:.0f} MiB, larger than the "
-                      f"{MAX_RECORDED_IMAGE_BYTES // 2**20} MiB read back; choose the image yourself")
-    if info.get("sha256") and file_sha256(path) != info["sha256"]:
+    if not isinstance(info["image"], str):
+        shown = json.dumps(info["image"], default=repr)[:60]
+        return None, (f"its input image is recorded as {shown} ({type(info['image']).__name__}), not a file path; "
+                      "choose the image yourself")
+    path = Path(info["image"])
+    try:
+        if image_folders is not None:
+            if not _inside(path, image_folders) or not path.is_file():
+                return None, (f"its input image {path} is not available to the studio (it reads back only images "
+                              "uploaded to it or saved in its output folder); choose the image yourself")
+        elif not path.is_file():
+            return None, f"its input image {path} no longer exists; choose the image yourself"
+        size = path.stat().st_size
+        if size > MAX_RECORDED_IMAGE_BYTES:
+            return None, (f"its input image {path} is {size / 2**20:.0f} MiB, larger than the "
+                          f"{MAX_RECORDED_IMAGE_BYTES // 2**20} MiB read back; choose the image yourself")
+        changed = bool(info.get("sha256")) and file_sha256(path) != info["sha256"]
+    except OSError as exc:  # a name longer than the file system allows (is_file() raises), no permission, ...
+        return None, f"its input image {path} cannot be read ({exc.strerror or exc}); choose the image yourself"
+    if changed:
         return path, f"its input image {path} changed since that run, so the frames will differ"
     return path, None
 
