@@ -1,21 +1,37 @@
 """lowvram-studio generate | compare | info | models | ui — a thin shell over the engine.
 
-Bad input ends with exit code 2 and one line ``error: <what is wrong>; <what to do>`` on stderr.
+Every failure the user can act on ends with one line ``error: <what is wrong>; <what to do>`` on stderr
+and an exit code saying which kind it was (``EXIT_CODES``); a traceback (exit 1) is a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
+EXIT_BAD_INPUT = 2  # the input cannot work: fix the command, a file it names, or the machine's setup
+EXIT_RUN_FAILED = 3  # valid input, but the run failed on this hardware: out of memory, NaN / inf values
+EXIT_CANCELLED = 130  # stopped by the user (Ctrl+C), as shells report SIGINT
+EXIT_CODES = (
+    "exit codes: 0 done, 1 a bug (please report it), 2 bad input (the error line says what to change), "
+    "3 the run failed on this hardware (out of memory, or NaN / inf values: try the settings the error "
+    "line names), 130 stopped with Ctrl+C"
+)
+# A file or folder name has at most 255 bytes on ext4, NTFS (UTF-16 units) and APFS. --out's name leaves
+# room for the ".NAME.PID.RANDOM.partial.json" temporaries written beside it.
+NAME_MAX_BYTES = 255
+OUT_NAME_MAX_BYTES = 200
+_JSON_KINDS = {list: "list", str: "string", bool: "boolean"}
 
 # Engine flags: CLI name -> RunSettings field (DESIGN §7 "Engine knobs as CLI flags").
 _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -66,12 +82,13 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowvram-studio", description="Stable Video Diffusion on small GPUs.")
+    parser = argparse.ArgumentParser(prog="lowvram-studio", description="Stable Video Diffusion on small GPUs.",
+                                     epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="turn an image into a video")
+    gen = sub.add_parser("generate", help="turn an image into a video", epilog=EXIT_CODES)
     gen.add_argument("--image", type=Path, help="input image (PNG, JPEG, WebP, ...); required unless --from-record "
                      "finds the run's image")
     gen.add_argument("--out", type=Path, help="output video, e.g. out.mp4 (OUT.json is written beside it); "
@@ -85,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "--image, --model, --settings and setting flags given together override the record")
     _add_setting_flags(gen)
 
-    cmp = sub.add_parser("compare", help="run FP32, FP16 and FP16 + your optimizations side by side")
+    cmp = sub.add_parser("compare", help="run FP32, FP16 and FP16 + your optimizations side by side",
+                         epilog=EXIT_CODES)
     cmp.add_argument("--image", required=True, type=Path, help="input image")
     cmp.add_argument("--out", required=True, type=Path, help="folder for compare.json, curves.png and table.md")
     cmp.add_argument("--model", default="demo", help="demo | a diffusers SVD folder | svd_xt.safetensors")
@@ -116,6 +134,27 @@ def _setting_names() -> list[str]:
     return [f[0] for f in _SETTING_FLAGS.values()] + ["cfg_split"]
 
 
+def read_settings_file(path: Path | None) -> dict:
+    """The settings a ``--settings`` file holds, each of its field's type (checked before any model loads)."""
+    from .settings import RunSettings, SettingsError
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read settings file {path} ({exc}); give a JSON file saved by the studio") from exc
+    if not isinstance(data, dict):
+        kind = "JSON null" if data is None else f"a JSON {_JSON_KINDS.get(type(data), 'number')}"
+        raise UserError(f"settings file {path} holds {kind}, not an object of settings; "
+                        'give a JSON file saved by the studio, e.g. {"seed": 7, "num_frames": 14}')
+    try:
+        RunSettings.from_dict(data)  # unknown names and wrong types; values are checked with the flags
+    except SettingsError as exc:
+        raise UserError(f"settings file {path}: {exc}; fix the file or leave the setting out") from exc
+    return data
+
+
 def settings_from_args(args: argparse.Namespace, pipeline, base_settings: "RunSettings | None" = None) -> "RunSettings":
     """Model-native size and frames (or ``base_settings``, e.g. a record's), then a settings file, then explicit flags."""
     from .models.load import native_size
@@ -126,11 +165,7 @@ def settings_from_args(args: argparse.Namespace, pipeline, base_settings: "RunSe
     else:
         height, width, frames = native_size(pipeline)
         base = {"height": height, "width": width, "num_frames": frames}
-    if args.settings is not None:
-        try:
-            base.update(json.loads(Path(args.settings).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read settings file {args.settings} ({exc}); give a JSON file saved by the studio")
+    base.update(read_settings_file(args.settings))
     base.update({name: getattr(args, name) for name in _setting_names() if getattr(args, name, None) is not None})
     try:
         return RunSettings.from_dict(base).validate()
@@ -138,27 +173,31 @@ def settings_from_args(args: argparse.Namespace, pipeline, base_settings: "RunSe
         raise UserError(str(exc)) from exc
 
 
-def _progress_printer():
-    """A tqdm bar over denoise steps plus a line per phase, on stderr."""
-    from tqdm import tqdm
+class _ProgressPrinter:
+    """A tqdm bar over denoise steps plus a line per phase, on stderr. ``close()`` ends the bar, also when
+    the run fails, so the ``error:`` line starts a line of its own."""
 
-    from .engine.events import Phase
+    def __init__(self) -> None:
+        self.bar = None
 
-    state: dict = {"bar": None}
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
 
-    def on_event(event) -> None:
+        from .engine.events import Phase
+
         if event.phase == Phase.DENOISE and event.total:
-            if state["bar"] is None:
-                state["bar"] = tqdm(total=event.total, desc="denoise", unit="step", file=sys.stderr)
-            state["bar"].n = event.step or 0
-            state["bar"].refresh()
+            if self.bar is None:
+                self.bar = tqdm(total=event.total, desc="denoise", unit="step", file=sys.stderr)
+            self.bar.n = event.step or 0
+            self.bar.refresh()
             return
-        if state["bar"] is not None:
-            state["bar"].close()
-            state["bar"] = None
+        self.close()
         print(f"[{event.phase.value}] {event.message}".rstrip(), file=sys.stderr)
 
-    return on_event
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _apply_record(args: argparse.Namespace) -> "RunSettings | None":
@@ -197,21 +236,37 @@ def _apply_record(args: argparse.Namespace) -> "RunSettings | None":
     return reused.settings
 
 
-def _requested_device(args: argparse.Namespace, recorded: "RunSettings | None") -> str:
-    """The device a run will ask for, known before the model loads (flag, else settings file or record)."""
+def _requested_device(args: argparse.Namespace, recorded: "RunSettings | None") -> tuple[str, str]:
+    """The device a run will ask for, known before the model loads (flag, else settings file or record),
+    and where that was asked, for messages: ("cuda", "--device cuda")."""
     if args.device is not None:
-        return args.device
-    if args.settings is not None:  # an unreadable file is reported by settings_from_args, after this check
-        try:
-            data = json.loads(args.settings.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            data = None
-        return str(data.get("device", "auto")) if isinstance(data, dict) else "auto"
-    return recorded.device.value if recorded is not None else "auto"
+        device = str(args.device).lower()
+        return device, f"--device {device}"
+    from_file = read_settings_file(args.settings).get("device")
+    if from_file is not None:
+        device = str(from_file).lower()  # a str: read_settings_file checked the type
+        return device, f'"device": "{device}" in settings file {args.settings}'
+    if recorded is not None:
+        return recorded.device.value, f"device {recorded.device.value} in the record {args.from_record}"
+    return "auto", "device auto"
+
+
+def check_device(args: argparse.Namespace, recorded: "RunSettings | None") -> None:
+    """Before any model loads: this torch runs on the GPU (``check_torch_runs``), and CUDA asked for is there."""
+    import torch
+
+    from .sysinfo import TorchGpuError, check_torch_runs
+
+    device, asked = _requested_device(args, recorded)
+    check_torch_runs(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TorchGpuError(
+            f"{asked} asked for, but torch sees no CUDA GPU; run on the CPU with --device cpu (or auto, which "
+            "takes the GPU when there is one), or see `lowvram-studio info` for what torch and the driver report"
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .sysinfo import check_torch_runs
     from .jobs import check_outputs_free, run_job
     from .media import load_image
     from .models.load import load_model
@@ -219,15 +274,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     recorded = _apply_record(args)
     args.model = args.model or "demo"
+    check_paths(args)  # again: the record may have named the image, the model or the output
     check_outputs_free(args.out, args.gif)
     image = load_image(args.image)
-    check_torch_runs(_requested_device(args, recorded))
+    check_device(args, recorded)
     model = load_model(args.model, on_progress=tqdm_progress(f"loading {Path(args.model).name}"))
     if model.note:
         print(f"note: {model.note}", file=sys.stderr)
     settings = settings_from_args(args, model.pipeline, recorded)
-    output = run_job(model, image, settings, args.out, on_event=_progress_printer(), gif=args.gif,
-                     image_path=args.image)
+    with contextlib.closing(_ProgressPrinter()) as progress:
+        output = run_job(model, image, settings, args.out, on_event=progress, gif=args.gif, image_path=args.image)
     result = output.result
     print(
         f"wrote {output.video} ({result.frames.shape[0]} frames, {settings.width}x{settings.height}) and "
@@ -237,19 +293,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .sysinfo import check_torch_runs
     from .compare import run_compare
     from .media import load_image
     from .models.load import load_model
     from .monitor.vram import MonitorConfig, measure_idle_baseline
 
     image = load_image(args.image)
-    check_torch_runs(_requested_device(args, None))
+    check_device(args, None)
     device_baseline = measure_idle_baseline().device_used_mib  # before this process starts CUDA
     model = load_model(args.model)
     settings = settings_from_args(args, model.pipeline)
-    result = run_compare(model, image, settings, args.out, on_event=_progress_printer(),
-                         monitor_config=MonitorConfig(device_baseline_mib=device_baseline))
+    with contextlib.closing(_ProgressPrinter()) as progress:
+        result = run_compare(model, image, settings, args.out, on_event=progress,
+                             monitor_config=MonitorConfig(device_baseline_mib=device_baseline))
     print(result.table_md)
     print("wrote " + ", ".join(str(path) for path in result.files.values()))
     return 0
@@ -309,9 +365,73 @@ def second_studio_problem() -> str | None:
     return None
 
 
+def _name_too_long(flag: str, path: str | Path, limit: int = NAME_MAX_BYTES,
+                   what: str = "a file or folder name can have") -> str | None:
+    """Why the file system cannot hold ``path``: a part of it longer than ``limit`` bytes."""
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            return f"{flag} {shown}: that name is {size} bytes long, more than the {limit} {what}; choose a shorter name"
+    return None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path the command was given fits the file system, before anything is read, loaded or computed."""
+    problems = []
+    for name, value in sorted(vars(args).items()):
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, Path) or (name == "model" and isinstance(path, str)):
+                problems.append(_name_too_long("--" + name.replace("_", "-"), path))
+    if args.command == "generate" and args.out is not None:  # the name fits, but would its temporaries?
+        problems.append(_name_too_long("--out", Path(args.out).name, OUT_NAME_MAX_BYTES,
+                                       "bytes an output name may have (the temporary files beside it add to it)"))
+    for problem in filter(None, problems):
+        raise UserError(problem)
+
+
+def ui_port_problem(args: argparse.Namespace) -> str | None:
+    """Why the studio cannot serve on ``--port``: not a port, or another program listens there."""
+    from .ui.share import ALL_INTERFACES, LOCAL_HOST
+
+    if args.port is None:
+        return None  # the first free port from 7860 is chosen
+    if not 1 <= args.port <= 65535:
+        return (f"--port {args.port} is not a port; give a number from 1 to 65535, or leave --port out for the "
+                "first free one from 7860")
+    host = ALL_INTERFACES if args.listen else LOCAL_HOST
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        if os.name != "nt":  # as Gradio binds: a port left in TIME_WAIT by a closed studio is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, args.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE or getattr(exc, "winerror", None) == 10048:
+                return (f"port {args.port} on {host} is taken by another program (a studio already running?); "
+                        "choose another --port, or leave --port out for the first free one from 7860")
+            return f"cannot serve on port {args.port} ({exc.strerror or exc}); choose another --port, e.g. 7860"
+    return None
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's and the CPU allocator's out-of-memory errors (each predicate knows the texts of its side)."""
+    from .engine.oom import is_out_of_memory as gpu_out_of_memory
+    from .monitor.record import is_out_of_memory
+
+    return is_out_of_memory(error) or gpu_out_of_memory(error)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problem = second_studio_problem() if args.command == "ui" else None
+    try:
+        check_paths(args)
+        problem = (second_studio_problem() or ui_port_problem(args)) if args.command == "ui" else None
+    except UserError as exc:
+        problem = str(exc)
     if problem:  # told at once, before the slow imports below
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -328,10 +448,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .sysinfo import TorchGpuError
     try:
         return COMMANDS[args.command](args)
-    except (UserError, MediaError, ModelError, SettingsError, CompareError, OutOfMemoryAfterRetries,
-            NonFiniteError, PrecisionError, ReuseError, TorchGpuError) as exc:
+    except (UserError, MediaError, ModelError, SettingsError, CompareError, PrecisionError, ReuseError,
+            TorchGpuError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (OutOfMemoryAfterRetries, NonFiniteError) as exc:  # their messages name what to change
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except (RuntimeError, MemoryError) as exc:  # out of memory outside the engine's re-planning
+        if not _is_out_of_memory(exc):
+            raise
+        print(f"error: out of memory: {_first_line(exc)}; lower the size or frame count, set --vram-budget to "
+              "what your GPU has, or close other programs", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except RunCancelled:
         print("error: the run was stopped; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
