@@ -26,7 +26,7 @@ from ..engine.events import CancelToken, EventCallback, Phase, RunEvent
 from ..engine.precision import PrecisionPolicy, detect_gpu, execution_path, rounded_components
 from ..engine.pruning import draw_pruning_map
 from ..engine.sampler import resolve_device
-from ..jobs import JobOutput, check_outputs_free, run_job
+from ..jobs import JobOutput, check_outputs_free, new_output_path, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
 from ..monitor.record import ReuseError
 from ..models.demo import demo_model_info
@@ -256,7 +256,7 @@ class Studio:
 
     def submit_generate(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any],
                         image_path: str | None = None) -> Job:
-        video = unique_path(self.output_dir, time.strftime("video-%Y%m%d-%H%M%S"), ".mp4")
+        video = new_output_path(self.output_dir)  # unique per job: ten submits in one second all run
         gif = bool(form.get(GIF))
         try:
             check_outputs_free(video, gif)
@@ -298,7 +298,7 @@ class Studio:
     def submit_compare(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
         from ..compare import run_compare
 
-        out_dir = unique_path(self.output_dir, time.strftime("compare-%Y%m%d-%H%M%S"), "")
+        out_dir = new_output_path(self.output_dir, "compare", "")
         source = form.get(MODEL) or DEMO
 
         def work(on_event, cancel):
