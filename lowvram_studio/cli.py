@@ -31,7 +31,6 @@ EXIT_CODES = (
 # room for the ".NAME.PID.RANDOM.partial.json" temporaries written beside it.
 NAME_MAX_BYTES = 255
 OUT_NAME_MAX_BYTES = 200
-_JSON_KINDS = {list: "list", str: "string", bool: "boolean"}
 
 # Engine flags: CLI name -> RunSettings field (DESIGN §7 "Engine knobs as CLI flags").
 _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -136,6 +135,7 @@ def _setting_names() -> list[str]:
 
 def read_settings_file(path: Path | None) -> dict:
     """The settings a ``--settings`` file holds, each of its field's type (checked before any model loads)."""
+    from .models.load import json_kind
     from .settings import RunSettings, SettingsError
 
     if path is None:
@@ -145,8 +145,7 @@ def read_settings_file(path: Path | None) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read settings file {path} ({exc}); give a JSON file saved by the studio") from exc
     if not isinstance(data, dict):
-        kind = "JSON null" if data is None else f"a JSON {_JSON_KINDS.get(type(data), 'number')}"
-        raise UserError(f"settings file {path} holds {kind}, not an object of settings; "
+        raise UserError(f"settings file {path} holds {json_kind(data)}, not an object of settings; "
                         'give a JSON file saved by the studio, e.g. {"seed": 7, "num_frames": 14}')
     try:
         RunSettings.from_dict(data)  # unknown names and wrong types; values are checked with the flags

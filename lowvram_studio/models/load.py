@@ -40,6 +40,11 @@ _CONFIG_FILES = {
 _JSON_KINDS = {list: "list", str: "string", bool: "boolean"}
 
 
+def json_kind(data: object) -> str:
+    """How a parsed JSON value that should have been an object reads in a message: 'a JSON list', 'JSON null'."""
+    return "JSON null" if data is None else f"a JSON {_JSON_KINDS.get(type(data), 'number')}"
+
+
 class ModelError(ValueError):
     """A model that cannot be used, phrased as 'what is wrong; what to do'."""
 
@@ -117,8 +122,7 @@ def check_svd_folder(folder: Path) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{index_file} cannot be read ({exc}); re-download or repair the model folder") from exc
     if not isinstance(index, dict):
-        kind = "JSON null" if index is None else f"a JSON {_JSON_KINDS.get(type(index), 'number')}"
-        raise ModelError(f"{index_file} holds {kind}, not the object of components a diffusers model index is; "
+        raise ModelError(f"{index_file} holds {json_kind(index)}, not the object of components a diffusers model index is; "
                          "re-download or repair the model folder")
     class_name = index.get("_class_name")
     if class_name != SVD_PIPELINE_CLASS:
