@@ -15,7 +15,7 @@ from pathlib import Path
 import PIL.Image
 
 from . import media
-from .engine.events import CancelToken, EventCallback, Phase, RunEvent
+from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from .engine.oom import run_with_replan
 from .engine.planner import ModelDims, Planner, plan_for_settings
 from .engine.sampler import RunResult, generate, resolve_device
@@ -95,6 +95,28 @@ def _interpolate(result: RunResult, on_event: EventCallback | None, cancel: Canc
     result.phase_seconds[Phase.INTERPOLATE.value] = time.perf_counter() - started
 
 
+def _export(
+    result: RunResult, paths: dict[str, Path], fps: float, comment: str, gif: bool, cancel: CancelToken,
+    on_event: EventCallback | None,
+) -> Path | None:
+    """Write the mp4 (and GIF), one EXPORT event per file; a Stop while writing ends the writer within a
+    frame and deletes what this export wrote, so a stopped run leaves no outputs, as one stopped while
+    sampling does."""
+    writers = [(paths["video"], lambda path, stop: media.write_mp4(result.frames, path, fps, comment, stop))]
+    if gif:
+        writers.append((paths["gif"], lambda path, stop: media.write_gif(result.frames, path, fps, stop)))
+    written: list[Path] = []
+    try:
+        for path, write in writers:
+            _emit(RunEvent(Phase.EXPORT, message=path.name), result, on_event)
+            written.append(write(path, cancel.raise_if_cancelled))
+    except RunCancelled:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written[1] if gif else None
+
+
 def run_job(
     model: LoadedModel,
     image: PIL.Image.Image,
@@ -149,10 +171,10 @@ def run_job(
         if settings.interpolate > 1:
             _interpolate(result, on_event, cancel)
         fps = output_fps(settings.fps, settings.interpolate)
-        started = _emit(RunEvent(Phase.EXPORT), result, on_event).time
+        cancel.raise_if_cancelled()
+        started = time.perf_counter()
         comment = reuse_comment(settings, model.describe(), input_info)
-        media.write_mp4(result.frames, paths["video"], fps=fps, comment=comment)
-        gif_path = media.write_gif(result.frames, paths["gif"], fps=fps) if gif else None
+        gif_path = _export(result, paths, fps, comment, gif, cancel, on_event)
         result.phase_seconds[Phase.EXPORT.value] = time.perf_counter() - started
         _emit(RunEvent(Phase.DONE), result, on_event)
     finally:

@@ -12,6 +12,7 @@ of a killed process are swept by ``sweep_partial_outputs`` when the next job sta
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -181,11 +182,19 @@ def _writer_alive(pid: int, written_at: float) -> bool:
         return True
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: float, comment: str | None = None) -> Path:
+def write_mp4(
+    frames: np.ndarray,
+    path: str | Path,
+    fps: float,
+    comment: str | None = None,
+    check_stop: Callable[[], None] | None = None,
+) -> Path:
     """H.264 / yuv420p mp4 that browsers play, through the ffmpeg binary imageio-ffmpeg ships.
 
     ``comment`` goes into the mp4's comment tag (one line; the studio stores how the video was made
-    there, so a bare mp4 dropped back onto the studio restores its settings).
+    there, so a bare mp4 dropped back onto the studio restores its settings). ``check_stop`` is called
+    before each frame is handed to the encoder; whatever it raises (a stopped run) ends the encoder and
+    leaves no file behind.
     """
     pixels = _check_frames(to_uint8(frames))
     if comment is not None and "\n" in comment:
@@ -195,11 +204,18 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float, comment: str | N
         raise ValueError(f"an mp4 (yuv420p) needs an even width and height; got {width}x{height}")
     metadata = ["-metadata", f"comment={comment}"] if comment else []
     path = Path(path)
-    return _write_output(path, lambda temp: _encode_h264(pixels, temp, fps, metadata, path))
+    return _write_output(path, lambda temp: _encode_h264(pixels, temp, fps, metadata, path, check_stop))
 
 
-def _encode_h264(pixels: np.ndarray, temp: Path, fps: float, output_params: list[str], path: Path) -> None:
-    """Pipe the frames through ffmpeg and check how it ended.
+def _encode_h264(
+    pixels: np.ndarray,
+    temp: Path,
+    fps: float,
+    output_params: list[str],
+    path: Path,
+    check_stop: Callable[[], None] | None,
+) -> None:
+    """Pipe the frames through ffmpeg one by one and check how it ended.
 
     Not imageio-ffmpeg's ``write_frames``: it ignores ffmpeg's exit status, so a disk that filled up
     while ffmpeg wrote left a truncated mp4 that passed for a finished one (issue #21).
@@ -214,13 +230,31 @@ def _encode_h264(pixels: np.ndarray, temp: Path, fps: float, output_params: list
         "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "16", "-movflags", "+faststart",
         *output_params, str(temp),
     ]
-    raw = memoryview(np.ascontiguousarray(pixels)).cast("B")  # the frames' bytes, not a copy of them
-    done = subprocess.run(command, input=raw, capture_output=True, check=False)
-    if done.returncode != 0:
-        problem = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = problem[-1] if problem else f"ffmpeg ended with status {done.returncode}"
-        raise MediaError(f"could not write {path} ({detail}); free some disk space or choose a writable "
-                         "output folder")
+    # ffmpeg's messages go to a file, not a pipe: a pipe nobody reads could fill and stall the encoder.
+    with tempfile.TemporaryFile() as messages:
+        encoder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=messages)
+        try:
+            for frame in pixels:
+                if check_stop is not None:
+                    check_stop()
+                encoder.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
+            encoder.stdin.close()
+        except BrokenPipeError:  # ffmpeg quit early (a full disk); its status and messages say why
+            with contextlib.suppress(BrokenPipeError):
+                encoder.stdin.close()
+        except BaseException:
+            encoder.kill()
+            encoder.wait()
+            with contextlib.suppress(BrokenPipeError):
+                encoder.stdin.close()
+            raise
+        status = encoder.wait()
+        if status != 0:
+            messages.seek(0)
+            problem = messages.read().decode("utf-8", "replace").strip().splitlines()
+            detail = problem[-1] if problem else f"ffmpeg ended with status {status}"
+            raise MediaError(f"could not write {path} ({detail}); free some disk space or choose a writable "
+                             "output folder")
 
 
 def _check_frames(pixels: np.ndarray) -> np.ndarray:
@@ -229,9 +263,14 @@ def _check_frames(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def write_gif(frames: np.ndarray, path: str | Path, fps: float) -> Path:
+def write_gif(frames: np.ndarray, path: str | Path, fps: float, check_stop: Callable[[], None] | None = None) -> Path:
+    """An endlessly looping GIF; ``check_stop`` is called before each frame is converted (see ``write_mp4``)."""
     pixels = _check_frames(to_uint8(frames))
-    images = [PIL.Image.fromarray(frame) for frame in pixels]
+    images = []
+    for frame in pixels:
+        if check_stop is not None:
+            check_stop()
+        images.append(PIL.Image.fromarray(frame))
 
     def write(temp: Path) -> None:
         images[0].save(

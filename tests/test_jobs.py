@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from lowvram_studio.engine.events import Phase, RunEvent
+from lowvram_studio.engine.events import CancelToken, Phase, RunCancelled, RunEvent
 from lowvram_studio.jobs import run_job
 from lowvram_studio.models.load import LoadedModel, load_model
 from lowvram_studio.monitor.record import RunRecord
@@ -163,3 +163,22 @@ def test_studio_generate_and_queued_jobs_each_run_one_monitor(tmp_path, test_ima
         assert not monitor_threads()
     finally:
         studio.close()
+
+
+@pytest.mark.parametrize("stop_at", ["a.mp4", "a.gif"])
+def test_stop_during_export_leaves_no_outputs(model, test_image, tmp_path, stop_at):
+    """Stop as the mp4 or the GIF begins: the writer ends at its next frame and nothing is left, not even
+    the mp4 that was already whole when the GIF was stopped."""
+    token = CancelToken()
+    exported: list[str] = []
+
+    def on_event(event: RunEvent) -> None:
+        if event.phase == Phase.EXPORT:
+            exported.append(event.message)
+            if event.message == stop_at:
+                token.cancel()
+
+    with pytest.raises(RunCancelled):
+        run_job(model, test_image, TINY, tmp_path / "a.mp4", on_event=on_event, cancel=token, gif=True)
+    assert exported == ["a.mp4", "a.gif"][: exported.index(stop_at) + 1]
+    assert list(tmp_path.iterdir()) == []

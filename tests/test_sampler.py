@@ -77,3 +77,19 @@ def test_cancel_stops_between_steps(demo_pipeline, test_image, small_settings):
         generate(demo_pipeline, test_image, small_settings, on_event=on_event, cancel=token)
     assert max(e.step for e in seen if e.phase == Phase.DENOISE) == 1
     assert Phase.DECODE not in [e.phase for e in seen]
+
+
+def test_cancel_during_decode_stops_before_the_next_chunk(demo_pipeline, test_image, small_settings):
+    """The token passed to generate reaches the decode (no thread-current token needed: the CLI's path)."""
+    token = CancelToken()
+    settings = small_settings.replace(decode_chunk=1)
+    seen = []
+
+    def on_event(event):
+        seen.append(event.phase)
+        if event.phase == Phase.DECODE:
+            token.cancel()
+
+    with pytest.raises(RunCancelled):
+        generate(demo_pipeline, test_image, settings, on_event=on_event, cancel=token)
+    assert seen[-1] == Phase.DECODE

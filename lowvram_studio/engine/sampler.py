@@ -187,10 +187,16 @@ def predict_noise(
     return uncond + guidance * (text - uncond)
 
 
-def decode_frames(pipeline: StableVideoDiffusionPipeline, latents: torch.Tensor, settings: RunSettings) -> torch.Tensor:
-    """Latents (1, F, 4, h, w) -> float32 video (1, 3, F, H, W) in [-1, 1], chunked/tiled as settings say."""
+def decode_frames(
+    pipeline: StableVideoDiffusionPipeline,
+    latents: torch.Tensor,
+    settings: RunSettings,
+    cancel: CancelToken | None = None,
+) -> torch.Tensor:
+    """Latents (1, F, 4, h, w) -> float32 video (1, 3, F, H, W) in [-1, 1], chunked/tiled as settings say;
+    ``cancel`` is checked before each chunk and tile."""
     make_room(pipeline, "vae")
-    pixels = decode_latents(pipeline.vae, latents[0], DecodeConfig.from_settings(settings))
+    pixels = decode_latents(pipeline.vae, latents[0], DecodeConfig.from_settings(settings), cancel=cancel)
     return pixels.permute(1, 0, 2, 3)[None]
 
 
@@ -287,7 +293,9 @@ def generate(
             # 4. Decode
             mark = log.emit(Phase.DECODE).time
             planner = Planner(ModelDims.from_pipeline(pipeline), device_type=device.type)
-            video = decode_with_fallback(lambda s: decode_frames(pipeline, latents, s), settings, planner, report_retry)
+            video = decode_with_fallback(
+                lambda s: decode_frames(pipeline, latents, s, cancel), settings, planner, report_retry
+            )
             check_finite(video, "vae", policy, "while decoding")
             frames = to_frames(pipeline, video)
             del video, latents
