@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -68,6 +69,19 @@ def test_curves_png_is_written_with_one_panel_per_run(tmp_path):
     assert set(frame["series"]) == {"FP32 original", "FP16 only"}
     fp32 = frame[frame.series == "FP32 original"].mib.max() - frame[frame.series == "FP32 original"].mib.min()
     assert fp32 > 150  # the held 200 MiB shows in the curve
+
+
+def test_a_curves_png_cut_short_by_a_full_disk_never_carries_its_final_name(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full_disk(figure, target, **kwargs):  # the disk boundary: half a PNG, then ENOSPC
+        Path(target).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        plot_curves([fake_run_record("FP32 original", 10)], tmp_path / "curves.png")
+    assert list(tmp_path.iterdir()) == []  # neither a cut curves.png nor a temporary left behind
 
 
 def test_table_has_the_write_up_shape_and_every_figure(tmp_path):

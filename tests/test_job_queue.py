@@ -50,6 +50,30 @@ def test_seed_sweeps_expand_and_bad_lists_are_refused_with_the_form():
         parse_seeds("1..1000", default=0)
 
 
+KILLED_DURING_THE_INPUT_COPY = """
+import os, sys, PIL.Image
+from lowvram_studio.settings import RunSettings
+from lowvram_studio.ui.job_queue import JobQueue
+
+def killed(image, target, *args, **kwargs):  # the process dies half-way through writing the PNG
+    open(target, "wb").write(b"half a png")
+    os._exit(9)
+
+queue = JobQueue(sys.argv[1])
+PIL.Image.Image.save = killed
+queue.add(PIL.Image.open(sys.argv[2]), RunSettings(width=64, height=64), "demo", [1])
+"""
+
+
+def test_an_input_copy_killed_mid_write_is_swept_when_the_queue_opens_again(tmp_path):
+    subprocess.run([sys.executable, "-c", KILLED_DURING_THE_INPUT_COPY, str(tmp_path), str(ASSET)], check=False,
+                   timeout=120)
+    left = [p.name for p in (tmp_path / "inputs").iterdir()]
+    assert len(left) == 1 and ".partial" in left[0]  # the killed write left only its temporary
+    JobQueue(tmp_path).close()
+    assert list((tmp_path / "inputs").iterdir()) == []
+
+
 def test_order_moves_and_removals_are_saved_and_restored(tmp_path):
     queue = JobQueue(tmp_path)
     image = PIL.Image.open(ASSET)

@@ -62,6 +62,15 @@ def test_loading_something_else_says_what_to_do(tmp_path):
         RunRecord.load(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("version", ["2", "1.0", None, True, [1]])
+def test_a_record_whose_version_is_not_a_whole_number_is_refused_with_the_fix(tmp_path, version):
+    data = recorded_failure().to_dict()
+    data["version"] = version
+    (tmp_path / "dropped.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"version is .*not a whole number.*pick a \.json file saved by LowVRAM"):
+        RunRecord.load(tmp_path / "dropped.json")
+
+
 def test_dataframe_is_long_format_from_zero_seconds():
     record = recorded_failure()
     frame = record.to_dataframe()

@@ -180,8 +180,12 @@ class RunRecord:
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
         if not isinstance(data, dict) or "results" not in data or "settings" not in data:
             raise ValueError("this is not a LowVRAM Studio run record (no settings/results); pick a run's .json file")
-        if data.get("version", RECORD_VERSION) > RECORD_VERSION:
-            LOG.warning("run record version %s is newer than this LowVRAM Studio reads (%s)", data["version"], RECORD_VERSION)
+        version = data.get("version", RECORD_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):  # a dropped or edited file: say so, no TypeError
+            raise ValueError(f"this run record's version is {version!r}, not a whole number like {RECORD_VERSION}; "
+                             "pick a .json file saved by LowVRAM Studio")
+        if version > RECORD_VERSION:
+            LOG.warning("run record version %s is newer than this LowVRAM Studio reads (%s)", version, RECORD_VERSION)
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["samples"] = [Sample.from_dict(s) for s in data.get("samples", [])]

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lowvram_studio.engine.events import Phase
+from lowvram_studio.media import write_atomically
 from lowvram_studio.monitor.record import SERIES, RunRecord
 from lowvram_studio.monitor.vram import CPU_RAM
 
@@ -93,10 +94,8 @@ def plot_curves(
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
     axes[-1].set_xlabel("seconds since the run started")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    # Whole or not at all: a full disk or a killed process leaves a swept temporary, never a cut PNG.
+    return write_atomically(path, lambda temp: fig.savefig(temp, dpi=110, format="png"))
 
 
 def _draw_run(ax, record: RunRecord, color: str, min_label_s: float) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..media import write_atomically
+
 COLORS = {"fp32": "#d62728", "fp16": "#1f77b4", "optimized": "#2ca02c", "live": "#ff7f0e", "phase": "#9e9e9e"}
 MAX_POINTS = 200  # per series: enough for the eye, cheap for the browser to redraw 2.5x a second
 MAX_RUNS = 6  # earlier runs kept per tab
@@ -95,5 +97,4 @@ def write_curve_png(runs: Sequence[CurveRun], memory_label: str, path: Path) -> 
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
-    figure.savefig(path)
-    return path
+    return write_atomically(path, lambda temp: figure.savefig(temp, format="png"))  # never a cut PNG

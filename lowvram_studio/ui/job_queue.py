@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import PIL.Image
 
-from ..media import unique_path
+from ..media import sweep_partial_outputs, unique_path, write_atomically
 from ..monitor.record import write_text_atomic
 from ..settings import RunSettings
 from .queue_lock import QueueLock
@@ -231,6 +230,7 @@ class JobQueue:
         self.entries: list[QueueEntry] = []
         self.speeds: dict[str, Speed] = {}
         self.set_aside: list[dict[str, Any]] = []  # {"entry": as stored, "problem": why, "time": when}
+        sweep_partial_outputs(self.inputs)  # input copies a killed studio was writing
         self._load()
         self._save()
 
@@ -370,11 +370,8 @@ class JobQueue:
         digest = hashlib.sha256(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()[:16]
         name = f"{digest}.png"
         path = self.inputs / name
-        if not path.exists():
-            self.inputs.mkdir(parents=True, exist_ok=True)
-            temp = self.inputs / f".{name}.partial"
-            rgb.save(temp, format="PNG")
-            os.replace(temp, path)
+        if not path.exists():  # a temporary named like media's outputs: one a killed write left is swept
+            write_atomically(path, lambda temp: rgb.save(temp, format="PNG"), replace=True)
         return name
 
     def image_path(self, entry: QueueEntry) -> Path:
