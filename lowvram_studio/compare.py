@@ -45,7 +45,7 @@ FP32_LABEL = "FP32 original"
 FP16_LABEL = "FP16 only"
 OPTIMIZED_LABEL = "FP16 + chosen optimizations"
 COLORS = {FP32_LABEL: "tab:red", FP16_LABEL: "tab:blue", OPTIMIZED_LABEL: "tab:green"}
-COMPARE_FILES = ("compare.json", "curves.png", "table.md")
+COMPARE_FILES = ("compare.json", "curves.png", "table.md", "side_by_side.mp4")
 COMPARE_VERSION = 1
 COMPONENTS = ("unet", "vae", "image_encoder")
 # What a run makes (kept from the user's settings in every compare run); every other field is a technique.
@@ -131,6 +131,7 @@ def run_compare(
 
     reference: np.ndarray | None = None
     records: list[RunRecord] = []
+    clips: list[np.ndarray] = []  # uint8 frames of each run that completed, for the side-by-side video
     with _models(model, runs) as models:
         for index, (run, loaded) in enumerate(zip(runs, models, strict=True)):
             if cancel is not None:
@@ -166,6 +167,8 @@ def run_compare(
                     f"{run.label}: this PyTorch cannot run an fp16 operation on "
                     f"{resolve_device(run.settings.device).type} ({error}); run compare on a GPU"
                 ) from error
+            if result is not None:
+                clips.append(media.to_uint8(result.frames))
             if result is not None and index == 0:
                 reference = np.asarray(result.frames, dtype=np.float32)
             elif result is not None:
@@ -176,7 +179,7 @@ def run_compare(
             del result, loaded  # nothing may hold this run's pipeline or frames while the next one starts
             release_memory()
 
-    return _write(records, out_dir, notes)
+    return _write(records, out_dir, notes, clips, settings.fps)
 
 
 def apply_compare_precision(pipeline: Any, settings: RunSettings) -> None:
@@ -309,7 +312,17 @@ def _add_fidelity(record: RunRecord, frames: np.ndarray, reference: np.ndarray |
     record.results.update(psnr_db=psnr, ssim=ssim)
 
 
-def _write(records: list[RunRecord], out_dir: Path, notes: list[str]) -> CompareResult:
+def side_by_side(clips: list[np.ndarray]) -> np.ndarray:
+    """The runs' clips next to each other, left to right in run order, split by a white bar 8 px wide
+    (8 keeps the width even, as H.264 / yuv420p wants)."""
+    frames, height = clips[0].shape[0], clips[0].shape[1]
+    bar = np.full((frames, height, 8, 3), 255, dtype=np.uint8)
+    parts = [part for clip in clips for part in (clip, bar)][:-1]
+    return np.concatenate(parts, axis=2)
+
+
+def _write(records: list[RunRecord], out_dir: Path, notes: list[str], clips: list[np.ndarray],
+           fps: float) -> CompareResult:
     _check_out_dir(out_dir)
     table = compare_table_md(records)
     if notes:
@@ -320,4 +333,6 @@ def _write(records: list[RunRecord], out_dir: Path, notes: list[str]) -> Compare
         "png": plot_curves(records, out_dir / "curves.png", colors=COLORS, title="FP32 vs FP16: memory over time"),
         "md": write_text_atomic(out_dir / "table.md", table),
     }
+    if clips:  # watched together, the runs' differences show where PSNR/SSIM only count them
+        files["video"] = media.write_mp4(side_by_side(clips), out_dir / "side_by_side.mp4", fps)
     return CompareResult(records=records, out_dir=out_dir, files=files, table_md=table, notes=notes)

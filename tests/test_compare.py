@@ -92,7 +92,7 @@ def test_table_has_the_write_up_shape_and_every_figure(tmp_path):
     lines = table.splitlines()
     assert lines[0] == (
         "| device | frames | FP32 original CPU RAM (peak RSS) | FP16 + chosen optimizations CPU RAM (peak RSS) "
-        "| FP32 original FPS | FP16 + chosen optimizations FPS |"
+        "| FP32 original frames generated per s | FP16 + chosen optimizations frames generated per s |"
     )
     assert lines[2].startswith("| CPU | 4 |") and " OOM |" in lines[2] and lines[2].endswith("| n/a | 2 |")
     assert "| FP32 original OOM |" in table
@@ -156,6 +156,15 @@ def test_compare_writes_json_png_and_table_that_load_back(compared):
     assert "| CPU | 2 |" in result.table_md and "slow reference convolutions" in result.table_md
 
 
+def test_the_three_runs_play_side_by_side_in_one_video(compared):
+    from lowvram_studio.media import read_video
+
+    result, *_ = compared
+    frames, fps = read_video(result.files["video"])
+    assert frames.shape == (2, 64, 3 * 64 + 2 * 8, 3) and fps == TINY_RUN.fps  # three clips, two white bars
+    assert frames[:, :, 64:72].min() > 200  # the bar between run (a) and run (b)
+
+
 def test_fp32_run_peaks_above_fp16_in_cpu_ram(compared):
     result, *_ = compared
     fp32, fp16, optimized = (r.results["ram_peak_mib"] for r in result.records)
@@ -183,7 +192,7 @@ def test_compare_restores_the_model_and_tags_events(compared):
 
 def test_compare_refuses_a_folder_with_compare_files(compared, test_image):
     result, model, *_ = compared
-    with pytest.raises(CompareError, match="already holds compare.json, curves.png, table.md; choose another"):
+    with pytest.raises(CompareError, match="already holds compare.json, curves.png, table.md, side_by_side.mp4; choose another"):
         run_compare(model, test_image, TINY_RUN, result.out_dir)
 
 

@@ -28,6 +28,9 @@ PHASE_COLORS = {
     Phase.INTERPOLATE: "#c7e9c0",
     Phase.EXPORT: "#f2f2aa",
 }
+# The record's ``output_fps`` (DESIGN §3: delivered frames / wall seconds with the model loaded) is how fast
+# frames are made, not the video's frame rate (the fps setting); it is named so it cannot be read as one.
+THROUGHPUT = "frames generated per s"
 DEFAULT_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown")
 
 
@@ -134,13 +137,14 @@ def compare_table_md(records: Sequence[RunRecord], reference: int = 0, optimized
     memory_key, memory_name = memory_figure(records)
     device = ref.env.get("gpu") or "CPU"
     lines = [
-        f"| device | frames | {ref.label} {memory_name} | {opt.label} {memory_name} | {ref.label} FPS | {opt.label} FPS |",
+        f"| device | frames | {ref.label} {memory_name} | {opt.label} {memory_name} | {ref.label} {THROUGHPUT} "
+        f"| {opt.label} {THROUGHPUT} |",
         "|---|---|---|---|---|---|",
         f"| {device} | {_value(opt.results.get('frames') or ref.settings.get('num_frames'))} "
         f"| {_mib(ref.results[memory_key])}{_oom(ref)} | {_mib(opt.results[memory_key])}{_oom(opt)} "
         f"| {_num(ref.results['output_fps'], 3)} | {_num(opt.results['output_fps'], 3)} |",
         "",
-        f"| run | process peak | torch peak | device peak | RAM peak | s/step | output FPS | PSNR vs {ref.label} | SSIM vs {ref.label} |",
+        f"| run | process peak | torch peak | device peak | RAM peak | s/step | {THROUGHPUT} | PSNR vs {ref.label} | SSIM vs {ref.label} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
