@@ -17,9 +17,9 @@ Per row: process peak (NVML per process; fallback device used minus the idle bas
 (max_memory_allocated), device peak, s/step (mean over steps 2..N, synchronised), total seconds (model
 loaded; one warm-up run first), output FPS, PSNR against diffusers-fp16 and against diffusers-fp32 of the same
 case (where the step counts match: ``--steps-fp32 25`` for the fp32 reference), MFU (UNet FLOPs of
-one CFG step counted by torch.utils.flop_counter.FlopCounterMode, over the H100's dense fp16/bf16 peak
-taken as 989 TFLOP/s for every row, fp32 included). After the matrix: memory release (5 runs in a row of
-ours-lossless at case A return to the idle footprint).
+one CFG step counted by torch.utils.flop_counter.FlopCounterMode on the meta device, engine/speed_model.py,
+over the H100's dense fp16/bf16 peak taken as 989 TFLOP/s for every row, fp32 included). After the matrix:
+memory release (5 runs in a row of ours-lossless at case A return to the idle footprint).
 
     python bench/engine.py --out $OUT/engine.json            # H100, ~6-9 minutes
     python bench/engine.py --cases B --configs diffusers-fp16,ours-lossless
@@ -50,11 +50,11 @@ import PIL.Image  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from skimage.metrics import peak_signal_noise_ratio  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.placement import clear_placement  # noqa: E402
 from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.engine.speed_model import count_step_flops  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
 logger = logging.getLogger("bench.engine")
@@ -185,23 +185,6 @@ def test_image(width: int, height: int) -> PIL.Image.Image:
     disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.05).astype(float)
     rgb = np.stack([x, y, 0.5 + 0.5 * disc], axis=-1)
     return PIL.Image.fromarray((rgb * 255).astype(np.uint8))
-
-
-def count_step_flops(unet: torch.nn.Module, case: tuple[int, int, int], device: torch.device) -> int:
-    """FLOPs of one CFG step (one batch-2 UNet call), counted by FlopCounterMode."""
-    height, width, frames = case
-    dtype = next(unet.parameters()).dtype
-    sample = torch.randn(2, frames, 8, height // 8, width // 8, device=device, dtype=dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(
-            sample,
-            torch.tensor(1.0, device=device),
-            encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, device=device, dtype=dtype),
-            added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * 2, device=device, dtype=dtype),
-            return_dict=False,
-        )
-    del sample
-    return counter.get_total_flops()
 
 
 # ---- one measured run -----------------------------------------------------------------------------
@@ -501,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     def count_flops(unet: torch.nn.Module) -> None:
         for name, case in cases.items():
             if name not in flops:
-                flops[name] = count_step_flops(unet, case, device)
-                free(device)
+                flops[name] = int(count_step_flops(unet.config, *case))
                 logger.info("case %s: %.1f TFLOP per CFG step", name, flops[name] / 1e12)
 
     # 1. fp32 pipeline: diffusers-fp32 rows; later, cast in place, ours (same seed-0 weights as fp16's)
@@ -541,9 +523,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_ours_config(name: str) -> None:
         if not flops:
-            count_flops(fp32.unet.to(device))
-            fp32.to("cpu")
-            free(device)
+            count_flops(fp32.unet)
         for case_name, case in cases.items():
             record(name, case_name, args.steps,
                    lambda s, c=case, i=images[case_name]: run_ours(fp32, i, ours_settings(args, c, s, name, device)))

@@ -23,6 +23,8 @@ from lowvram_studio.engine.planner import (
     phase_features,
 )
 from lowvram_studio.engine.sampler import generate
+from lowvram_studio.engine.speed_model import CardSpeed
+from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
 from lowvram_studio.settings import OffloadMode, Precision, RunSettings
 
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25), "C": (512, 512, 96)}
@@ -113,6 +115,45 @@ def test_calibrate_recovers_a_known_memory_model():
         settings = RunSettings.from_dict(row["settings"])
         predicted = fitted.predict(SVD_XT_DIMS, settings, 600).peak_mib
         assert predicted == pytest.approx(row["process_peak_mib"], rel=0.02)
+
+
+# ---- the user's card: streaming where it is nearly free ------------------------------------------------
+def _card(name: str) -> CardSpeed:
+    card, known = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, name)
+    assert known, name
+    return card
+
+
+def _first_lossy(reasons: list[str]) -> int:
+    return next(i for i, reason in enumerate(reasons) if "(lossy" in reason)
+
+
+def test_on_a_gtx_1060_the_6gb_plan_streams_before_any_lossy_move_and_needs_fewer_chunks():
+    today = Planner(SVD_XT_DIMS).plan(_case("B"), PRESETS["6GB"])
+    slow_card = Planner(SVD_XT_DIMS, speed=_card("NVIDIA GeForce GTX 1060 6GB")).plan(_case("B"), PRESETS["6GB"])
+    assert slow_card.fits and slow_card.settings.offload == OffloadMode.STREAM
+    streaming = next(i for i, reason in enumerate(slow_card.reasons) if "streaming" in reason)
+    assert streaming < _first_lossy(slow_card.reasons) and "GTX 1060" in slow_card.reasons[streaming]
+    streamed_today = [i for i, reason in enumerate(today.reasons) if "streaming" in reason]
+    assert not streamed_today or streamed_today[0] > _first_lossy(today.reasons)  # today: lossy first, if at all
+    assert slow_card.settings.lossy_settings() == today.settings.lossy_settings()  # no lossier than today
+    assert slow_card.rung < today.rung  # streamed weights leave room: fewer (slower) chunking moves
+
+
+def test_where_streaming_costs_time_the_ladder_stays_as_without_a_card():
+    card = _card("NVIDIA H100 80GB HBM3")  # transfer-bound streaming: the deep groups wait for PCIe
+    for case in CASES:
+        assert card.streaming_overhead(_case(case)) > 0.05
+        for budget in ("4GB", "6GB"):
+            plain = Planner(SVD_XT_DIMS).plan(_case(case), PRESETS[budget])
+            fast = Planner(SVD_XT_DIMS, speed=card).plan(_case(case), PRESETS[budget])
+            assert (fast.settings, fast.reasons) == (plain.settings, plain.reasons)
+
+
+def test_a_request_that_fits_is_not_streamed_even_where_streaming_is_free():
+    planner = Planner(SVD_XT_DIMS, speed=_card("NVIDIA GeForce GTX 1060 6GB"))
+    plan = planner.plan(_case("A"), PRESETS["24GB"].__class__("huge", 200 * 1024, 800))
+    assert plan.rung == 0 and plan.settings.offload == OffloadMode.NONE
 
 
 # ---- out-of-memory re-planning, on the real demo pipeline ----------------------------------------------

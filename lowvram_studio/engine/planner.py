@@ -33,6 +33,7 @@ import torch
 
 from ..settings import OffloadMode, Precision, RunSettings, budget_gib
 from .events import Phase
+from .speed_model import CardSpeed, streaming_groups
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ class ModelDims:
             return sum(p.numel() for p in module.parameters())
 
         unet = pipeline.unet
-        groups = []
-        for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
-            for child in block.children():
-                members = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
-                groups.extend(count(m) for m in members)
+        groups = [count(module) for _, module in streaming_groups(unet)]
         outside = count(unet) - sum(groups)
         return cls(
             name=name,
@@ -285,6 +282,9 @@ SMALL_CARD_CONTEXT_MIB = 800.0
 # under-prediction of that size still fits the card.
 PLAN_MARGIN = 0.12
 DESKTOP_RESERVE_MIB = 256.0  # the desktop and other programs keep some VRAM on a consumer card
+# Weight streaming this much slower per step than resident weights (speed_model) counts as free: on such a
+# card (a GTX 1060 computes a step ~60x longer than an H100) the plan streams before any other move.
+FREE_STREAMING_OVERHEAD = 0.05
 
 # The write-up's table (reference/gtx1060-video-writeup.zh.txt): card and frames it ran.
 PRESETS: dict[str, Budget] = {
@@ -468,12 +468,17 @@ def _gib(mib: float) -> str:
 
 @dataclass
 class Planner:
-    """Plans for one model on one kind of device; ``context_mib`` overrides the model's CUDA context."""
+    """Plans for one model on one kind of device; ``context_mib`` overrides the model's CUDA context.
+
+    ``speed``: the user's card (engine/speed_model.py); where it makes streaming nearly free, streaming is
+    the first move of every ladder, ahead of slower chunking and of lossy moves.
+    """
 
     dims: ModelDims
     model: MemoryModel = field(default_factory=MemoryModel.load)
     device_type: str = "cuda"
     min_gain: float = 0.01  # a move must lower the predicted peak by 1 % to count as helping
+    speed: CardSpeed | None = None
 
     def predict(self, settings: RunSettings, context_mib: float | None = None) -> Prediction:
         return self.model.predict(self.dims, settings, context_mib, self.device_type)
@@ -495,12 +500,35 @@ class Planner:
         depend on the budget."""
         current, reasons = self.base(settings)
         rungs = [Rung(current, self.predict(current, context_mib), list(reasons))]
+        free = self._free_streaming(current, rungs[0].prediction, context_mib)
+        if free is not None:
+            current, reason, prediction = free
+            rungs.append(Rung(current, prediction, [*reasons, reason]))
         while True:
             step = self._first_helping_move(current, rungs[-1].prediction, None, context_mib)
             if step is None:
                 return rungs
             current, reason, prediction, _ = step
             rungs.append(Rung(current, prediction, [*rungs[-1].reasons, reason]))
+
+    def _free_streaming(
+        self, settings: RunSettings, before: Prediction, context_mib: float | None
+    ) -> tuple[RunSettings, str, Prediction] | None:
+        """Streaming as the first move, where the card hides the transfers behind compute: it lowers the
+        denoise and encode phases at no speed cost, so later moves (lossy ones included) are needed less."""
+        if self.speed is None or settings.offload == OffloadMode.STREAM:
+            return None
+        overhead = self.speed.streaming_overhead(settings)
+        if overhead > FREE_STREAMING_OVERHEAD:
+            return None
+        streamed = settings.replace(offload=OffloadMode.STREAM)
+        after = self.predict(streamed, context_mib)
+        if after.peak_mib > before.peak_mib + 1e-6:
+            return None
+        reason = (f"weight streaming first: on a {self.speed.gpu.name} a step computes far longer than the UNet's "
+                  f"weights take to cross PCIe, so streaming costs about {max(overhead, 0.0):.0%} per step (lossless); "
+                  f"predicted peak {_gib(before.peak_mib)} -> {_gib(after.peak_mib)}")
+        return streamed, reason, after
 
     def _first_helping_move(
         self,

@@ -1,0 +1,130 @@
+"""Speed model: FLOPs counted on the meta device, per-card predictions, the estimate line and its calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lowvram_studio.engine.speed_model import (
+    CALIBRATION_FILE,
+    CardSpeed,
+    GpuTable,
+    SpeedCalibration,
+    StepConfig,
+    count_step_flops,
+    count_unet_cost,
+    estimate_speed,
+    step_key,
+)
+from lowvram_studio.media import write_atomically
+from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
+from lowvram_studio.settings import RunSettings
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+GTX_1060, H100 = "NVIDIA GeForce GTX 1060 6GB", "NVIDIA H100 80GB HBM3"
+
+
+def _case(name: str, **changes) -> RunSettings:
+    height, width, frames = {"A": (512, 512, 24), "B": (576, 1024, 25)}[name]
+    return RunSettings(height=height, width=width, num_frames=frames, num_inference_steps=25,
+                       **{"unet_dtype": "fp16", **changes})
+
+
+def test_meta_count_equals_flop_counter_on_the_real_demo_unet(demo_pipeline):
+    unet = demo_pipeline.unet
+    sample = torch.randn(2, 6, 8, 8, 8)
+    # The CPU's fused attention kernel is not in FlopCounterMode's table (CUDA's are): count its math form.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        unet(sample, torch.tensor(1.0), encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim),
+             added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * 2), return_dict=False)
+    assert count_step_flops(unet.config, 64, 64, 6) == counter.get_total_flops()
+    cost = count_unet_cost(unet.config, 64, 64, 6)
+    assert cost.params == sum(p.numel() for p in unet.parameters())  # the groups cover every weight
+    assert all(g.conv_flops >= 0 and g.matmul_flops >= 0 and g.moved_elements >= 0 for g in cost.groups)
+    assert sum(g.moved_elements for g in cost.groups) > 0
+
+
+def test_svd_xt_counts_match_the_h100_bench_figures():
+    rows = json.loads((RESULTS / "engine_20261126b.json").read_text())["rows"]
+    measured = {r["case"]: r["flops_per_step"] for r in rows if r.get("flops_per_step")}
+    assert count_step_flops(SVD_XT_UNET_CONFIG, 512, 512, 24) == measured["A"]
+    assert count_step_flops(SVD_XT_UNET_CONFIG, 576, 1024, 25) == measured["B"]
+
+
+def test_the_table_reproduces_the_h100_rows_it_was_fitted_on():
+    """diffusers fp16 / fp32 (all weights on the GPU, CFG batched) at cases A and B, within +/-25 %."""
+    card, known = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, H100)
+    assert known
+    rows = json.loads((RESULTS / "engine_20261126b.json").read_text())["rows"]
+    for row in (r for r in rows if r["config"] in ("diffusers-fp16", "diffusers-fp32")):
+        unet_dtype = "fp16" if row["config"] == "diffusers-fp16" else "fp32"
+        step = StepConfig.from_settings(_case(row["case"], unet_dtype=unet_dtype), card.gpu)
+        assert card.step_seconds(step) == pytest.approx(row["seconds_per_step"], rel=0.25), row["config"]
+
+
+def test_streaming_is_nearly_free_on_a_gtx_1060_and_costly_on_an_h100():
+    slow, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, GTX_1060)
+    fast, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, H100)
+    for case in ("A", "B"):
+        settings = _case(case, cfg_split=True)
+        assert slow.streaming_overhead(settings) < 0.02
+        assert fast.streaming_overhead(settings) > 0.3
+
+
+def test_compute_paths_follow_the_card_generation():
+    pascal, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, GTX_1060)
+    ada, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, "NVIDIA GeForce RTX 4090")
+    auto = StepConfig.from_settings(_case("A"), pascal.gpu)
+    assert (auto.compute, auto.storage_bytes, auto.casts_layerwise) == ("fp32", 2, True)  # Pascal: fp16 storage
+    assert StepConfig.from_settings(_case("A"), ada.gpu).compute == "fp16"
+    fp32 = StepConfig.from_settings(_case("A", half_compute="fp32"), ada.gpu)
+    fp16 = StepConfig.from_settings(_case("A", half_compute="fp16"), ada.gpu)
+    assert ada.step_seconds(fp32) > 1.8 * ada.step_seconds(fp16)  # tensor cores
+    # CFG split: the same FLOPs in two calls; never predicted faster
+    split = StepConfig.from_settings(_case("A", cfg_split=True), ada.gpu)
+    assert (split.calls, split.batch) == (2, 1) and ada.step_seconds(split) >= ada.step_seconds(fp16)
+    windows = StepConfig.from_settings(_case("B", chunk_size=12, overlap=4), ada.gpu)
+    assert (windows.frames_per_call, windows.windows) == (12, 3)
+
+
+def test_the_estimate_line_names_the_card_and_an_unknown_card_says_so():
+    estimate = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060)
+    assert estimate.known_gpu and estimate.basis == "model"
+    assert estimate.text.startswith("about ") and " s/step, about " in estimate.text
+    assert estimate.text.endswith("for this clip on GTX 1060 6 GB")
+    assert estimate.clip_seconds == pytest.approx(25 * estimate.seconds_per_step)  # no offload: nothing moved per run
+    unknown = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), "Mystery Accelerator 9000")
+    table = GpuTable.load()
+    assert not unknown.known_gpu and unknown.gpu_class == table.conservative
+    assert "unknown GPU" in unknown.text and table.conservative in unknown.text
+    assert unknown.seconds_per_step > estimate.seconds_per_step  # conservative: slower than the GTX 1060
+    offloaded = estimate_speed(SVD_XT_UNET_CONFIG, _case("A", offload="model"), GTX_1060, other_component_bytes=1e9)
+    assert offloaded.clip_seconds > 25 * offloaded.seconds_per_step  # the weights cross PCIe once per run
+
+
+def test_calibration_uses_the_measured_figure_then_the_cards_ratio_and_survives_a_bad_file(tmp_path):
+    store = SpeedCalibration.load(tmp_path)
+    first = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060, model="svd-xt", calibration=store)
+    assert first.basis == "model"
+    key = step_key("svd-xt", GTX_1060, _case("A"))
+    store.record(key, GTX_1060, 2 * first.predicted_s_per_step, first.predicted_s_per_step, write_atomically)
+    store.record(key, GTX_1060, 4 * first.predicted_s_per_step, first.predicted_s_per_step, write_atomically)
+
+    reloaded = SpeedCalibration.load(tmp_path)
+    same = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060, model="svd-xt", calibration=reloaded)
+    assert same.basis == "calibrated" and same.seconds_per_step == pytest.approx(3 * first.predicted_s_per_step)
+    assert "measured on your last run" in same.text
+    other_size = estimate_speed(SVD_XT_UNET_CONFIG, _case("B"), GTX_1060, model="svd-xt", calibration=reloaded)
+    assert other_size.basis == "card-calibrated"
+    assert other_size.seconds_per_step == pytest.approx(3 * other_size.predicted_s_per_step)
+    other_card = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), H100, model="svd-xt", calibration=reloaded)
+    assert other_card.basis == "model"
+    assert [p.name for p in tmp_path.iterdir()] == [CALIBRATION_FILE]  # no temporary file left behind
+
+    (tmp_path / CALIBRATION_FILE).write_text("{not json", encoding="utf-8")
+    assert SpeedCalibration.load(tmp_path).entries == {}
