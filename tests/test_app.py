@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import time
@@ -61,17 +62,20 @@ def _status_lines(job) -> list[str]:
 def test_generate_streams_progress_then_shows_video_stats_and_downloads(studio, studio_url):
     client = Client(studio_url, verbose=False)
     job = client.submit(image_path=handle_file(str(ASSET)), **SMALL, api_name="/generate")
-    status, curve, video, stats, downloads, _, _ = job.result(timeout=120)
+    status, progress, curve, video, stats, downloads, *_ = job.result(timeout=120)
 
     lines = _status_lines(job)
     assert lines[0].startswith(("▶", "⏳"))  # live status from the moment the job is submitted
+    bars = [int(re.search(r'<progress max="100" value="(\d+)"', out[1])[1]) for out in job.outputs()]
+    assert bars == sorted(bars) and bars[-1] == 100  # a real bar that only moves forward, full at the end
     assert all("denoise step" in line and "/2" in line for line in lines if "denoise step" in line)
     assert status.startswith("✔ 4 frames at 64x64") and "Grey lines, phase starts" in status
     frames, _ = read_video(video["video"] if isinstance(video, dict) else video)
     assert frames.shape[0] == 4
     series = {row[2] for row in curve["value"]["data"]}
     assert any("FP32" in s for s in series) and "| denoise" in series
-    assert stats["value"]["data"][0][2] in ("CPU RAM", "VRAM") and float(stats["value"]["data"][0][1]) > 0
+    row = dict(zip(stats["value"]["headers"], stats["value"]["data"][0], strict=True))
+    assert row["measured as"] in ("CPU RAM", "VRAM") and float(row["peak memory (MiB)"]) > 0
     assert sorted(Path(f).suffix for f in downloads) == [".gif", ".json", ".mp4", ".png"]
     assert studio.store.data.last["num_frames"] == 4  # remembered for the next start
 
@@ -104,8 +108,12 @@ def test_user_errors_arrive_as_messages_with_the_fix(studio_url, tmp_path):
         client.predict(image_path=handle_file(str(broken)), **SMALL, api_name="/generate")
     with pytest.raises(AppError, match="No input image"):
         client.predict(image_path=None, **SMALL, api_name="/generate")
-    with pytest.raises(AppError, match="overlap must be at least 0 and smaller than chunk_size"):
+    with pytest.raises(AppError, match="“Window overlap \\(frames\\)” must be at least 0 and smaller than "
+                                       "“Frame window \\(frames\\)”"):  # the page's labels, not field names
         client.predict(image_path=handle_file(str(ASSET)), **SMALL, chunk_size=4, overlap=6, api_name="/generate")
+    with pytest.raises(AppError, match="“Temporal-layer chunk \\(positions\\)” moves in steps of 256 from 0; "
+                                       "127 is not one of them: use 0"):  # a typed value between steps never runs
+        client.predict(image_path=handle_file(str(ASSET)), **SMALL, temporal_chunk=127, api_name="/generate")
     with pytest.raises(AppError, match="was not found.*model_index.json"):
         client.predict(image_path=handle_file(str(ASSET)), **SMALL, model="/no/such/model", api_name="/generate")
 
@@ -124,12 +132,20 @@ def test_named_presets_save_load_and_reset(studio_url, studio):
 
 def test_compare_runs_fp32_fp16_and_optimized_with_fidelity(studio_url):
     client = Client(studio_url, verbose=False)
-    status, curve, _, stats, downloads, _, _ = client.predict(
+    status, _, curve, _, stats, downloads, _, _, side_by_side = client.predict(
         image_path=handle_file(str(ASSET)), **{**SMALL, "num_frames": 2, "num_inference_steps": 1}, api_name="/compare")
-    rows = stats["value"]["data"][-3:]
+    headers, rows = stats["value"]["headers"], stats["value"]["data"][-3:]
     assert [r[0].split()[0] for r in rows] == ["FP32", "FP16", "FP16"]
-    assert rows[1][7] != "n/a"  # PSNR against the FP32 reference
-    assert {Path(f).name for f in downloads} >= {"compare.json", "curves.png", "table.md"}
+    # Fidelity right after the run's name (in view on a laptop), throughput not called an FPS
+    assert headers[:3] == ["run", "PSNR (dB)", "SSIM"] and "frames generated per s" in headers
+    assert not any("FPS" in h for h in headers)
+    assert rows[1][1] != "n/a" and rows[1][2] != "n/a"  # PSNR / SSIM against the FP32 reference
+    assert {Path(f).name for f in downloads} >= {"compare.json", "curves.png", "table.md", "side_by_side.mp4"}
+    frames, _ = read_video(side_by_side["video"] if isinstance(side_by_side, dict) else side_by_side)
+    assert frames.shape[2] == 3 * 64 + 2 * 8  # the three runs next to each other
+    colors = curve["color_map"]
+    runs = [name for name in colors if name.startswith("#")]
+    assert len(runs) >= 3 and len({colors[name] for name in runs}) == len(runs)  # each run its own colour
 
 
 def test_only_output_and_asset_folders_are_served(studio_url, studio):
@@ -229,8 +245,24 @@ SVD_SIZE = {"width": 1024, "height": 576, "num_frames": 25}  # SVD-XT's native r
 
 def _budget(client: Client, **form) -> tuple[dict, str]:
     """Pick a budget through the page's API: (controls the plan changed, the note beside the panel)."""
-    *values, note = client.predict(**form, api_name="/plan_budget")
+    *values, note, _chart = client.predict(**form, api_name="/plan_budget")
     return {name: v for name, v in zip(PLANNED_FIELDS, values, strict=True) if v != {"__type__": "update"}}, note
+
+
+def _bars(chart: str) -> dict[str, tuple[int, bool]]:
+    """The budget chart's bars: phase -> (predicted MiB, over the usable memory)."""
+    return {phase: (int(mib), over == "true")
+            for phase, mib, over in re.findall(r'data-phase="([^"]+)" data-mib="(\d+)" data-over="(\w+)"', chart)}
+
+
+def test_the_budget_plan_is_drawn_as_one_bar_per_phase_against_the_budget(studio_url):
+    client = Client(studio_url, verbose=False)
+    *_, fits = client.predict(**SVD_SIZE, vram_budget="4 GB", api_name="/plan_budget")
+    bars = _bars(fits)
+    assert {"encode image", "denoise", "decode"} <= set(bars) and not any(over for _, over in bars.values())
+    assert "usable 3.75 GiB" in fits and "budget 4.00 GiB" in fits  # the lines the bars are measured against
+    *_, too_small = client.predict(**SVD_SIZE, vram_budget="Custom", budget_gib=0.5, api_name="/plan_budget")
+    assert any(over for _, over in _bars(too_small).values())  # the phase that breaks the budget shows red
 
 
 def test_picking_4gb_fills_the_controls_with_the_plan_generate_applies(studio_url, studio, demo_pipeline):
@@ -300,7 +332,7 @@ def test_serving_binds_locally_unless_told_and_parses_auth():
 def test_dropping_an_output_fills_form_model_seed_and_image_and_a_bad_drop_changes_nothing(studio_url, tmp_path):
     client = Client(studio_url, verbose=False)
     video = client.predict(image_path=handle_file(str(ASSET)), **SMALL, seed=5, motion_bucket_id=40,
-                           api_name="/generate")[2]
+                           api_name="/generate")[3]
     video = video["video"] if isinstance(video, dict) else video
     *values, image, note = client.predict(handle_file(video), api_name="/reuse")
     form = dict(zip(FORM_NAMES, values))

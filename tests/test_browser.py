@@ -128,6 +128,33 @@ def _screenshot(driver, name: str) -> None:
     driver.save_screenshot(str(ARTIFACTS / name))
 
 
+LAPTOP = {"width": 1366, "height": 768, "deviceScaleFactor": 1, "mobile": False}
+
+
+def _inside_viewport(driver, selector: str) -> bool:
+    """Whether the element's whole bounding box lies in the viewport as the page opens (no scrolling)."""
+    return driver.execute_script(
+        "const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+        "return r.width > 0 && r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth;",
+        selector)
+
+
+def test_on_a_1366x768_laptop_image_main_settings_and_generate_show_without_scrolling(studio_page):
+    driver = studio_page.driver
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", LAPTOP)
+    try:
+        _fresh_page(studio_page)
+        _upload_image(driver)
+        driver.execute_script("window.scrollTo(0, 0)")
+        assert driver.execute_script("return [innerWidth, innerHeight]") == [1366, 768]
+        _screenshot(driver, "studio-1366x768.png")
+        for selector in ("#generate", "#stop", "#input-image", "#ctl-num_frames", "#ctl-num_inference_steps",
+                         "#ctl-width", "#ctl-height", "#ctl-seed", "#starter", "#device-badge", "#progress"):
+            assert _inside_viewport(driver, selector), selector
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
 def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_page):
     driver, studio, _ = studio_page
     steps = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-num_inference_steps input[type=number]"))
@@ -198,7 +225,7 @@ def test_live_preview_animates_while_generating_then_gives_way_to_the_video_and_
     driver = studio_page.driver
     _fresh_page(studio_page)
     _upload_image(driver)
-    frames, steps = 4, 8  # 64x64: a few seconds on 2 cores, a preview every step (the default)
+    frames, steps = 4, 24  # 64x64: several seconds on 2 cores (the page polls once a second), a preview every step
     _set_number(driver, "num_frames", frames)
     _set_number(driver, "num_inference_steps", steps)
     _open_tab(driver, "Optimizations")
@@ -370,7 +397,8 @@ def _errors_leave_the_form_usable(studio_page):
     _set_number(driver, "overlap", 6)  # conflicts with the chunk size: refused before anything runs
     for button in ("generate", "compare"):
         driver.find_element(By.ID, button).click()
-        assert "overlap must be at least 0 and smaller than chunk_size" in _toast(driver, "overlap must be")
+        message = _toast(driver, "“Window overlap (frames)” must be")  # the labels the page shows, not field names
+        assert "smaller than “Frame window (frames)” (4); got 6" in message
         _wait(driver, _unlocked, 10)
         assert driver.find_elements(By.CSS_SELECTOR, "#input-image img")  # the image is still there
         assert _number(driver, "overlap").get_attribute("value") == "6"  # and the settings as the user left them

@@ -2,7 +2,9 @@
 
 Functions first (the ``Studio`` and its handlers), then the layout (``build_app``), then the wiring;
 nothing runs at import. GPU work never runs in a Gradio handler: handlers submit a job to the
-background ``Worker`` and stream its progress and memory curve to the page 2.5 times a second.
+background ``Worker`` and stream its progress to the page once a second and its memory curve every few
+seconds: each update costs the browser a redraw, and on a CPU run that competes with the run itself
+(#21: a page redrawing 2.5x a second made a CPU run 4x slower).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, new_output_path, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
 from ..monitor.record import ReuseError
+from ..monitor.report import THROUGHPUT
 from ..models.demo import demo_model_info
 from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.load import LoadedModel, load_model
@@ -52,21 +55,28 @@ from .form import (
     settings_to_form,
     upgrade_stored_form,
 )
+from .badge import device_badge
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
+from .labels import LABELS, in_user_words, suggest_fix
 from .preview_view import PreviewPanel
+from .progress import progress_html
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
 from .queue_runner import QUEUE_COLUMNS, QueueRunner
 from .reuse import restore_form
 from .share import LoginGuard, serve_options, share_report
+from .sliders import SLIDERS, off_step_problems, snap_note
+from .starters import STARTERS, starter_form
 from .worker import Job, JobState, Worker
 
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-REFRESH_S = 0.4  # the live curve and progress redraw 2.5x a second (the issue asks for at least 2x)
-QUEUE_REFRESH_S = 1.0  # the queue table redraws once a second
-STATS_COLUMNS = ["run", "peak memory (MiB)", "measured as", "torch peak (MiB)", "s/step", "output FPS",
-                 "pruned %", "PSNR (dB)", "SSIM"]
+STATUS_REFRESH_S = 1.0  # the status line and progress bar: a few hundred bytes, redrawn once a second
+CURVE_REFRESH_S = 3.0  # the live curve (a chart redraw, the costly part) at most every 3 s, and only when it grew
+QUEUE_REFRESH_S = 1.0  # the queue table is checked once a second and redrawn only when it changed
+# Fidelity right after the run's name: the columns a Compare is for stay in view on a laptop screen.
+STATS_COLUMNS = ["run", "PSNR (dB)", "SSIM", "peak memory (MiB)", "s/step", THROUGHPUT, "pruned %", "measured as",
+                 "torch peak (MiB)"]
 DEMO = "demo"
 
 
@@ -115,6 +125,13 @@ def phase_marks(job: Job) -> list[tuple[float, str]]:
     return marks
 
 
+def stats_row(label: str, peak: Any, measured_as: str, torch_peak: Any, results: dict[str, Any]) -> list[str]:
+    """One row of the runs table, in STATS_COLUMNS' order."""
+    return [label, _fmt(results.get("psnr_db"), 1), _fmt(results.get("ssim"), 4), _fmt(peak, 0),
+            _fmt(results.get("seconds_per_step"), 2), _fmt(results.get("output_fps"), 2),
+            _fmt(results.get("pruned_fraction"), 1, 100.0), measured_as, _fmt(torch_peak, 0)]
+
+
 def curve_update(runs: list[CurveRun], memory_label: str) -> dict:
     """The LinePlot update for ``runs``: colours per run, legend without the phase marks, marks named below."""
     frame, colors = curve_frame(runs)
@@ -135,6 +152,25 @@ class TabHistory:
         self.rows = [*self.rows, row][-MAX_RUNS:]
 
 
+class LiveCurve:
+    """Paces one run's live curve: an update when CURVE_REFRESH_S passed since the last one and the curve
+    has new points (or a new phase began), else ``gr.skip()``; the first call always draws (it clears the
+    previous run's live line)."""
+
+    def __init__(self, studio: "Studio", job: Job, history: TabHistory):
+        self.studio, self.job, self.history = studio, job, history
+        self._last_at: float | None = None
+        self._last_size = (-1, -1)
+
+    def due(self) -> Any:
+        now = time.perf_counter()
+        size = (len(self.job.monitor.samples) if self.job.monitor is not None else 0, len(phase_marks(self.job)))
+        if self._last_at is not None and (now - self._last_at < CURVE_REFRESH_S or size == self._last_size):
+            return gr.skip()
+        self._last_at, self._last_size = now, size
+        return self.studio.live_curve(self.job, self.history)
+
+
 class Studio:
     """Models, output folder, saved settings and the worker one studio process works with."""
 
@@ -149,7 +185,8 @@ class Studio:
             queue_dir = store.folder / QUEUE_FOLDER if store is not None else default_queue_dir()
         self.store = store or ConfigStore()
         self.startup_warning = self.store.load().warning
-        self.torch_problem = torch_gpu_problem(collect_env())  # read once: the GPU and torch do not change
+        self.env = collect_env()  # read once: the GPU and torch do not change
+        self.torch_problem = torch_gpu_problem(self.env)
         self.execution_path = None if self.torch_problem else execution_path(detect_gpu(resolve_device("auto")))
         self.worker = Worker()
         self._model: LoadedModel | None = None
@@ -241,7 +278,8 @@ class Studio:
         return image, settings
 
     def check_request(self, image_path: str | None, form: dict[str, Any]) -> tuple[PIL.Image.Image, RunSettings]:
-        """Check everything the user can fix before any job is queued; raise ``gr.Error`` with the fix."""
+        """Check everything the user can fix before any job is queued; raise ``gr.Error`` with the fix, the
+        settings named by their labels on the page."""
         if not image_path:
             raise gr.Error("No input image; drop an image or pick an example first.")
         problem = self.output_problem()
@@ -249,9 +287,14 @@ class Studio:
             raise gr.Error(problem)
         try:
             image = load_image(image_path)
+            off_step = off_step_problems(form)
+            if off_step:
+                raise SettingsError(off_step)
             settings = form_to_settings(form)
-        except (MediaError, SettingsError) as exc:
+        except MediaError as exc:
             raise gr.Error(str(exc)) from exc
+        except SettingsError as exc:
+            raise gr.Error(in_user_words(str(exc))) from exc
         return image, settings
 
     def submit_generate(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any],
@@ -336,9 +379,7 @@ class Studio:
         results = output.record.results
         peak = results.get("process_peak_mib") or run.peak_mib
         torch_peak = results.get("torch_peak_mib") or getattr(job.monitor, "torch_peak_mib", None)
-        row = [run.label, _fmt(peak, 0), label, _fmt(torch_peak, 0),
-               _fmt(results.get("seconds_per_step"), 2), _fmt(results.get("output_fps"), 2),
-               _fmt(results.get("pruned_fraction"), 1, 100.0), "n/a", "n/a"]
+        row = stats_row(run.label, peak, label, torch_peak, results)
         history = TabHistory(history.runs, history.rows, label)
         history.add(run, row)
         png_path = unique_path(self.output_dir, f"{output.video.stem}-curve", ".png")
@@ -350,7 +391,7 @@ class Studio:
                   f"saved to {output.video.parent}")
         pruning = output.result.info.get("pruning")
         pruning_map = draw_pruning_map(pruning["map"], title="computed / reused per frame and step") if pruning else None
-        return status, history, str(output.video), files, pruning_map
+        return status, history, str(output.video), files, pruning_map, None
 
     def finish_compare(self, job: Job, history: TabHistory) -> tuple:
         result = job.result
@@ -361,43 +402,47 @@ class Studio:
             group = next((g for prefix, g in groups.items() if record.label.startswith(prefix)), "optimized")
             phases = [(span.start_s, span.phase.value) for span in record.phase_spans()]
             res = record.results
-            row = [record.label, _fmt(res.get("process_peak_mib") or res.get("ram_peak_mib"), 0), record.memory_label,
-                   _fmt(res.get("torch_peak_mib"), 0), _fmt(res.get("seconds_per_step"), 2),
-                   _fmt(res.get("output_fps"), 2), _fmt(res.get("pruned_fraction"), 1, 100.0),
-                   _fmt(res.get("psnr_db"), 1), _fmt(res.get("ssim"), 4)]
+            row = stats_row(record.label, res.get("process_peak_mib") or res.get("ram_peak_mib"), record.memory_label,
+                            res.get("torch_peak_mib"), res)
             history.memory_label = record.memory_label
             history.add(CurveRun(record.label, group, list(zip(t.tolist(), mib.tolist())), phases), row)
         status = "✔ Compare finished: " + "; ".join(result.notes or ["see the table below"])
-        return status, history, None, [str(p) for p in result.files.values()], None
+        side_by_side = result.files.get("video")
+        return (status, history, None, [str(p) for p in result.files.values()], None,
+                str(side_by_side) if side_by_side else None)
 
     def follow(self, job: Job, history: TabHistory, finish: Callable[[Job, TabHistory], tuple]) -> Iterator[tuple]:
-        """Stream (status, curve, video, stats, files, pruning map, history, preview) until ``job`` ends.
+        """Stream (status, progress, curve, video, stats, files, pruning map, history, preview, compare video)
+        until ``job`` ends: status and bar every STATUS_REFRESH_S, the curve every CURVE_REFRESH_S while it grows.
 
         Leaving early (the tab closed, the event was cancelled) stops the job.
         """
-        skip, panel = gr.skip(), PreviewPanel()
+        skip, panel, curve = gr.skip(), PreviewPanel(), LiveCurve(self, job, history)
         try:
-            yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip, panel.live(job)
-            while not job.done.wait(REFRESH_S):
-                yield self.live_status(job), self.live_curve(job, history), skip, skip, skip, skip, skip, panel.live(job)
+            while True:
+                yield (self.live_status(job), progress_html(job, job.progress_text()), curve.due(),
+                       skip, skip, skip, skip, skip, panel.live(job), skip)
+                if job.done.wait(STATUS_REFRESH_S):
+                    break
         finally:
             if not job.done.is_set():
                 self.worker.cancel(job)
         if job.state == JobState.CANCELLED:
             stopped = job.last_event.label if job.last_event else "before it started"
-            yield (f"⏹ Stopped ({stopped}); its memory was released.", self.live_curve(job, history),
-                   skip, skip, skip, skip, skip, panel.finished(job))
+            yield (f"⏹ Stopped ({stopped}); its memory was released.", progress_html(job, "stopped"),
+                   self.live_curve(job, history), skip, skip, skip, skip, skip, panel.finished(job), skip)
             return
         if job.state == JobState.FAILED:
             message = user_message(job.error)
-            yield f"✖ {message}", skip, skip, skip, skip, skip, skip, panel.finished(job)
+            yield f"✖ {message}", progress_html(job, "failed"), skip, skip, skip, skip, skip, skip, panel.finished(job), skip
             raise gr.Error(message)
-        status, history, video, files, pruning_map = finish(job, history)
+        status, history, video, files, pruning_map, side_by_side = finish(job, history)
         curve = curve_update(history.runs, history.memory_label)
         status = "\n\n".join(line for line in (status, phase_caption(history.runs)) if line)
         stats = gr.update(value=history.rows, headers=STATS_COLUMNS)
-        yield (status, curve, video if video else skip, stats, files, pruning_map if pruning_map is not None else skip,
-               history, panel.finished(job))
+        yield (status, progress_html(job, "done"), curve, video if video else skip, stats, files,
+               pruning_map if pruning_map is not None else skip, history, panel.finished(job),
+               side_by_side if side_by_side else skip)
 
     def stop_owner(self, owner: str) -> str:
         stopped = self.worker.cancel_owner(owner)
@@ -429,7 +474,8 @@ def free_port(start: int = 7860, tries: int = 100) -> int:
 
 # ---- layout -------------------------------------------------------------------------------------
 class _Form:
-    """Creates the form's controls: each named after its RunSettings field, with its saved value and info text."""
+    """Creates the form's controls: each named after its RunSettings field, with its saved value, its label
+    (labels.LABELS), its info text and, for a slider, its range and step (sliders.SLIDERS)."""
 
     def __init__(self, init: dict[str, Any]):
         self.init = init
@@ -437,86 +483,119 @@ class _Form:
 
     def add(self, name: str, factory: Callable[..., gr.components.Component], *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("info", INFO.get(name))
+        kwargs.setdefault("label", LABELS[name])
+        if name in SLIDERS:
+            spec = SLIDERS[name]
+            args = (spec.minimum, spec.maximum)
+            kwargs["step"] = spec.step
         self.controls[name] = factory(*args, value=self.init[name], elem_id=f"ctl-{name}", **kwargs)
 
 
-def _generation_controls(form: _Form) -> None:
-    with gr.Row():
-        form.add("num_frames", gr.Slider, 2, 128, step=1, label="Frames")
-        form.add("num_inference_steps", gr.Slider, 1, 100, step=1, label="Steps")
-    with gr.Row():
-        form.add("width", gr.Slider, 64, 1024, step=64, label="Width")
-        form.add("height", gr.Slider, 64, 1024, step=64, label="Height")
-    with gr.Row():
-        form.add("seed", gr.Number, precision=0, minimum=0, label="Seed")
-        form.add("fps", gr.Slider, 1, 60, step=1, label="FPS", info="SVD's fps conditioning and the video's frame rate")
-    with gr.Accordion("More generation settings", open=False):
-        form.add("motion_bucket_id", gr.Slider, 0, 1023, step=1, label="Motion bucket", info="more = more motion")
-        form.add("noise_aug_strength", gr.Slider, 0, 1, step=0.01, label="Noise augmentation")
+def _main_controls(form: _Form) -> None:
+    """What every run sets, beside the image: length, steps, size, seed, frame rate (no info lines: room)."""
+    for pair in (("num_frames", "num_inference_steps"), ("width", "height"), ("seed", "fps")):
         with gr.Row():
-            form.add("min_guidance_scale", gr.Slider, 0, 20, step=0.1, label="Min guidance (first frame)")
-            form.add("max_guidance_scale", gr.Slider, 0, 20, step=0.1,
-                     label="Max guidance (last frame; ≤ 1 = no CFG)")
-        form.add("device", gr.Radio, ["auto", "cpu", "cuda"], label="Device")
-        form.add("preview_every", gr.Slider, 0, 10, step=1, label="Live preview every N steps (0 = off)")
+            for name in pair:
+                if name == "seed":
+                    form.add(name, gr.Number, precision=0, minimum=0, info=None)
+                else:
+                    form.add(name, gr.Slider, info="the video's frame rate" if name == "fps" else None)
 
 
-def _optimization_controls(form: _Form) -> tuple[gr.Markdown, gr.Markdown]:
-    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label.
-    Returns the pruning warning and the budget's plan note."""
+def _generation_controls(form: _Form) -> None:
+    form.add("motion_bucket_id", gr.Slider, info="more = more motion")
+    form.add("noise_aug_strength", gr.Slider)
     with gr.Row():
-        form.add("vram_budget", gr.Dropdown, list(BUDGET_CHOICES), label="VRAM budget")
-        form.add(BUDGET_GIB, gr.Number, label="Custom budget (GB)", minimum=0.5, maximum=1024,
-                 info="used when the VRAM budget is Custom")
+        form.add("min_guidance_scale", gr.Slider)
+        form.add("max_guidance_scale", gr.Slider)
+    form.add("device", gr.Radio, ["auto", "cpu", "cuda"])
+    form.add("preview_every", gr.Slider)
+
+
+def _optimization_controls(form: _Form) -> tuple[gr.Markdown, gr.Markdown, gr.HTML]:
+    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label, and the lossless
+    accordion holds only lossless ones. Returns the pruning warning, the budget's plan note and its chart."""
+    with gr.Row():
+        form.add("vram_budget", gr.Dropdown, list(BUDGET_CHOICES))
+        form.add(BUDGET_GIB, gr.Number, minimum=0.5, maximum=1024, info="used when the VRAM budget is Custom")
+    budget_chart = gr.HTML(elem_id="budget-chart")
     budget_note = gr.Markdown(elem_id="budget-note")
     with gr.Row():
-        form.add("unet_dtype", gr.Dropdown, UNET_PRECISION_CHOICES, label="UNet precision")
-        form.add("vae_dtype", gr.Checkbox, label="VAE FP16 ⚠ lossy")
-        form.add("encoder_dtype", gr.Checkbox, label="Image encoder FP16 ⚠ lossy")
-        form.add("half_compute", gr.Dropdown, ["auto", "fp16", "fp32"], label="FP16 weights compute in")
+        form.add("unet_dtype", gr.Dropdown, UNET_PRECISION_CHOICES)
+        form.add("vae_dtype", gr.Checkbox)
+        form.add("encoder_dtype", gr.Checkbox)
+        form.add("half_compute", gr.Dropdown, ["auto", "fp16", "fp32"])
     with gr.Row():
-        form.add("chunk_size", gr.Slider, 0, 64, step=1, label="Temporal chunk size ⚠ lossy")
-        form.add("overlap", gr.Slider, 0, 16, step=1, label="Chunk overlap")
-    form.add("prune_threshold", gr.Slider, 0, 0.1, step=0.001, label="Pruning threshold ⚠ lossy")
+        form.add("chunk_size", gr.Slider)
+        form.add("overlap", gr.Slider)
+    form.add("prune_threshold", gr.Slider)
     warning = gr.Markdown(elem_id="prune-warning")
     with gr.Row():
-        form.add("offload", gr.Radio, ["none", "model", "stream"], label="Offload")
-        form.add("decode_chunk", gr.Slider, 0, 32, step=1, label="Decode chunk ⚠ lossy")
-    form.add("interpolate", gr.Radio, ["1", "2", "4"], label="Interpolation ⚠ lossy")
+        form.add("offload", gr.Radio, ["none", "model", "stream"])
+        form.add("decode_chunk", gr.Slider)
+        form.add("vae_tile", gr.Slider)
+    form.add("interpolate", gr.Radio, ["1", "2", "4"])
     with gr.Accordion("Lossless memory savers", open=False):
-        form.add("cfg_split", gr.Checkbox, label="CFG split")
+        form.add("cfg_split", gr.Checkbox)
         with gr.Row():
-            form.add("spatial_chunk", gr.Slider, 0, 32, step=1, label="Spatial chunk")
-            form.add("temporal_chunk", gr.Slider, 0, 16384, step=256, label="Temporal chunk")
-            form.add("ff_chunk", gr.Slider, 0, 16384, step=256, label="Feed-forward chunk")
-        form.add("vae_tile", gr.Slider, 0, 1024, step=64, label="VAE tile (px) ⚠ lossy")
-    return warning, budget_note
+            form.add("spatial_chunk", gr.Slider)
+            form.add("temporal_chunk", gr.Slider)
+            form.add("ff_chunk", gr.Slider)
+    return warning, budget_note, budget_chart
+
+
+# Tightens Gradio's spacing so image, main settings and Generate fit a 1366x768 laptop screen unscrolled.
+COMPACT_CSS = """
+#title h1 { font-size: 1.5em; margin: 0; }
+#title p { margin: 0; }
+#banner p { margin: 2px 0; font-size: 0.85em; }
+"""
 
 
 def build_app(studio: Studio) -> gr.Blocks:
-    """The page: inputs and settings on the left, the live curve and results on the right."""
+    """The page. First screen: the image | main settings, Generate and progress | live curve and video.
+    Below: the other settings in tabs, the runs table, Compare's side-by-side video, downloads, the queue."""
     examples = sorted(str(p) for p in ASSETS.glob("*.png"))
     form = _Form(studio.default_form(FORM_NAMES))
     controls = form.controls
     with gr.Blocks(title="LowVRAM Studio") as app:
-        gr.Markdown("# LowVRAM Studio\n"
-                    "Image to video with Stable Video Diffusion on small GPUs; every memory trick measured live.")
-        banner = gr.Markdown(elem_id="banner")
+        with gr.Row(equal_height=True):
+            gr.Markdown("## LowVRAM Studio\nImage to video with Stable Video Diffusion on small GPUs; every memory "
+                        "trick measured live.", elem_id="title")
+            gr.HTML(device_badge(studio.env, studio.torch_problem), elem_id="device-badge")
         history = gr.State(TabHistory())
         with gr.Row():
+            with gr.Column(scale=4, min_width=300):
+                image = gr.Image(type="filepath", label="Input image", height=220, elem_id="input-image")
+                gr.Examples(examples, inputs=image, examples_per_page=6)
+                banner = gr.Markdown(elem_id="banner")  # warnings and notes, still on the first screen
+            with gr.Column(scale=4, min_width=320):
+                starter = gr.Dropdown(list(STARTERS), value=None, label="Starter preset for your GPU",
+                                      elem_id="starter", info="sets the VRAM budget and settings for that card")
+                _main_controls(form)
+                lossy_note = gr.Markdown(lossy_summary(form_to_settings(form.init)), elem_id="lossy-note")
+                fix = gr.Button("Fix", visible=False, elem_id="fix", size="sm")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=2)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+                compare = gr.Button("Compare FP32 vs FP16", elem_id="compare", size="sm")
+                progress = gr.HTML(progress_html(None, "ready"), elem_id="progress")
+                status = gr.Markdown("Ready.", elem_id="status")
+            with gr.Column(scale=5, min_width=360):
+                curve = gr.LinePlot(x="t_s", y="mib", color="series", x_title="seconds since the run started",
+                                    y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
+                                    color_title="run", elem_id="curve")  # a fixed height clips the legend
+                preview = gr.HTML(elem_id="live-preview", min_width=160)
+                video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=300)
+        with gr.Row():
             with gr.Column(scale=5):
-                image = gr.Image(type="filepath", label="Input image", height=260, elem_id="input-image")
-                gr.Examples(examples, inputs=image)
-                reuse_file = gr.File(label="Use these settings again: drop an output mp4 or its .json record",
-                                     type="filepath", height=120, elem_id="reuse-drop")
-                reuse_note = gr.Markdown(elem_id="reuse-note")
-                form.add(MODEL, gr.Dropdown, [DEMO, *discovered_models()], allow_custom_value=True, label="Model",
+                form.add(MODEL, gr.Dropdown, [DEMO, *discovered_models()], allow_custom_value=True,
                          info="demo (built in), a diffusers SVD folder (with model_index.json) "
                               "or an svd_xt.safetensors file")
+                with gr.Tab("Optimizations"):
+                    prune_note, budget_note, budget_chart = _optimization_controls(form)
                 with gr.Tab("Generation"):
                     _generation_controls(form)
-                with gr.Tab("Optimizations"):
-                    prune_note, budget_note = _optimization_controls(form)
                 with gr.Tab("Presets"):
                     preset_name = gr.Dropdown([], allow_custom_value=True, label="Preset",
                                               info="type a name to save the current settings, or pick one")
@@ -525,26 +604,19 @@ def build_app(studio: Studio) -> gr.Blocks:
                         load_preset = gr.Button("Load")
                         delete_preset = gr.Button("Delete")
                         reset = gr.Button("Reset to defaults")
-                    form.add(GIF, gr.Checkbox, label="Also write a GIF")
-                lossy_note = gr.Markdown(lossy_summary(form_to_settings(form.init)), elem_id="lossy-note")
-                with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                    compare = gr.Button("Compare FP32 vs FP16", elem_id="compare")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    form.add(GIF, gr.Checkbox)
+                reuse_file = gr.File(label="Use these settings again: drop an output mp4 or its .json record",
+                                     type="filepath", height=120, elem_id="reuse-drop")
+                reuse_note = gr.Markdown(elem_id="reuse-note")
                 with gr.Row():
                     seeds = gr.Textbox(label="Seeds for the queue", placeholder="e.g. 1..8 or 3, 7, 11 (empty: the seed)",
                                        elem_id="queue-seeds", scale=3)
                     add_queue = gr.Button("Add to queue", elem_id="queue-add", scale=1)
             with gr.Column(scale=6):
-                status = gr.Markdown("Ready.", elem_id="status")
-                with gr.Row(equal_height=False):
-                    curve = gr.LinePlot(x="t_s", y="mib", color="series", x_title="seconds since the run started",
-                                        y_title="memory (MiB)", label="Memory curve (this tab's runs overlaid)",
-                                        color_title="run", elem_id="curve", scale=3)  # a fixed height clips the legend
-                    preview = gr.HTML(elem_id="live-preview", min_width=160, scale=1)
-                video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=320)
                 stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False,
-                                     elem_id="stats")
+                                     elem_id="stats", wrap=True)
+                compare_video = gr.Video(label="Compared runs side by side: FP32 | FP16 only | FP16 + optimizations",
+                                         elem_id="compare-video", autoplay=True, loop=True, height=240)
                 with gr.Row():
                     downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
                     pruning_map = gr.Image(label="Pruning map (when pruning is on)", interactive=False)
@@ -560,12 +632,13 @@ def build_app(studio: Studio) -> gr.Blocks:
                         clear_done = gr.Button("Clear finished", elem_id="queue-clear", scale=1)
                     queue_note = gr.Markdown(elem_id="queue-note")
                 queue_timer = gr.Timer(QUEUE_REFRESH_S)
+                queue_shown = gr.State(None)  # the rows this tab shows: a tick with the same rows redraws nothing
 
         names = list(FORM_NAMES)  # the API's parameter order
         components = [controls[name] for name in names]
         planned = [controls[name] for name in PLANNED_FIELDS]
         lockable = [image, *components, generate, compare, save_preset, load_preset, delete_preset, reset, reuse_file]
-        results = [status, curve, video, stats, downloads, pruning_map, history, preview]
+        results = [status, progress, curve, video, stats, downloads, pruning_map, history, preview, compare_video]
 
         # ---- wiring -----------------------------------------------------------------------------
         def form_of(values: tuple) -> dict[str, Any]:
@@ -611,17 +684,53 @@ def build_app(studio: Studio) -> gr.Blocks:
 
             return update
 
+        def starting() -> list[Any]:
+            """Lock the form and clear the last run's status and bar: nothing stale while the new run starts."""
+            return [*set_locked(True)(), "⏳ Starting ...", progress_html(None, "starting")]
+
         def apply_budget(*values: Any) -> list[Any]:
-            """The budget's plan into the planned controls (only those it changes) and its note beside them."""
+            """The budget's plan into the planned controls (only those it changes), its note and its chart."""
             answer = plan_budget(form_of(values), studio.loaded_model)
             changes = answer.changes or {}
-            return [*(changes[name] if name in changes else gr.skip() for name in PLANNED_FIELDS), answer.note]
+            return [*(changes[name] if name in changes else gr.skip() for name in PLANNED_FIELDS), answer.note,
+                    answer.chart]
 
-        def describe(*values: Any) -> str:
+        def apply_starter(name: str | None, *values: Any) -> list[Any]:
+            """A starter's budget and settings, then that budget's plan, into the whole form."""
+            if not name:
+                return [*(gr.skip() for _ in names), gr.skip(), gr.skip()]
             try:
-                return lossy_summary(form_to_settings(form_of(values)))
+                form = starter_form(name, form_of(values))
+            except ValueError as exc:
+                raise gr.Error(str(exc)) from exc
+            answer = plan_budget(form, studio.loaded_model)
+            return [*values_of({**form, **(answer.changes or {})}), answer.note, answer.chart]
+
+        def describe(*values: Any) -> tuple[str, dict]:
+            """The lossy note, or the conflict in the page's words with its one-click fix when there is one."""
+            form = form_of(values)
+            try:
+                return lossy_summary(form_to_settings(form)), gr.update(visible=False)
             except SettingsError as exc:
-                return f"⚠ {exc}"
+                remedy = suggest_fix(form)
+                button = gr.update(visible=True, value=remedy.label) if remedy else gr.update(visible=False)
+                return f"⚠ {in_user_words(str(exc))}", button
+
+        def apply_fix(*values: Any) -> list[Any]:
+            remedy = suggest_fix(form_of(values))
+            changes = remedy.changes if remedy else {}
+            return [changes[name] if name in changes else gr.skip() for name in names]
+
+        def snapper(name: str) -> Callable[[Any], Any]:
+            def snap(value: Any) -> Any:
+                """A value typed between the slider's steps moves to the nearest step, and the user is told."""
+                snapped = snap_note(name, value)
+                if snapped is None:
+                    return gr.skip()
+                gr.Warning(snapped[1])
+                return snapped[0]
+
+            return snap
 
         def save_named(name: str | None, *values: Any) -> dict:
             try:
@@ -653,6 +762,13 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def queue_view() -> dict:
             return gr.update(value=studio.runner.rows(), headers=QUEUE_COLUMNS)
+
+        def queue_tick(shown: Any) -> tuple[Any, Any]:
+            """The timer's redraw, only when the rows differ from what this tab shows."""
+            rows = studio.runner.rows()
+            if rows == shown:
+                return gr.skip(), gr.skip()
+            return gr.update(value=rows, headers=QUEUE_COLUMNS), rows
 
         def queue_add(image_path: str | None, seed_list: str | None, *values: Any) -> tuple[dict, str]:
             message = studio.queue_jobs(image_path, seed_list, form_of(values))
@@ -700,7 +816,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
             run = button.click(check_request, [image, *components], api_name=False, concurrency_limit=None,
                                show_progress="hidden").success(
-                set_locked(True), outputs=lockable, queue=False, api_name=False).then(
+                starting, outputs=[*lockable, status, progress], queue=False, api_name=False).then(
                 with_named_values(handler, names), inputs=[history, image, *components], outputs=results,
                 api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
@@ -714,10 +830,16 @@ def build_app(studio: Studio) -> gr.Blocks:
         stop.click(stop_run, outputs=status, api_name="stop", concurrency_limit=None)
         # A budget plans when picked and again when the model, size, frames, device or precision change.
         budget_triggers = [controls[name].input for name in ("vram_budget", BUDGET_GIB, *REPLAN_INPUTS)]
-        gr.on(budget_triggers, with_named_values(apply_budget, names), components, [*planned, budget_note],
+        gr.on(budget_triggers, with_named_values(apply_budget, names), components, [*planned, budget_note, budget_chart],
               queue=False, api_name="plan_budget", show_progress="hidden")
-        gr.on([c.change for c in components], describe, components, lossy_note, queue=False, api_name=False,
+        starter.input(with_named_values(apply_starter, names), [starter, *components],
+                      [*components, budget_note, budget_chart], queue=False, api_name="starter", show_progress="hidden")
+        gr.on([c.change for c in components], describe, components, [lossy_note, fix], queue=False, api_name=False,
               show_progress="hidden")
+        fix.click(apply_fix, components, components, queue=False, api_name=False, show_progress="hidden")
+        for name in SLIDERS:  # typed values snap to the step (the number box takes any number)
+            controls[name].input(snapper(name), controls[name], controls[name], queue=False, api_name=False,
+                                 show_progress="hidden")
         controls["prune_threshold"].change(prune_warning, controls["prune_threshold"], prune_note, queue=False,
                                            api_name=False)
         save_preset.click(with_named_values(save_named, names), [preset_name, *components], preset_name,
@@ -727,7 +849,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         reset.click(reset_defaults, outputs=components, api_name="reset")
         add_queue.click(with_named_values(queue_add, names), [image, seeds, *components], [queue_table, queue_note],
                         api_name="queue_add", concurrency_limit=None)
-        queue_timer.tick(queue_view, outputs=queue_table, api_name="queue_view", queue=False, show_progress="hidden")
+        queue_timer.tick(queue_tick, queue_shown, [queue_table, queue_shown], api_name=False, queue=False,
+                         show_progress="hidden")
+        app.load(queue_view, outputs=queue_table, api_name="queue_view", queue=False, show_progress="hidden")
         move_up.click(lambda selected: queue_move(selected, -1), job_id, [queue_table, queue_note], api_name=False)
         move_down.click(lambda selected: queue_move(selected, 1), job_id, [queue_table, queue_note], api_name=False)
         gr.api(queue_move, api_name="queue_move")

@@ -9,6 +9,7 @@ only a model's dimensions can cost something, and they are looked up without loa
 from __future__ import annotations
 
 import functools
+import html
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -41,10 +42,12 @@ REPLAN_INPUTS = (MODEL, "width", "height", "num_frames", "device", "max_guidance
 
 @dataclass
 class BudgetAnswer:
-    """What picking a budget does: control values to set (None: leave every control as it is) and the note."""
+    """What picking a budget does: control values to set (None: leave every control as it is), the note, and
+    the plan's bar chart (empty when there is no plan to draw)."""
 
     changes: dict[str, Any] | None
     note: str
+    chart: str = ""
 
 
 @functools.cache
@@ -109,7 +112,7 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
     elif request.unet_dtype == Precision.FP32:  # the planner's only precision move is fp8 storage, as a last resort
         notes.append("the plan keeps your precision choices; UNet precision FP16 (lossy, small) halves the UNet's memory")
     if not plan.fits:
-        return BudgetAnswer(None, plan_markdown(plan, dims, notes))
+        return BudgetAnswer(None, plan_markdown(plan, dims, notes), plan_chart(plan))
     problems = plan.settings.problems()
     if problems:  # e.g. the plan's temporal windows with pruning on
         return BudgetAnswer(None, f"⚠ The plan for {plan.budget.label} conflicts with your settings: "
@@ -120,7 +123,7 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
     hidden = [f"{name}={wanted[name]}" for name in PLANNED_FIELDS if shown[name] != wanted[name]]
     if hidden:  # a planned value no control can show
         notes.append(f"the form cannot show {', '.join(hidden)}; Generate plans again and applies it")
-    return BudgetAnswer(changes, plan_markdown(plan, dims, notes))
+    return BudgetAnswer(changes, plan_markdown(plan, dims, notes), plan_chart(plan))
 
 
 def _gib(mib: float) -> str:
@@ -148,3 +151,31 @@ def plan_markdown(plan: Plan, dims: ModelDims, notes: list[str]) -> str:
     for note in notes:
         lines += ["", f"ℹ {note[0].upper()}{note[1:]}."]
     return "\n".join(lines)
+
+
+def plan_chart(plan: Plan) -> str:
+    """The plan as a bar chart (HTML): each phase's predicted process peak against the budget's usable memory.
+
+    One bar per phase, to scale; a dashed line marks the usable memory (the budget less the desktop's
+    share), a solid one the card. A bar is green under the usable line, red over it.
+    """
+    budget, phases = plan.budget, plan.prediction.phases
+    scale = max(budget.total_mib, *phases.values()) * 1.05
+    usable = 100 * budget.available_mib / scale
+    card = 100 * budget.total_mib / scale
+    rows = []
+    for phase, mib in phases.items():
+        over = mib > budget.available_mib
+        rows.append(
+            f'<div class="plan-bar" data-phase="{html.escape(phase)}" data-mib="{mib:.0f}" data-over="{str(over).lower()}"'
+            ' style="display:flex;align-items:center;gap:6px;margin:2px 0">'
+            f'<span style="width:8em;font-size:0.8em">{html.escape(phase)}</span>'
+            '<span style="position:relative;flex:1;height:14px;background:#eee">'
+            f'<span style="position:absolute;left:0;top:0;bottom:0;width:{100 * mib / scale:.1f}%;'
+            f'background:{"#d62728" if over else "#2ca02c"}"></span>'
+            f'<span style="position:absolute;left:{usable:.1f}%;top:-2px;bottom:-2px;border-left:2px dashed #333"></span>'
+            f'<span style="position:absolute;left:{card:.1f}%;top:-2px;bottom:-2px;border-left:2px solid #333"></span>'
+            f'</span><span style="width:6em;font-size:0.8em;text-align:right">{_gib(mib)}</span></div>')
+    legend = (f'<div style="font-size:0.75em">bars: predicted process peak per phase · dashed: usable '
+              f'{_gib(budget.available_mib)} · solid: budget {_gib(budget.total_mib)}</div>')
+    return f'<div id="plan-chart-bars">{"".join(rows)}{legend}</div>'

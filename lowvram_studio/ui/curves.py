@@ -17,6 +17,8 @@ import pandas as pd
 from ..media import write_atomically
 
 COLORS = {"fp32": "#d62728", "fp16": "#1f77b4", "optimized": "#2ca02c", "live": "#ff7f0e", "phase": "#9e9e9e"}
+# When a tab's runs share a group (two optimized runs), the later ones take the first unused of these.
+SPARE_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79")
 MAX_POINTS = 200  # per series: enough for the eye, cheap for the browser to redraw 2.5x a second
 MAX_RUNS = 6  # earlier runs kept per tab
 
@@ -52,6 +54,21 @@ def phase_caption(runs: Sequence[CurveRun]) -> str:
     return "Grey lines, phase starts of the newest run: " + " · ".join(f"{p} {t:.1f} s" for t, p in runs[-1].phases)
 
 
+def run_colors(runs: Sequence[CurveRun]) -> list[str]:
+    """One colour per run, none shared: its group's (FP32 red, optimized green, ...) while that is free."""
+    colors: list[str] = []
+    for run in runs:
+        wanted = COLORS.get(run.group, COLORS["optimized"])
+        spare = (c for c in SPARE_COLORS if c not in colors)
+        colors.append(wanted if wanted not in colors else next(spare))
+    return colors
+
+
+def series_name(number: int, run: CurveRun) -> str:
+    """The legend's name of a run: short enough for the legend beside the plot (the table has the full label)."""
+    return f"#{number} {run.label if len(run.label) <= 24 else run.label[:23] + '…'}"
+
+
 def curve_frame(runs: Sequence[CurveRun]) -> tuple[pd.DataFrame, dict[str, str]]:
     """(table for gr.LinePlot with columns t_s, mib, series; colour per series).
 
@@ -60,9 +77,9 @@ def curve_frame(runs: Sequence[CurveRun]) -> tuple[pd.DataFrame, dict[str, str]]
     """
     rows: list[tuple[float, float, str]] = []
     colors: dict[str, str] = {}
-    for number, run in enumerate(runs, start=1):
-        name = f"#{number} {run.label}"
-        colors[name] = COLORS.get(run.group, COLORS["optimized"])
+    for number, (run, color) in enumerate(zip(runs, run_colors(runs), strict=True), start=1):
+        name = series_name(number, run)
+        colors[name] = color
         rows.extend((t, mib, name) for t, mib in thin(run.points))
     if runs and runs[-1].points:
         top = max(mib for run in runs for _, mib in run.points)
@@ -83,10 +100,10 @@ def write_curve_png(runs: Sequence[CurveRun], memory_label: str, path: Path) -> 
 
     figure = Figure(figsize=(8, 4), dpi=100)
     axes = figure.subplots()
-    for number, run in enumerate(runs, start=1):
+    for number, (run, color) in enumerate(zip(runs, run_colors(runs), strict=True), start=1):
         if run.points:
             t, mib = zip(*run.points)
-            axes.plot(t, mib, color=COLORS.get(run.group, COLORS["optimized"]), label=f"#{number} {run.label}")
+            axes.plot(t, mib, color=color, label=f"#{number} {run.label}")
     if runs:
         for t, phase in runs[-1].phases:
             axes.axvline(t, color=COLORS["phase"], linewidth=0.8, linestyle="--")

@@ -1,0 +1,74 @@
+"""The form's sliders in one table (range and step), and snapping a typed value onto its step.
+
+A slider's number box takes any typed number; a value between steps (127 in a step-64 box) would
+otherwise run as typed, as some fields accept it (``temporal_chunk`` any whole number). The page snaps
+what is typed to the nearest step and says so; ``off_step_problems`` refuses a value between steps from
+API callers, whose requests never pass through the page (beyond the range is theirs to ask for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .labels import LABELS
+
+
+@dataclass(frozen=True)
+class SliderSpec:
+    minimum: float
+    maximum: float
+    step: float
+
+    def snap(self, value: float) -> float:
+        """The nearest value on this slider's steps, inside its range (whole numbers stay whole)."""
+        steps = round((float(value) - self.minimum) / self.step)
+        snapped = min(max(self.minimum + steps * self.step, self.minimum), self.maximum)
+        return int(snapped) if float(self.step).is_integer() else round(snapped, 6)
+
+    def on_step(self, value: float) -> bool:
+        """On a step (beyond the range too: the API may ask for more than the slider shows)."""
+        steps = (float(value) - self.minimum) / self.step
+        return abs(steps - round(steps)) <= 1e-6
+
+
+SLIDERS = {
+    "num_frames": SliderSpec(2, 128, 1),
+    "num_inference_steps": SliderSpec(1, 100, 1),
+    "width": SliderSpec(64, 1024, 64),
+    "height": SliderSpec(64, 1024, 64),
+    "fps": SliderSpec(1, 60, 1),
+    "motion_bucket_id": SliderSpec(0, 1023, 1),
+    "noise_aug_strength": SliderSpec(0, 1, 0.01),
+    "min_guidance_scale": SliderSpec(0, 20, 0.1),
+    "max_guidance_scale": SliderSpec(0, 20, 0.1),
+    "preview_every": SliderSpec(0, 10, 1),
+    "chunk_size": SliderSpec(0, 64, 1),
+    "overlap": SliderSpec(0, 16, 1),
+    "prune_threshold": SliderSpec(0, 0.1, 0.001),
+    "decode_chunk": SliderSpec(0, 32, 1),
+    "vae_tile": SliderSpec(0, 1024, 64),
+    "spatial_chunk": SliderSpec(0, 32, 1),
+    "temporal_chunk": SliderSpec(0, 16384, 256),
+    "ff_chunk": SliderSpec(0, 16384, 256),
+}
+
+
+def snap_note(name: str, value: Any) -> tuple[float, str] | None:
+    """(snapped value, what to tell the user) when ``value`` is off ``name``'s steps, else None."""
+    spec = SLIDERS[name]
+    if value is None or spec.on_step(value):
+        return None
+    snapped = spec.snap(value)
+    return snapped, f"{LABELS[name]} moves in steps of {spec.step:g} from {spec.minimum:g}: {value:g} became {snapped:g}."
+
+
+def off_step_problems(form: dict[str, Any]) -> list[str]:
+    """What a request with a value between the steps of a slider must change, named by the label."""
+    problems = []
+    for name, spec in SLIDERS.items():
+        value = form.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not spec.on_step(value):
+            problems.append(f"“{LABELS[name]}” moves in steps of {spec.step:g} from {spec.minimum:g}; "
+                            f"{value:g} is not one of them: use {spec.snap(value):g}")
+    return problems
