@@ -111,9 +111,10 @@ def test_calibration_uses_the_measured_figure_then_the_cards_ratio_and_survives_
     store = SpeedCalibration.load(tmp_path)
     first = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060, model="svd-xt", calibration=store)
     assert first.basis == "model"
-    key = step_key("svd-xt", GTX_1060, _case("A"))
-    store.record(key, GTX_1060, 2 * first.predicted_s_per_step, first.predicted_s_per_step, write_atomically)
-    store.record(key, GTX_1060, 4 * first.predicted_s_per_step, first.predicted_s_per_step, write_atomically)
+    for factor in (2, 4):
+        store.record("svd-xt", GTX_1060, _case("A", seed=factor), factor * first.predicted_s_per_step,
+                     first.predicted_s_per_step, write_atomically)
+    assert list(store.entries) == [step_key("svd-xt", GTX_1060, _case("A"))]  # the seed does not change s/step
 
     reloaded = SpeedCalibration.load(tmp_path)
     same = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060, model="svd-xt", calibration=reloaded)

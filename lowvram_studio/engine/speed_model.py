@@ -402,8 +402,13 @@ class SpeedCalibration:
             return cls(path)
         return cls(path, entries)
 
-    def record(self, key: str, gpu: str, seconds_per_step: float, predicted: float | None, write: AtomicWriter) -> None:
-        """Keep a run's measured s/step (the mean with earlier runs of the same key) and save the store."""
+    def record(self, model: str, gpu: str, settings: Any, seconds_per_step: float, predicted: float | None,
+               write: AtomicWriter) -> None:
+        """Keep a finished run's measured s/step (the mean with earlier runs of the same ``step_key``) and save.
+
+        ``predicted``: the estimate's ``predicted_s_per_step`` for the same run (the card's ratio comes from it).
+        """
+        key = step_key(model, gpu, settings)
         old = self.entries.get(key)
         runs = old.runs + 1 if old is not None else 1
         if old is not None:
