@@ -357,6 +357,8 @@ class Studio:
     def live_status(self, job: Job) -> str:
         if job.state == JobState.QUEUED:
             ahead = self.worker.position(job)
+            if not ahead:  # between submit and the worker taking it
+                return "⏳ Starting ..."
             return f"⏳ **Waiting for the GPU**: {ahead} job(s) ahead of yours (one GPU job runs at a time)."
         points = job.curve()
         label = getattr(job.monitor, "memory_label", "memory")
@@ -573,7 +575,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 starter = gr.Dropdown(list(STARTERS), value=None, label="Starter preset for your GPU",
                                       elem_id="starter", info="sets the VRAM budget and settings for that card")
                 _main_controls(form)
-                lossy_note = gr.Markdown(lossy_summary(form_to_settings(form.init)), elem_id="lossy-note")
+                lossy_note = gr.Markdown(in_user_words(lossy_summary(form_to_settings(form.init))), elem_id="lossy-note")
                 fix = gr.Button("Fix", visible=False, elem_id="fix", size="sm")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=2)
@@ -710,7 +712,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             """The lossy note, or the conflict in the page's words with its one-click fix when there is one."""
             form = form_of(values)
             try:
-                return lossy_summary(form_to_settings(form)), gr.update(visible=False)
+                return in_user_words(lossy_summary(form_to_settings(form))), gr.update(visible=False)
             except SettingsError as exc:
                 remedy = suggest_fix(form)
                 button = gr.update(visible=True, value=remedy.label) if remedy else gr.update(visible=False)
@@ -721,16 +723,15 @@ def build_app(studio: Studio) -> gr.Blocks:
             changes = remedy.changes if remedy else {}
             return [changes[name] if name in changes else gr.skip() for name in names]
 
-        def snapper(name: str) -> Callable[[Any], Any]:
-            def snap(value: Any) -> Any:
-                """A value typed between the slider's steps moves to the nearest step, and the user is told."""
+        def snap(*values: Any) -> list[Any]:
+            """A value typed between a slider's steps moves to the nearest step, and the user is told."""
+            out = []
+            for name, value in zip(SLIDERS, values, strict=True):
                 snapped = snap_note(name, value)
-                if snapped is None:
-                    return gr.skip()
-                gr.Warning(snapped[1])
-                return snapped[0]
-
-            return snap
+                if snapped is not None:
+                    gr.Warning(snapped[1])
+                out.append(gr.skip() if snapped is None else snapped[0])
+            return out
 
         def save_named(name: str | None, *values: Any) -> dict:
             try:
@@ -816,7 +817,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
             run = button.click(check_request, [image, *components], api_name=False, concurrency_limit=None,
                                show_progress="hidden").success(
-                starting, outputs=[*lockable, status, progress], queue=False, api_name=False).then(
+                starting, outputs=[*lockable, status, progress], queue=False, api_name=False,
+                show_progress="hidden").then(
                 with_named_values(handler, names), inputs=[history, image, *components], outputs=results,
                 api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
@@ -837,9 +839,11 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.on([c.change for c in components], describe, components, [lossy_note, fix], queue=False, api_name=False,
               show_progress="hidden")
         fix.click(apply_fix, components, components, queue=False, api_name=False, show_progress="hidden")
-        for name in SLIDERS:  # typed values snap to the step (the number box takes any number)
-            controls[name].input(snapper(name), controls[name], controls[name], queue=False, api_name=False,
-                                 show_progress="hidden")
+        # Typed values snap to the step: a slider's number box takes any number and sends no input event. Queued:
+        # the page shows no toast from a queue=False step.
+        sliders = [controls[name] for name in SLIDERS]
+        gr.on([c.change for c in sliders], snap, sliders, sliders, api_name=False, concurrency_limit=None,
+              show_progress="hidden")
         controls["prune_threshold"].change(prune_warning, controls["prune_threshold"], prune_note, queue=False,
                                            api_name=False)
         save_preset.click(with_named_values(save_named, names), [preset_name, *components], preset_name,
