@@ -20,6 +20,7 @@ from lowvram_studio.media import read_mp4_comment, read_video
 from lowvram_studio.ui.app import ASSETS, Studio, build_app, start_studio
 from lowvram_studio.ui.budget import PLANNED_FIELDS
 from lowvram_studio.ui.config_store import ConfigStore
+from lowvram_studio.ui.curves import LEGEND_CHARS
 from lowvram_studio.ui.form import FORM_NAMES
 from lowvram_studio.ui.share import ShareError
 
@@ -146,6 +147,7 @@ def test_compare_runs_fp32_fp16_and_optimized_with_fidelity(studio_url):
     colors = curve["color_map"]
     runs = [name for name in colors if name.startswith("#")]
     assert len(runs) >= 3 and len({colors[name] for name in runs}) == len(runs)  # each run its own colour
+    assert all(len(name) <= len("#10 ") + LEGEND_CHARS for name in runs)  # the legend shows them whole
 
 
 def test_only_output_and_asset_folders_are_served(studio_url, studio):

@@ -564,3 +564,28 @@ def test_watching_a_run_costs_it_little_against_the_same_run_unwatched(studio_pa
     after = _unwatched_seconds_per_step(studio, settings)
     print(f"s/step unwatched {before:.3f} / {after:.3f}, watched {watched:.3f}")
     assert watched <= 2.0 * max(before, after)
+
+
+def test_compare_shows_fidelity_in_view_each_run_in_its_colour_and_the_runs_side_by_side(studio_page):
+    driver = studio_page.driver
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", LAPTOP)
+    try:
+        _fresh_page(studio_page)
+        _upload_image(driver)
+        _set_number(driver, "num_frames", 2)
+        _set_number(driver, "num_inference_steps", 1)
+        driver.find_element(By.ID, "compare").click()
+        _wait(driver, lambda d: "✔ Compare finished" in _text(d, "status"), 180)
+        side = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#compare-video video"), 30)
+        assert side.get_attribute("src").split("?")[0].endswith("side_by_side.mp4")
+        driver.execute_script("document.getElementById('stats').scrollIntoView()")
+        headers = driver.execute_script(
+            "return [...document.querySelectorAll('#stats th')].filter(h => {const r = h.getBoundingClientRect();"
+            " return r.width > 0 && r.left >= 0 && r.right <= innerWidth;}).map(h => h.innerText.trim())")
+        assert "PSNR (dB)" in headers and "SSIM" in headers  # in view, no sideways scrolling
+        driver.execute_script("window.scrollTo(0, 0)")
+        _screenshot(driver, "studio-compare-1366x768.png")
+        driver.execute_script("document.getElementById('stats').scrollIntoView()")
+        _screenshot(driver, "studio-compare-table-1366x768.png")
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -616,7 +616,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                     add_queue = gr.Button("Add to queue", elem_id="queue-add", scale=1)
             with gr.Column(scale=6):
                 stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False,
-                                     elem_id="stats", wrap=True)
+                                     elem_id="stats", wrap=True,
+                                     column_widths=["20%", "9%", "9%", "10%", "8%", "12%", "9%", "12%", "11%"])
                 compare_video = gr.Video(label="Compared runs side by side: FP32 | FP16 only | FP16 + optimizations",
                                          elem_id="compare-video", autoplay=True, loop=True, height=240)
                 with gr.Row():

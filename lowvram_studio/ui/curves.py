@@ -64,9 +64,14 @@ def run_colors(runs: Sequence[CurveRun]) -> list[str]:
     return colors
 
 
+LEGEND_CHARS = 20  # the plot's legend cuts longer names off (about 160 px)
+GROUP_NAMES = {"fp32": "FP32", "fp16": "FP16", "optimized": "optimized", "live": "running"}
+
+
 def series_name(number: int, run: CurveRun) -> str:
-    """The legend's name of a run: short enough for the legend beside the plot (the table has the full label)."""
-    return f"#{number} {run.label if len(run.label) <= 24 else run.label[:23] + '…'}"
+    """The legend's name of a run: its label when that fits the legend, else its number and group
+    ('#3 optimized'); the runs table below has the full label in the same order."""
+    return f"#{number} {run.label if len(run.label) <= LEGEND_CHARS else GROUP_NAMES.get(run.group, run.group)}"
 
 
 def curve_frame(runs: Sequence[CurveRun]) -> tuple[pd.DataFrame, dict[str, str]]:
