@@ -11,6 +11,7 @@ test-artifacts/ for a human to look at.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import shutil
@@ -147,20 +148,26 @@ def _inside_viewport(driver, selector: str) -> bool:
         selector)
 
 
-def test_on_a_1366x768_laptop_image_main_settings_and_generate_show_without_scrolling(studio_page):
-    driver = studio_page.driver
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", LAPTOP)
+@contextlib.contextmanager
+def _laptop_screen(page: StudioPage):
+    """The page as a 1366x768 laptop shows it (the viewport itself, not the window), freshly loaded with an image."""
+    page.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", LAPTOP)
     try:
-        _fresh_page(studio_page)
-        _upload_image(driver)
+        _fresh_page(page)
+        _upload_image(page.driver)
+        yield page.driver
+    finally:
+        page.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_on_a_1366x768_laptop_image_main_settings_and_generate_show_without_scrolling(studio_page):
+    with _laptop_screen(studio_page) as driver:
         driver.execute_script("window.scrollTo(0, 0)")
         assert driver.execute_script("return [innerWidth, innerHeight]") == [1366, 768]
         _screenshot(driver, "studio-1366x768.png")
         for selector in ("#generate", "#stop", "#input-image", "#ctl-num_frames", "#ctl-num_inference_steps",
                          "#ctl-width", "#ctl-height", "#ctl-seed", "#starter", "#device-badge", "#progress"):
             assert _inside_viewport(driver, selector), selector
-    finally:
-        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_page):
@@ -567,11 +574,7 @@ def test_watching_a_run_costs_it_little_against_the_same_run_unwatched(studio_pa
 
 
 def test_compare_shows_fidelity_in_view_each_run_in_its_colour_and_the_runs_side_by_side(studio_page):
-    driver = studio_page.driver
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", LAPTOP)
-    try:
-        _fresh_page(studio_page)
-        _upload_image(driver)
+    with _laptop_screen(studio_page) as driver:
         _set_number(driver, "num_frames", 2)
         _set_number(driver, "num_inference_steps", 1)
         driver.find_element(By.ID, "compare").click()
@@ -587,5 +590,3 @@ def test_compare_shows_fidelity_in_view_each_run_in_its_colour_and_the_runs_side
         _screenshot(driver, "studio-compare-1366x768.png")
         driver.execute_script("document.getElementById('stats').scrollIntoView()")
         _screenshot(driver, "studio-compare-table-1366x768.png")
-    finally:
-        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
