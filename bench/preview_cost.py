@@ -23,7 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowvram_studio.engine.preview import attach_latent_rgb, fit_latent_rgb, fitting_images, vae_fingerprint  # noqa: E402
+from lowvram_studio.engine.preview import attach_latent_rgb  # noqa: E402
+from lowvram_studio.models.latent_rgb import fit_latent_rgb, fitting_images, vae_fingerprint  # noqa: E402
 from lowvram_studio.engine.sampler import generate  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 

@@ -15,53 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-
-class Precision(str, Enum):
-    """Storage precision of a component. ``auto`` lets the precision policy pick for the GPU."""
-
-    AUTO = "auto"
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    FP8 = "fp8"
-
-
-class HalfCompute(str, Enum):
-    """What a component stored in fp16 computes in. ``auto``: by GPU generation (engine/precision.py)."""
-
-    AUTO = "auto"
-    FP16 = "fp16"
-    FP32 = "fp32"  # fp16 storage, each layer up-cast to fp32 just before it runs
-
-
-class OffloadMode(str, Enum):
-    """Where weights live while they are not computing (engine/placement.py)."""
-
-    NONE = "none"  # everything stays on the GPU
-    MODEL = "model"  # whole components move to the GPU when used (accelerate hooks)
-    STREAM = "stream"  # UNet blocks stream in with prefetch on a CUDA stream (group offloading)
-
-
-class WindowBlend(str, Enum):
-    """How overlapping temporal windows are weighted where they meet (engine/windows.py)."""
-
-    FLAT = "flat"
-    LINEAR = "linear"
-    PYRAMID = "pyramid"
-
-
-class PruneMode(str, Enum):
-    """Which reuse the pruning threshold drives (engine/pruning.py)."""
-
-    STEPS = "steps"  # reuse deep-block residuals across sampler steps
-    FRAMES = "frames"  # reuse a near-duplicate neighbour's spatial-layer output
-    BOTH = "both"
-
-
-class DeviceChoice(str, Enum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
+from .engine.options import DeviceChoice, HalfCompute, OffloadMode, Precision, PruneMode, WindowBlend
 
 
 class SettingsError(ValueError):
@@ -237,6 +191,7 @@ class RunSettings:
             self.interpolate in INTERPOLATION_FACTORS,
             f"interpolate must be 1, 2 or 4; got {self.interpolate!r}",
         )
+        out.extend(_pruning_problems(self))
         return out
 
     def validate(self) -> "RunSettings":
@@ -377,6 +332,21 @@ def _coerce(data: dict[str, Any]) -> dict[str, Any]:
         elif kind is float:
             out[name] = float(value)
     return out
+
+
+def _pruning_problems(settings: RunSettings) -> list[str]:
+    """The finer pruning knobs in ``extra`` (prune_step_signal, ...) as the engine reads them, so a bad one
+    is refused with the other problems instead of failing the run. The engine owns their meaning; its
+    import is deferred so reading a settings file needs no torch."""
+    if not any(key.startswith("prune_") for key in settings.extra):
+        return []
+    from .engine.pruning import PruningConfig
+
+    try:
+        PruningConfig.from_settings(settings)
+    except ValueError as error:
+        return [f"{error}; fix it in the settings' extra or remove the key"]
+    return []
 
 
 def _parse_gib(text: str) -> float | None:

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from lowvram_studio.cli import build_parser
-from lowvram_studio.engine.preview import (
-    FILE_NAME,
-    PREVIEW_KEY,
-    LatentRgb,
-    cached_projection_path,
-    latent_rgb_of,
-    load_or_fit_latent_rgb,
-    vae_fingerprint,
-)
+from lowvram_studio.engine.preview import PREVIEW_KEY, LatentRgb, latent_rgb_of
 from lowvram_studio.engine.sampler import generate
 from lowvram_studio.models.demo import DEFAULT_WEIGHTS_DIR, WEIGHT_FILES, build_demo_pipeline
+from lowvram_studio.models.latent_rgb import (
+    FILE_NAME,
+    cached_projection_path,
+    load_latent_rgb,
+    load_or_fit_latent_rgb,
+    save_latent_rgb,
+    vae_fingerprint,
+)
 from lowvram_studio.monitor.report import psnr_ssim
 from lowvram_studio.settings import RunSettings
 from lowvram_studio.ui.preview_view import PreviewPanel
@@ -118,21 +118,21 @@ def test_projection_reproduces_the_vae_decode_of_a_plain_colour(demo_pipeline):
 def test_projection_fitted_on_other_vae_weights_is_refitted_on_load(tmp_path, caplog):
     for name in WEIGHT_FILES.values():
         shutil.copy(DEFAULT_WEIGHTS_DIR / name, tmp_path / name)
-    shipped = LatentRgb.load(DEFAULT_WEIGHTS_DIR / FILE_NAME)
+    shipped = load_latent_rgb(DEFAULT_WEIGHTS_DIR / FILE_NAME)
     stale = LatentRgb(shipped.matrix, shipped.bias, "sha256:weights-before-retraining", shipped.fit)
-    stale.save(tmp_path / FILE_NAME)
-    with caplog.at_level(logging.INFO, logger="lowvram_studio.engine.preview"):
+    save_latent_rgb(stale, tmp_path / FILE_NAME)
+    with caplog.at_level(logging.INFO, logger="lowvram_studio.models.latent_rgb"):
         pipeline = build_demo_pipeline(weights=tmp_path)
     projection = latent_rgb_of(pipeline)
     assert projection.vae_fingerprint == vae_fingerprint(pipeline.vae) != stale.vae_fingerprint
-    assert "fitted on other VAE weights" in caplog.text and "--fit-demo" in caplog.text
-    assert LatentRgb.load(tmp_path / FILE_NAME) == stale  # the shipped file is only rewritten by --fit-demo
+    assert "fitted on other VAE weights" in caplog.text and "python -m lowvram_studio.models.fit_demo_preview" in caplog.text
+    assert load_latent_rgb(tmp_path / FILE_NAME) == stale  # the shipped file is only rewritten by fit_demo_preview
 
 
 def test_user_model_projection_is_fitted_once_then_read_from_the_cache(demo_pipeline, tmp_path, caplog):
     vae = demo_pipeline.vae
     path = cached_projection_path(tmp_path, vae_fingerprint(vae))
-    with caplog.at_level(logging.INFO, logger="lowvram_studio.engine.preview"):
+    with caplog.at_level(logging.INFO, logger="lowvram_studio.models.latent_rgb"):
         first = load_or_fit_latent_rgb(vae, path, save=True)
         second = load_or_fit_latent_rgb(vae, path, save=True)
     assert path.is_file() and first == second

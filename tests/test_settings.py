@@ -112,3 +112,25 @@ def test_every_default_has_its_fields_type_and_whole_numbers_count_as_numbers():
     assert settings.noise_aug_strength == 0.0 and isinstance(settings.noise_aug_strength, float)
     assert isinstance(settings.max_guidance_scale, float) and settings.validate() == settings
     assert RunSettings.from_dict({"offload": "STREAM"}).offload is OffloadMode.STREAM
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"prune_step_signal": "zzz"}, "extra prune_step_signal must be one of input, shallow; got 'zzz'"),
+        ({"prune_frame_signal": 3}, "extra prune_frame_signal must be one of latents, denoised; got 3"),
+        ({"prune_motion_adaptive": "no"}, "extra prune_motion_adaptive must be true or false; got 'no'"),
+        ({"prune_large_motion": "abc"}, "extra prune_large_motion must be a number; got 'abc'"),
+        ({"prune_max_reuse": -1}, "prune_max_reuse must be a whole number of steps, 0 or more; got -1"),
+    ],
+)
+def test_bad_pruning_knobs_in_extra_are_settings_problems_not_run_failures(extra, message):
+    settings = RunSettings(prune_threshold=0.02, extra=extra)
+    with pytest.raises(SettingsError) as caught:
+        settings.validate()
+    assert message in str(caught.value) and "fix it in the settings' extra" in str(caught.value)
+
+
+def test_good_pruning_knobs_in_extra_pass():
+    RunSettings(prune_threshold=0.02, extra={"prune_step_signal": "input", "prune_motion_adaptive": True,
+                                             "prune_large_motion": 1, "prune_branch_layers": None}).validate()

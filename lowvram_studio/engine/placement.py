@@ -31,7 +31,7 @@ from accelerate import cpu_offload_with_hook
 from accelerate.hooks import remove_hook_from_module
 from diffusers.hooks import HookRegistry, apply_group_offloading
 
-from lowvram_studio.settings import OffloadMode
+from .options import OffloadMode
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from diffusers.hooks import apply_layerwise_casting
 from diffusers.models.modeling_utils import ModelMixin
 
-from lowvram_studio.settings import HalfCompute, Precision
+from .options import HalfCompute, Precision
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from diffusers.models.transformers.transformer_temporal import (
     TransformerTemporalModelOutput,
 )
 
-from ..settings import PruneMode, RunSettings
+from .options import PruneMode
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,19 @@ def ghosting_warning(threshold: float) -> str | None:
             f"raise it to {DEFAULT_THRESHOLD:g} or set 0 to turn pruning off"
         )
     return None
+
+
+def _strict_bool(value: Any) -> bool:
+    """true or false only: ``bool("no")`` is True, which would turn a knob on that the user meant off."""
+    if not isinstance(value, bool):
+        raise TypeError(value)
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    return float(value)
 
 
 @dataclass
@@ -140,23 +153,36 @@ class PruningConfig:
         return self
 
     @classmethod
-    def from_settings(cls, settings: RunSettings) -> "PruningConfig":
-        """Threshold and mode from their RunSettings fields; the finer knobs from ``settings.extra``."""
+    def from_settings(cls, settings: Any) -> "PruningConfig":
+        """Threshold and mode from their RunSettings fields; the finer knobs from ``settings.extra``.
+
+        A bad value raises ValueError naming its ``extra`` key and the values it takes (the settings'
+        validation reports it before any run).
+        """
         extra = settings.extra
-        try:
-            return cls(
-                threshold=settings.prune_threshold,
-                mode=PruneMode(settings.prune_mode),
-                step_signal=StepSignal(extra.get("prune_step_signal", cls.step_signal.value)),
-                frame_signal=FrameSignal(extra.get("prune_frame_signal", cls.frame_signal.value)),
-                max_consecutive_reuse=extra.get("prune_max_reuse", cls.max_consecutive_reuse),
-                branch_layers=extra.get("prune_branch_layers", cls.branch_layers),
-                motion_adaptive=bool(extra.get("prune_motion_adaptive", cls.motion_adaptive)),
-                large_motion=float(extra.get("prune_large_motion", cls.large_motion)),
-                record_signals=bool(extra.get("prune_record_signals", cls.record_signals)),
-            ).validate()
-        except ValueError as error:
-            raise ValueError(f"invalid pruning settings: {error}; see lowvram_studio/engine/pruning.py") from error
+
+        def knob(key: str, convert: Any, default: Any, expected: str) -> Any:
+            value = extra.get(key, default)
+            try:
+                return convert(value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"extra {key} must be {expected}; got {value!r}") from error
+
+        def choice(key: str, kind: type[Enum], default: Enum) -> Any:
+            return knob(key, kind, default.value, "one of " + ", ".join(e.value for e in kind))
+
+        config = cls(
+            threshold=settings.prune_threshold,
+            mode=PruneMode(settings.prune_mode),
+            step_signal=choice("prune_step_signal", StepSignal, cls.step_signal),
+            frame_signal=choice("prune_frame_signal", FrameSignal, cls.frame_signal),
+            max_consecutive_reuse=extra.get("prune_max_reuse", cls.max_consecutive_reuse),
+            branch_layers=extra.get("prune_branch_layers", cls.branch_layers),
+            motion_adaptive=knob("prune_motion_adaptive", _strict_bool, cls.motion_adaptive, "true or false"),
+            large_motion=knob("prune_large_motion", _number, cls.large_motion, "a number"),
+            record_signals=knob("prune_record_signals", _strict_bool, cls.record_signals, "true or false"),
+        )
+        return config.validate()
 
 
 # ---- measures -------------------------------------------------------------------------------------

@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from lowvram_studio.engine.events import CancelToken, current_token
-from lowvram_studio.engine.precision import compute_dtype
-from lowvram_studio.engine.vae_norm import image_wide_group_norm
+from .events import CancelToken, current_token
+from .precision import compute_dtype
+from .vae_norm import image_wide_group_norm
 
 logger = logging.getLogger(__name__)
 

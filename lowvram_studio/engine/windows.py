@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..settings import WindowBlend
+from .options import WindowBlend
 
 logger = logging.getLogger(__name__)
 

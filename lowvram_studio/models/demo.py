@@ -23,8 +23,9 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ..engine.preview import FILE_NAME as LATENT_RGB_FILE
-from ..engine.preview import attach_latent_rgb, load_or_fit_latent_rgb
+from ..engine.preview import attach_latent_rgb
+from .latent_rgb import FILE_NAME as LATENT_RGB_FILE
+from .latent_rgb import load_or_fit_latent_rgb
 
 logger = logging.getLogger(__name__)
 

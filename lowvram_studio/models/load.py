@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from ..engine.preview import attach_latent_rgb, cached_projection_path, load_or_fit_latent_rgb, vae_fingerprint
+from ..engine.preview import attach_latent_rgb
 from ..userdirs import cache_dir
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
+from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb, vae_fingerprint
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
 from .single_file import SingleFileError, load_single_file
 
