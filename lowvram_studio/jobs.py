@@ -18,6 +18,7 @@ from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from .engine.oom import run_with_replan
 from .engine.planner import ModelDims, Planner, plan_for_settings
+from .engine.precision import detect_gpu
 from .engine.sampler import RunResult, generate, resolve_device
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
@@ -149,7 +150,7 @@ def run_job(
     cancel = cancel or CancelToken()
     input_info = input_image_info(image_path)
     baseline = measure_idle_baseline()
-    planner = Planner(ModelDims.from_pipeline(model.pipeline, model.name), device_type=resolve_device(settings.device).type)
+    planner = Planner.for_gpu(ModelDims.from_pipeline(model.pipeline, model.name), detect_gpu(resolve_device(settings.device)))
     plan = plan_for_settings(planner, settings)
     if plan is not None:  # a VRAM budget chose the settings; every choice is explained to the user
         settings = plan.settings

@@ -231,3 +231,16 @@ def test_a_narrower_model_is_predicted_with_proportionally_smaller_activations()
         narrow, full = phase_features(demo, settings, phase)[name], phase_features(wide, settings, phase)[name]
         assert narrow == pytest.approx(full * width)
     assert SVD_XT_DIMS.unet_width == SVD_XT_DIMS.vae_width == 1.0  # what the coefficients were fitted on
+
+
+def test_a_pascal_card_plans_for_fp32_activations_of_fp16_weights():
+    """GTX 1060: fp16 weights compute in fp32 there, so the same request needs more denoise memory."""
+    from lowvram_studio.engine.precision import GpuInfo
+
+    request = RunSettings(height=576, width=1024, num_frames=25, device="cuda", unet_dtype="fp16", cfg_split=True)
+    pascal = Planner.for_gpu(SVD_XT_DIMS, GpuInfo("NVIDIA GeForce GTX 1060 6GB", (6, 1)))
+    turing = Planner.for_gpu(SVD_XT_DIMS, GpuInfo("NVIDIA GeForce RTX 2060", (7, 5)))
+    assert pascal.auto_fp32_compute and not turing.auto_fp32_compute
+    assert pascal.predict(request).phases["denoise"] > turing.predict(request).phases["denoise"] + 1024
+    forced = turing.predict(request.replace(half_compute="fp32")).phases["denoise"]
+    assert forced == pascal.predict(request).phases["denoise"]

@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..settings import OffloadMode, Precision, RunSettings, budget_gib
+from ..settings import RunSettings, budget_gib
+from .options import HalfCompute, OffloadMode, Precision
 from .events import Phase
+from .precision import GpuInfo, execution_path
 from .speed_model import CardSpeed, streaming_groups
 
 logger = logging.getLogger(__name__)
@@ -102,9 +104,16 @@ def _storage_bytes(precision: Precision, device_type: str) -> int:
     return {Precision.FP32: 4, Precision.FP16: 2, Precision.BF16: 2, Precision.FP8: 1}[precision]
 
 
-def _compute_bytes(precision: Precision, device_type: str) -> int:
-    """fp8 is storage only (layerwise casting computes in 16 bit)."""
-    return max(_storage_bytes(precision, device_type), 2)
+def _compute_bytes(precision: Precision, device_type: str, settings: RunSettings, auto_fp32_compute: bool) -> int:
+    """Bytes per activation element. fp8 is storage only (layerwise casting computes in 16 bit); fp16 storage
+    computes in fp32 where ``half_compute`` says so, or where it is auto and the card's execution path
+    does (Pascal, Volta, GTX 16xx: ``auto_fp32_compute``) -- measured on the H100 at case B, that path's
+    denoise peak is 15.1 GiB against 9.8 for fp16 compute (bench/results/budgets_20261207.md)."""
+    stored = _storage_bytes(precision, device_type)
+    if stored >= 4 or precision == Precision.BF16:
+        return max(stored, 2)
+    fp32 = settings.half_compute == HalfCompute.FP32 or (settings.half_compute == HalfCompute.AUTO and auto_fp32_compute)
+    return 4 if fp32 else 2
 
 
 def window_frames(settings: RunSettings) -> int:
@@ -132,19 +141,24 @@ def resident_weights_mib(dims: ModelDims, settings: RunSettings, phase: Phase, d
     return total / MIB
 
 
-def phase_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_type: str = "cuda") -> dict[str, float]:
-    """The linear features of one phase's peak (MiB per unit coefficient); names match the coefficients."""
+def phase_features(
+    dims: ModelDims, settings: RunSettings, phase: Phase, device_type: str = "cuda", auto_fp32_compute: bool = False
+) -> dict[str, float]:
+    """The linear features of one phase's peak (MiB per unit coefficient); names match the coefficients.
+
+    ``auto_fp32_compute``: the card computes fp16-stored weights in fp32 when ``half_compute`` is auto.
+    """
     height, width = settings.height, settings.width
     features = {"overhead_mib": 1.0, "weights": resident_weights_mib(dims, settings, phase, device_type)}
     if phase == Phase.ENCODE:
-        vae_bytes = _compute_bytes(settings.vae_dtype, device_type)
+        vae_bytes = _compute_bytes(settings.vae_dtype, device_type, settings, auto_fp32_compute)
         features["vae_encode"] = height * width * vae_bytes * dims.vae_width / MIB
         return features
     if phase == Phase.DENOISE:
         tokens = (height // dims.latent_scale) * (width // dims.latent_scale)
         frames = window_frames(settings)
         branches = 2 if settings.guidance_enabled and not settings.cfg_split else 1
-        unet_bytes = _compute_bytes(settings.unet_dtype, device_type)
+        unet_bytes = _compute_bytes(settings.unet_dtype, device_type, settings, auto_fp32_compute)
         per_channel = tokens * frames * branches * unet_bytes * dims.unet_width / MIB
         rows = branches * frames
         spatial = min(1.0, settings.spatial_chunk / rows) if settings.spatial_chunk else 1.0
@@ -162,7 +176,7 @@ def phase_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_
     frames_per_call = min(settings.decode_chunk or settings.num_frames, settings.num_frames)
     tile = settings.vae_tile
     decoded_px = (min(tile, height) * min(tile, width)) if tile else height * width
-    vae_bytes = _compute_bytes(settings.vae_dtype, device_type)
+    vae_bytes = _compute_bytes(settings.vae_dtype, device_type, settings, auto_fp32_compute)
     features["vae_decode"] = decoded_px * frames_per_call * vae_bytes * dims.vae_width / MIB
     features["decode_output"] = settings.num_frames * height * width * 3 / MIB
     return features
@@ -205,11 +219,13 @@ class MemoryModel:
         return sum(self.coefficients[name] * value for name, value in features.items())
 
     def predict(
-        self, dims: ModelDims, settings: RunSettings, context_mib: float | None = None, device_type: str = "cuda"
+        self, dims: ModelDims, settings: RunSettings, context_mib: float | None = None, device_type: str = "cuda",
+        auto_fp32_compute: bool = False,
     ) -> Prediction:
         context = self.context_mib.get(device_type, 0.0) if context_mib is None else context_mib
         phases = {
-            phase.value: context + self.phase_mib(phase_features(dims, settings, phase, device_type)) for phase in PHASES
+            phase.value: context + self.phase_mib(phase_features(dims, settings, phase, device_type, auto_fp32_compute))
+            for phase in PHASES
         }
         return Prediction(phases, context)
 
@@ -471,7 +487,9 @@ class Planner:
     """Plans for one model on one kind of device; ``context_mib`` overrides the model's CUDA context.
 
     ``speed``: the user's card (engine/speed_model.py); where it makes streaming nearly free, streaming is
-    the first move of every ladder, ahead of slower chunking and of lossy moves.
+    the first move of every ladder, ahead of slower chunking and of lossy moves. ``auto_fp32_compute``:
+    the card's execution path computes fp16 weights in fp32 (``for_gpu`` sets it), which doubles the
+    activations the plan must fit.
     """
 
     dims: ModelDims
@@ -479,9 +497,18 @@ class Planner:
     device_type: str = "cuda"
     min_gain: float = 0.01  # a move must lower the predicted peak by 1 % to count as helping
     speed: CardSpeed | None = None
+    auto_fp32_compute: bool = False
+
+    @classmethod
+    def for_gpu(cls, dims: ModelDims, gpu: GpuInfo | None, **kwargs: Any) -> "Planner":
+        """A planner for this card (None: the CPU): its execution path decides what fp16 weights compute in."""
+        if gpu is None:
+            return cls(dims, device_type="cpu", **kwargs)
+        return cls(dims, device_type="cuda", auto_fp32_compute=execution_path(gpu).half_compute == torch.float32,
+                   **kwargs)
 
     def predict(self, settings: RunSettings, context_mib: float | None = None) -> Prediction:
-        return self.model.predict(self.dims, settings, context_mib, self.device_type)
+        return self.model.predict(self.dims, settings, context_mib, self.device_type, self.auto_fp32_compute)
 
     def base(self, settings: RunSettings) -> tuple[RunSettings, list[str]]:
         """The request, plus windows of the model's native length for clips longer than it was trained on."""
