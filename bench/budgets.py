@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_report  # noqa: E402
+from bench.common import device_run_arguments, write_report  # noqa: E402
 
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25), "C": (512, 512, 96)}
 SMOKE_CASES = {"A": (64, 64, 6), "B": (64, 128, 7), "C": (64, 64, 14)}
@@ -212,12 +212,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(f"bench/results/budgets_{time.strftime('%Y%m%d')}.json"))
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/svd-xt-random"))
-    parser.add_argument("--steps", type=int, default=2)
+    device_run_arguments(parser, "budgets", steps=2)
     parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--row-timeout", type=float, default=300.0)
-    parser.add_argument("--deadline", type=float, default=540.0, help="start no row after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: demo model, tiny sizes")
     args = parser.parse_args()
     begun = time.perf_counter()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.budgets import CASES, SMOKE_CASES, build_model  # noqa: E402
-from bench.common import new_report, write_report  # noqa: E402
+from bench.common import device_run_arguments, new_report, write_report  # noqa: E402
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.sampler import generate  # noqa: E402
 from lowvram_studio.engine.speed_model import CardSpeed, StepConfig  # noqa: E402
@@ -102,10 +102,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(f"bench/results/speed_model_{time.strftime('%Y%m%d')}.json"))
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/svd-xt-random"))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--deadline", type=float, default=540.0, help="start no row after this many seconds")
+    device_run_arguments(parser, "speed_model", steps=3)
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: demo model, tiny sizes")
     args = parser.parse_args()
     begun = time.perf_counter()

@@ -43,18 +43,13 @@ def imports_of(path: Path) -> set[str]:
     return {target for target in found if target in modules and target != name}
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under ``if TYPE_CHECKING:`` (type-only imports never run)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            yield from (n for child in node.orelse for n in _runtime_nodes_of(child))
-            continue
-        yield from _runtime_nodes_of(node)
-
-
-def _runtime_nodes_of(node: ast.AST):
-    yield node
-    yield from _runtime_nodes(node)
+def _runtime_nodes(node: ast.AST):
+    """Every node below ``node`` except those under ``if TYPE_CHECKING:`` (type-only imports never run)."""
+    for child in ast.iter_child_nodes(node):
+        type_only = isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING"
+        for kept in child.orelse if type_only else [child]:
+            yield kept
+            yield from _runtime_nodes(kept)
 
 
 def graph() -> dict[str, set[str]]:

@@ -292,7 +292,7 @@ def generate(
 
             # 4. Decode
             mark = log.emit(Phase.DECODE).time
-            planner = Planner(ModelDims.from_pipeline(pipeline), device_type=device.type)
+            planner = Planner.for_gpu(ModelDims.from_pipeline(pipeline), policy.gpu)
             video = decode_with_fallback(
                 lambda s: decode_frames(pipeline, latents, s, cancel), settings, planner, report_retry
             )

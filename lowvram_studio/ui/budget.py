@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
+from ..engine.precision import detect_gpu
 from ..engine.sampler import resolve_device
 from ..models.demo import DEMO_MODEL_NAME, build_demo_pipeline
 from ..models.load import LoadedModel
@@ -98,11 +99,12 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
         return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget.")
     try:
         request = budget_request(form_to_settings(form)).validate()
-        device_type = resolve_device(request.device).type
+        device = resolve_device(request.device)
+        device_type = device.type
     except (SettingsError, RuntimeError) as exc:
         return BudgetAnswer(None, f"⚠ {exc}")
     dims, dims_note = model_dims(form.get(MODEL) or DEMO_MODEL_NAME, loaded)
-    plan = plan_for_settings(Planner(dims, device_type=device_type), request)
+    plan = plan_for_settings(Planner.for_gpu(dims, detect_gpu(device)), request)
     if plan is None:  # 'auto' without a CUDA GPU
         return BudgetAnswer(None, "No CUDA GPU here, so Auto has no GPU memory to plan for; the settings were left "
                                   "as they are. Pick a size (e.g. 6 GB) to plan for such a card.")
