@@ -152,7 +152,7 @@ def run_job(
     baseline = measure_idle_baseline()
     planner = Planner.for_gpu(ModelDims.from_pipeline(model.pipeline, model.name), detect_gpu(resolve_device(settings.device)))
     plan = plan_for_settings(planner, settings)
-    if plan is not None:  # a VRAM budget chose the settings; every choice is explained to the user
+    if plan is not None:  # a VRAM budget (or, with none, the decode rule) chose the settings; each choice is explained
         settings = plan.settings
         if on_event:
             on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))

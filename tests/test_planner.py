@@ -21,6 +21,7 @@ from lowvram_studio.engine.planner import (
     budget_for,
     calibrate,
     phase_features,
+    plan_for_settings,
 )
 from lowvram_studio.engine.sampler import generate
 from lowvram_studio.engine.speed_model import CardSpeed
@@ -244,3 +245,47 @@ def test_a_pascal_card_plans_for_fp32_activations_of_fp16_weights():
     assert pascal.predict(request).phases["denoise"] > turing.predict(request).phases["denoise"] + 1024
     forced = turing.predict(request.replace(half_compute="fp32")).phases["denoise"]
     assert forced == pascal.predict(request).phases["denoise"]
+
+
+def test_no_budget_never_decodes_all_frames_at_once_when_that_alone_sets_the_peak():
+    """Default precision (VAE fp32) at case B: an all-frames decode is predicted far above the denoise loop,
+    so without a budget the decode runs in the fewest equal chunks, of at least 8 frames (issue 21, item 11)."""
+    settings = _case("B").replace(vae_dtype="fp32")
+    planner = Planner(SVD_XT_DIMS)
+    before = planner.predict(settings)
+    assert before.peak_phase == "decode"  # the premise: decode alone sets this run's peak
+    plan = plan_for_settings(planner, settings)
+    assert plan is not None and plan.budget is None and plan.fits
+    assert plan.settings.decode_chunk == 9  # 9 + 9 + 7: the fewest equal chunks of at least 8 frames
+    assert plan.prediction.phases["decode"] < before.phases["decode"] / 2
+    assert "set decode_chunk to 25" in plan.reasons[0] and "never cuts below 8" in plan.reasons[0]
+    assert plan.settings.replace(decode_chunk=0) == settings  # nothing else changed
+
+
+def test_no_budget_stops_at_the_first_chunk_that_brings_decode_under_the_other_phases():
+    """A VAE a fifth as hungry (a model with a lighter decoder): the decode then fits under the denoise
+    peak above the 8-frame floor, and the rule picks the fewest chunks that do, no more."""
+    model = MemoryModel.load()
+    light = MemoryModel({**model.coefficients, "vae_decode": model.coefficients["vae_decode"] / 5}, model.context_mib)
+    planner = Planner(SVD_XT_DIMS, model=light)
+    settings = _case("B").replace(vae_dtype="fp32", num_frames=48, chunk_size=24)
+    plan = planner.no_budget(settings)
+    assert plan is not None and "still above" not in plan.reasons[0]
+    chunk, phases = plan.settings.decode_chunk, plan.prediction.phases
+    assert chunk >= 8 and phases["decode"] <= phases["denoise"]
+    fewer = settings.replace(decode_chunk=math.ceil(48 / (math.ceil(48 / chunk) - 1)))
+    assert planner.predict(fewer).phases["decode"] > phases["denoise"]
+
+
+@pytest.mark.parametrize("change", [
+    {"decode_chunk": 25},  # the user asked for all frames at once by naming the frame count
+    {"vae_tile": 256},  # the user already chose how to decode
+    {"vae_dtype": "fp16", "height": 256, "width": 256, "num_frames": 4},  # decode sets the peak by only 10 %
+])
+def test_no_budget_keeps_the_users_decode(change):
+    settings = _case("B").replace(vae_dtype="fp32").replace(**change)
+    assert plan_for_settings(Planner(SVD_XT_DIMS), settings) is None
+
+
+def test_no_budget_on_the_cpu_changes_nothing():
+    assert plan_for_settings(Planner(SVD_XT_DIMS, device_type="cpu"), _case("B").replace(vae_dtype="fp32")) is None

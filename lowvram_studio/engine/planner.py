@@ -297,6 +297,10 @@ SMALL_CARD_CONTEXT_MIB = 800.0
 # The memory model's leave-one-out error is within +/-15 %: plan to this share of the budget so that an
 # under-prediction of that size still fits the card.
 PLAN_MARGIN = 0.12
+# With no budget, decode chunks stay at least this long: the chunk diffusers' SVD guide decodes with
+NO_BUDGET_MIN_DECODE_CHUNK = 8
+# ... and act only when the all-frames decode is this far above the other phases (a few % is not worth a seam)
+NO_BUDGET_DECODE_SLACK = 1.25
 DESKTOP_RESERVE_MIB = 256.0  # the desktop and other programs keep some VRAM on a consumer card
 # Weight streaming this much slower per step than resident weights (speed_model) counts as free: on such a
 # card (a GTX 1060 computes a step ~60x longer than an H100) the plan streams before any other move.
@@ -597,6 +601,43 @@ class Planner:
         ]
         return Plan(last.settings, last.prediction, reasons, budget, False, len(rungs) - 1)
 
+    def no_budget(self, settings: RunSettings) -> Plan | None:
+        """Without a budget the user's settings run as they are, with one exception on a GPU: when decoding
+        every frame at once (``decode_chunk`` 0) alone would set the run's peak (by more than
+        ``NO_BUDGET_DECODE_SLACK``), the frames are decoded in
+        the fewest equal chunks that keep the decode at or under the other phases' peak, but never fewer
+        than ``NO_BUDGET_MIN_DECODE_CHUNK`` frames (or half the clip) a chunk: with no budget, temporal coherence outranks
+        memory. The VAE's fp32 decode of 25 frames at 576x1024 otherwise peaks far above the denoise loop
+        (76.9 GiB measured on the H100, diffusers fp16 60). ``decode_chunk`` = the frame count asks for all
+        frames at once."""
+        frames = settings.num_frames
+        smallest = min(NO_BUDGET_MIN_DECODE_CHUNK, math.ceil(frames / 2))
+        if self.device_type != "cuda" or settings.decode_chunk or settings.vae_tile:
+            return None
+        prediction = self.predict(settings)
+        decode = prediction.phases[Phase.DECODE.value]
+        others = max(mib for phase, mib in prediction.phases.items() if phase != Phase.DECODE.value)
+        if decode <= others * NO_BUDGET_DECODE_SLACK:
+            return None
+        chunked, chunked_prediction = settings, prediction
+        for count in range(2, frames + 1):
+            chunk = math.ceil(frames / count)
+            if chunk < smallest:
+                break
+            chunked = settings.replace(decode_chunk=chunk)
+            chunked_prediction = self.predict(chunked)
+            if chunked_prediction.phases[Phase.DECODE.value] <= others:
+                break
+        floor = "" if chunked_prediction.phases[Phase.DECODE.value] <= others else (
+            f" (still above them: no budget never cuts below {smallest} frame(s) a chunk; a VRAM budget goes further)")
+        reason = (
+            f"decode {chunked.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames): all "
+            f"{frames} at once would alone set the peak at {_gib(decode)}, above the other phases' {_gib(others)}; "
+            f"now {_gib(chunked_prediction.phases[Phase.DECODE.value])}{floor}; "
+            f"set decode_chunk to {frames} to decode all frames at once anyway"
+        )
+        return Plan(chunked, chunked_prediction, [reason], None, True)
+
     def tighten(
         self, settings: RunSettings, phase: Phase, target: float = 0.7, allowed: tuple[str, ...] | None = None
     ) -> tuple[RunSettings, list[str]] | None:
@@ -640,6 +681,7 @@ class Planner:
 
 
 def plan_for_settings(planner: Planner, settings: RunSettings) -> Plan | None:
-    """Apply ``settings.vram_budget`` (None when it is 'off' or no budget can be known)."""
+    """Apply ``settings.vram_budget``; with no budget, only the decode rule of ``Planner.no_budget``
+    (None when that changes nothing)."""
     budget = budget_for(settings.vram_budget, planner.model)
-    return None if budget is None else planner.plan(settings, budget)
+    return planner.no_budget(settings) if budget is None else planner.plan(settings, budget)

@@ -55,7 +55,7 @@ INFO = {
     "ff_chunk": "Lossless: tokens per feed-forward chunk (0 = off): less activation memory, slightly slower.",
     "offload": "Lossless: where weights wait while idle. model = whole parts on the GPU when used; "
                "stream = UNet blocks stream in (least VRAM, slowest on fast GPUs).",
-    "decode_chunk": "LOSSY below all frames: frames the VAE decodes at once (0 = all). Decoding sets the peak.",
+    "decode_chunk": "LOSSY below all frames: frames the VAE decodes at once (0 = all, unless on a GPU that alone would set the peak: then the fewest chunks that do not; the frame count = all, always).",
     "vae_tile": "LOSSY: decode in tiles of this many pixels (0 = off); seams are blended.",
     "chunk_size": "LOSSY: generate long videos in temporal windows of this many frames (0 = whole clip).",
     "overlap": "Frames shared by neighbouring windows: more overlap, smoother joins, more compute.",
