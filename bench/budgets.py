@@ -15,7 +15,9 @@ what the planner plans for).
 
 Rows: cases A 512x512x24, B 576x1024x25, C 512x512x96 (bench/planner.py's) x budgets 4/6/8 GB, then the
 #17.3 rows: cases A and B without a budget, FP16 weights computing in FP16 vs in FP32 (the Pascal path:
-per-layer up-casts), decode 4 frames at a time so the denoise phase sets the peak. Runs take 2 steps
+per-layer up-casts), decode 4 frames at a time so the denoise phase sets the peak; then cases A and B
+with no budget and default settings (issue 21.11: the decode rule must keep an fp32 all-frames decode,
+76.9 GiB at case B before it, from setting the peak). Runs take 2 steps
 (the peak of a step does not depend on the count; s/step figures are of 2-step runs). The full-size model
 is written once into ``--model-dir`` by a child process (random weights, seed 0, fp16 safetensors).
 Partial results are rewritten after every row, so a device call cut short keeps what it measured.
@@ -50,6 +52,8 @@ def rows_to_run(smoke: bool) -> list[dict[str, Any]]:
         for compute in ("fp16", "fp32"):
             flags = ["--unet-dtype", "fp16", "--half-compute", compute, "--cfg-split", "--decode-chunk", "4"]
             rows.append({"name": f"{case} fp16-storage {compute}-compute", "case": case, "flags": flags, "budget": None})
+    for case in ("A", "B"):  # no budget, default settings: the decode rule alone keeps decode from setting the peak
+        rows.append({"name": f"{case} no budget", "case": case, "flags": [], "budget": None})
     if smoke:  # one row of each kind is enough to check the script
         rows = [rows[0], rows[-1]]
     return rows
