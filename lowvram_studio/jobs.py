@@ -25,6 +25,7 @@ from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
 from .settings import RunSettings
+from .speed import estimate_for_card, estimate_record, remember_speed
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,17 @@ def run_job(
     cancel = cancel or CancelToken()
     input_info = input_image_info(image_path)
     baseline = measure_idle_baseline()
-    planner = Planner.for_gpu(ModelDims.from_pipeline(model.pipeline, model.name), detect_gpu(resolve_device(settings.device)))
+    dims, gpu = ModelDims.from_pipeline(model.pipeline, model.name), detect_gpu(resolve_device(settings.device))
+    unet_config = dict(model.pipeline.unet.config)
+    planner = Planner.for_gpu(dims, gpu, unet_config)
     plan = plan_for_settings(planner, settings)
     if plan is not None:  # a VRAM budget (or, with none, the decode rule) chose the settings; each choice is explained
         settings = plan.settings
         if on_event:
             on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
+    estimate = estimate_for_card(unet_config, dims, settings, gpu)
+    if estimate is not None and on_event:
+        on_event(RunEvent(Phase.LOAD, message=f"estimate: {estimate.text}"))
     monitor = monitor or take_offered_monitor() or VramMonitor()
     if not monitor.running:
         monitor.start()
@@ -168,7 +174,12 @@ def run_job(
         )
         if plan is not None:
             result.info["plan"] = plan.to_dict()
+        if result.settings != settings:  # an out-of-memory re-plan ran other settings: judge the estimate for those
+            estimate = estimate_for_card(unet_config, dims, result.settings, gpu)
         settings = result.settings
+        if estimate is not None:
+            result.info["speed_estimate"] = estimate_record(estimate, result.seconds_per_step)
+        remember_speed(dims, settings, gpu, result.seconds_per_step, estimate)
         if settings.interpolate > 1:
             _interpolate(result, on_event, cancel)
         fps = output_fps(settings.fps, settings.interpolate)

@@ -144,7 +144,8 @@ def test_on_a_gtx_1060_the_6gb_plan_streams_before_any_lossy_move_and_needs_fewe
 def test_where_streaming_costs_time_the_ladder_stays_as_without_a_card():
     card = _card("NVIDIA H100 80GB HBM3")  # transfer-bound streaming: the deep groups wait for PCIe
     for case in CASES:
-        assert card.streaming_overhead(_case(case)) > 0.05
+        planned = Planner(SVD_XT_DIMS).base(_case(case))[0]  # case C runs in 25-frame windows
+        assert card.streaming_overhead(planned) > 0.05
         for budget in ("4GB", "6GB"):
             plain = Planner(SVD_XT_DIMS).plan(_case(case), PRESETS[budget])
             fast = Planner(SVD_XT_DIMS, speed=card).plan(_case(case), PRESETS[budget])

@@ -10,6 +10,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from lowvram_studio.engine.planner import PRESETS, SVD_XT_DIMS, Planner
+from lowvram_studio.engine.precision import GpuInfo
 from lowvram_studio.engine.speed_model import (
     CALIBRATION_FILE,
     CardSpeed,
@@ -24,6 +26,10 @@ from lowvram_studio.engine.speed_model import (
 from lowvram_studio.media import write_atomically
 from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
 from lowvram_studio.settings import RunSettings
+from lowvram_studio.speed import estimate_for_card, estimate_record, remember_speed
+from lowvram_studio.ui.budget import card_speed_line
+from lowvram_studio.ui.form import MODEL
+from lowvram_studio.userdirs import DATA_ENV
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 GTX_1060, H100 = "NVIDIA GeForce GTX 1060 6GB", "NVIDIA H100 80GB HBM3"
@@ -73,7 +79,7 @@ def test_streaming_is_nearly_free_on_a_gtx_1060_and_costly_on_an_h100():
     for case in ("A", "B"):
         settings = _case(case, cfg_split=True)
         assert slow.streaming_overhead(settings) < 0.02
-        assert fast.streaming_overhead(settings) > 0.3
+        assert fast.streaming_overhead(settings) > 0.15  # measured +38 % (A) and +17 % (B) with CFG split
 
 
 def test_compute_paths_follow_the_card_generation():
@@ -129,3 +135,43 @@ def test_calibration_uses_the_measured_figure_then_the_cards_ratio_and_survives_
 
     (tmp_path / CALIBRATION_FILE).write_text("{not json", encoding="utf-8")
     assert SpeedCalibration.load(tmp_path).entries == {}
+
+
+GTX_1060_CARD = GpuInfo(GTX_1060, (6, 1))
+
+
+def test_a_finished_run_calibrates_the_next_estimate_for_that_card(monkeypatch, tmp_path):
+    """What run_job does on a GPU: estimate, run, remember; the studio's line for the same form is then
+    'measured on your last run'. The card is named, not detected (the hardware boundary)."""
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    settings = RunSettings(height=576, width=1024, num_frames=25, num_inference_steps=25, unet_dtype="fp16")
+    form = {MODEL: str(tmp_path / "svd-xt-not-loaded")}  # planned and estimated with SVD-XT's standard sizes
+    first = card_speed_line(form, None, settings, GTX_1060_CARD)
+    assert first.startswith("⏱ Time: about") and "GTX 1060 6 GB" in first and "measured" not in first
+    estimate = estimate_for_card(SVD_XT_UNET_CONFIG, SVD_XT_DIMS, settings, GTX_1060_CARD)
+    remember_speed(SVD_XT_DIMS, settings, GTX_1060_CARD, 30.0, estimate)
+    again = estimate_for_card(SVD_XT_UNET_CONFIG, SVD_XT_DIMS, settings, GTX_1060_CARD)
+    assert again.basis == "calibrated" and again.seconds_per_step == pytest.approx(30.0)
+    assert "measured on your last run" in card_speed_line(form, None, settings, GTX_1060_CARD)
+    record = estimate_record(again, 33.0)
+    assert record["measured_over_estimate"] == pytest.approx(1.1) and record["basis"] == "calibrated"
+
+
+def test_no_estimate_and_no_calibration_on_the_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    settings = RunSettings()
+    assert estimate_for_card(SVD_XT_UNET_CONFIG, SVD_XT_DIMS, settings, None) is None
+    remember_speed(SVD_XT_DIMS, settings, None, 1.0, None)
+    assert not list(tmp_path.iterdir())
+    assert card_speed_line({}, None, settings, None) == ""
+
+
+def test_the_jobs_planner_knows_the_cards_speed():
+    """Planner.for_gpu with the UNet's config (as run_job and the studio's budget call it): on a GTX 1060
+    streaming is nearly free, so the 6 GB plan streams first."""
+    planner = Planner.for_gpu(SVD_XT_DIMS, GTX_1060_CARD, SVD_XT_UNET_CONFIG)
+    assert planner.speed is not None and planner.speed.gpu.name == "GTX 1060 6 GB"
+    settings = RunSettings(height=576, width=1024, num_frames=25, unet_dtype="fp16")
+    plan = planner.plan(settings, PRESETS["6GB"])
+    assert "weight streaming first" in plan.reasons[0]
+    assert Planner.for_gpu(SVD_XT_DIMS, GTX_1060_CARD).speed is None

@@ -123,6 +123,13 @@ def window_frames(settings: RunSettings) -> int:
     return settings.num_frames
 
 
+def vae_and_encoder_bytes(dims: ModelDims, settings: RunSettings, device_type: str = "cuda") -> float:
+    """Weight bytes of the VAE and the image encoder as stored: what an offload mode moves once per run
+    besides the UNet (the speed model's ``other_component_bytes``)."""
+    return (dims.vae_params * _storage_bytes(settings.vae_dtype, device_type)
+            + dims.encoder_params * _storage_bytes(settings.encoder_dtype, device_type))
+
+
 def resident_weights_mib(dims: ModelDims, settings: RunSettings, phase: Phase, device_type: str = "cuda") -> float:
     """Weights on the GPU during ``phase``, given the offload mode (engine/placement.py)."""
     unet = dims.unet_params * _storage_bytes(settings.unet_dtype, device_type)
@@ -504,12 +511,16 @@ class Planner:
     auto_fp32_compute: bool = False
 
     @classmethod
-    def for_gpu(cls, dims: ModelDims, gpu: GpuInfo | None, **kwargs: Any) -> "Planner":
-        """A planner for this card (None: the CPU): its execution path decides what fp16 weights compute in."""
+    def for_gpu(cls, dims: ModelDims, gpu: GpuInfo | None, unet_config: dict[str, Any] | None = None,
+                **kwargs: Any) -> "Planner":
+        """A planner for this card (None: the CPU): its execution path decides what fp16 weights compute in,
+        and with the UNet's config the speed model of the card (``CardSpeed``) decides whether streaming is
+        nearly free on it."""
         if gpu is None:
             return cls(dims, device_type="cpu", **kwargs)
+        speed = CardSpeed.for_gpu(unet_config, gpu.name)[0] if unet_config is not None else None
         return cls(dims, device_type="cuda", auto_fp32_compute=execution_path(gpu).half_compute == torch.float32,
-                   **kwargs)
+                   speed=speed, **kwargs)
 
     def predict(self, settings: RunSettings, context_mib: float | None = None) -> Prediction:
         return self.model.predict(self.dims, settings, context_mib, self.device_type, self.auto_fp32_compute)

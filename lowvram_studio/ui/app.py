@@ -37,7 +37,7 @@ from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
 from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
-from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget
+from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget, speed_line
 from .config_store import ConfigStore, PresetError, default_output_dir
 from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
 from .form import (
@@ -710,10 +710,13 @@ def build_app(studio: Studio) -> gr.Blocks:
             return [*values_of({**form, **(answer.changes or {})}), answer.note, answer.chart]
 
         def describe(*values: Any) -> tuple[str, dict]:
-            """The lossy note, or the conflict in the page's words with its one-click fix when there is one."""
+            """The lossy note and, on a GPU, the time estimate; or the conflict in the page's words with its
+            one-click fix when there is one."""
             form = form_of(values)
             try:
-                return in_user_words(lossy_summary(form_to_settings(form))), gr.update(visible=False)
+                note = in_user_words(lossy_summary(form_to_settings(form)))
+                estimate = speed_line(form, studio.loaded_model)
+                return "\n\n".join(part for part in (note, estimate) if part), gr.update(visible=False)
             except SettingsError as exc:
                 remedy = suggest_fix(form)
                 button = gr.update(visible=True, value=remedy.label) if remedy else gr.update(visible=False)

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
-from ..engine.precision import detect_gpu
+from ..engine.precision import GpuInfo, detect_gpu
 from ..engine.sampler import resolve_device
-from ..models.demo import DEMO_MODEL_NAME, build_demo_pipeline
+from ..models.demo import DEMO_MODEL_NAME, DEMO_UNET_CONFIG, build_demo_pipeline
 from ..models.load import LoadedModel
 from ..models.single_file import inspect_single_file
+from ..models.svd_configs import SVD_XT_UNET_CONFIG
 from ..settings import Precision, RunSettings, SettingsError
+from ..speed import estimate_for_card
 from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,37 @@ def model_dims(source: str, loaded: LoadedModel | None) -> tuple[ModelDims, str]
     return dims, f"{Path(source).name} is not loaded yet: planned with standard SVD sizes ({frames} native frames)"
 
 
+def unet_config(source: str, loaded: LoadedModel | None, dims: ModelDims) -> dict[str, Any]:
+    """The UNet config the speed model counts for ``source``: the loaded model's own, the demo's, or the
+    standard SVD / SVD-XT one for a model not loaded yet (as ``model_dims`` assumes its sizes)."""
+    source = (source or DEMO_MODEL_NAME).strip()
+    if loaded is not None and loaded.source == source:
+        return dict(loaded.pipeline.unet.config)
+    if source == DEMO_MODEL_NAME:
+        return DEMO_UNET_CONFIG
+    return {**SVD_XT_UNET_CONFIG, "num_frames": dims.native_frames}  # SVD differs from SVD-XT only there
+
+
+def speed_line(form: dict[str, Any], loaded: LoadedModel | None) -> str:
+    """The time estimate for the form's run on the GPU it goes to, as ``jobs.run_job`` will announce it
+    ('' on the CPU or while the form does not make valid settings: the conflict note says why)."""
+    try:
+        settings = form_to_settings(form).validate()
+        gpu = detect_gpu(resolve_device(settings.device))
+    except (SettingsError, RuntimeError):
+        return ""
+    return card_speed_line(form, loaded, settings, gpu)
+
+
+def card_speed_line(form: dict[str, Any], loaded: LoadedModel | None, settings: RunSettings,
+                    gpu: GpuInfo | None) -> str:
+    """``speed_line`` for a given card (None: the CPU, no estimate)."""
+    source = form.get(MODEL) or DEMO_MODEL_NAME
+    dims, _ = model_dims(source, loaded)
+    estimate = estimate_for_card(unet_config(source, loaded, dims), dims, settings, gpu)
+    return f"⏱ Time: {estimate.text}" if estimate is not None else ""
+
+
 def budget_request(settings: RunSettings) -> RunSettings:
     """What a budget plans from: the request with every planned setting back at its default. The delivered clip
     keeps its length: frames a former plan left to interpolation are asked for again ((F-1)*k+1 frames)."""
@@ -106,8 +139,9 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
         device_type = device.type
     except (SettingsError, RuntimeError) as exc:
         return BudgetAnswer(None, f"⚠ {exc}")
-    dims, dims_note = model_dims(form.get(MODEL) or DEMO_MODEL_NAME, loaded)
-    plan = plan_for_settings(Planner.for_gpu(dims, detect_gpu(device)), request)
+    source = form.get(MODEL) or DEMO_MODEL_NAME
+    dims, dims_note = model_dims(source, loaded)
+    plan = plan_for_settings(Planner.for_gpu(dims, detect_gpu(device), unet_config(source, loaded, dims)), request)
     if plan is None:  # 'auto' without a CUDA GPU
         return BudgetAnswer(None, "No CUDA GPU here, so Auto has no GPU memory to plan for; the settings were left "
                                   "as they are. Pick a size (e.g. 6 GB) to plan for such a card.")

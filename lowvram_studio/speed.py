@@ -1,0 +1,57 @@
+"""The time estimate for the user's own card before a run, and its calibration from the runs it finished.
+
+engine/speed_model.py knows GPU classes and UNet costs; this module ties it to this machine: the GPU the
+run goes to, the calibration file in the user's data folder and the atomic writer (the engine imports
+nothing outside engine/). The CLI, the studio and ``jobs.run_job`` all ask here, so the studio's line
+before Generate, the CLI's line and the run record agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import media
+from .engine.planner import ModelDims, vae_and_encoder_bytes
+from .engine.precision import GpuInfo
+from .engine.speed_model import SpeedCalibration, SpeedEstimate, estimate_speed
+from .settings import RunSettings
+from .userdirs import data_dir
+
+logger = logging.getLogger(__name__)
+
+
+def estimate_for_card(unet_config: dict[str, Any], dims: ModelDims, settings: RunSettings,
+                      gpu: GpuInfo | None) -> SpeedEstimate | None:
+    """s/step and the clip's denoising time on ``gpu``, calibrated by this card's earlier runs (None on the CPU,
+    where the GPU-class table has nothing to say). ``dims.name`` keys the calibration."""
+    if gpu is None:
+        return None
+    return estimate_speed(unet_config, settings, gpu.name, model=dims.name,
+                          other_component_bytes=vae_and_encoder_bytes(dims, settings),
+                          calibration=SpeedCalibration.load(data_dir()))
+
+
+def remember_speed(dims: ModelDims, settings: RunSettings, gpu: GpuInfo | None, seconds_per_step: float | None,
+                   estimate: SpeedEstimate | None) -> None:
+    """Keep a finished run's measured s/step so the next estimate for this card is calibrated. A calibration
+    file that cannot be written costs only future accuracy: logged, never a failed run."""
+    if gpu is None or estimate is None or not seconds_per_step:
+        return
+    try:
+        SpeedCalibration.load(data_dir()).record(dims.name, gpu.name, settings, seconds_per_step,
+                                                 estimate.predicted_s_per_step, media.write_atomically)
+    except (OSError, media.MediaError) as exc:
+        logger.warning("could not keep this run's speed for the next estimate: %s", exc)
+
+
+def estimate_record(estimate: SpeedEstimate | None, measured_s_per_step: float | None) -> dict[str, Any] | None:
+    """The estimate as the run record keeps it, beside the measured s/step it can be judged by."""
+    if estimate is None:
+        return None
+    out = {"text": estimate.text, "seconds_per_step": round(estimate.seconds_per_step, 3),
+           "predicted_s_per_step": round(estimate.predicted_s_per_step, 3), "basis": estimate.basis,
+           "gpu_class": estimate.gpu_class, "known_gpu": estimate.known_gpu}
+    if measured_s_per_step:
+        out["measured_over_estimate"] = round(measured_s_per_step / estimate.seconds_per_step, 3)
+    return out
