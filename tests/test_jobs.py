@@ -3,6 +3,7 @@ and the monitor's thread is gone however the job ends (real run_job on the demo 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -11,6 +12,7 @@ import torch
 
 from lowvram_studio.engine.events import CancelToken, Phase, RunCancelled, RunEvent
 from lowvram_studio.jobs import run_job
+from lowvram_studio.media import read_mp4_comment
 from lowvram_studio.models.load import LoadedModel, load_model
 from lowvram_studio.monitor.record import RunRecord
 from lowvram_studio.monitor.vram import THREAD_NAME, VramMonitor
@@ -123,6 +125,27 @@ def test_an_out_of_memory_replan_retries_under_the_same_single_monitor(worker, m
     assert counts and set(counts) == {1}
     assert_record_is_the_live_curve(job)
     assert not monitor_threads()
+
+
+def test_after_a_decode_out_of_memory_the_record_and_the_mp4_name_the_decode_that_ran(model, test_image, tmp_path):
+    """Issue 18.3: the decode retry tightened the settings inside the run but the record and the mp4's tag
+    kept the ones that ran out of memory, so "use these settings again" repeated the failure."""
+    def two_frames_at_most(module, args):  # fake at the hardware boundary: the decoder fits two frames
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (raised by the test)")
+
+    handle = model.pipeline.vae.decoder.register_forward_pre_hook(two_frames_at_most)
+    try:
+        output = run_job(model, test_image, TINY, tmp_path / "a.mp4")
+    finally:
+        handle.remove()
+    retries = output.record.info["oom_retries"]
+    ran = retries[-1]["changed_settings"]["decode_chunk"][1]
+    assert ran <= 2 and {r["phase"] for r in retries} == {Phase.DECODE.value}
+    saved = json.loads(output.record_path.read_text(encoding="utf-8"))
+    assert saved["settings"]["decode_chunk"] == ran
+    tag = json.loads(read_mp4_comment(output.video))
+    assert tag["settings"]["decode_chunk"] == ran
 
 
 def test_a_monitor_passed_to_run_job_is_started_stopped_and_recorded(model, test_image, tmp_path):

@@ -98,13 +98,16 @@ def decode_with_fallback(
     planner: Planner,
     report: Callable[[OomRetry], None],
     max_retries: int = MAX_DECODE_RETRIES,
-) -> T:
-    """Decode with ``decode_fn(settings)``; on OOM retry with tighter decode settings (tiles, fewer frames)."""
+) -> tuple[T, RunSettings]:
+    """Decode with ``decode_fn(settings)``; on OOM retry with tighter decode settings (tiles, fewer frames).
+
+    Returns the decode's value and the settings it finally ran with, so the run's result, record and mp4
+    tag name the tiles and chunks that produced the frames, not the ones that ran out of memory."""
     current = settings
     for attempt in range(1, max_retries + 2):
         result, error = _attempt(lambda: decode_fn(current))
         if error is None:
-            return result
+            return result, current
         message = _first_line(error)
         del error
         release_memory()

@@ -293,7 +293,7 @@ def generate(
             # 4. Decode
             mark = log.emit(Phase.DECODE).time
             planner = Planner.for_gpu(ModelDims.from_pipeline(pipeline), policy.gpu)
-            video = decode_with_fallback(
+            video, settings = decode_with_fallback(  # the settings the frames were decoded with
                 lambda s: decode_frames(pipeline, latents, s, cancel), settings, planner, report_retry
             )
             check_finite(video, "vae", policy, "while decoding")
