@@ -53,8 +53,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lowvram_studio.engine.events import Phase  # noqa: E402
-from lowvram_studio.engine.oom import OutOfMemoryAfterRetries, run_with_replan  # noqa: E402
-from lowvram_studio.engine.planner import (  # noqa: E402
+from lowvram_studio.engine.oom import OutOfMemoryAfterRetries  # noqa: E402
+from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.plan.planner import (  # noqa: E402
     MIB,
     PRESETS,
     MemoryModel,
@@ -63,7 +64,7 @@ from lowvram_studio.engine.planner import (  # noqa: E402
     calibrate,
     simulated_budget,
 )
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.plan.replan import decode_retry, run_with_replan  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
 LOG = logging.getLogger("bench.planner")
@@ -267,7 +268,8 @@ class Bench:
                 sampler.reset()
 
         return run_with_replan(
-            lambda s, callback: generate(self.pipeline, image, s, on_event=callback),
+            lambda s, callback: generate(self.pipeline, image, s, on_event=callback,
+                                         decode_retry=decode_retry(self.planner)),
             settings, self.planner, on_event=on_event,
         )
 

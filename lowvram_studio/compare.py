@@ -31,12 +31,14 @@ from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
 from lowvram_studio.engine.placement import release_memory as free_cached_memory
 from lowvram_studio.engine.preview import split_preview
-from lowvram_studio.engine.precision import forget_precision
+from lowvram_studio.engine.precision import detect_gpu, forget_precision
 from lowvram_studio.engine.sampler import generate, prepare_pipeline, resolve_device
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline
+from lowvram_studio.plan.planner import ModelDims, Planner
+from lowvram_studio.plan.replan import decode_retry
 from lowvram_studio.settings import Precision, RunSettings
 
 LOG = logging.getLogger(__name__)
@@ -150,7 +152,9 @@ def run_compare(
             try:
                 result, record = record_run(
                     lambda pipe=loaded.pipeline, run=run, collect=collect: generate(
-                        pipe, image, run.settings, on_event=collect, cancel=cancel
+                        pipe, image, run.settings, on_event=collect, cancel=cancel,
+                        decode_retry=decode_retry(Planner.for_gpu(
+                            ModelDims.from_pipeline(pipe, loaded.name), detect_gpu(resolve_device(run.settings.device)))),
                     ),
                     run.settings,
                     model=loaded.describe(),

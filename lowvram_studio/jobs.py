@@ -16,14 +16,14 @@ import PIL.Image
 
 from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
-from .engine.oom import run_with_replan
-from .engine.planner import ModelDims, Planner, plan_for_settings
 from .engine.precision import detect_gpu
 from .engine.sampler import RunResult, generate, resolve_device
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
+from .plan.planner import ModelDims, Planner, plan_for_settings
+from .plan.replan import decode_retry, run_with_replan
 from .settings import RunSettings
 from .speed import estimate_for_card, estimate_record, remember_speed
 
@@ -167,7 +167,8 @@ def run_job(
         monitor.start()
     try:
         result = run_with_replan(
-            lambda current, callback: generate(model.pipeline, fitted, current, on_event=callback, cancel=cancel),
+            lambda current, callback: generate(model.pipeline, fitted, current, on_event=callback, cancel=cancel,
+                                               decode_retry=decode_retry(planner)),
             settings,
             planner,
             on_event=on_event,

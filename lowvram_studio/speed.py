@@ -12,9 +12,9 @@ import logging
 from typing import Any
 
 from . import media
-from .engine.planner import ModelDims, vae_and_encoder_bytes
 from .engine.precision import GpuInfo
 from .engine.speed_model import SpeedCalibration, SpeedEstimate, estimate_speed
+from .plan.planner import ModelDims, vae_and_encoder_bytes
 from .settings import RunSettings
 from .userdirs import data_dir
 

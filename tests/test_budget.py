@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lowvram_studio.engine.planner import SVD_XT_DIMS
+from lowvram_studio.plan.planner import SVD_XT_DIMS
 from lowvram_studio.settings import RunSettings
 from lowvram_studio.ui.budget import budget_request, model_dims, plan_budget
 from lowvram_studio.ui.form import FORM_NAMES, form_to_settings, settings_to_form
@@ -51,7 +51,7 @@ def test_a_model_not_loaded_is_planned_from_its_config_without_loading_weights(t
 
 
 def test_a_plan_that_stores_the_unet_in_fp8_shows_it_and_generate_arrives_at_it(tmp_path):
-    from lowvram_studio.engine.planner import Planner, plan_for_settings
+    from lowvram_studio.plan.planner import Planner, plan_for_settings
     from lowvram_studio.engine.sampler import resolve_device
 
     (tmp_path / "unet").mkdir()

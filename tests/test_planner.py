@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from lowvram_studio.engine.events import Phase
-from lowvram_studio.engine.oom import OutOfMemoryAfterRetries, run_with_replan
-from lowvram_studio.engine.planner import (
+from lowvram_studio.engine.oom import OutOfMemoryAfterRetries
+from lowvram_studio.engine.sampler import generate
+from lowvram_studio.engine.speed_model import CardSpeed
+from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
+from lowvram_studio.plan.planner import (
     PRESETS,
     SVD_XT_DIMS,
     Budget,
@@ -23,9 +26,7 @@ from lowvram_studio.engine.planner import (
     phase_features,
     plan_for_settings,
 )
-from lowvram_studio.engine.sampler import generate
-from lowvram_studio.engine.speed_model import CardSpeed
-from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
+from lowvram_studio.plan.replan import decode_retry, run_with_replan
 from lowvram_studio.settings import OffloadMode, Precision, RunSettings
 
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25), "C": (512, 512, 96)}
@@ -187,7 +188,8 @@ def test_out_of_memory_replans_records_and_keeps_the_denoised_result(demo_pipeli
                demo_pipeline.vae.decoder.register_forward_pre_hook(decoder_hook)]
     try:
         result = run_with_replan(
-            lambda settings, on_event: generate(demo_pipeline, test_image, settings, on_event=on_event),
+            lambda settings, on_event: generate(demo_pipeline, test_image, settings, on_event=on_event,
+                                                decode_retry=decode_retry(planner)),
             tiny_settings, planner, on_event=events.append,
         )
     finally:

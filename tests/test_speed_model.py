@@ -10,7 +10,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowvram_studio.engine.planner import PRESETS, SVD_XT_DIMS, Planner
 from lowvram_studio.engine.precision import GpuInfo
 from lowvram_studio.engine.speed_model import (
     CALIBRATION_FILE,
@@ -25,6 +24,7 @@ from lowvram_studio.engine.speed_model import (
 )
 from lowvram_studio.media import write_atomically
 from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
+from lowvram_studio.plan.planner import PRESETS, SVD_XT_DIMS, Planner
 from lowvram_studio.settings import RunSettings
 from lowvram_studio.speed import estimate_for_card, estimate_record, remember_speed
 from lowvram_studio.ui.budget import card_speed_line

@@ -23,9 +23,8 @@ from ..settings import DeviceChoice, RunSettings
 from .chunking import ChunkingConfig, apply_chunking, chunk_hook_counts, chunking_applied, split_cfg_call
 from .events import CancelToken, EventCallback, Phase, RunEvent
 from .geglu import apply_geglu_halves, remove_geglu_halves
-from .oom import OomRetry, decode_with_fallback
+from .oom import DecodeTightener, OomRetry, decode_with_fallback
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
-from .planner import ModelDims, Planner
 from .precision import PrecisionPolicy, apply_precision, check_finite, compute_dtype, detect_gpu, precision_applied
 from .preview import PREVIEW_KEY, LivePreview
 from .pruning import PruningConfig, apply_pruning
@@ -213,11 +212,14 @@ def generate(
     on_event: EventCallback | None = None,
     cancel: CancelToken | None = None,
     latents: torch.Tensor | None = None,
+    decode_retry: DecodeTightener | None = None,
 ) -> RunResult:
     """Run image-to-video once; raise ``RunCancelled`` between steps when ``cancel`` is set.
 
     ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
     ``latents`` (1, F, 4, h, w) replaces the seeded starting noise, as diffusers' ``latents`` argument does.
+    ``decode_retry``: after an out-of-memory error while decoding, the tighter decode settings to decode
+    the kept latents again with (``plan.replan.decode_retry``); without it that error ends the run.
     """
     settings.validate()
     cancel = cancel or CancelToken()
@@ -292,9 +294,8 @@ def generate(
 
             # 4. Decode
             mark = log.emit(Phase.DECODE).time
-            planner = Planner.for_gpu(ModelDims.from_pipeline(pipeline), policy.gpu)
             video, settings = decode_with_fallback(  # the settings the frames were decoded with
-                lambda s: decode_frames(pipeline, latents, s, cancel), settings, planner, report_retry
+                lambda s: decode_frames(pipeline, latents, s, cancel), settings, decode_retry, report_retry
             )
             check_finite(video, "vae", policy, "while decoding")
             frames = to_frames(pipeline, video)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..engine.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
+from ..plan.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
 from ..engine.precision import GpuInfo, detect_gpu
 from ..engine.sampler import resolve_device
 from ..models.demo import DEMO_MODEL_NAME, DEMO_UNET_CONFIG, build_demo_pipeline
@@ -29,7 +29,7 @@ from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
 
 logger = logging.getLogger(__name__)
 
-# The controls a plan may set (engine/planner.py: Planner.base and MOVES): the memory savers, plus frames and
+# The controls a plan may set (plan/planner.py: Planner.base and MOVES): the memory savers, plus frames and
 # interpolation (the last rung generates half the frames and interpolates) and the UNet precision (fp8).
 # Size, steps, guidance, the FP16 choices and pruning stay the user's.
 PLANNED_FIELDS = ("num_frames", "unet_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",

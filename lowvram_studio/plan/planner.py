@@ -14,7 +14,7 @@ The planner walks a ladder of moves, lossless ones first, then lossy ones in ord
 (DESIGN §3), always taking the first move in that order that lowers the predicted peak, and stops at
 the first rung that fits the budget: so a smaller budget never gets looser settings. Each move
 carries the one-line reason the UI shows. The same moves, restricted to the phase that failed, are
-the next tighter plan after a real out-of-memory error (engine/oom.py).
+the next tighter plan after a real out-of-memory error (plan/replan.py).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from ..settings import RunSettings, budget_gib
-from .options import HalfCompute, OffloadMode, Precision
-from .events import Phase
-from .precision import GpuInfo, execution_path
-from .speed_model import CardSpeed, streaming_groups
+from ..engine.events import Phase
+from ..engine.options import HalfCompute, OffloadMode, Precision
+from ..engine.precision import GpuInfo, execution_path
+from ..engine.speed_model import CardSpeed, streaming_groups
 
 logger = logging.getLogger(__name__)
 
