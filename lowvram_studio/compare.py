@@ -37,7 +37,7 @@ from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline
-from lowvram_studio.plan.planner import ModelDims, Planner
+from lowvram_studio.plan.planner import ModelDims, Planner, plan_for_settings
 from lowvram_studio.plan.replan import decode_retry
 from lowvram_studio.settings import Precision, RunSettings
 
@@ -124,7 +124,11 @@ def run_compare(
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    runs = compare_runs(settings.validate())
+    if settings.validate().interpolate > 1:
+        raise CompareError(f"compare measures the frames each run generates; interpolation (x{settings.interpolate}) "
+                           "only adds frames after them, the same for every run: set interpolate to 1 for compare, "
+                           "or use Generate to interpolate")
+    runs = compare_runs(settings)
     for run in runs:
         _check_precision(run.settings.validate())
     notes = _precision_notes(runs)
@@ -139,6 +143,10 @@ def run_compare(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             emit = _tagged(on_event, run.label, index, len(runs))
+            planner = Planner.for_gpu(ModelDims.from_pipeline(loaded.pipeline, loaded.name),
+                                      detect_gpu(resolve_device(run.settings.device)), dict(loaded.pipeline.unet.config))
+            if index == 0:  # plan (c) before any run, so a budget compare cannot honour fails before it starts
+                runs[-1] = _with_budget(runs[-1], planner, notes)
             emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing (UNet {run.settings.unet_dtype.value})"))
             apply_compare_precision(loaded.pipeline, run.settings)
             release_memory()
@@ -153,8 +161,7 @@ def run_compare(
                 result, record = record_run(
                     lambda pipe=loaded.pipeline, run=run, collect=collect: generate(
                         pipe, image, run.settings, on_event=collect, cancel=cancel,
-                        decode_retry=decode_retry(Planner.for_gpu(
-                            ModelDims.from_pipeline(pipe, loaded.name), detect_gpu(resolve_device(run.settings.device)))),
+                        decode_retry=decode_retry(planner),
                     ),
                     run.settings,
                     model=loaded.describe(),
@@ -184,6 +191,24 @@ def run_compare(
             release_memory()
 
     return _write(records, out_dir, notes, clips, settings.fps)
+
+
+def _with_budget(run: CompareRun, planner: Planner, notes: list[str]) -> CompareRun:
+    """Run (c) under the user's VRAM budget, planned as Generate plans it (the plan goes into the notes);
+    (a) and (b) are the references and never carry a budget. The planner is the first run's: the same
+    model on the same device."""
+    if run.settings.vram_budget == "off":
+        return run
+    plan = plan_for_settings(planner, run.settings)
+    if plan is None:  # 'auto' without a CUDA GPU
+        notes.append(f"{run.label}: no CUDA GPU, so the 'auto' budget had nothing to plan for; ran as set")
+        return run
+    if plan.settings.interpolate > 1:
+        raise CompareError(f"{run.settings.vram_budget} fits only by generating fewer frames and interpolating, "
+                           "but compare needs the same frames from every run: pick a larger budget or a smaller "
+                           "size or frame count, or use Generate with this budget")
+    notes.append(f"{run.label}, planned for {run.settings.vram_budget}: " + "; ".join(plan.summary()))
+    return CompareRun(run.label, plan.settings)
 
 
 def apply_compare_precision(pipeline: Any, settings: RunSettings) -> None:

@@ -102,7 +102,7 @@ def test_table_has_the_write_up_shape_and_every_figure(tmp_path):
 # ---- the three real runs -----------------------------------------------------------------------
 from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: E402
 
-from lowvram_studio.compare import COMPARE_FILES, CompareError, load_compare, run_compare  # noqa: E402
+from lowvram_studio.compare import COMPARE_FILES, OPTIMIZED_LABEL, CompareError, load_compare, run_compare  # noqa: E402
 from lowvram_studio.engine.sampler import generate  # noqa: E402
 from lowvram_studio.models.demo import DEMO_UNET_CONFIG, build_demo_pipeline  # noqa: E402
 from lowvram_studio.models.load import LoadedModel  # noqa: E402
@@ -138,7 +138,8 @@ def compared(tmp_path_factory, test_image):
     model = weights_heavy_model()
     before = {k: v.clone() for k, v in model.pipeline.unet.state_dict().items()}
     events = []
-    result = run_compare(model, test_image, TINY_RUN.replace(decode_chunk=1), tmp_path_factory.mktemp("cmp"), on_event=events.append)
+    settings = TINY_RUN.replace(decode_chunk=1, vram_budget="8GB")  # (c) is planned for it; (a), (b) are not
+    result = run_compare(model, test_image, settings, tmp_path_factory.mktemp("cmp"), on_event=events.append)
     return result, model, before, events
 
 
@@ -188,6 +189,20 @@ def test_compare_restores_the_model_and_tags_events(compared):
     assert [e.data["compare_run"] for e in events if e.phase == Phase.ENCODE] == [r.label for r in result.records]
     record = result.records[0]
     assert [s.phase for s in record.phase_spans()] == [Phase.LOAD, Phase.ENCODE, Phase.DENOISE, Phase.DECODE]
+
+
+def test_compare_plans_the_optimized_run_for_the_budget_and_says_so(compared):
+    """Issue 18.4: compare took --vram-budget and ignored it."""
+    result, *_ = compared
+    budgets = [record.settings["vram_budget"] for record in result.records]
+    assert budgets == ["off", "off", "8GB"]
+    assert any(note.startswith(OPTIMIZED_LABEL) and "planned for 8GB" in note and "fits" in note for note in result.notes), result.notes
+
+
+def test_compare_refuses_interpolation_before_any_run(test_image, tmp_path):
+    with pytest.raises(CompareError, match="set interpolate to 1 for compare"):
+        run_compare(weights_heavy_model(), test_image, TINY_RUN.replace(interpolate=2), tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists() or not any((tmp_path / "cmp").iterdir())
 
 
 def test_compare_refuses_a_folder_with_compare_files(compared, test_image):
