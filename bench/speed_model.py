@@ -31,9 +31,8 @@ import torch  # noqa: E402
 
 from bench.budgets import CASES, SMOKE_CASES, build_model  # noqa: E402
 from bench.common import device_run_arguments, new_report, write_report  # noqa: E402
-from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.sampler import generate  # noqa: E402
-from lowvram_studio.engine.speed_model import CardSpeed, StepConfig  # noqa: E402
+from lowvram_studio.engine.speed_model import CardSpeed, StepConfig, steady_seconds_per_step  # noqa: E402
 from lowvram_studio.media import fit_image  # noqa: E402
 from lowvram_studio.models.load import load_model  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
@@ -49,13 +48,6 @@ def rows_to_run(smoke: bool) -> list[dict[str, Any]]:
              "half_compute": compute, "cfg_split": split, "offload": offload}
             for compute in ("fp16", "fp32") for case in ("A", "B") for split, offload in PLACEMENTS]
     return rows[::4] if smoke else rows  # the smoke run: one row of each placement, both computes
-
-
-def measured_seconds_per_step(events: list[Any]) -> float | None:
-    """Mean of steps 2..N from the denoise events (the first step warms up)."""
-    stamps = {e.step: e.time for e in events if e.phase == Phase.DENOISE and e.step}
-    last = max(stamps, default=0)
-    return (stamps[last] - stamps[1]) / (last - 1) if last >= 2 else None
 
 
 def run_row(row: dict[str, Any], pipeline: Any, card: CardSpeed, image: Any, args: argparse.Namespace,
@@ -80,7 +72,7 @@ def run_row(row: dict[str, Any], pipeline: Any, card: CardSpeed, image: Any, arg
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    measured = measured_seconds_per_step(result.events)
+    measured = steady_seconds_per_step(result.events)
     out.update(seconds_total=round(time.perf_counter() - started, 1), execution_path=result.info.get("execution_path"),
                seconds_per_step=None if measured is None else round(measured, 4))
     if measured is not None:

@@ -18,6 +18,7 @@ from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from .engine.precision import detect_gpu
 from .engine.sampler import RunResult, generate, resolve_device
+from .engine.speed_model import steady_seconds_per_step
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
@@ -178,9 +179,10 @@ def run_job(
         if result.settings != settings:  # an out-of-memory re-plan ran other settings: judge the estimate for those
             estimate = estimate_for_card(unet_config, dims, result.settings, gpu)
         settings = result.settings
+        steady = steady_seconds_per_step(result.events)  # the estimate predicts steps after CUDA's warm-up
         if estimate is not None:
-            result.info["speed_estimate"] = estimate_record(estimate, result.seconds_per_step)
-        remember_speed(dims, settings, gpu, result.seconds_per_step, estimate)
+            result.info["speed_estimate"] = estimate_record(estimate, steady)
+        remember_speed(dims, settings, gpu, steady, estimate)
         if settings.interpolate > 1:
             _interpolate(result, on_event, cancel)
         fps = output_fps(settings.fps, settings.interpolate)
