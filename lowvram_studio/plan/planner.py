@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..settings import RunSettings, budget_gib
 from ..engine.events import Phase
 from ..engine.options import HalfCompute, OffloadMode, Precision
 from ..engine.precision import GpuInfo, execution_path
 from ..engine.speed_model import CardSpeed, streaming_groups
+from ..settings import RunSettings, budget_gib
 
 logger = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..plan.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
 from ..engine.precision import GpuInfo, detect_gpu
 from ..engine.sampler import resolve_device
 from ..models.demo import DEMO_MODEL_NAME, DEMO_UNET_CONFIG, build_demo_pipeline
 from ..models.load import LoadedModel
 from ..models.single_file import inspect_single_file
 from ..models.svd_configs import SVD_XT_UNET_CONFIG
+from ..plan.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
 from ..speed import estimate_for_card
 from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
