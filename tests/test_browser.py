@@ -586,6 +586,13 @@ def test_compare_shows_fidelity_in_view_each_run_in_its_colour_and_the_runs_side
             "return [...document.querySelectorAll('#stats th')].filter(h => {const r = h.getBoundingClientRect();"
             " return r.width > 0 && r.left >= 0 && r.right <= innerWidth;}).map(h => h.innerText.trim())")
         assert "PSNR (dB)" in headers and "SSIM" in headers  # in view, no sideways scrolling
+        wide = driver.execute_script(  # the table and each box in it fit their width: nothing scrolls sideways
+            "return [document.getElementById('stats'), ...document.querySelectorAll('#stats *')]"
+            ".filter(e => e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 0 && (e.innerText.trim()"
+            " || ['auto', 'scroll'].includes(getComputedStyle(e).overflowX)))"  # not Gradio's empty sizing row
+            ".map(e => `${e.tagName} ${e.scrollWidth} > ${e.clientWidth}: ${e.innerText.slice(0, 40)}`)")
+        assert not wide, wide
+        assert headers[-1] == "pruned %"  # the last column too is in view
         driver.execute_script("window.scrollTo(0, 0)")
         _screenshot(driver, "studio-compare-1366x768.png")
         driver.execute_script("document.getElementById('stats').scrollIntoView()")

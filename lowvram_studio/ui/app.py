@@ -78,9 +78,13 @@ CURVE_REFRESH_S = 3.0  # the live curve (a chart redraw, the costly part) at mos
 CURVE_SHARE = 0.01  # ... and at most 1 % of the run's time: building the frame here, the chart redraw in the browser
 CURVE_BROWSER_S = 0.3  # what one redraw of the chart (Vega, software-rendered) costs the browser on 2 cores (bench/watched_cost.py)
 QUEUE_REFRESH_S = 1.0  # the queue table is checked once a second and redrawn only when it changed
-# Fidelity right after the run's name: the columns a Compare is for stay in view on a laptop screen.
-STATS_COLUMNS = ["run", "PSNR (dB)", "SSIM", "peak memory (MiB)", "s/step", THROUGHPUT, "pruned %", "measured as",
-                 "torch peak (MiB)"]
+# Fidelity right after the run's name: the columns a Compare is for stay in view on a laptop screen. The peak
+# column's header names what was measured (one studio process measures every run the same way: its GPU's
+# VRAM or, without NVML, CPU RAM), so no column repeats it: the table fits a 1366 px screen unscrolled.
+STATS_COLUMNS = ["run", "PSNR (dB)", "SSIM", "peak {memory} (MiB)", "torch peak (MiB)", "s/step", THROUGHPUT,
+                 "pruned %"]
+STATS_MAX_CHARS = 18  # a longer run name is cut in its cell (a click shows it whole): a long word cannot wrap
+STATS_WIDTHS = ["24%", "9%", "9%", "11%", "11%", "9%", "15%", "12%"]
 DEMO = "demo"
 
 
@@ -129,11 +133,16 @@ def phase_marks(job: Job) -> list[tuple[float, str]]:
     return marks
 
 
-def stats_row(label: str, peak: Any, measured_as: str, torch_peak: Any, results: dict[str, Any]) -> list[str]:
+def stats_row(label: str, peak: Any, torch_peak: Any, results: dict[str, Any]) -> list[str]:
     """One row of the runs table, in STATS_COLUMNS' order."""
-    return [label, _fmt(results.get("psnr_db"), 1), _fmt(results.get("ssim"), 4), _fmt(peak, 0),
+    return [label, _fmt(results.get("psnr_db"), 1), _fmt(results.get("ssim"), 4), _fmt(peak, 0), _fmt(torch_peak, 0),
             _fmt(results.get("seconds_per_step"), 2), _fmt(results.get("output_fps"), 2),
-            _fmt(results.get("pruned_fraction"), 1, 100.0), measured_as, _fmt(torch_peak, 0)]
+            _fmt(results.get("pruned_fraction"), 1, 100.0)]
+
+
+def stats_headers(memory_label: str) -> list[str]:
+    """STATS_COLUMNS with the peak column naming what was measured, e.g. 'peak CPU RAM (MiB)'."""
+    return [name.format(memory=memory_label) for name in STATS_COLUMNS]
 
 
 def curve_update(runs: list[CurveRun], memory_label: str) -> dict:
@@ -384,7 +393,7 @@ class Studio:
         results = output.record.results
         peak = results.get("process_peak_mib") or run.peak_mib
         torch_peak = results.get("torch_peak_mib") or getattr(job.monitor, "torch_peak_mib", None)
-        row = stats_row(run.label, peak, label, torch_peak, results)
+        row = stats_row(run.label, peak, torch_peak, results)
         history = TabHistory(history.runs, history.rows, label)
         history.add(run, row)
         png_path = unique_path(self.output_dir, f"{output.video.stem}-curve", ".png")
@@ -407,7 +416,7 @@ class Studio:
             group = next((g for prefix, g in groups.items() if record.label.startswith(prefix)), "optimized")
             phases = [(span.start_s, span.phase.value) for span in record.phase_spans()]
             res = record.results
-            row = stats_row(record.label, res.get("process_peak_mib") or res.get("ram_peak_mib"), record.memory_label,
+            row = stats_row(record.label, res.get("process_peak_mib") or res.get("ram_peak_mib"),
                             res.get("torch_peak_mib"), res)
             history.memory_label = record.memory_label
             history.add(CurveRun(record.label, group, list(zip(t.tolist(), mib.tolist())), phases), row)
@@ -444,7 +453,7 @@ class Studio:
         status, history, video, files, pruning_map, side_by_side = finish(job, history)
         curve = curve_update(history.runs, history.memory_label)
         status = "\n\n".join(line for line in (status, phase_caption(history.runs)) if line)
-        stats = gr.update(value=history.rows, headers=STATS_COLUMNS)
+        stats = gr.update(value=history.rows, headers=stats_headers(history.memory_label))
         yield (status, progress_html(job, "done"), curve, video if video else skip, stats, files,
                pruning_map if pruning_map is not None else skip, history, panel.finished(job),
                side_by_side if side_by_side else skip)
@@ -618,9 +627,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                                        elem_id="queue-seeds", scale=3)
                     add_queue = gr.Button("Add to queue", elem_id="queue-add", scale=1)
             with gr.Column(scale=6):
-                stats = gr.Dataframe(headers=STATS_COLUMNS, label="Runs in this tab", interactive=False,
-                                     elem_id="stats", wrap=True,
-                                     column_widths=["20%", "9%", "9%", "10%", "8%", "12%", "9%", "12%", "11%"])
+                stats = gr.Dataframe(headers=stats_headers("memory"), label="Runs in this tab", interactive=False,
+                                     elem_id="stats", wrap=True, column_widths=STATS_WIDTHS,
+                                     max_chars=STATS_MAX_CHARS)
                 compare_video = gr.Video(label="Compared runs side by side: FP32 | FP16 only | FP16 + optimizations",
                                          elem_id="compare-video", autoplay=True, loop=True, height=240)
                 with gr.Row():
