@@ -2,10 +2,9 @@
 
 Functions first (the ``Studio`` and its handlers), then the layout (``build_app``), then the wiring;
 nothing runs at import. GPU work never runs in a Gradio handler: handlers submit a job to the
-background ``Worker`` and stream its progress to the page once a second; the memory curve and the live
-preview go as often as their update budgets allow (ui/pacing.py: each a small share of the run's time,
-from what its last update cost): each update costs the server and the browser, and on a CPU run that
-competes with the run itself (#21: a page redrawing 2.5x a second made a CPU run 4x slower).
+background ``Worker`` and stream its progress to the page once a second and its memory curve every few
+seconds: each update costs the browser a redraw, and on a CPU run that competes with the run itself
+(#21: a page redrawing 2.5x a second made a CPU run 4x slower).
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ from .badge import device_badge
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
 from .labels import LABELS, in_user_words, suggest_fix
 from .preview_view import PreviewPanel
-from .pacing import UpdateBudget
 from .progress import progress_html
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
 from .queue_runner import QUEUE_COLUMNS, QueueRunner
@@ -75,8 +73,6 @@ logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STATUS_REFRESH_S = 1.0  # the status line and progress bar: a few hundred bytes, redrawn once a second
 CURVE_REFRESH_S = 3.0  # the live curve (a chart redraw, the costly part) at most every 3 s, and only when it grew
-CURVE_SHARE = 0.01  # ... and at most 1 % of the run's time: building the frame here, the chart redraw in the browser
-CURVE_BROWSER_S = 0.3  # what one redraw of the chart (Vega, software-rendered) costs the browser on 2 cores (bench/watched_cost.py)
 QUEUE_REFRESH_S = 1.0  # the queue table is checked once a second and redrawn only when it changed
 # Fidelity right after the run's name: the columns a Compare is for stay in view on a laptop screen. The peak
 # column's header names what was measured (one studio process measures every run the same way: its GPU's
@@ -166,21 +162,22 @@ class TabHistory:
 
 
 class LiveCurve:
-    """Paces one run's live curve: an update when its budget (CURVE_SHARE of the run's time, at least
-    CURVE_REFRESH_S apart) allows and the curve has new points (or a new phase began), else ``gr.skip()``;
-    the first call always draws (it clears the previous run's live line)."""
+    """Paces one run's live curve: an update when CURVE_REFRESH_S passed since the last one and the curve
+    has new points (or a new phase began), else ``gr.skip()``; the first call always draws (it clears the
+    previous run's live line)."""
 
-    def __init__(self, studio: "Studio", job: Job, history: TabHistory, budget: UpdateBudget | None = None):
+    def __init__(self, studio: "Studio", job: Job, history: TabHistory):
         self.studio, self.job, self.history = studio, job, history
-        self.budget = budget or UpdateBudget(CURVE_SHARE, CURVE_REFRESH_S, CURVE_BROWSER_S)
+        self._last_at: float | None = None
         self._last_size = (-1, -1)
 
     def due(self) -> Any:
+        now = time.perf_counter()
         size = (len(self.job.monitor.samples) if self.job.monitor is not None else 0, len(phase_marks(self.job)))
-        if size == self._last_size or not self.budget.due():
+        if self._last_at is not None and (now - self._last_at < CURVE_REFRESH_S or size == self._last_size):
             return gr.skip()
-        self._last_size = size
-        return self.budget.spend(lambda: self.studio.live_curve(self.job, self.history))
+        self._last_at, self._last_size = now, size
+        return self.studio.live_curve(self.job, self.history)
 
 
 class Studio:
