@@ -7,25 +7,18 @@ from __future__ import annotations
 import time
 
 import gradio as gr
-import numpy as np
 import pytest
-
-from lowvram_studio.engine.events import Phase, RunEvent
-from lowvram_studio.engine.preview import PreviewFrames
 
 from lowvram_studio.settings import RunSettings, SettingsError
 from lowvram_studio.sysinfo import collect_env
-from lowvram_studio.ui.app import CURVE_REFRESH_S, STATUS_REFRESH_S, LiveCurve, Studio, TabHistory, build_app
+from lowvram_studio.ui.app import CURVE_REFRESH_S, STATUS_REFRESH_S, Studio, TabHistory, build_app
 from lowvram_studio.ui.badge import device_badge
 from lowvram_studio.ui.budget import plan_budget
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.form import FORM_NAMES, form_to_settings
 from lowvram_studio.ui.labels import LABELS, in_user_words, suggest_fix
-from lowvram_studio.ui.pacing import UpdateBudget
-from lowvram_studio.ui.preview_view import PreviewPanel
 from lowvram_studio.ui.sliders import SLIDERS, off_step_problems, snap_note
 from lowvram_studio.ui.starters import STARTERS, starter_form
-from lowvram_studio.ui.worker import Job, JobState
 
 
 @pytest.fixture(scope="module")
@@ -134,84 +127,3 @@ def test_watching_a_run_redraws_the_curve_a_few_times_and_the_status_once_a_seco
 
 def _is_skip(update) -> bool:
     return isinstance(update, dict) and update.get("__type__") == "update" and len(update) == 1
-
-
-class ManualClock:
-    """A clock the test moves by hand: the budget's rule is checked without timing anything."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _costly(clock: ManualClock, seconds: float):
-    """An update build that takes ``seconds`` on ``clock``."""
-
-    def build() -> str:
-        clock.now += seconds
-        return "drawn"
-
-    return build
-
-
-def test_an_update_budget_spaces_updates_by_what_they_cost_as_a_share_of_the_run():
-    clock = ManualClock()
-    budget = UpdateBudget(share=0.01, floor_s=1.0, browser_s=0.02, clock=clock)
-    assert budget.due()  # the first update always goes
-    assert budget.spend(_costly(clock, 0.03)) == "drawn"
-    assert budget.cost_s == pytest.approx(0.05)  # built here + drawn in the browser
-    clock.now += 4.9
-    assert not budget.due()  # 0.05 s of work may come once per 5 s at 1 %
-    clock.now += 0.1
-    assert budget.due()
-    budget.spend(_costly(clock, 0.0))  # nothing to build here: the browser's draw alone sets the wait
-    clock.now += 1.99
-    assert not budget.due()
-    clock.now += 0.01
-    assert budget.due()
-    free = UpdateBudget(share=0.5, floor_s=1.0, browser_s=0.0, clock=clock)
-    free.spend(_costly(clock, 0.0))  # costs nothing: the floor still holds
-    clock.now += 0.99
-    assert not free.due()
-    with pytest.raises(ValueError, match="0 < share < 1"):
-        UpdateBudget(share=0.0, floor_s=1.0, browser_s=0.0)
-
-
-def _preview(step: int) -> PreviewFrames:
-    return PreviewFrames(np.zeros((2, 8, 8, 3), np.uint8), step, 10, 1.0, 1.0, step, 1)
-
-
-def test_the_live_preview_is_sent_once_and_a_newer_one_only_when_the_budget_allows():
-    clock = ManualClock()
-    panel = PreviewPanel(UpdateBudget(share=0.01, floor_s=1.0, browser_s=0.02, clock=clock))
-    job = Job(1, "tab", "Generate", lambda on_event, cancel: None)
-    assert not _is_skip(panel.live(job))  # the first poll clears the last run's panel
-    job.preview = _preview(1)
-    clock.now += 60
-    assert "step 1/10" in panel.live(job)["value"]
-    assert _is_skip(panel.live(job))  # unchanged: not sent again
-    job.preview = _preview(2)
-    assert _is_skip(panel.live(job))  # changed, but the last one was sent too recently
-    clock.now += panel.budget.cost_s / panel.budget.share + 1.0
-    assert "step 2/10" in panel.live(job)["value"]
-    clock.now += 600
-    assert _is_skip(panel.live(job))  # unchanged: never sent again, however long the budget allows
-    job.preview, job.state = _preview(3), JobState.CANCELLED
-    assert "step 3/10" in panel.finished(job)["value"]  # stopped: the newest preview stays, budget or not
-
-
-def test_the_live_curve_skips_polls_until_its_budget_allows_and_the_curve_grew(studio):
-    clock = ManualClock()
-    job = Job(1, "tab", "Generate", lambda on_event, cancel: None, started_at=time.perf_counter())
-    curve = LiveCurve(studio, job, TabHistory(), UpdateBudget(share=0.01, floor_s=CURVE_REFRESH_S, browser_s=0.05,
-                                                              clock=clock))
-    assert not _is_skip(curve.due())  # the first poll draws
-    job.events.append(RunEvent(Phase.DENOISE, step=1, total=10))  # a new phase mark: the curve changed
-    clock.now += CURVE_REFRESH_S
-    assert _is_skip(curve.due())  # 0.05 s of redraw at 1 %: once per 5 s
-    clock.now += 2.0
-    assert not _is_skip(curve.due())
-    clock.now += 60
-    assert _is_skip(curve.due())  # nothing new to draw

@@ -2,9 +2,7 @@
 
 The animation is an animated WebP (14 frames of 128 px: ~15 kB and ~10 ms to encode; a GIF of the same
 is ~80 kB, and Pillow's default GIF palette search takes ~200 ms) travelling inline as a data URI in a
-``gr.HTML``: nothing is written to disk or served, and each preview is sent once, not on every poll, and
-no more often than its update budget allows (ui/pacing.py): a preview every step of a fast CPU run would
-cost the run its encoding and the browser's decoding each time.
+``gr.HTML``: nothing is written to disk or served, and each preview is sent once, not on every poll.
 """
 
 from __future__ import annotations
@@ -17,16 +15,12 @@ import numpy as np
 import PIL.Image
 
 from ..engine.preview import PreviewFrames
-from .pacing import UpdateBudget
 from .worker import Job, JobState
 
 PREVIEW_FPS = 8  # playback rate of the preview loop (the clip's own fps is a delivery setting)
 WEBP_QUALITY = 80  # the preview is a blurry stand-in; this is visually lossless for it
 DISPLAY_WIDTH_PX = 256  # shown at most this wide; frames are at most 128 px (engine/preview.py)
 EMPTY = ""
-PREVIEW_SHARE = 0.01  # of the run's time: encoding here plus decoding and looping in the browser
-PREVIEW_FLOOR_S = 1.0
-PREVIEW_BROWSER_S = 0.05  # the browser decoding and laying out one ~15 kB animated WebP (bench/watched_cost.py)
 
 
 def preview_animation(frames: np.ndarray, fps: int = PREVIEW_FPS) -> bytes:
@@ -61,32 +55,23 @@ def final_html(preview: PreviewFrames | None) -> str:
             f"{preview.mean_ms:.1f} ms each; the decoded video is below.</p>")
 
 
-def new_preview_budget() -> UpdateBudget:
-    return UpdateBudget(PREVIEW_SHARE, PREVIEW_FLOOR_S, PREVIEW_BROWSER_S)
-
-
 class PreviewPanel:
-    """Feeds one follow() loop: a new preview when the budget allows (an unchanged one never again), then the
-    final note (or the newest preview if stopped)."""
+    """Feeds one follow() loop: each new preview once, then the final note (or the last preview if stopped)."""
 
-    def __init__(self, budget: UpdateBudget | None = None) -> None:
-        self.budget = budget or new_preview_budget()
+    def __init__(self) -> None:
         self._started = False
         self._shown: PreviewFrames | None = None
 
     def live(self, job: Job) -> dict:
-        """The newest preview if it changed and the budget allows; the first call also clears what an earlier
-        run left in the panel."""
-        if self._started and (job.preview is None or job.preview is self._shown or not self.budget.due()):
+        """The newest preview; the first call also clears what an earlier run left in the panel."""
+        preview = job.preview
+        if self._started and (preview is None or preview is self._shown):
             return gr.skip()
-        return self.budget.spend(lambda: self._show(job.preview))
-
-    def _show(self, preview: PreviewFrames | None) -> dict:
         self._started, self._shown = True, preview
         return gr.update(value=preview_html(preview) if preview is not None else EMPTY)
 
     def finished(self, job: Job) -> dict:
-        """Done: the video replaces the preview. Stopped or failed: the newest preview stays, budget or not."""
+        """Done: the video replaces the preview. Stopped or failed: the last preview stays."""
         if job.state == JobState.DONE:
             return gr.update(value=final_html(job.preview))
-        return gr.skip() if job.preview is self._shown and self._started else self._show(job.preview)
+        return self.live(job)
