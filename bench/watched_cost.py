@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,14 +27,13 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from bench.common import new_report, write_report  # noqa: E402
 from lowvram_studio.media import load_image  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
-from lowvram_studio.ui.app import ASSETS, DEMO, Studio, build_app  # noqa: E402
+from lowvram_studio.ui.app import ASSETS, DEMO, Studio, serve_studio  # noqa: E402
 from lowvram_studio.ui.config_store import ConfigStore  # noqa: E402
 from lowvram_studio.ui.form import FORM_NAMES  # noqa: E402
 from lowvram_studio.ui.worker import JobState  # noqa: E402
-
-from common import new_report, write_report  # noqa: E402  (bench/common.py)
 
 IMAGE = ASSETS / "ball_and_box.png"
 SETTLE_S = 3.0
@@ -51,14 +49,8 @@ def serve(folder: Path, settings: RunSettings) -> tuple[Studio, str]:
     store.save_last({**form, **{name: getattr(settings, name) for name in
                                 ("width", "height", "num_frames", "num_inference_steps", "preview_every", "device")},
                      "chunk_size": 0, "gif": False})
-    app = build_app(studio)
-    app.queue(default_concurrency_limit=None)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(studio.output_dir), str(ASSETS)])
-    return studio, f"http://127.0.0.1:{port}/"
+    _, url, _ = serve_studio(studio, server_name="127.0.0.1", quiet=True)
+    return studio, url
 
 
 def browser(profile: Path) -> webdriver.Chrome:

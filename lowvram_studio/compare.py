@@ -143,9 +143,11 @@ def run_compare(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             emit = _tagged(on_event, run.label, index, len(runs))
-            planner = Planner.for_gpu(ModelDims.from_pipeline(loaded.pipeline, loaded.name),
-                                      detect_gpu(resolve_device(run.settings.device)), dict(loaded.pipeline.unet.config))
-            if index == 0:  # plan (c) before any run, so a budget compare cannot honour fails before it starts
+            if index == 0:  # every run has the same model and device; (c) is planned before any run, so a
+                # budget compare cannot honour fails before it starts
+                planner = Planner.for_gpu(ModelDims.from_pipeline(loaded.pipeline, loaded.name),
+                                          detect_gpu(resolve_device(run.settings.device)),
+                                          dict(loaded.pipeline.unet.config))
                 runs[-1] = _with_budget(runs[-1], planner, notes)
             emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing (UNet {run.settings.unet_dtype.value})"))
             apply_compare_precision(loaded.pipeline, run.settings)

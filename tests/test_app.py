@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from lowvram_studio.media import read_mp4_comment, read_video
-from lowvram_studio.ui.app import ASSETS, Studio, build_app, start_studio
+from lowvram_studio.ui.app import ASSETS, Studio, serve_studio, start_studio
 from lowvram_studio.ui.budget import PLANNED_FIELDS
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.curves import LEGEND_CHARS
@@ -35,12 +35,8 @@ def _port() -> int:
 
 
 def _serve(studio: Studio, **launch):
-    app = build_app(studio)
-    app.queue(default_concurrency_limit=None)
-    port = _port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(studio.output_dir), str(ASSETS)], **launch)
-    return app, f"http://127.0.0.1:{port}/"
+    app, url, _ = serve_studio(studio, _port(), server_name="127.0.0.1", quiet=True, **launch)
+    return app, url
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import contextlib
 import io
 import re
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from lowvram_studio.jobs import run_job
 from lowvram_studio.media import load_image
 from lowvram_studio.settings import RunSettings
-from lowvram_studio.ui.app import ASSETS, DEMO, Studio, build_app
+from lowvram_studio.ui.app import ASSETS, DEMO, Studio, serve_studio
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.form import FORM_NAMES
 from lowvram_studio.ui.worker import JobState
@@ -62,13 +61,7 @@ def studio_page(tmp_path_factory) -> StudioPage:
     studio = Studio("demo", tmp_path_factory.mktemp("outputs"), store)
     store.save_last({**studio.default_form(FORM_NAMES), "width": 64, "height": 64, "num_frames": 4,
                      "num_inference_steps": 2})
-    app = build_app(studio)
-    app.queue(default_concurrency_limit=None)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(studio.output_dir), str(ASSETS)])
+    app, url, _ = serve_studio(studio, server_name="127.0.0.1", quiet=True)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -76,7 +69,6 @@ def studio_page(tmp_path_factory) -> StudioPage:
                  "--window-size=1400,1700", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    url = f"http://127.0.0.1:{port}/"
     driver.get(url)
     yield StudioPage(driver, studio, url)
     driver.quit()

@@ -723,8 +723,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             one-click fix when there is one."""
             form = form_of(values)
             try:
-                note = in_user_words(lossy_summary(form_to_settings(form)))
-                estimate = speed_line(form, studio.loaded_model)
+                settings = form_to_settings(form)
+                note = in_user_words(lossy_summary(settings))
+                estimate = speed_line(form, settings, studio.loaded_model)
                 return "\n\n".join(part for part in (note, estimate) if part), gr.update(visible=False)
             except SettingsError as exc:
                 remedy = suggest_fix(form)
@@ -897,6 +898,21 @@ class RunningStudio:
         self.app.close()
 
 
+def serve_studio(studio: Studio, port: int | None = None, **launch: Any) -> tuple[gr.Blocks, str, str | None]:
+    """Build ``studio``'s page and serve it without blocking (the CLI, the tests and bench/watched_cost.py):
+    on ``port`` or the first free one from 7860, serving only its outputs and the assets. ``launch``: more
+    ``gr.Blocks.launch`` options. Returns the app, its local URL and its share URL (None unless shared)."""
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=None)
+    _, local_url, share_url = app.launch(
+        server_port=port or free_port(),
+        allowed_paths=[str(studio.output_dir), str(ASSETS)],  # nothing else of this machine is served
+        prevent_thread_lock=True,
+        **launch,
+    )
+    return app, local_url, share_url
+
+
 def start_studio(args: argparse.Namespace) -> RunningStudio:
     """Start serving without blocking (``launch_studio`` blocks; tests use this)."""
     options = serve_options(args.listen, args.share, args.auth, args.insecure_share)
@@ -905,16 +921,13 @@ def start_studio(args: argparse.Namespace) -> RunningStudio:
     problem = studio.output_problem()  # also creates the folder
     if problem:
         logger.warning(problem)
-    app = build_app(studio)
-    app.queue(default_concurrency_limit=None)
-    _, local_url, share_url = app.launch(
+    app, local_url, share_url = serve_studio(
+        studio,
+        args.port,
         server_name=options.server_name,
-        server_port=args.port or free_port(),
         inbrowser=not args.no_browser,
         share=options.share,
         auth=LoginGuard(*options.auth) if options.auth else None,
-        allowed_paths=[str(studio.output_dir), str(ASSETS)],  # nothing else of this machine is served
-        prevent_thread_lock=True,
     )
     studio.queue.set_owner(local_url)  # a second studio on this queue says where this one is
     return RunningStudio(app, studio, local_url, share_url, share_report(options.share, share_url, local_url))

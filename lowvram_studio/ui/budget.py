@@ -98,13 +98,12 @@ def unet_config(source: str, loaded: LoadedModel | None, dims: ModelDims) -> dic
     return {**SVD_XT_UNET_CONFIG, "num_frames": dims.native_frames}  # SVD differs from SVD-XT only there
 
 
-def speed_line(form: dict[str, Any], loaded: LoadedModel | None) -> str:
-    """The time estimate for the form's run on the GPU it goes to, as ``jobs.run_job`` will announce it
-    ('' on the CPU or while the form does not make valid settings: the conflict note says why)."""
+def speed_line(form: dict[str, Any], settings: RunSettings, loaded: LoadedModel | None) -> str:
+    """The time estimate for the form's run (``settings``, read from it) on the GPU it goes to, as
+    ``jobs.run_job`` will announce it ('' on the CPU or when no device can be resolved)."""
     try:
-        settings = form_to_settings(form).validate()
         gpu = detect_gpu(resolve_device(settings.device))
-    except (SettingsError, RuntimeError):
+    except RuntimeError:  # e.g. CUDA asked for without a GPU: the settings note says so
         return ""
     return card_speed_line(form, loaded, settings, gpu)
 
