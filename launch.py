@@ -13,6 +13,7 @@ Only the standard library is used here: this file must run before anything is in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -165,22 +166,29 @@ def start_studio(args: list[str]) -> int:
     return cli_main(["ui", *args])
 
 
-def _die_with_parent() -> None:
-    """Linux: the studio gets SIGTERM when the launcher dies, even by kill -9 (prctl PR_SET_PDEATHSIG)."""
+def _die_with_parent(launcher_pid: int) -> None:
+    """Linux: the studio gets SIGTERM when the launcher dies, even by kill -9 (prctl PR_SET_PDEATHSIG).
+
+    Runs in the child between fork and exec. A launcher killed before the prctl took effect would leave
+    the child orphaned with no signal to come (seen in CI: kill -9 right after the fork), so the child
+    checks that its parent is still the launcher once the signal is armed, and ends itself if not."""
     import ctypes
     import signal
 
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != launcher_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_child(command: list[str]) -> int:
     """Run the studio in the venv's Python; stopping the launcher (Ctrl+C, SIGTERM, kill -9) stops it too."""
     import signal
 
-    child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    guard = functools.partial(_die_with_parent, os.getpid()) if sys.platform.startswith("linux") else None
+    child = subprocess.Popen(command, preexec_fn=guard)
 
     def forward(signum, _frame):
         child.terminate()
