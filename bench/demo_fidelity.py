@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lowvram_studio.demo_training.evaluate import held_out_clips  # noqa: E402
 from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass  # noqa: E402
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.models.demo import build_demo_pipeline, demo_model_info  # noqa: E402
 from lowvram_studio.monitor.report import psnr_ssim  # noqa: E402
 from lowvram_studio.settings import Precision, RunSettings  # noqa: E402

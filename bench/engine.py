@@ -53,7 +53,7 @@ from skimage.metrics import peak_signal_noise_ratio  # noqa: E402
 
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.placement import clear_placement  # noqa: E402
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.engine.speed_model import count_step_flops  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 

@@ -41,7 +41,7 @@ from lowvram_studio.engine.chunking import split_cfg_call  # noqa: E402
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.geglu import remove_geglu_halves  # noqa: E402
 from lowvram_studio.engine.placement import clear_placement  # noqa: E402
-from lowvram_studio.engine.sampler import generate, prepare_pipeline  # noqa: E402
+from lowvram_studio.settings_adapter import generate, prepare_pipeline  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
 logger = logging.getLogger("bench.engine_profile")

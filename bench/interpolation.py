@@ -165,7 +165,7 @@ def run_case(
     """Generate ``case.generated`` frames, interpolate by ``case.factor``; peaks and times of both."""
     import torch
 
-    from lowvram_studio.engine.sampler import generate
+    from lowvram_studio.settings_adapter import generate
 
     changes = {**PROFILES[profile], "num_frames": case.generated, "fps": max(1, fps // case.factor)}
     settings = base.replace(**changes).validate()

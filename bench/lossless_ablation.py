@@ -22,7 +22,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowvram_studio.engine.placement import clear_placement  # noqa: E402
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.models.svd_configs import build_svd_xt_pipeline  # noqa: E402
 from lowvram_studio.monitor.report import psnr_ssim  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.oom import OutOfMemoryAfterRetries  # noqa: E402
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.plan.planner import (  # noqa: E402
     MIB,
     PRESETS,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowvram_studio.engine.preview import attach_latent_rgb  # noqa: E402
 from lowvram_studio.models.latent_rgb import fit_latent_rgb, fitting_images, vae_fingerprint  # noqa: E402
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
 from common import new_report, write_report  # noqa: E402  (bench/common.py)

@@ -43,7 +43,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lowvram_studio.engine.events import Phase, RunEvent  # noqa: E402
-from lowvram_studio.engine.sampler import RunResult, generate  # noqa: E402
+from lowvram_studio.settings_adapter import RunResult, generate  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 from lowvram_studio.sysinfo import collect_env  # noqa: E402
 

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from bench.budgets import CASES, SMOKE_CASES, build_model  # noqa: E402
 from bench.common import device_run_arguments, new_report, write_report  # noqa: E402
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.engine.speed_model import CardSpeed, StepConfig, steady_seconds_per_step  # noqa: E402
 from lowvram_studio.media import fit_image  # noqa: E402
 from lowvram_studio.models.load import load_model  # noqa: E402

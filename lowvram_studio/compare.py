@@ -32,7 +32,8 @@ from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunE
 from lowvram_studio.engine.placement import release_memory as free_cached_memory
 from lowvram_studio.engine.preview import split_preview
 from lowvram_studio.engine.precision import detect_gpu, forget_precision
-from lowvram_studio.engine.sampler import generate, prepare_pipeline, resolve_device
+from lowvram_studio.engine.sampler import resolve_device
+from lowvram_studio.settings_adapter import generate, prepare_pipeline
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim

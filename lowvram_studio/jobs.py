@@ -17,7 +17,8 @@ import PIL.Image
 from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from .engine.precision import detect_gpu
-from .engine.sampler import RunResult, generate, resolve_device
+from .engine.sampler import resolve_device
+from .settings_adapter import RunResult, generate
 from .engine.speed_model import steady_seconds_per_step
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel

@@ -343,7 +343,7 @@ def _pruning_problems(settings: RunSettings) -> list[str]:
     from .engine.pruning import PruningConfig
 
     try:
-        PruningConfig.from_settings(settings)
+        PruningConfig.from_knobs(settings.prune_threshold, settings.prune_mode, settings.extra)
     except ValueError as error:
         return [f"{error}; fix it in the settings' extra or remove the key"]
     return []

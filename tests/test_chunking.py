@@ -16,7 +16,7 @@ from lowvram_studio.engine.chunking import (
     split_cfg_call,
 )
 from lowvram_studio.engine.precision import NonFiniteError
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import RunSettings
 

@@ -103,7 +103,7 @@ def test_table_has_the_write_up_shape_and_every_figure(tmp_path):
 from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: E402
 
 from lowvram_studio.compare import COMPARE_FILES, OPTIMIZED_LABEL, CompareError, load_compare, run_compare  # noqa: E402
-from lowvram_studio.engine.sampler import generate  # noqa: E402
+from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.models.demo import DEMO_UNET_CONFIG, build_demo_pipeline  # noqa: E402
 from lowvram_studio.models.load import LoadedModel  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.activations import GEGLU
 
 from lowvram_studio.engine.geglu import apply_geglu_halves, remove_geglu_halves
-from lowvram_studio.engine.sampler import prepare_pipeline
+from lowvram_studio.settings_adapter import prepare_pipeline
 from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import RunSettings
 

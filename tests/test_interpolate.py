@@ -14,7 +14,7 @@ import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
 from lowvram_studio.engine.events import CancelToken, RunCancelled
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.interpolate import (
     FlowMethod,
     InterpolationConfig,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.media import fit_image, load_image
 from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import DeviceChoice, RunSettings

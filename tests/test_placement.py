@@ -14,7 +14,7 @@ from lowvram_studio.engine.placement import (
     placement_hooks,
     release_memory,
 )
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import OffloadMode, RunSettings
 

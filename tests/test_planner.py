@@ -11,7 +11,7 @@ import torch
 
 from lowvram_studio.engine.events import Phase
 from lowvram_studio.engine.oom import OutOfMemoryAfterRetries
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.engine.speed_model import CardSpeed
 from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
 from lowvram_studio.plan.planner import (

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowvram_studio.engine.components import DENOISER, SVD_COMPONENTS, by_role
 from lowvram_studio.engine.precision import (
     GpuInfo,
     NonFiniteError,
     PrecisionError,
-    PrecisionPolicy,
     apply_precision,
     check_finite,
     execution_path,
@@ -17,8 +17,10 @@ from lowvram_studio.engine.precision import (
 )
 from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import HalfCompute, Precision, RunSettings
+from lowvram_studio.settings_adapter import precision_policy
 
 F16, F32, BF16, F8 = torch.float16, torch.float32, torch.bfloat16, torch.float8_e4m3fn
+UNET = by_role(SVD_COMPONENTS, DENOISER)
 
 GPUS = {
     "gtx1060": GpuInfo("NVIDIA GeForce GTX 1060 6GB", (6, 1)),
@@ -51,7 +53,7 @@ GPUS = {
     ],
 )
 def test_unet_precision_follows_the_gpu_table(gpu, requested, storage, compute):
-    got = resolve_component(requested, "unet", GPUS.get(gpu))
+    got = resolve_component(requested, UNET, GPUS.get(gpu))
     assert (got.storage, got.compute) == (storage, compute)
 
 
@@ -77,29 +79,29 @@ def test_each_gpu_generation_gets_its_execution_path(gpu, generation, compute, b
 
 def test_half_compute_overrides_the_path_and_the_record_says_so():
     settings = RunSettings(unet_dtype="fp16", half_compute="fp16")
-    policy = PrecisionPolicy.from_settings(settings, GPUS["gtx1060"])
-    assert (policy.unet.storage, policy.unet.compute) == (F16, F16)
+    policy = precision_policy(settings, GPUS["gtx1060"])
+    assert (policy.denoiser.storage, policy.denoiser.compute) == (F16, F16)
     assert "fp16 compute (set by half_compute)" in policy.path.describe()
-    h100 = PrecisionPolicy.from_settings(settings.replace(half_compute=HalfCompute.FP32), GPUS["h100"])
-    assert h100.unet.describe() == "fp16 storage, fp32 compute"
+    h100 = precision_policy(settings.replace(half_compute=HalfCompute.FP32), GPUS["h100"])
+    assert h100.denoiser.describe() == "fp16 storage, fp32 compute"
 
 
 @pytest.mark.parametrize("gpu", ["gtx1060", "gtx1660", "rtx2060"])
 def test_bf16_on_pre_ampere_gpu_is_refused_with_the_fix(gpu):
     with pytest.raises(PrecisionError, match="unet_dtype=bf16 needs an Ampere.*choose fp16 or fp32 for unet_dtype"):
-        resolve_component(Precision.BF16, "unet", GPUS[gpu])
+        resolve_component(Precision.BF16, UNET, GPUS[gpu])
 
 
 @pytest.mark.parametrize("gpu", [None, "gtx1060", "h100"])
 def test_vae_and_image_encoder_default_to_fp32(gpu):
-    policy = PrecisionPolicy.from_settings(RunSettings(vae_dtype="auto", encoder_dtype="auto"), GPUS.get(gpu))
-    assert policy.vae.compute == F32 and policy.image_encoder.compute == F32
-    assert PrecisionPolicy.from_settings(RunSettings(), GPUS.get(gpu)).vae.storage == F32
+    policy = precision_policy(RunSettings(vae_dtype="auto", encoder_dtype="auto"), GPUS.get(gpu))
+    assert policy.vae.compute == F32 and policy.encoder.compute == F32
+    assert precision_policy(RunSettings(), GPUS.get(gpu)).vae.storage == F32
 
 
 def test_fp8_storage_casts_layerwise_and_runs():
     pipeline = build_demo_pipeline()
-    policy = PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp8"), None)
+    policy = precision_policy(RunSettings(unet_dtype="fp8"), None)
     apply_precision(pipeline, policy)
     unet = pipeline.unet
     assert unet.conv_in.weight.dtype == F8  # stored in fp8 ...
@@ -114,19 +116,19 @@ def test_fp8_storage_casts_layerwise_and_runs():
         )[0]
     assert out.dtype == F32 and torch.isfinite(out).all()  # ... computed in fp32
     with pytest.raises(PrecisionError, match="UNet's weights were rounded to fp8 storage, fp32 compute.*reload the model"):
-        apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp32"), None))
+        apply_precision(pipeline, precision_policy(RunSettings(unet_dtype="fp32"), None))
 
 
 def test_fp16_policy_casts_components_and_keeps_vae_fp32():
     pipeline = build_demo_pipeline()
-    apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["h100"]))
+    apply_precision(pipeline, precision_policy(RunSettings(unet_dtype="fp16"), GPUS["h100"]))
     assert pipeline.unet.dtype == F16 and pipeline.vae.dtype == F32 and pipeline.image_encoder.dtype == F32
     with pytest.raises(PrecisionError, match="rounded to fp16 by an earlier run.*reload the model"):
-        apply_precision(pipeline, PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp32"), GPUS["h100"]))
+        apply_precision(pipeline, precision_policy(RunSettings(unet_dtype="fp32"), GPUS["h100"]))
 
 
 def test_nan_guard_names_component_step_and_setting():
-    policy = PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["h100"])
+    policy = precision_policy(RunSettings(unet_dtype="fp16"), GPUS["h100"])
     latents = torch.zeros(1, 4, 8, 8)
     check_finite(latents, "unet", policy, "at step 3")
     latents[0, 0, 0, 0] = float("nan")
@@ -137,13 +139,13 @@ def test_nan_guard_names_component_step_and_setting():
 
 
 def test_inf_guard_on_pascal_suggests_fp32_only():
-    policy = PrecisionPolicy.from_settings(RunSettings(unet_dtype="fp16"), GPUS["gtx1060"])
+    policy = precision_policy(RunSettings(unet_dtype="fp16"), GPUS["gtx1060"])
     with pytest.raises(NonFiniteError, match="produced inf at step 1 in fp16 storage, fp32 compute; set unet_dtype to fp32$"):
         check_finite(torch.tensor([1.0, float("inf")]), "unet", policy, "at step 1")
 
 
 def test_nan_in_fp32_vae_points_at_the_model_not_precision():
-    policy = PrecisionPolicy.from_settings(RunSettings(), None)
+    policy = precision_policy(RunSettings(), None)
     with pytest.raises(NonFiniteError, match="the VAE produced NaN in fp32, so precision is not the cause"):
         check_finite(torch.tensor([float("nan")]), "vae", policy)
 
@@ -151,13 +153,13 @@ def test_nan_in_fp32_vae_points_at_the_model_not_precision():
 def test_a_wider_precision_after_a_narrower_run_asks_for_a_reload(test_image):
     """fp32 -> fp16 -> fp32 in place cannot restore the lost bits: the engine refuses instead of computing wrongly."""
     from lowvram_studio.engine.precision import PrecisionError, PrecisionPolicy, rounded_components
-    from lowvram_studio.engine.sampler import generate
+    from lowvram_studio.settings_adapter import generate
     from lowvram_studio.models.demo import build_demo_pipeline
     from lowvram_studio.settings import RunSettings
 
     pipeline = build_demo_pipeline()
     tiny = RunSettings(height=64, width=64, num_frames=2, num_inference_steps=1, max_guidance_scale=1.0)
-    fp32 = PrecisionPolicy.from_settings(tiny.replace(unet_dtype="fp32"), None)
+    fp32 = precision_policy(tiny.replace(unet_dtype="fp32"), None)
     generate(pipeline, test_image, tiny.replace(unet_dtype="fp16"))
     assert rounded_components(pipeline, fp32) == ["unet"]
     with pytest.raises(PrecisionError, match="reload the model to change unet_dtype"):

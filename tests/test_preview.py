@@ -15,7 +15,7 @@ import torch
 
 from lowvram_studio.cli import build_parser
 from lowvram_studio.engine.preview import PREVIEW_KEY, LatentRgb, latent_rgb_of
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.models.demo import DEFAULT_WEIGHTS_DIR, WEIGHT_FILES, build_demo_pipeline
 from lowvram_studio.models.latent_rgb import (
     FILE_NAME,

@@ -19,7 +19,7 @@ from lowvram_studio.engine.pruning import (
     group_frames,
     neighbour_distances,
 )
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.settings import RunSettings
 
 
@@ -139,7 +139,7 @@ def test_ghosting_warning_below_the_write_ups_limit():
 def test_bad_pruning_knobs_name_the_fix():
     settings = RunSettings(prune_threshold=0.012, extra={"prune_max_reuse": -1})
     with pytest.raises(ValueError, match="prune_max_reuse"):
-        PruningConfig.from_settings(settings)
+        PruningConfig.from_knobs(settings.prune_threshold, settings.prune_mode, settings.extra)
 
 
 def test_finer_branch_keeps_only_conv_in_and_the_last_up_layer(demo_pipeline):

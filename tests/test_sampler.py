@@ -8,7 +8,7 @@ import torch
 
 from lowvram_studio.engine.events import CancelToken, Phase, RunCancelled
 from lowvram_studio.engine.preview import split_preview
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 
 
 def test_same_seed_gives_identical_frames(demo_pipeline, test_image, small_settings):

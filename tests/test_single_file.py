@@ -14,7 +14,7 @@ from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.models import single_file as sf
 from lowvram_studio.models.svd_configs import SVD_IMAGE_ENCODER_CONFIG, SVD_VAE_CONFIG, SVD_XT_UNET_CONFIG
 

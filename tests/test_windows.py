@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.engine.windows import (
     WindowConfig,
     frame_weights,

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from lowvram_studio.engine.events import Phase
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.jobs import run_job
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.ui.worker import JobState, Worker

@@ -31,7 +31,7 @@ from lowvram_studio.demo_training.procedural import (
     MotionClass,
     make_clip,
 )
-from lowvram_studio.engine.sampler import generate
+from lowvram_studio.settings_adapter import generate
 from lowvram_studio.settings import DeviceChoice, Precision, RunSettings
 
 logger = logging.getLogger(__name__)

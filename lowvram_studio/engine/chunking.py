@@ -62,10 +62,6 @@ class ChunkingConfig:
     ff_chunk: int = 0
     spatial_min_bytes: int = 0
 
-    @classmethod
-    def from_settings(cls, settings: Any) -> "ChunkingConfig":
-        return cls(settings.spatial_chunk, settings.temporal_chunk, settings.ff_chunk, SPATIAL_MIN_BYTES)
-
 
 def _ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, total, size):

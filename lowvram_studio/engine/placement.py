@@ -31,27 +31,30 @@ from accelerate import cpu_offload_with_hook
 from accelerate.hooks import remove_hook_from_module
 from diffusers.hooks import HookRegistry, apply_group_offloading
 
+from .components import DENOISER, ENCODER, SVD_COMPONENTS, Component
 from .options import OffloadMode
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("image_encoder", "unet", "vae")
 # Hook names diffusers' group offloading registers (diffusers/hooks/group_offloading.py).
 GROUP_OFFLOAD_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker")
 
 
 @dataclass(frozen=True)
 class PlacementConfig:
+    """``components``: the family's components (which attribute is the denoiser, which the encoder)."""
+
     mode: OffloadMode = OffloadMode.NONE
     device: str = "cpu"
-
-    @classmethod
-    def from_settings(cls, settings: Any, device: torch.device | str) -> "PlacementConfig":
-        return cls(OffloadMode(settings.offload), str(torch.device(device)))
+    components: tuple[Component, ...] = SVD_COMPONENTS
 
 
-def _modules(pipeline: Any) -> dict[str, torch.nn.Module]:
-    return {name: getattr(pipeline, name) for name in COMPONENTS if getattr(pipeline, name, None) is not None}
+def _modules(pipeline: Any, components: tuple[Component, ...] | None = None) -> dict[str, torch.nn.Module]:
+    """The pipeline's component modules by attribute; by default those its last placement covered."""
+    placed = getattr(pipeline, "_lowvram_placement", None)
+    components = components or (placed.components if placed is not None else SVD_COMPONENTS)
+    return {c.attribute: getattr(pipeline, c.attribute) for c in components
+            if getattr(pipeline, c.attribute, None) is not None}
 
 
 def _offload_hooks(pipeline: Any) -> dict[str, Any]:
@@ -61,10 +64,13 @@ def _offload_hooks(pipeline: Any) -> dict[str, Any]:
     return pipeline._lowvram_offload_hooks
 
 
-def unet_stream_blocks(unet: torch.nn.Module) -> list[str]:
-    """Names group offloading descends into (it matches them at every level): the UNet's block lists,
-    the mid block and the blocks' indices, so groups form at the resnets/attentions/samplers lists."""
-    count = max(len(unet.down_blocks), len(unet.up_blocks))
+def stream_blocks(denoiser: torch.nn.Module) -> list[str] | None:
+    """Names group offloading descends into (it matches them at every level). A UNet: its block lists,
+    the mid block and the blocks' indices, so groups form at the resnets/attentions/samplers lists. A
+    transformer (None): group offloading's own block search, one group per block of its block list."""
+    if not hasattr(denoiser, "down_blocks"):
+        return None
+    count = max(len(denoiser.down_blocks), len(denoiser.up_blocks))
     return ["down_blocks", "mid_block", "up_blocks", *(str(i) for i in range(count))]
 
 
@@ -97,7 +103,8 @@ def apply_placement(pipeline: Any, config: PlacementConfig) -> None:
         return
     clear_placement(pipeline)
     device = torch.device(config.device)
-    modules = _modules(pipeline)
+    modules = _modules(pipeline, config.components)
+    role_of = {c.attribute: c.role for c in config.components}
     hooks = _offload_hooks(pipeline)
     if config.mode == OffloadMode.NONE:
         for module in modules.values():
@@ -106,16 +113,14 @@ def apply_placement(pipeline: Any, config: PlacementConfig) -> None:
         for name, module in modules.items():
             _, hooks[name] = cpu_offload_with_hook(module, device)
     else:
-        unet = modules["unet"]
-        apply_group_offloading(
-            unet,
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            block_modules=unet_stream_blocks(unet),
-            **_stream_options(device),
-        )
-        apply_group_offloading(modules["image_encoder"], offload_type="leaf_level", **_stream_options(device))
-        _, hooks["vae"] = cpu_offload_with_hook(modules["vae"], device)
+        for name, module in modules.items():
+            if role_of[name] == DENOISER:
+                apply_group_offloading(module, offload_type="block_level", num_blocks_per_group=1,
+                                       block_modules=stream_blocks(module), **_stream_options(device))
+            elif role_of[name] == ENCODER:
+                apply_group_offloading(module, offload_type="leaf_level", **_stream_options(device))
+            else:
+                _, hooks[name] = cpu_offload_with_hook(module, device)
     pipeline._lowvram_placement = config
     logger.info("placement: %s on %s", config.mode.value, device)
 

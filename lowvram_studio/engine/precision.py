@@ -24,13 +24,11 @@ import torch
 from diffusers.hooks import apply_layerwise_casting
 from diffusers.models.modeling_utils import ModelMixin
 
+from .components import DENOISER, ENCODER, SVD_COMPONENTS, VAE, Component, by_role
 from .options import HalfCompute, Precision
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "vae", "image_encoder")
-SETTING_OF = {"unet": "unet_dtype", "vae": "vae_dtype", "image_encoder": "encoder_dtype"}
-LABEL_OF = {"unet": "UNet", "vae": "VAE", "image_encoder": "image encoder"}
 DTYPE_NAMES = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -143,14 +141,16 @@ class ComponentPrecision:
         return storage if storage == compute else f"{storage} storage, {compute} compute"
 
 
-def resolve_component(requested: Precision, component: str, gpu: GpuInfo | None,
+def resolve_component(requested: Precision, component: Component, gpu: GpuInfo | None,
                       path: ExecutionPath | None = None) -> ComponentPrecision:
-    """Storage and compute dtype for one component; raises ``PrecisionError`` for impossible requests."""
+    """Storage and compute dtype for one component; raises ``PrecisionError`` for impossible requests.
+
+    ``auto`` stores the denoiser in fp16 on a GPU and keeps everything else (and every CPU run) in fp32."""
     requested = Precision(requested)
     path = path or execution_path(gpu)
-    setting = SETTING_OF[component]
+    setting = component.setting
     if requested == Precision.AUTO:
-        if component != "unet" or gpu is None:
+        if component.role != DENOISER or gpu is None:
             return ComponentPrecision(torch.float32, torch.float32)
         return ComponentPrecision(torch.float16, path.half_compute)
     if requested == Precision.FP32:
@@ -169,39 +169,53 @@ def resolve_component(requested: Precision, component: str, gpu: GpuInfo | None,
 
 
 @dataclass(frozen=True)
+class PrecisionRequest:
+    """The precision asked for each role, before the GPU resolves ``auto`` (``PrecisionPolicy.resolve``)."""
+
+    denoiser: Precision = Precision.AUTO
+    vae: Precision = Precision.FP32
+    encoder: Precision = Precision.FP32
+    half_compute: HalfCompute = HalfCompute.AUTO
+
+
+@dataclass(frozen=True)
 class PrecisionPolicy:
-    unet: ComponentPrecision
+    """Storage and compute dtype per role, resolved for one GPU (None: the CPU) on its execution path."""
+
+    denoiser: ComponentPrecision
     vae: ComponentPrecision
-    image_encoder: ComponentPrecision
+    encoder: ComponentPrecision
     gpu: GpuInfo | None = None
     path: ExecutionPath | None = None
+    components: tuple[Component, ...] = SVD_COMPONENTS
 
     @classmethod
-    def from_settings(cls, settings: Any, gpu: GpuInfo | None) -> "PrecisionPolicy":
-        """Resolve ``settings.unet_dtype/vae_dtype/encoder_dtype`` for ``gpu`` (None = CPU) on its execution path."""
-        path = execution_path(gpu, settings.half_compute)
+    def resolve(cls, request: PrecisionRequest, gpu: GpuInfo | None,
+                components: tuple[Component, ...] = SVD_COMPONENTS) -> "PrecisionPolicy":
+        path = execution_path(gpu, request.half_compute)
         return cls(
-            unet=resolve_component(settings.unet_dtype, "unet", gpu, path),
-            vae=resolve_component(settings.vae_dtype, "vae", gpu, path),
-            image_encoder=resolve_component(settings.encoder_dtype, "image_encoder", gpu, path),
+            **{role: resolve_component(getattr(request, role), by_role(components, role), gpu, path)
+               for role in (DENOISER, VAE, ENCODER)},
             gpu=gpu,
             path=path,
+            components=components,
         )
 
     def component(self, name: str) -> ComponentPrecision:
-        return getattr(self, name)
+        """The precision of a role, or of the component at pipeline attribute ``name`` (``"unet"``)."""
+        return getattr(self, by_role(self.components, name).role)
 
     def describe(self) -> dict[str, str]:
-        """Per component, e.g. {"unet": "fp16", "vae": "fp32", ...}, for the run record."""
-        return {name: self.component(name).describe() for name in COMPONENTS}
+        """Per pipeline attribute, e.g. {"unet": "fp16", "vae": "fp32", ...}, for the run record."""
+        return {c.attribute: self.component(c.role).describe() for c in self.components}
 
 
 def precision_applied(pipeline: Any, policy: PrecisionPolicy) -> bool:
     """True when every component already runs as ``policy`` says."""
     return all(
-        getattr(getattr(pipeline, name), "_lowvram_precision", None) == policy.component(name)
-        for name in COMPONENTS
-        if getattr(pipeline, name, None) is not None
+        getattr(getattr(pipeline, c.attribute), "_lowvram_precision", None) == policy.component(c.role)
+        for c in policy.components
+        if getattr(pipeline, c.attribute, None) is not None
     )
 
 
@@ -217,11 +231,11 @@ def rounded_components(pipeline: Any, policy: PrecisionPolicy) -> list[str]:
     (the studio does that before the run) — otherwise an "FP32" run would quietly use fp16 weights.
     """
     stale = []
-    for name in COMPONENTS:
-        module = getattr(pipeline, name, None)
+    for component in policy.components:
+        module = getattr(pipeline, component.attribute, None)
         rounded = getattr(module, "_lowvram_rounded_bits", None)
-        if rounded is not None and rounded < _mantissa_bits(policy.component(name).storage):
-            stale.append(name)
+        if rounded is not None and rounded < _mantissa_bits(policy.component(component.role).storage):
+            stale.append(component.attribute)
     return stale
 
 
@@ -237,19 +251,20 @@ def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
     Layerwise casting cannot be undone (diffusers refuses: the weights were rounded to the storage
     dtype), so a component stored in a narrower dtype keeps that choice until the model is reloaded.
     """
-    for name in COMPONENTS:
+    for component in policy.components:
+        name = component.attribute
         module = getattr(pipeline, name, None)
         if module is None:
             continue
-        precision = policy.component(name)
+        precision = policy.component(component.role)
         applied = getattr(module, "_lowvram_precision", None)
         if applied == precision:
             continue
         if (applied is not None and applied.casts_layerwise) or name in rounded_components(pipeline, policy):
             raise PrecisionError(
-                f"the {LABEL_OF[name]}'s weights were rounded to {applied.describe() if applied else 'a narrower dtype'} "
+                f"the {component.label}'s weights were rounded to {applied.describe() if applied else 'a narrower dtype'} "
                 f"by an earlier run and cannot become {precision.describe()} again; reload the model to change "
-                f"{SETTING_OF[name]}"
+                f"{component.setting}"
             )
         module.to(dtype=precision.compute)
         if precision.casts_layerwise:
@@ -294,7 +309,8 @@ def check_finite(
     kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
     precision = policy.component(component)
     dtype_name = DTYPE_NAMES[precision.storage]
-    label, setting = LABEL_OF[component], SETTING_OF[component]
+    named = by_role(policy.components, component)
+    label, setting = named.label, named.setting
     place = f" {where}" if where else ""
     if precision.storage == torch.float32:
         message = (
@@ -306,4 +322,4 @@ def check_finite(
             f"the {label} produced {kind}{place} in {precision.describe()}; "
             f"set {setting} to {_alternatives(dtype_name, policy.gpu)}"
         )
-    raise NonFiniteError(message, component, setting)
+    raise NonFiniteError(message, named.attribute, setting)

@@ -153,13 +153,12 @@ class PruningConfig:
         return self
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "PruningConfig":
-        """Threshold and mode from their RunSettings fields; the finer knobs from ``settings.extra``.
+    def from_knobs(cls, threshold: float, mode: PruneMode | str, extra: dict[str, Any]) -> "PruningConfig":
+        """Threshold and mode, and the finer knobs from the ``extra`` keys ``prune_*`` of a settings file.
 
         A bad value raises ValueError naming its ``extra`` key and the values it takes (the settings'
         validation reports it before any run).
         """
-        extra = settings.extra
 
         def knob(key: str, convert: Any, default: Any, expected: str) -> Any:
             value = extra.get(key, default)
@@ -172,8 +171,8 @@ class PruningConfig:
             return knob(key, kind, default.value, "one of " + ", ".join(e.value for e in kind))
 
         config = cls(
-            threshold=settings.prune_threshold,
-            mode=PruneMode(settings.prune_mode),
+            threshold=threshold,
+            mode=PruneMode(mode),
             step_signal=choice("prune_step_signal", StepSignal, cls.step_signal),
             frame_signal=choice("prune_frame_signal", FrameSignal, cls.frame_signal),
             max_consecutive_reuse=extra.get("prune_max_reuse", cls.max_consecutive_reuse),
@@ -730,7 +729,7 @@ def apply_pruning(unet: torch.nn.Module, config: PruningConfig) -> PruningState 
     """Hook pruning into a ``UNetSpatioTemporalConditionModel``; None when the threshold is 0 (off).
 
     The caller drives ``begin_step`` / ``end_step`` around each sampler step and calls ``remove()``
-    at the end (also on errors), as ``engine.sampler.generate`` does.
+    at the end (also on errors), as ``engine.sampler.sample`` does.
     """
     config.validate()
     if not config.enabled:

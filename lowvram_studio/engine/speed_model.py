@@ -53,6 +53,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .events import Phase
+from .components import DENOISER, SVD_COMPONENTS, by_role
 from .precision import GpuInfo, execution_path, resolve_component
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class StepConfig:
         window = settings.chunk_size if settings.chunk_size and settings.chunk_size < frames else frames
         windows = 1 if window == frames else math.ceil((frames - settings.overlap) / max(window - settings.overlap, 1))
         info = None if gpu is None else GpuInfo(gpu.name, gpu.capability)
-        precision = resolve_component(settings.unet_dtype, "unet", info, execution_path(info, settings.half_compute))
+        precision = resolve_component(settings.unet_dtype, by_role(SVD_COMPONENTS, DENOISER), info, execution_path(info, settings.half_compute))
         compute = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(precision.compute, "fp32")
         return cls(settings.height, settings.width, window, windows, 2 if settings.guidance_enabled else 1,
                    bool(settings.cfg_split), str(getattr(settings.offload, "value", settings.offload)), compute,

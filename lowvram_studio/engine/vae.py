@@ -61,9 +61,9 @@ class DecodeConfig:
     tile: int = 0
     overlap: int | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Any) -> "DecodeConfig":
-        return cls(chunk=settings.decode_chunk, tile=settings.vae_tile)
+    def to_dict(self) -> dict[str, int]:
+        """In the run record's words (the settings a decode retry changes)."""
+        return {"decode_chunk": self.chunk, "vae_tile": self.tile}
 
     @property
     def tile_latent(self) -> int:

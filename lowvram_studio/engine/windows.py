@@ -44,10 +44,6 @@ class WindowConfig:
     blend: WindowBlend = WindowBlend.PYRAMID
     shift: bool = True
 
-    @classmethod
-    def from_settings(cls, settings: Any) -> "WindowConfig":
-        return cls(size=settings.chunk_size, overlap=settings.overlap, blend=WindowBlend(settings.window_blend))
-
     def active(self, num_frames: int) -> bool:
         """Windows only change anything when they are shorter than the clip."""
         return 0 < self.size < num_frames

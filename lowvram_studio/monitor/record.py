@@ -26,7 +26,7 @@ from lowvram_studio.monitor.vram import CPU_RAM, IdleBaseline, MonitorConfig, Sa
 from lowvram_studio.sysinfo import collect_env
 
 if TYPE_CHECKING:
-    from lowvram_studio.engine.sampler import RunResult
+    from lowvram_studio.settings_adapter import RunResult
     from lowvram_studio.settings import RunSettings
 
 LOG = logging.getLogger(__name__)

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.dims import ModelDims
 from ..engine.events import Phase
 from ..engine.options import HalfCompute, OffloadMode, Precision
 from ..engine.precision import GpuInfo, execution_path
-from ..engine.speed_model import CardSpeed, streaming_groups
+from ..engine.speed_model import CardSpeed
 from ..settings import RunSettings, budget_gib
 
 logger = logging.getLogger(__name__)
@@ -42,54 +43,6 @@ logger = logging.getLogger(__name__)
 MIB = 2**20
 MEMORY_MODEL_PATH = Path(__file__).with_name("memory_model.json")
 PHASES = (Phase.ENCODE, Phase.DENOISE, Phase.DECODE)
-
-
-# ---- model dimensions ---------------------------------------------------------------------------
-SVD_UNET_WIDTH, SVD_VAE_WIDTH = 320, 128  # first-level channels of SVD / SVD-XT (models/svd_configs.py)
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """What the memory model needs to know about a pipeline: parameter counts and native frames.
-
-    ``unet_stream_params``: UNet weights resident while streaming (engine/placement.py groups each
-    resnet / attention / sampler of the blocks): the two largest groups (the one computing and the one
-    prefetched) plus the modules outside the blocks.
-
-    ``unet_width`` / ``vae_width``: first-level channels relative to SVD's (UNet 320, VAE 128). The activation
-    coefficients were fitted on SVD-XT, and activations scale with the channels of the full-resolution level
-    that sets the peak, so a narrower model (the built-in demo: 0.1 and 0.25) is predicted by scaling them.
-    """
-
-    name: str
-    unet_params: int
-    vae_params: int
-    encoder_params: int
-    unet_stream_params: int
-    native_frames: int
-    latent_scale: int = 8
-    unet_width: float = 1.0
-    vae_width: float = 1.0
-
-    @classmethod
-    def from_pipeline(cls, pipeline: Any, name: str = "pipeline") -> "ModelDims":
-        def count(module: torch.nn.Module) -> int:
-            return sum(p.numel() for p in module.parameters())
-
-        unet = pipeline.unet
-        groups = [count(module) for _, module in streaming_groups(unet)]
-        outside = count(unet) - sum(groups)
-        return cls(
-            name=name,
-            unet_params=count(unet),
-            vae_params=count(pipeline.vae),
-            encoder_params=count(pipeline.image_encoder),
-            unet_stream_params=sum(sorted(groups)[-2:]) + outside,
-            native_frames=int(unet.config.num_frames),
-            latent_scale=int(pipeline.vae_scale_factor),
-            unet_width=unet.config.block_out_channels[0] / SVD_UNET_WIDTH,
-            vae_width=pipeline.vae.config.block_out_channels[0] / SVD_VAE_WIDTH,
-        )
 
 
 # Counted on the SVD-XT configs of models/svd_configs.py (meta device); SVD differs only in native frames.
@@ -536,10 +489,11 @@ class Planner:
             return windowed, [reason]
         return settings, []
 
-    def ladder(self, settings: RunSettings, context_mib: float | None = None) -> list[Rung]:
-        """Rungs from the request to the tightest settings; each adds the first move (in priority order)
-        that lowers the phase setting the predicted peak without raising the peak. The path does not
-        depend on the budget."""
+    def ladder(self, settings: RunSettings, context_mib: float | None = None,
+               allowed: tuple[str, ...] | None = None) -> list[Rung]:
+        """Rungs from the request to the tightest settings; each adds the first move (in priority order,
+        among ``allowed`` by name when given) that lowers the phase setting the predicted peak without
+        raising the peak. The path does not depend on the budget."""
         current, reasons = self.base(settings)
         rungs = [Rung(current, self.predict(current, context_mib), list(reasons))]
         free = self._free_streaming(current, rungs[0].prediction, context_mib)
@@ -547,7 +501,7 @@ class Planner:
             current, reason, prediction = free
             rungs.append(Rung(current, prediction, [*reasons, reason]))
         while True:
-            step = self._first_helping_move(current, rungs[-1].prediction, None, context_mib)
+            step = self._first_helping_move(current, rungs[-1].prediction, None, context_mib, allowed)
             if step is None:
                 return rungs
             current, reason, prediction, _ = step
@@ -597,9 +551,10 @@ class Planner:
                 return tighter, f"{move.reason(tighter)}; predicted peak {change}", after, move
         return None
 
-    def plan(self, settings: RunSettings, budget: Budget) -> Plan:
-        """The loosest (fastest) rung whose predicted peak fits ``budget``, or the tightest one, marked unfit."""
-        rungs = self.ladder(settings, budget.context_mib)
+    def plan(self, settings: RunSettings, budget: Budget, allowed: tuple[str, ...] | None = None) -> Plan:
+        """The loosest (fastest) rung whose predicted peak fits ``budget``, or the tightest one, marked unfit;
+        ``allowed``: only these moves (by name)."""
+        rungs = self.ladder(settings, budget.context_mib, allowed)
         for index, rung in enumerate(rungs):
             if rung.prediction.peak_mib <= budget.plan_to_mib:
                 return Plan(rung.settings, rung.prediction, rung.reasons, budget, True, index)

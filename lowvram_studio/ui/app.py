@@ -25,7 +25,7 @@ import gradio as gr
 import PIL.Image
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunEvent
-from ..engine.precision import PrecisionPolicy, detect_gpu, execution_path, rounded_components
+from ..engine.precision import detect_gpu, execution_path, rounded_components
 from ..engine.pruning import draw_pruning_map
 from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, new_output_path, run_job
@@ -36,6 +36,7 @@ from ..models.demo import demo_model_info
 from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
+from ..settings_adapter import precision_policy
 from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
 from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget, speed_line
 from .config_store import ConfigStore, PresetError, default_output_dir
@@ -224,7 +225,7 @@ class Studio:
                 and settings is not None
                 and rounded_components(
                     self._model.pipeline,
-                    PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device))),
+                    precision_policy(settings, detect_gpu(resolve_device(settings.device))),
                 )
             )
             if self._model is None or self._model.source != source or stale:

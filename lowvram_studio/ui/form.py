@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..engine.precision import DTYPE_NAMES, SETTING_OF, PrecisionPolicy, detect_gpu
+from ..engine.components import SVD_COMPONENTS
+from ..engine.precision import DTYPE_NAMES, detect_gpu
 from ..engine.sampler import resolve_device
 from ..settings import Precision, RunSettings, SettingsError, budget_gib
+from ..settings_adapter import precision_policy
 
 # Controls that are not RunSettings fields but belong to the saved form.
 MODEL = "model"
@@ -109,8 +111,8 @@ def resolve_auto_precision(settings: RunSettings) -> tuple[RunSettings, dict[str
     auto = [name for name in PRECISION_FIELDS if getattr(settings, name) == Precision.AUTO]
     if not auto:
         return settings, {}
-    component_of = {setting: component for component, setting in SETTING_OF.items()}
-    policy = PrecisionPolicy.from_settings(settings, detect_gpu(resolve_device(settings.device)))
+    component_of = {component.setting: component.role for component in SVD_COMPONENTS}
+    policy = precision_policy(settings, detect_gpu(resolve_device(settings.device)))
     changes = {name: DTYPE_NAMES[policy.component(component_of[name]).storage] for name in auto}
     return settings.replace(**changes), changes
 

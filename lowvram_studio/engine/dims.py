@@ -1,0 +1,60 @@
+"""ModelDims: the sizes of a model the planner's memory model and the speed model need.
+
+A family computes them from its loaded pipeline (``VideoFamily.dims``) so that the planner never looks
+inside a model; SVD's come from the UNet's streaming groups and its first-level channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .speed_model import streaming_groups
+
+SVD_UNET_WIDTH, SVD_VAE_WIDTH = 320, 128  # first-level channels of SVD / SVD-XT (models/svd_configs.py)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the memory model needs to know about a pipeline: parameter counts and native frames.
+
+    ``unet_stream_params``: UNet weights resident while streaming (engine/placement.py groups each
+    resnet / attention / sampler of the blocks): the two largest groups (the one computing and the one
+    prefetched) plus the modules outside the blocks.
+
+    ``unet_width`` / ``vae_width``: first-level channels relative to SVD's (UNet 320, VAE 128). The activation
+    coefficients were fitted on SVD-XT, and activations scale with the channels of the full-resolution level
+    that sets the peak, so a narrower model (the built-in demo: 0.1 and 0.25) is predicted by scaling them.
+    """
+
+    name: str
+    unet_params: int
+    vae_params: int
+    encoder_params: int
+    unet_stream_params: int
+    native_frames: int
+    latent_scale: int = 8
+    unet_width: float = 1.0
+    vae_width: float = 1.0
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, name: str = "pipeline") -> "ModelDims":
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        unet = pipeline.unet
+        groups = [count(module) for _, module in streaming_groups(unet)]
+        outside = count(unet) - sum(groups)
+        return cls(
+            name=name,
+            unet_params=count(unet),
+            vae_params=count(pipeline.vae),
+            encoder_params=count(pipeline.image_encoder),
+            unet_stream_params=sum(sorted(groups)[-2:]) + outside,
+            native_frames=int(unet.config.num_frames),
+            latent_scale=int(pipeline.vae_scale_factor),
+            unet_width=unet.config.block_out_channels[0] / SVD_UNET_WIDTH,
+            vae_width=pipeline.vae.config.block_out_channels[0] / SVD_VAE_WIDTH,
+        )

@@ -1,0 +1,126 @@
+"""The one adapter from the app's ``RunSettings`` to the engine's words (``EngineConfig``, ``SvdRequest``).
+
+The engine never reads ``RunSettings``: the studio, the CLI, the queue, compare and the benchmarks speak
+settings (the run record's vocabulary, DESIGN §7), and this module alone says which setting is which
+engine knob. ``generate`` is ``engine.sampler.sample`` for a settings-speaking caller: its result carries
+the settings that actually ran (a decode retry's tiles included), as the record and the mp4 tag store them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import PIL.Image
+import torch
+
+from .engine.chunking import SPATIAL_MIN_BYTES, ChunkingConfig
+from .engine.config import EngineConfig
+from .engine.events import CancelToken, EventCallback
+from .engine.oom import DecodeTightener
+from .engine.options import DeviceChoice, OffloadMode, WindowBlend
+from .engine.precision import GpuInfo, PrecisionPolicy, PrecisionRequest
+from .engine.pruning import PruningConfig
+from .engine.sampler import EngineResult, prepare, sample
+from .engine.svd import SvdFamily, SvdRequest
+from .engine.vae import DecodeConfig
+from .engine.windows import WindowConfig
+from .settings import RunSettings
+
+
+@dataclass
+class RunResult(EngineResult):
+    """An engine result with the settings that made its frames (after every retry)."""
+
+    settings: RunSettings = field(default_factory=RunSettings)
+
+
+def precision_request(settings: RunSettings) -> PrecisionRequest:
+    return PrecisionRequest(settings.unet_dtype, settings.vae_dtype, settings.encoder_dtype, settings.half_compute)
+
+
+def precision_policy(settings: RunSettings, gpu: GpuInfo | None) -> PrecisionPolicy:
+    """What ``settings`` store and compute each component in on ``gpu`` (None: the CPU)."""
+    return PrecisionPolicy.resolve(precision_request(settings), gpu)
+
+
+def decode_config(settings: RunSettings) -> DecodeConfig:
+    return DecodeConfig(chunk=settings.decode_chunk, tile=settings.vae_tile)
+
+
+def engine_config(settings: RunSettings) -> EngineConfig:
+    """Every technique's part of ``settings``, in the engine's types."""
+    return EngineConfig(
+        device=DeviceChoice(settings.device),
+        precision=precision_request(settings),
+        cfg_split=settings.cfg_split,
+        chunking=ChunkingConfig(settings.spatial_chunk, settings.temporal_chunk, settings.ff_chunk, SPATIAL_MIN_BYTES),
+        offload=OffloadMode(settings.offload),
+        decode=decode_config(settings),
+        windows=WindowConfig(size=settings.chunk_size, overlap=settings.overlap, blend=WindowBlend(settings.window_blend)),
+        reuse=PruningConfig.from_knobs(settings.prune_threshold, settings.prune_mode, settings.extra),
+        preview_every=settings.preview_every,
+    )
+
+
+def svd_request(settings: RunSettings, image: PIL.Image.Image) -> SvdRequest:
+    """The clip ``settings`` ask SVD for, from ``image`` (already fitted to width x height)."""
+    return SvdRequest(
+        width=settings.width,
+        height=settings.height,
+        num_frames=settings.num_frames,
+        num_inference_steps=settings.num_inference_steps,
+        seed=settings.seed,
+        image=image,
+        fps=settings.fps,
+        motion_bucket_id=settings.motion_bucket_id,
+        noise_aug_strength=settings.noise_aug_strength,
+        min_guidance_scale=settings.min_guidance_scale,
+        max_guidance_scale=settings.max_guidance_scale,
+    )
+
+
+def with_decode(settings: RunSettings, decode: DecodeConfig) -> RunSettings:
+    return settings.replace(decode_chunk=decode.chunk, vae_tile=decode.tile)
+
+
+def decode_tightener(settings: RunSettings, tighten: DecodeTightener) -> DecodeTightener:
+    """``tighten`` (on settings, e.g. ``plan.replan.decode_retry``) as the engine's tightener of a DecodeConfig."""
+
+    def tighter(decode: DecodeConfig) -> tuple[DecodeConfig, list[str]] | None:
+        found = tighten(with_decode(settings, decode))
+        return None if found is None else (decode_config(found[0]), found[1])
+
+    return tighter
+
+
+def prepare_pipeline(pipeline: object, settings: RunSettings, device: torch.device) -> PrecisionPolicy:
+    """Put ``settings``' precision, placement and chunking on an SVD pipeline before a run (or a measurement)."""
+    return prepare(SvdFamily(pipeline), engine_config(settings), device)
+
+
+def generate(
+    pipeline: object,
+    image: PIL.Image.Image,
+    settings: RunSettings,
+    on_event: EventCallback | None = None,
+    cancel: CancelToken | None = None,
+    latents: torch.Tensor | None = None,
+    decode_retry: DecodeTightener | None = None,
+) -> RunResult:
+    """Run image-to-video once on an SVD pipeline as ``settings`` say (``engine.sampler.sample``).
+
+    ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
+    ``decode_retry``: the tighter settings after a decode OOM (``plan.replan.decode_retry``)."""
+    settings.validate()
+    result = sample(
+        SvdFamily(pipeline),
+        svd_request(settings, image),
+        engine_config(settings),
+        on_event=on_event,
+        cancel=cancel,
+        latents=latents,
+        decode_retry=None if decode_retry is None else decode_tightener(settings, decode_retry),
+    )
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(EngineResult)}
+    return RunResult(**fields, settings=with_decode(settings, result.config.decode))
