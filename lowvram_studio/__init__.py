@@ -10,3 +10,13 @@ __version__ = "0.1.0"
 # runs with it). PyTorch supports it on Linux only; a value the user set wins.
 if sys.platform.startswith("linux"):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def __getattr__(name: str):
+    """``lowvram_studio.fit`` without importing torch on ``import lowvram_studio`` (the launcher imports the
+    package before it knows torch is installed)."""
+    if name == "fit":
+        from .fitting import fit
+
+        return fit
+    raise AttributeError(f"module 'lowvram_studio' has no attribute {name!r}")
