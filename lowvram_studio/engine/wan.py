@@ -1,0 +1,212 @@
+"""Wan 2.x image-to-video as a model family: a plain diffusers ``WanImageToVideoPipeline``.
+
+The recipe is ``WanImageToVideoPipeline.__call__``'s, step for step, so that with every technique off the
+frames equal the pipeline's own: the UMT5 prompt and negative-prompt embeddings, the image's latent
+condition from the pipeline's own ``prepare_latents`` (Wan2.2 TI2V: the first latent frame pinned, with a
+per-token timestep mask, ``expand_timesteps``; Wan2.1 I2V: a frame mask and the condition concatenated on
+channels, plus the CLIP image embedding), two transformer calls per step for guidance (or one batched
+call), and the 3D causal VAE's decode with its own tiling. Latents are (1, C, F, h, w) inside this module
+and frame-major (1, F, C, h, w) at the interface.
+
+Not yet here (issue #19): the two-expert Wan2.2 A14B (``transformer_2`` / ``boundary_ratio``) is refused
+with a message, step reuse (the pruning hooks are the SVD UNet's), and a memory model calibrated for Wan
+(``dims`` gives true parameter counts; the planner's activation coefficients are SVD's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .components import DENOISER, ENCODER, VAE, Component
+from .dims import ModelDims
+from .events import CancelToken
+from .family import ClipRequest
+from .placement import make_room
+from .precision import compute_dtype
+from .vae import DecodeConfig
+
+WAN_COMPONENTS = (
+    Component("transformer", DENOISER, "transformer", "unet_dtype"),
+    Component("vae", VAE, "VAE", "vae_dtype"),
+    Component("text_encoder", ENCODER, "text encoder", "encoder_dtype"),
+)
+
+
+def frame_major(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, h, w) <-> (B, F, C, h, w): the same swap both ways."""
+    return latents.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class WanRequest(ClipRequest):
+    """A Wan clip: ``image`` fitted to width x height, a prompt and what to steer away from."""
+
+    image: PIL.Image.Image | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance_scale: float = 5.0
+    max_sequence_length: int = 512
+
+    @property
+    def guidance_enabled(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass
+class WanConditioning:
+    """The prompt embeddings, the image's latent condition and (TI2V) the pinned-frame mask, native layout."""
+
+    prompt_embeds: torch.Tensor  # (1, L, D)
+    negative_embeds: torch.Tensor | None  # (1, L, D); None without guidance
+    condition: torch.Tensor  # (1, C', F or 1, h, w)
+    mask: torch.Tensor | None  # (1, 1, F, h, w): 0 on the pinned first latent frame (TI2V), else None
+    image_embeds: torch.Tensor | None  # Wan2.1 I2V's CLIP embedding
+    guidance_scale: float
+
+    def frames(self, frames: slice) -> "WanConditioning":
+        """The conditioning of a window of latent frames (a one-frame condition applies to every window)."""
+        condition = self.condition if self.condition.shape[2] == 1 else self.condition[:, :, frames]
+        mask = None if self.mask is None else self.mask[:, :, frames]
+        return WanConditioning(self.prompt_embeds, self.negative_embeds, condition, mask, self.image_embeds,
+                               self.guidance_scale)
+
+
+class WanFamily:
+    """Wan 2.x behind the family interface (``engine/family.py``)."""
+
+    components = WAN_COMPONENTS
+    reuses_steps = False
+
+    def __init__(self, pipeline: Any, name: str = "wan"):
+        if getattr(pipeline, "transformer_2", None) is not None:
+            raise ValueError("two-expert Wan2.2 models (A14B: transformer_2) are not supported yet; "
+                             "use Wan2.2 TI2V-5B or a Wan2.1 I2V model")
+        self.pipeline = pipeline
+        self.name = name
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipeline.scheduler
+
+    @property
+    def pins_first_frame(self) -> bool:
+        return bool(self.pipeline.config.expand_timesteps)
+
+    def latent_frames(self, request: WanRequest) -> int:
+        return (request.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
+
+    def _native_shape(self, request: WanRequest) -> tuple[int, ...]:
+        scale = self.pipeline.vae_scale_factor_spatial
+        return (1, self.pipeline.vae.config.z_dim, self.latent_frames(request),
+                request.height // scale, request.width // scale)
+
+    def encode(self, request: WanRequest, device: torch.device, generator: torch.Generator) -> WanConditioning:
+        pipeline = self.pipeline
+        make_room(pipeline, "text_encoder")
+        positive, negative = pipeline.encode_prompt(
+            prompt=request.prompt, negative_prompt=request.negative_prompt,
+            do_classifier_free_guidance=request.guidance_enabled, num_videos_per_prompt=1,
+            max_sequence_length=request.max_sequence_length, device=device,
+        )
+        dtype = compute_dtype(pipeline.transformer)
+        image_embeds = None
+        if pipeline.transformer.config.image_dim is not None:
+            image_embeds = pipeline.encode_image(request.image, device).to(dtype)
+        pixels = pipeline.video_processor.preprocess(request.image, height=request.height, width=request.width)
+        make_room(pipeline, "vae")
+        placeholder = torch.zeros(self._native_shape(request), device=device)  # the noise is drawn in initial_noise
+        prepared = pipeline.prepare_latents(
+            pixels.to(device, dtype=torch.float32), 1, pipeline.vae.config.z_dim, request.height, request.width,
+            request.num_frames, torch.float32, device, generator, placeholder,
+        )
+        condition, mask = (prepared[1], prepared[2]) if self.pins_first_frame else (prepared[1], None)
+        return WanConditioning(positive.to(dtype), None if negative is None else negative.to(dtype), condition,
+                               mask, image_embeds, request.guidance_scale)
+
+    def initial_noise(self, request: WanRequest, generator: torch.Generator) -> torch.Tensor:
+        """Drawn (1, C, F, h, w) as the pipeline's ``randn_tensor`` draws it, handed over frame-major."""
+        noise = torch.randn(self._native_shape(request), generator=generator, dtype=torch.float32)
+        return frame_major(noise).contiguous()
+
+    def _model_input(self, latents: torch.Tensor, timestep: torch.Tensor,
+                     cond: WanConditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        if cond.mask is None:
+            return torch.cat([latents, cond.condition], dim=1), timestep.expand(latents.shape[0])
+        model_input = (1 - cond.mask) * cond.condition + cond.mask * latents
+        patch_h, patch_w = self.pipeline.transformer.config.patch_size[1:]
+        per_token = (cond.mask[0][0][:, ::patch_h, ::patch_w] * timestep).flatten()  # pinned tokens sit at t=0
+        return model_input, per_token.unsqueeze(0).expand(latents.shape[0], -1)
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: WanConditioning, frames: slice,
+                cfg_split: bool) -> torch.Tensor:
+        """Guided flow prediction (float32, frame-major) for a window of latent frames."""
+        transformer = self.pipeline.transformer
+        dtype = compute_dtype(transformer)
+        model_input, timesteps = self._model_input(frame_major(latents), timestep, cond)
+        model_input = model_input.to(dtype)
+
+        def call(sample: torch.Tensor, steps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            return transformer(hidden_states=sample, timestep=steps, encoder_hidden_states=text,
+                               encoder_hidden_states_image=cond.image_embeds, return_dict=False)[0].float()
+
+        if cond.negative_embeds is None:
+            return frame_major(call(model_input, timesteps, cond.prompt_embeds))
+        if cfg_split:  # the pipeline's own way: one call per branch
+            positive = call(model_input, timesteps, cond.prompt_embeds)
+            negative = call(model_input, timesteps, cond.negative_embeds)
+        else:
+            both = call(torch.cat([model_input] * 2), torch.cat([timesteps] * 2),
+                        torch.cat([cond.prompt_embeds, cond.negative_embeds]))
+            positive, negative = both.chunk(2)
+        return frame_major(negative + cond.guidance_scale * (positive - negative))
+
+    def final_latents(self, latents: torch.Tensor, cond: WanConditioning) -> torch.Tensor:
+        """TI2V: the first latent frame is the image's, as the pipeline sets it after its loop."""
+        if cond.mask is None:
+            return latents
+        native = frame_major(latents)
+        return frame_major((1 - cond.mask) * cond.condition + cond.mask * native)
+
+    def decode(self, latents: torch.Tensor, config: DecodeConfig, cancel: CancelToken) -> torch.Tensor:
+        """The Wan VAE decodes its latent frames one after another with a feature cache, so it never holds
+        all frames' activations (``config.chunk`` has nothing to cut); ``config.tile`` turns on its own
+        spatial tiling with about a quarter-tile overlap (tile and stride rounded to whole latent cells)."""
+        vae = self.pipeline.vae
+        make_room(self.pipeline, "vae")
+        cancel.raise_if_cancelled()
+        if config.tile:
+            factor = self.pipeline.vae_scale_factor_spatial  # tiles and strides are whole latent cells
+            tile = max(config.tile // factor, 1) * factor
+            stride = max(tile * 3 // 4 // factor, 1) * factor
+            vae.enable_tiling(tile, tile, stride, stride)
+        else:
+            vae.disable_tiling()
+        native = frame_major(latents).to(compute_dtype(vae))
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(native.device, native.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(native.device, native.dtype)
+        return vae.decode(native / inverse_std + mean, return_dict=False)[0].float()
+
+    def to_frames(self, video: torch.Tensor) -> np.ndarray:
+        frames = self.pipeline.video_processor.postprocess_video(video, output_type="np")
+        return np.asarray(frames[0], dtype=np.float32)
+
+    def dims(self) -> ModelDims:
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        transformer = self.pipeline.transformer
+        blocks = sorted(count(block) for block in transformer.blocks)
+        return ModelDims(
+            name=self.name,
+            unet_params=count(transformer),
+            vae_params=count(self.pipeline.vae),
+            encoder_params=count(self.pipeline.text_encoder),
+            unet_stream_params=sum(blocks[-2:]) + count(transformer) - sum(blocks),
+            native_frames=self.latent_frames(WanRequest(0, 0, 121, 1)),  # TI2V-5B's clip: 121 frames
+            latent_scale=self.pipeline.vae_scale_factor_spatial,
+        )
