@@ -419,14 +419,6 @@ def ui_port_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's and the CPU allocator's out-of-memory errors (each predicate knows the texts of its side)."""
-    from .engine.oom import is_out_of_memory as gpu_out_of_memory
-    from .monitor.record import is_out_of_memory
-
-    return is_out_of_memory(error) or gpu_out_of_memory(error)
-
-
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -445,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .compare import CompareError
     from .engine.events import RunCancelled
-    from .engine.oom import OutOfMemoryAfterRetries
+    from .engine.oom import OutOfMemoryAfterRetries, ran_out_of_memory
     from .engine.precision import NonFiniteError, PrecisionError
     from .media import MediaError
     from .models.load import ModelError
@@ -462,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RUN_FAILED
     except (RuntimeError, MemoryError) as exc:  # out of memory outside the engine's re-planning
-        if not _is_out_of_memory(exc):
+        if not ran_out_of_memory(exc):
             raise
         print(f"error: out of memory: {_first_line(exc)}; lower the size or frame count, set --vram-budget to "
               "what your GPU has, or close other programs", file=sys.stderr)

@@ -315,6 +315,8 @@ def test_out_of_memory_becomes_a_message_with_the_fix():
 
     message = user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "ran out of memory" in message and "smaller VRAM budget" in message
+    ram = user_message(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
+    assert "ran out of RAM" in ram and "GPU" not in ram and "previous results are kept" in ram
 
 
 def test_serving_binds_locally_unless_told_and_parses_auth():

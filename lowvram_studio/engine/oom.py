@@ -67,6 +67,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+def is_host_out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, or torch's CPU allocator failing: the machine's RAM, which no VRAM plan frees."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+def ran_out_of_memory(error: BaseException) -> bool:
+    """Either memory: the one classifier the record, the CLI and the studio use to say "out of memory"."""
+    return is_out_of_memory(error) or is_host_out_of_memory(error)
+
+
 def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 

@@ -300,7 +300,9 @@ def record_run(
         with monitor:
             result = run()
     except Exception as error:
-        if not (record_out_of_memory and is_out_of_memory(error)):
+        from ..engine.oom import ran_out_of_memory  # torch only once a run failed
+
+        if not (record_out_of_memory and ran_out_of_memory(error)):
             raise
         LOG.warning("%s ran out of memory: %s", label or "the run", error)
         failed = RunRecord.from_failure(error, settings, monitor, model=model, label=label, baseline=baseline, events=events)
@@ -308,17 +310,10 @@ def record_run(
     return result, RunRecord.from_result(result, monitor, model=model, label=label, baseline=baseline)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA OOM, Python MemoryError and torch's CPU allocator failing."""
-    import torch
-
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
-
-
 def _describe_error(error: BaseException) -> str:
-    if is_out_of_memory(error):
+    from ..engine.oom import ran_out_of_memory  # torch only once a run failed
+
+    if ran_out_of_memory(error):
         return f"out of memory: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     return f"{type(error).__name__}: {error}"
 

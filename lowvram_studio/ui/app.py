@@ -25,6 +25,7 @@ import gradio as gr
 import PIL.Image
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunEvent
+from ..engine.oom import first_line, is_host_out_of_memory, is_out_of_memory
 from ..engine.precision import detect_gpu, execution_path, rounded_components
 from ..engine.pruning import draw_pruning_map
 from ..engine.sampler import resolve_device
@@ -96,9 +97,12 @@ def user_message(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, ValueError | NotImplementedError):  # MediaError, ModelError, SettingsError, CompareError
         return text
-    if "out of memory" in text.lower():
-        return (f"the GPU ran out of memory ({text.splitlines()[0][:200]}); pick a smaller VRAM budget preset, "
+    if is_out_of_memory(exc):
+        return (f"the GPU ran out of memory ({first_line(exc)[:200]}); pick a smaller VRAM budget preset, "
                 "turn on FP16 or offload, or lower frames / size; your previous results are kept")
+    if is_host_out_of_memory(exc):
+        return (f"the computer ran out of RAM ({first_line(exc)[:200]}); lower frames / size or close other "
+                "programs; your previous results are kept")
     return f"the run failed ({type(exc).__name__}: {text[:300]}); see the terminal for details, then try again"
 
 
