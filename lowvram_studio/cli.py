@@ -45,6 +45,9 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--noise-aug": ("noise_aug_strength", float, "noise added to the conditioning image"),
     "--min-guidance": ("min_guidance_scale", float, "guidance at the first frame"),
     "--max-guidance": ("max_guidance_scale", float, "guidance at the last frame (<= 1 turns CFG off)"),
+    "--prompt": ("prompt", str, "what the clip shows (Wan models; SVD takes only the image)"),
+    "--negative-prompt": ("negative_prompt", str, "what to steer away from (Wan models)"),
+    "--guidance": ("guidance_scale", float, "Wan's guidance scale (<= 1 turns CFG off; SVD uses --min/--max-guidance)"),
     "--device": ("device", str, "auto | cpu | cuda"),
     "--unet-dtype": ("unet_dtype", str, "auto | fp32 | fp16 | bf16 | fp8"),
     "--vae-dtype": ("vae_dtype", str, "fp32 | fp16 | bf16 (fp32 avoids colour shifts)"),
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, help="output video, e.g. out.mp4 (OUT.json is written beside it); "
                      "with --from-record the default is RECORD-again.mp4 beside the record")
     gen.add_argument("--model", default=None,
-                     help="demo | a diffusers SVD folder | svd_xt.safetensors | HF id in the cache (default: demo)")
+                     help="demo | a diffusers SVD or Wan folder | svd_xt.safetensors | HF id in the cache (default: demo)")
     gen.add_argument("--gif", action="store_true", help="also write OUT.gif")
     gen.add_argument("--from-record", type=Path, default=None, metavar="OUT.json",
                      help="use these settings again: restore the model, every setting and the seed (and the input "
@@ -157,14 +160,10 @@ def read_settings_file(path: Path | None) -> dict:
 
 def settings_from_args(args: argparse.Namespace, pipeline, base_settings: "RunSettings | None" = None) -> "RunSettings":
     """Model-native size and frames (or ``base_settings``, e.g. a record's), then a settings file, then explicit flags."""
-    from .models.load import native_size
+    from .models.load import native_settings
     from .settings import RunSettings, SettingsError
 
-    if base_settings is not None:
-        base: dict = base_settings.to_dict()
-    else:
-        height, width, frames = native_size(pipeline)
-        base = {"height": height, "width": width, "num_frames": frames}
+    base: dict = base_settings.to_dict() if base_settings is not None else native_settings(pipeline)
     base.update(read_settings_file(args.settings))
     base.update({name: getattr(args, name) for name in _setting_names() if getattr(args, name, None) is not None})
     try:

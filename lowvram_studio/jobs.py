@@ -18,15 +18,15 @@ from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from .engine.precision import detect_gpu
 from .engine.sampler import resolve_device
-from .settings_adapter import RunResult, generate
 from .engine.speed_model import steady_seconds_per_step
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
-from .plan.planner import ModelDims, Planner, plan_for_settings
+from .plan.planner import Planner, plan_for_settings
 from .plan.replan import decode_retry, run_with_replan
-from .settings import RunSettings
+from .settings import RunSettings, SettingsError
+from .settings_adapter import RunResult, generate
 from .speed import estimate_for_card, estimate_record, remember_speed
 
 logger = logging.getLogger(__name__)
@@ -153,15 +153,21 @@ def run_job(
     cancel = cancel or CancelToken()
     input_info = input_image_info(image_path)
     baseline = measure_idle_baseline()
-    dims, gpu = ModelDims.from_pipeline(model.pipeline, model.name), detect_gpu(resolve_device(settings.device))
-    unet_config = dict(model.pipeline.unet.config)
+    family = model.family
+    dims, gpu = family.dims(), detect_gpu(resolve_device(settings.device))
+    # The memory and speed models were fitted on SVD's UNet; other families run the settings as given.
+    calibrated = family.kind == "svd"
+    if not calibrated and settings.vram_budget != "off":
+        raise SettingsError([f"VRAM budgets are planned from a memory model fitted on SVD, not yet on {family.kind}; "
+                             "set vram_budget to off and choose offload, cfg_split and vae_tile yourself"])
+    unet_config = dict(model.pipeline.unet.config) if calibrated else None
     planner = Planner.for_gpu(dims, gpu, unet_config)
-    plan = plan_for_settings(planner, settings)
+    plan = plan_for_settings(planner, settings) if calibrated else None
     if plan is not None:  # a VRAM budget (or, with none, the decode rule) chose the settings; each choice is explained
         settings = plan.settings
         if on_event:
             on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
-    estimate = estimate_for_card(unet_config, dims, settings, gpu)
+    estimate = estimate_for_card(unet_config, dims, settings, gpu) if calibrated else None
     if estimate is not None and on_event:
         on_event(RunEvent(Phase.LOAD, message=f"estimate: {estimate.text}"))
     monitor = monitor or take_offered_monitor() or VramMonitor()
@@ -177,7 +183,7 @@ def run_job(
         )
         if plan is not None:
             result.info["plan"] = plan.to_dict()
-        if result.settings != settings:  # an out-of-memory re-plan ran other settings: judge the estimate for those
+        if calibrated and result.settings != settings:  # a re-plan ran other settings: judge the estimate for those
             estimate = estimate_for_card(unet_config, dims, result.settings, gpu)
         settings = result.settings
         steady = steady_seconds_per_step(result.events)  # the estimate predicts steps after CUDA's warm-up

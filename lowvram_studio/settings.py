@@ -39,6 +39,7 @@ INTERPOLATION_FACTORS = (1, 2, 4)
 MAX_SIDE = 2048
 MAX_FRAMES = 256
 MAX_STEPS = 200
+MAX_PROMPT_CHARS = 2000
 
 
 @dataclass
@@ -60,6 +61,10 @@ class RunSettings:
     noise_aug_strength: float = 0.02
     min_guidance_scale: float = 1.0
     max_guidance_scale: float = 3.0
+    # What to make, for families steered by text (Wan); SVD takes only the image
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance_scale: float = 5.0  # Wan's classifier-free guidance (SVD's is min/max_guidance_scale per frame)
     device: DeviceChoice = DeviceChoice.AUTO
 
     # Precision (engine/precision.py)
@@ -147,6 +152,13 @@ class RunSettings:
             "guidance scales must be between 0 and 20; got "
             f"min {self.min_guidance_scale!r}, max {self.max_guidance_scale!r}",
         )
+        check(
+            0.0 <= self.guidance_scale <= 20.0,
+            f"guidance_scale must be between 0 and 20 (1 or less turns guidance off); got {self.guidance_scale!r}",
+        )
+        for name in ("prompt", "negative_prompt"):
+            check(len(getattr(self, name)) <= MAX_PROMPT_CHARS,
+                  f"{name} must be at most {MAX_PROMPT_CHARS} characters; got {len(getattr(self, name))}; shorten it")
         check(
             self.min_guidance_scale <= self.max_guidance_scale,
             f"min_guidance_scale ({self.min_guidance_scale}) must not exceed max_guidance_scale "

@@ -17,6 +17,8 @@ import torch
 from .engine.chunking import SPATIAL_MIN_BYTES, ChunkingConfig
 from .engine.config import EngineConfig
 from .engine.events import CancelToken, EventCallback
+from .engine.families import family_for
+from .engine.family import ClipRequest, VideoFamily
 from .engine.oom import DecodeTightener
 from .engine.options import DeviceChoice, OffloadMode, WindowBlend
 from .engine.precision import GpuInfo, PrecisionPolicy, PrecisionRequest
@@ -24,8 +26,9 @@ from .engine.pruning import PruningConfig
 from .engine.sampler import EngineResult, prepare, sample
 from .engine.svd import SvdFamily, SvdRequest
 from .engine.vae import DecodeConfig
+from .engine.wan import WanFamily, WanRequest
 from .engine.windows import WindowConfig
-from .settings import RunSettings
+from .settings import RunSettings, SettingsError
 
 
 @dataclass
@@ -80,6 +83,35 @@ def svd_request(settings: RunSettings, image: PIL.Image.Image) -> SvdRequest:
     )
 
 
+def wan_request(settings: RunSettings, image: PIL.Image.Image) -> WanRequest:
+    """The clip ``settings`` ask Wan for: the image, the prompt and Wan's one guidance scale."""
+    return WanRequest(
+        width=settings.width,
+        height=settings.height,
+        num_frames=settings.num_frames,
+        num_inference_steps=settings.num_inference_steps,
+        seed=settings.seed,
+        image=image,
+        prompt=settings.prompt,
+        negative_prompt=settings.negative_prompt,
+        guidance_scale=settings.guidance_scale,
+    )
+
+
+def request_for(family: VideoFamily, settings: RunSettings, image: PIL.Image.Image) -> ClipRequest:
+    """``settings`` as ``family``'s request; ``SettingsError`` for a clip the family cannot make."""
+    if not isinstance(family, WanFamily):
+        return svd_request(settings, image)
+    step = family.pipeline.vae_scale_factor_temporal
+    if (settings.num_frames - 1) % step:
+        below = (settings.num_frames - 1) // step * step + 1
+        raise SettingsError([f"Wan makes {step}k+1 frames (e.g. 49, 81, 121); got {settings.num_frames}; "
+                             f"use {below} or {below + step}"])
+    if settings.prune_threshold > 0:
+        raise SettingsError(["step reuse (prune_threshold) is not available for Wan models yet; set it to 0"])
+    return wan_request(settings, image)
+
+
 def with_decode(settings: RunSettings, decode: DecodeConfig) -> RunSettings:
     return settings.replace(decode_chunk=decode.chunk, vae_tile=decode.tile)
 
@@ -108,14 +140,15 @@ def generate(
     latents: torch.Tensor | None = None,
     decode_retry: DecodeTightener | None = None,
 ) -> RunResult:
-    """Run image-to-video once on an SVD pipeline as ``settings`` say (``engine.sampler.sample``).
+    """Run image-to-video once on an SVD or Wan pipeline as ``settings`` say (``engine.sampler.sample``).
 
     ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
     ``decode_retry``: the tighter settings after a decode OOM (``plan.replan.decode_retry``)."""
     settings.validate()
+    family = family_for(pipeline)
     result = sample(
-        SvdFamily(pipeline),
-        svd_request(settings, image),
+        family,
+        request_for(family, settings, image),
         engine_config(settings),
         on_event=on_event,
         cancel=cancel,

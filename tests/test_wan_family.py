@@ -73,3 +73,19 @@ def test_tiled_decode_and_latent_windows_run_and_change_little(pipeline, image):
 def test_step_reuse_is_refused_for_wan_with_the_fix(pipeline, image):
     with pytest.raises(ValueError, match="not available for wan.*set prune_threshold to 0"):
         ours(pipeline, image, PLAIN.replace(reuse=PruningConfig(threshold=0.05)))
+
+
+def test_half_precision_keeps_what_the_model_class_keeps_in_fp32():
+    from lowvram_studio.engine.precision import GpuInfo, PrecisionPolicy, apply_precision
+    from lowvram_studio.engine.wan import WAN_COMPONENTS
+
+    pipeline = build_toy_wan_pipeline()
+    h100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+    apply_precision(pipeline, PrecisionPolicy.resolve(PrecisionRequest(denoiser="bf16", encoder="bf16"), h100,
+                                                      WAN_COMPONENTS))
+    transformer = pipeline.transformer
+    assert transformer.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert transformer.scale_shift_table.dtype == torch.float32
+    assert transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    t5_ff_out = pipeline.text_encoder.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert t5_ff_out.dtype == torch.float32 and pipeline.text_encoder.shared.weight.dtype == torch.bfloat16

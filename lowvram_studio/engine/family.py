@@ -47,7 +47,8 @@ class Conditioning(Protocol):
 
 
 class VideoFamily(Protocol):
-    name: str  # "svd", shown in records
+    kind: str  # the family: "svd", "wan"
+    name: str  # the model's name, shown in records
     pipeline: Any  # the diffusers pipeline the family wraps; techniques attach to its modules
     components: tuple[Component, ...]
     reuses_steps: bool  # whether the step/frame reuse hooks (engine/pruning.py) fit its denoiser

@@ -267,6 +267,8 @@ def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
                 f"{component.setting}"
             )
         module.to(dtype=precision.compute)
+        if precision.compute != torch.float32:
+            keep_fp32_modules(module)
         if precision.casts_layerwise:
             if isinstance(module, ModelMixin):
                 module.enable_layerwise_casting(storage_dtype=precision.storage, compute_dtype=precision.compute)
@@ -276,6 +278,17 @@ def apply_precision(pipeline: Any, policy: PrecisionPolicy) -> None:
         bits = min(_mantissa_bits(precision.storage), _mantissa_bits(precision.compute))
         module._lowvram_rounded_bits = min(bits, getattr(module, "_lowvram_rounded_bits", bits))
         logger.info("precision: %s %s", name, precision.describe())
+
+
+def keep_fp32_modules(module: torch.nn.Module) -> None:
+    """Put back in fp32 the parts a model class asks to keep there (``_keep_in_fp32_modules``: Wan's norms,
+    time embedder and rope, UMT5's ``wo``), as diffusers' and transformers' ``from_pretrained(torch_dtype=...)``
+    do when they load in half precision; a cast after loading must keep the same rule (same name test:
+    a pattern equals one part of the parameter's dotted name)."""
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    for name, parameter in [*module.named_parameters(), *module.named_buffers()]:
+        if parameter.is_floating_point() and any(part in keep for part in name.split(".")):
+            parameter.data = parameter.data.float()
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -110,7 +110,7 @@ def sample(
     the kept latents again with (``plan.replan.decode_retry``); without it that error ends the run.
     """
     if config.reuse.enabled and not family.reuses_steps:
-        raise ValueError(f"step reuse (prune_threshold) is not available for {family.name} models yet; "
+        raise ValueError(f"step reuse (prune_threshold) is not available for {family.kind} models yet; "
                          "set prune_threshold to 0")
     cancel = cancel or CancelToken()
     log = _EventLog(on_event)

@@ -61,6 +61,7 @@ class SvdConditioning:
 class SvdFamily:
     """SVD behind the family interface (``engine/family.py``)."""
 
+    kind = "svd"
     components = SVD_COMPONENTS
     reuses_steps = True
 

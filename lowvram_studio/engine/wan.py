@@ -79,6 +79,7 @@ class WanConditioning:
 class WanFamily:
     """Wan 2.x behind the family interface (``engine/family.py``)."""
 
+    kind = "wan"
     components = WAN_COMPONENTS
     reuses_steps = False
 

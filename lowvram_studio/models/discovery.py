@@ -1,7 +1,7 @@
-"""Find SVD models already on disk: ComfyUI folders, the Hugging Face cache, and folders the user names.
+"""Find SVD and Wan models already on disk: ComfyUI folders, the Hugging Face cache, and folders the user names.
 
-Only plausible SVD models are listed: diffusers folders whose ``model_index.json`` names
-``StableVideoDiffusionPipeline``, and ``.safetensors`` files whose header (read alone, a few MB at
+Only plausible models are listed: diffusers folders whose ``model_index.json`` names
+``StableVideoDiffusionPipeline`` or a Wan image-to-video pipeline, and SVD ``.safetensors`` files whose header (read alone, a few MB at
 most) holds an SVD UNet (``model.diffusion_model.`` keys with temporal ``time_stack`` layers).
 A folder whose weights are pickle only (``.bin``, ``.pt``, ``.ckpt``) is refused, not listed: loading
 pickle runs whatever code it holds. Nothing is loaded and nothing is downloaded.
@@ -22,10 +22,17 @@ from .single_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, UNET_PREFIX, Sin
 logger = logging.getLogger(__name__)
 
 SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
-HF_REPO_PATTERN = "models--*stable-video-diffusion*"
+HF_REPO_PATTERNS = ("models--*stable-video-diffusion*", "models--Wan-AI--*")
 COMFYUI_SUBFOLDERS = ("models/checkpoints", "models/diffusers")
 MAX_DEPTH = 3  # how deep to look below each folder (ComfyUI users sort checkpoints into subfolders)
 WEIGHT_COMPONENTS = ("unet", "vae", "image_encoder")
+WAN_WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
+# The pipelines a folder may name, with the components that carry its weights.
+FOLDER_WEIGHTS = {
+    SVD_PIPELINE_CLASS: WEIGHT_COMPONENTS,
+    "WanImageToVideoPipeline": WAN_WEIGHT_COMPONENTS,
+    "WanPipeline": WAN_WEIGHT_COMPONENTS,  # Wan2.2 TI2V-5B's folder; it runs as image-to-video too
+}
 
 
 class CandidateKind(str, Enum):
@@ -89,30 +96,31 @@ def hf_cache_dir(environ: Mapping[str, str]) -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
-def is_svd_folder(folder: Path) -> bool:
-    """A diffusers folder whose model_index.json names the SVD pipeline."""
+def folder_pipeline(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder's model_index.json names, when it is one we run (FOLDER_WEIGHTS)."""
     index = folder / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == SVD_PIPELINE_CLASS
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
         logger.debug("skipping %s: unreadable model_index.json (%s)", folder, exc)
-        return False
+        return None
+    return name if name in FOLDER_WEIGHTS else None
 
 
-def pickle_only_weights(folder: Path) -> list[str]:
+def pickle_only_weights(folder: Path, components: tuple[str, ...] = WEIGHT_COMPONENTS) -> list[str]:
     """``component/file`` of each pickle weights file in a component that has no safetensors weights.
 
     Such a component could only be loaded with pickle (``torch.load``), which runs whatever code the
     file holds; a component with safetensors beside a ``.bin`` is fine (only the safetensors is read).
     """
     pickled = []
-    for component in WEIGHT_COMPONENTS:
+    for component in components:
         try:
             names = sorted(f.name for f in (folder / component).iterdir())
         except OSError:
-            continue  # missing: check_svd_folder names what is missing
+            continue  # missing: check_model_folder names what is missing
         if not any(name.endswith(SAFETENSORS_SUFFIXES) for name in names):
             pickled += [f"{component}/{name}" for name in names if name.lower().endswith(PICKLE_SUFFIXES)]
     return pickled
@@ -126,11 +134,12 @@ def pickle_refusal(folder: Path, pickled: list[str]) -> str:
             "save_pretrained(folder, safe_serialization=True))")
 
 
-def _usable_svd_folder(folder: Path) -> bool:
-    """An SVD folder that can be listed; one with pickle-only weights is skipped with a warning saying why."""
-    if not is_svd_folder(folder):
+def _usable_folder(folder: Path) -> bool:
+    """An SVD or Wan folder that can be listed; one with pickle-only weights is skipped with a warning saying why."""
+    pipeline = folder_pipeline(folder)
+    if pipeline is None:
         return False
-    pickled = pickle_only_weights(folder)
+    pickled = pickle_only_weights(folder, FOLDER_WEIGHTS[pipeline])
     if pickled:
         logger.warning("not listing %s", pickle_refusal(folder, pickled))
         return False
@@ -162,7 +171,7 @@ def _folder_size(folder: Path) -> int:
 def _walk(folder: Path, depth: int = MAX_DEPTH) -> Iterator[Path]:
     """``folder`` and the folders and files below it, ``depth`` levels deep, skipping hidden ones."""
     yield folder
-    if depth == 0 or is_svd_folder(folder):
+    if depth == 0 or folder_pipeline(folder) is not None:
         return
     try:
         children = sorted(folder.iterdir())
@@ -187,7 +196,7 @@ def _scan(folder: Path, source: str) -> Iterator[ModelCandidate]:
         logger.debug("model folder %s does not exist", folder)
         return
     for entry in entries:
-        if entry.is_dir() and _usable_svd_folder(entry):
+        if entry.is_dir() and _usable_folder(entry):
             yield ModelCandidate(entry.name, entry, CandidateKind.DIFFUSERS_FOLDER, _folder_size(entry), source)
         elif entry.is_file() and entry.suffix.lower() in SAFETENSORS_SUFFIXES and is_svd_single_file(entry):
             yield ModelCandidate(entry.stem, entry, CandidateKind.SINGLE_FILE, entry.stat().st_size, source)
@@ -207,9 +216,9 @@ def _hf_snapshot(repo_folder: Path) -> Path | None:
 def _scan_hf_cache(cache: Path) -> Iterator[ModelCandidate]:
     if not cache.is_dir():
         return
-    for repo_folder in sorted(cache.glob(HF_REPO_PATTERN)):
+    for repo_folder in sorted({found for pattern in HF_REPO_PATTERNS for found in cache.glob(pattern)}):
         snapshot = _hf_snapshot(repo_folder)
-        if snapshot is not None and _usable_svd_folder(snapshot):
+        if snapshot is not None and _usable_folder(snapshot):
             repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)
             yield ModelCandidate(repo_id, snapshot, CandidateKind.DIFFUSERS_FOLDER, _folder_size(snapshot), "hf-cache")
 

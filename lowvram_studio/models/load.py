@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableVideoDiffusionPipeline
+from diffusers import StableVideoDiffusionPipeline, WanImageToVideoPipeline
 
+from ..engine.families import family_for
+from ..engine.family import VideoFamily
 from ..engine.preview import attach_latent_rgb
 from ..userdirs import cache_dir
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
@@ -27,15 +29,35 @@ from .single_file import SingleFileError, load_single_file
 logger = logging.getLogger(__name__)
 
 SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
-SVD_COMPONENTS = ("unet", "vae", "image_encoder", "scheduler", "feature_extractor")
+# Wan2.1 / Wan2.2 image-to-video folders name WanImageToVideoPipeline; Wan2.2 TI2V-5B's names WanPipeline (its
+# text-to-video face) and loads as image-to-video with the same components.
+WAN_PIPELINE_CLASSES = ("WanImageToVideoPipeline", "WanPipeline")
 _WEIGHT_SUFFIXES = (".safetensors",)
-_CONFIG_FILES = {
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """What a diffusers folder of one family must hold: each component's config file, which carry weights."""
+
+    pipeline_class: type
+    config_files: dict[str, str]
+    weights: tuple[str, ...]
+
+
+SVD_LAYOUT = FolderLayout(StableVideoDiffusionPipeline, {
     "unet": "config.json",
     "vae": "config.json",
     "image_encoder": "config.json",
     "scheduler": "scheduler_config.json",
     "feature_extractor": "preprocessor_config.json",
-}
+}, WEIGHT_COMPONENTS)
+WAN_LAYOUT = FolderLayout(WanImageToVideoPipeline, {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}, ("transformer", "vae", "text_encoder"))
 
 
 _JSON_KINDS = {list: "list", str: "string", bool: "boolean"}
@@ -60,29 +82,45 @@ class LoadedModel:
     kind: str  # "demo" | "diffusers-folder" | "hf-cache" | "single-file"
     note: str = ""  # shown to the user (e.g. that the demo weights are random)
 
+    @property
+    def family(self) -> VideoFamily:
+        return family_for(self.pipeline, self.name)
+
     def describe(self) -> dict:
         """The run record's ``model`` entry."""
-        pipe = self.pipeline
+        pipe, family = self.pipeline, self.family
+        components = [c.attribute for c in family.components]
         return {
             "name": self.name,
             "source": self.source,
             "kind": self.kind,
-            "native_frames": pipe.unet.config.num_frames,
-            "dtypes": {c: str(getattr(pipe, c).dtype).removeprefix("torch.") for c in ("unet", "vae", "image_encoder")},
-            "parameters": {
-                c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in ("unet", "vae", "image_encoder")
-            },
+            "family": family.kind,
+            "native_frames": native_size(pipe)[2],
+            "dtypes": {c: str(getattr(pipe, c).dtype).removeprefix("torch.") for c in components},
+            "parameters": {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in components},
             "note": self.note,
         }
 
 
 def native_size(pipeline: StableVideoDiffusionPipeline) -> tuple[int, int, int]:
-    """(height, width, frames) the model was made for: SVD's 576x1024, or the demo's small square."""
+    """(height, width, frames) the model was made for: SVD's 576x1024, or the demo's small square; Wan2.2
+    TI2V's 704x1280x121 (its 48-channel VAE), Wan2.1's 480x832x81."""
+    if family_for(pipeline).kind == "wan":
+        return (704, 1280, 121) if pipeline.vae.config.z_dim == 48 else (480, 832, 81)
     frames = pipeline.unet.config.num_frames
     side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if side >= 512:
         return 576, 1024, frames
     return side, side, frames
+
+
+def native_settings(pipeline: StableVideoDiffusionPipeline) -> dict[str, int]:
+    """The size, frames and (Wan: 24 fps for TI2V, 16 for Wan2.1) frame rate a model was made for."""
+    height, width, frames = native_size(pipeline)
+    native = {"height": height, "width": width, "num_frames": frames}
+    if family_for(pipeline).kind == "wan":
+        native["fps"] = 24 if pipeline.vae.config.z_dim == 48 else 16
+    return native
 
 
 def load_model(
@@ -110,8 +148,9 @@ def load_model(
     )
 
 
-def check_svd_folder(folder: Path) -> None:
-    """Raise ``ModelError`` naming the folder and everything missing from a diffusers SVD layout."""
+def check_model_folder(folder: Path) -> FolderLayout:
+    """Raise ``ModelError`` naming the folder and everything missing from a diffusers SVD or Wan layout;
+    return the layout the folder follows."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelError(
@@ -126,43 +165,54 @@ def check_svd_folder(folder: Path) -> None:
         raise ModelError(f"{index_file} holds {json_kind(index)}, not the object of components a diffusers model index is; "
                          "re-download or repair the model folder")
     class_name = index.get("_class_name")
-    if class_name != SVD_PIPELINE_CLASS:
+    if class_name == SVD_PIPELINE_CLASS:
+        layout = SVD_LAYOUT
+    elif class_name in WAN_PIPELINE_CLASSES:
+        layout = WAN_LAYOUT
+    else:
         raise ModelError(
-            f"{folder} holds a {class_name or 'unknown'} model, not Stable Video Diffusion; "
-            "choose an SVD / SVD-XT image-to-video model"
+            f"{folder} holds a {class_name or 'unknown'} model, not Stable Video Diffusion or Wan image-to-video; "
+            "choose an SVD / SVD-XT or a Wan2.1 I2V / Wan2.2 TI2V model"
         )
-    pickled = pickle_only_weights(folder)
+    if layout is WAN_LAYOUT and index.get("transformer_2", [None])[0] is not None:
+        raise ModelError(f"{folder} is a two-expert Wan2.2 model (transformer_2, e.g. I2V-A14B), which LowVRAM "
+                         "Studio does not run yet; use Wan2.2 TI2V-5B or a Wan2.1 I2V model")
+    pickled = pickle_only_weights(folder, layout.weights)
     if pickled:
         raise ModelError(pickle_refusal(folder, pickled))
     missing = []
-    for component in SVD_COMPONENTS:
+    for component, config_file in layout.config_files.items():
         sub = folder / component
-        if not (sub / _CONFIG_FILES[component]).is_file():
-            missing.append(f"{component}/{_CONFIG_FILES[component]}")
-        elif component in WEIGHT_COMPONENTS and not any(
-            f.name.endswith(_WEIGHT_SUFFIXES) for f in sub.iterdir()
-        ):
+        if not (sub / config_file).is_file():
+            missing.append(f"{component}/{config_file}")
+        elif component in layout.weights and not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in sub.iterdir()):
             missing.append(f"{component}/ weights (*.safetensors)")
+    if "tokenizer/tokenizer_config.json" in missing:
+        raise ModelError(f"{folder} has no tokenizer: Wan's prompt needs the UMT5 tokenizer in {folder / 'tokenizer'} "
+                         "(tokenizer_config.json with its spiece.model or tokenizer.json, as in the Wan-AI "
+                         "...-Diffusers repositories); copy that folder there")
     if missing:
         raise ModelError(f"{folder} is incomplete: missing {', '.join(missing)}; re-download the model folder")
+    return layout
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> StableVideoDiffusionPipeline:
-    check_svd_folder(folder)
-    only_fp16 = not any((folder / "unet").glob("diffusion_pytorch_model.safetensors")) and any(
-        (folder / "unet").glob("*.fp16.safetensors")
+    layout = check_model_folder(folder)
+    denoiser = folder / layout.weights[0]
+    only_fp16 = not any(denoiser.glob("diffusion_pytorch_model*.safetensors")) and any(
+        denoiser.glob("*.fp16*.safetensors")
     )
-    logger.info("loading diffusers SVD folder %s", folder)
+    logger.info("loading diffusers %s folder %s", layout.pipeline_class.__name__, folder)
     try:
-        pipeline = StableVideoDiffusionPipeline.from_pretrained(
+        pipeline = layout.pipeline_class.from_pretrained(
             folder, dtype=dtype, local_files_only=True, use_safetensors=True, variant="fp16" if only_fp16 else None
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise ModelError(f"{folder} could not be loaded ({exc}); the files may be damaged, re-download them") from exc
     pipeline.set_progress_bar_config(disable=True)
-    for component in ("unet", "vae", "image_encoder"):
+    for component in layout.weights:
         getattr(pipeline, component).eval().requires_grad_(False)
-    return _with_preview(pipeline)
+    return _with_preview(pipeline) if layout is SVD_LAYOUT else pipeline
 
 
 def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusionPipeline:

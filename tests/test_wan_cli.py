@@ -1,0 +1,69 @@
+"""A Wan model folder end to end through the CLI: found and loaded offline, prompt in, mp4 + record out;
+bad Wan folders and requests end in one ``error:`` line (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lowvram_studio.cli import EXIT_BAD_INPUT, main
+from lowvram_studio.media import read_video
+from lowvram_studio.models.wan_toy import build_toy_wan_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "assets" / "ball_and_box.png"
+CLIP = ["--frames", "9", "--width", "64", "--height", "64", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "toy-wan2.2-ti2v"
+    build_toy_wan_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_a_wan_folder_makes_a_clip_from_an_image_and_a_prompt(wan_folder, tmp_path, capsys):
+    out = tmp_path / "wan.mp4"
+    code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(wan_folder),
+                 "--prompt", "a red ball moves left", "--negative-prompt", "still scene", *CLIP])
+    assert code == 0, capsys.readouterr().err
+    frames, fps = read_video(out)
+    assert frames.shape == (9, 64, 64, 3) and fps == 24  # TI2V's frame rate unless --fps says otherwise
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["settings"]["prompt"] == "a red ball moves left"
+    assert record["model"]["family"] == "wan" and set(record["model"]["parameters"]) == {
+        "transformer", "vae", "text_encoder"}
+
+
+def test_a_wan_clip_length_that_is_not_4k_plus_1_is_bad_input(wan_folder, tmp_path, capsys):
+    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
+                 *CLIP, "--frames", "10"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "error: Wan makes 4k+1 frames" in err and "use 9 or 13" in err
+
+
+def test_a_budget_for_wan_is_refused_until_its_memory_model_exists(wan_folder, tmp_path, capsys):
+    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
+                 *CLIP, "--vram-budget", "6GB"])
+    assert code == EXIT_BAD_INPUT and "set vram_budget to off" in capsys.readouterr().err
+
+
+def test_a_wan_folder_without_its_tokenizer_says_what_to_put_where(wan_folder, tmp_path, capsys):
+    broken = tmp_path / "no-tokenizer"
+    shutil.copytree(wan_folder, broken)
+    shutil.rmtree(broken / "tokenizer")
+    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(broken), *CLIP])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "has no tokenizer" in err and str(broken / "tokenizer") in err
+
+
+def test_wan_folders_are_found_in_a_models_folder_and_the_hf_cache(wan_folder, tmp_path):
+    from lowvram_studio.models.discovery import DiscoveryConfig, discover_models
+
+    snapshot = tmp_path / "hub" / "models--Wan-AI--Wan2.2-TI2V-5B-Diffusers" / "snapshots" / "abc"
+    shutil.copytree(wan_folder, snapshot)
+    found = discover_models(DiscoveryConfig(hf_cache=tmp_path / "hub", models_dirs=[wan_folder.parent]))
+    assert {c.name for c in found} >= {"toy-wan2.2-ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
