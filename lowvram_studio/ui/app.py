@@ -34,8 +34,8 @@ from ..media import MediaError, fit_image, load_image, unique_path
 from ..monitor.record import ReuseError
 from ..monitor.report import THROUGHPUT
 from ..models.demo import demo_model_info
-from ..models.discovery import DiscoveryConfig, discover_models
-from ..models.load import LoadedModel, load_model
+from ..models.discovery import SVD_PIPELINE_CLASS, DiscoveryConfig, discover_models, folder_pipeline
+from ..models.load import LoadedModel, ModelError, load_model
 from ..settings import RunSettings, SettingsError
 from ..settings_adapter import precision_policy
 from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
@@ -88,8 +88,19 @@ DEMO = "demo"
 
 # ---- helpers ------------------------------------------------------------------------------------
 def discovered_models() -> list[str]:
-    """Models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT)."""
-    return [str(c.path) for c in discover_models(DiscoveryConfig.from_env())]
+    """Models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT) that the studio runs."""
+    return [str(c.path) for c in discover_models(DiscoveryConfig.from_env()) if studio_refusal(str(c.path)) is None]
+
+
+def studio_refusal(source: str) -> str | None:
+    """Why the studio does not run ``source`` yet (a Wan folder: its prompt controls are not in the studio),
+    told before gigabytes of weights load; None for what it runs."""
+    path = Path(source).expanduser()
+    pipeline = folder_pipeline(path) if path.is_dir() else None
+    if pipeline is None or pipeline == SVD_PIPELINE_CLASS:
+        return None
+    return (f"{path.name} is a Wan model ({pipeline}); the studio runs SVD models for now: make its clip with "
+            f"`lowvram-studio generate --model {path} --image IMAGE --prompt \"...\" --out clip.mp4`")
 
 
 def user_message(exc: BaseException) -> str:
@@ -234,6 +245,9 @@ class Studio:
             )
             if self._model is None or self._model.source != source or stale:
                 check_torch_runs(settings.device if settings is not None else "auto")
+                refusal = studio_refusal(source)
+                if refusal:
+                    raise ModelError(refusal)
                 self._model = None  # let the old weights go before the new ones load
                 self._model = load_model(source)
             return self._model
