@@ -26,7 +26,7 @@ import pytest
 from lowvram_studio.jobs import run_job
 from lowvram_studio.media import load_image
 from lowvram_studio.settings import RunSettings
-from lowvram_studio.ui.app import ASSETS, DEMO, Studio, serve_studio
+from lowvram_studio.ui.app import ASSETS, DEMO, QUEUE_REFRESH_S, Studio, serve_studio
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.form import FORM_NAMES
 from lowvram_studio.ui.worker import JobState
@@ -366,6 +366,27 @@ def test_leaving_the_page_mid_run_stops_its_job(studio_page):
     driver.get("about:blank")
     assert job.done.wait(30)
     assert job.state == JobState.CANCELLED
+
+
+def test_the_queue_timer_sleeps_while_the_tabs_run_streams_and_wakes_after_it(studio_page, monkeypatch):
+    """#21: each tick of the queue's timer is a round of Gradio's loading-status updates over every component
+    on the page; while the tab's own run streams, the timer must not tick (the run pays for it on a CPU)."""
+    driver, studio, _ = studio_page
+    _fresh_page(studio_page)
+    _upload_image(driver)
+    _set_number(driver, "num_inference_steps", 80)
+    ticks: list[float] = []
+    rows = studio.runner.rows
+    monkeypatch.setattr(studio.runner, "rows", lambda: ticks.append(time.perf_counter()) or rows())
+    _wait(driver, lambda d: ticks, 10)  # the idle page's timer ticks
+    driver.find_element(By.ID, "generate").click()
+    _wait(driver, lambda d: "denoise step" in _text(d, "status"), 60)
+    streaming = time.perf_counter()
+    _wait(driver, lambda d: "✔" in _text(d, "status"), 120)
+    finished = time.perf_counter()
+    assert finished - streaming > 2 * QUEUE_REFRESH_S  # long enough for a running timer to tick
+    assert not [t for t in ticks if streaming <= t <= finished]
+    _wait(driver, lambda d: ticks[-1] > finished, 10)  # and it ticks again once the run is over
 
 
 def _toast(driver, text: str, timeout: float = 30) -> str:

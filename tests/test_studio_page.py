@@ -109,7 +109,7 @@ def test_the_lossless_memory_savers_hold_only_controls_that_leave_the_output_unc
 def test_watching_a_run_redraws_the_curve_a_few_times_and_the_status_once_a_second(studio, test_image):
     """The page's cost is per update, so the updates per run are what is measured (not wall time): the
     curve, a chart redraw, at most once per CURVE_REFRESH_S; status and bar at most once per STATUS_REFRESH_S."""
-    settings = RunSettings(width=128, height=128, num_frames=8, num_inference_steps=60, preview_every=1)
+    settings = RunSettings(width=128, height=128, num_frames=8, num_inference_steps=120, preview_every=1)
     form = studio.default_form(FORM_NAMES)
     job = studio.submit_generate("pacing-test", test_image, settings, form)
     started = time.perf_counter()

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STATUS_REFRESH_S = 1.0  # the status line and progress bar: a few hundred bytes, redrawn once a second
-CURVE_REFRESH_S = 3.0  # the live curve (a chart redraw, the costly part) at most every 3 s, and only when it grew
+CURVE_REFRESH_S = 6.0  # the live curve at most every 6 s, only when it grew: a redraw is ~0.3 CPU-s in the browser
 QUEUE_REFRESH_S = 1.0  # the queue table is checked once a second and redrawn only when it changed
 # Fidelity right after the run's name: the columns a Compare is for stay in view on a laptop screen. The peak
 # column's header names what was measured (one studio process measures every run the same way: its GPU's
@@ -166,11 +166,13 @@ def curve_update(runs: list[CurveRun], memory_label: str) -> dict:
 
 @dataclass
 class TabHistory:
-    """What one browser tab remembers: its finished runs' curves and stats rows."""
+    """What one browser tab remembers: its finished runs' curves and stats rows, and whether its chart still
+    shows the live line of a run that did not finish (the next run's first curve update must clear it)."""
 
     runs: list[CurveRun] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     memory_label: str = "memory"
+    stale_live_line: bool = False
 
     def add(self, run: CurveRun, row: list[str]) -> None:
         self.runs = [*self.runs, run][-MAX_RUNS:]
@@ -179,12 +181,13 @@ class TabHistory:
 
 class LiveCurve:
     """Paces one run's live curve: an update when CURVE_REFRESH_S passed since the last one and the curve
-    has new points (or a new phase began), else ``gr.skip()``; the first call always draws (it clears the
-    previous run's live line)."""
+    has new points (or a new phase began), else ``gr.skip()``. The first comes CURVE_REFRESH_S after the
+    start (a chart of a second's points tells nothing and costs the run a redraw), or at once when the chart
+    still shows a stopped or failed run's live line."""
 
     def __init__(self, studio: "Studio", job: Job, history: TabHistory):
         self.studio, self.job, self.history = studio, job, history
-        self._last_at: float | None = None
+        self._last_at: float | None = None if history.stale_live_line else time.perf_counter()
         self._last_size = (-1, -1)
 
     def due(self) -> Any:
@@ -460,11 +463,13 @@ class Studio:
         if job.state == JobState.CANCELLED:
             stopped = job.last_event.label if job.last_event else "before it started"
             yield (f"⏹ Stopped ({stopped}); its memory was released.", progress_html(job, "stopped"),
-                   self.live_curve(job, history), skip, skip, skip, skip, skip, panel.finished(job), skip)
+                   self.live_curve(job, history), skip, skip, skip, skip, replace(history, stale_live_line=True),
+                   panel.finished(job), skip)
             return
         if job.state == JobState.FAILED:
             message = user_message(job.error)
-            yield f"✖ {message}", progress_html(job, "failed"), skip, skip, skip, skip, skip, skip, panel.finished(job), skip
+            yield (f"✖ {message}", progress_html(job, "failed"), skip, skip, skip, skip, skip,
+                   replace(history, stale_live_line=True), panel.finished(job), skip)
             raise gr.Error(message)
         status, history, video, files, pruning_map, side_by_side = finish(job, history)
         curve = curve_update(history.runs, history.memory_label)
@@ -710,8 +715,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 logger.info("a browser tab closed during its run; the run was stopped")
 
         def set_locked(locked: bool) -> Callable[[], list[dict]]:
+            """Lock (or unlock) the form; the queue's timer pauses while the tab's run streams: each tick is a
+            round of Gradio's loading-status updates over every component the page has, which a CPU run pays."""
             def update() -> list[dict]:
-                return [gr.update(interactive=not locked) for _ in lockable]
+                return [*(gr.update(interactive=not locked) for _ in lockable), gr.Timer(active=not locked)]
 
             return update
 
@@ -850,14 +857,14 @@ def build_app(studio: Studio) -> gr.Blocks:
         for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
             run = button.click(check_request, [image, *components], api_name=False, concurrency_limit=None,
                                show_progress="hidden").success(
-                starting, outputs=[*lockable, status, progress], queue=False, api_name=False,
+                starting, outputs=[*lockable, queue_timer, status, progress], queue=False, api_name=False,
                 show_progress="hidden").then(
                 with_named_values(handler, names), inputs=[history, image, *components], outputs=results,
                 api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
             )
-            run.then(set_locked(False), outputs=lockable, queue=False, api_name=False)
-            run.failure(set_locked(False), outputs=lockable, queue=False, api_name=False)
+            run.then(set_locked(False), outputs=[*lockable, queue_timer], queue=False, api_name=False)
+            run.failure(set_locked(False), outputs=[*lockable, queue_timer], queue=False, api_name=False)
         # An upload PIL cannot read is named with the fix at once and the box emptied for the next file; the
         # check reads the upload itself (preprocess=False): Gradio's own decoding would fail with a bare "Error".
         image.upload(check_upload, image, preprocess=False, api_name=False, concurrency_limit=None,
