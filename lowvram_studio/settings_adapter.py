@@ -66,14 +66,15 @@ def engine_config(settings: RunSettings) -> EngineConfig:
     )
 
 
+def clip_fields(settings: RunSettings) -> dict[str, int]:
+    """What every family's request takes from ``settings`` (``ClipRequest``'s fields)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(ClipRequest)}
+
+
 def svd_request(settings: RunSettings, image: PIL.Image.Image) -> SvdRequest:
     """The clip ``settings`` ask SVD for, from ``image`` (already fitted to width x height)."""
     return SvdRequest(
-        width=settings.width,
-        height=settings.height,
-        num_frames=settings.num_frames,
-        num_inference_steps=settings.num_inference_steps,
-        seed=settings.seed,
+        **clip_fields(settings),
         image=image,
         fps=settings.fps,
         motion_bucket_id=settings.motion_bucket_id,
@@ -86,11 +87,7 @@ def svd_request(settings: RunSettings, image: PIL.Image.Image) -> SvdRequest:
 def wan_request(settings: RunSettings, image: PIL.Image.Image) -> WanRequest:
     """The clip ``settings`` ask Wan for: the image, the prompt and Wan's one guidance scale."""
     return WanRequest(
-        width=settings.width,
-        height=settings.height,
-        num_frames=settings.num_frames,
-        num_inference_steps=settings.num_inference_steps,
-        seed=settings.seed,
+        **clip_fields(settings),
         image=image,
         prompt=settings.prompt,
         negative_prompt=settings.negative_prompt,
