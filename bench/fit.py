@@ -74,7 +74,9 @@ def run_row(name: str, budget: str | None, case: str, size: tuple[int, int, int]
     if result:
         row.update(json.loads(result[-1][len("RESULT "):]))
     else:
-        row["error"] = (stderr.strip().splitlines() or ["no output"])[-1][:300]
+        lines = stderr.strip().splitlines() or ["no output"]
+        row["error"] = lines[-1][:300]
+        row["traceback_tail"] = lines[-12:]  # where it failed, for the JSON (the table keeps the last line)
     peak = max((value for _, value in meter.samples), default=None)
     row["process_peak_mib"] = peak
     if budget and peak is not None:

@@ -186,9 +186,13 @@ def fit(
     attributes = tuple(component.attribute for component in SVD_COMPONENTS)
     snapshot = _Snapshot(pipe, attributes)
     try:
-        prepare(SvdFamily(pipe), engine_config(chosen), device)
+        # Our hook goes in first, under the placement's hooks: group offloading with CUDA streams removes its
+        # lazy-prefetch hook after the UNet's first call, and diffusers' ``HookRegistry.remove_hook`` then
+        # rewires the next hook's ``forward`` to the removed one's inner forward, which skips a ``new_forward``
+        # hook registered above it (ours: every later step ran with fp32 inputs into fp16 weights).
         HookRegistry.check_if_exists_or_initialize(pipe.unet).register_hook(
             _FitUNetHook(pipe, chosen.cfg_split), FIT_HOOK)
+        prepare(SvdFamily(pipe), engine_config(chosen), device)
         pipe.decode_latents = _decode_with_plan(pipe, chosen)
         yield FitPlan(chosen, plan, device)
     finally:

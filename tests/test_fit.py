@@ -97,3 +97,20 @@ def test_fit_without_a_gpu_says_so():
     with pytest.raises(SettingsError, match="needs a CUDA GPU.*device='cpu'"):
         with lowvram_studio.fit(build_demo_pipeline(), budget="6GB"):
             pass
+
+
+def test_the_fit_hook_keeps_running_when_the_placement_removes_one_of_its_own_hooks(test_image):
+    """On a GPU, group offloading with streams removes its lazy-prefetch hook from the UNet after the first
+    call; diffusers' remove_hook then skipped a fit hook registered above it, so every later step sent fp32
+    inputs into the fp16 UNet ("mat1 and mat2 must have the same dtype", bench/results/fit_20261207.md).
+    Here the placement's top-level hook is removed the same way, by diffusers' own call, after entry."""
+    pipe = build_demo_pipeline()
+    settings = RunSettings(unet_dtype="fp16", half_compute="fp16", offload="stream")
+    with lowvram_studio.fit(pipe, budget=None, height=64, width=64, num_frames=4, device="cpu", settings=settings):
+        registry = pipe.unet._diffusers_hook
+        placed = [name for name in registry._hook_order if name != "lowvram_fit_unet"]
+        assert placed, "streaming put no hook on the UNet's top level"
+        for name in placed:
+            registry.remove_hook(name, recurse=False)
+        frames = clip(pipe, test_image)
+    assert frames.shape == (4, 64, 64, 3) and np.isfinite(frames).all()
