@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lowvram_studio
+from lowvram_studio.fitting import FIT_HOOK
 from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import RunSettings, SettingsError
 
@@ -108,7 +109,7 @@ def test_the_fit_hook_keeps_running_when_the_placement_removes_one_of_its_own_ho
     settings = RunSettings(unet_dtype="fp16", half_compute="fp16", offload="stream")
     with lowvram_studio.fit(pipe, budget=None, height=64, width=64, num_frames=4, device="cpu", settings=settings):
         registry = pipe.unet._diffusers_hook
-        placed = [name for name in registry._hook_order if name != "lowvram_fit_unet"]
+        placed = [name for name in registry._hook_order if name != FIT_HOOK]
         assert placed, "streaming put no hook on the UNet's top level"
         for name in placed:
             registry.remove_hook(name, recurse=False)
