@@ -24,7 +24,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowvram_studio.engine.preview import attach_latent_rgb  # noqa: E402
-from lowvram_studio.models.latent_rgb import fit_latent_rgb, fitting_images, vae_fingerprint  # noqa: E402
+from lowvram_studio.engine.fingerprint import weights_fingerprint  # noqa: E402
+from lowvram_studio.models.latent_rgb import fit_latent_rgb, fitting_images  # noqa: E402
 from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
@@ -51,7 +52,7 @@ def build(smoke: bool):
 
 def fit_row(pipeline) -> dict:
     started = time.perf_counter()
-    fingerprint = vae_fingerprint(pipeline.vae)
+    fingerprint = weights_fingerprint(pipeline.vae)
     fingerprint_s = time.perf_counter() - started
     projection = fit_latent_rgb(pipeline.vae, fitting_images())
     attach_latent_rgb(pipeline, projection)

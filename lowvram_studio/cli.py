@@ -288,8 +288,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"wrote {output.video} ({result.frames.shape[0]} frames, {settings.width}x{settings.height}) and "
         f"{output.record_path}; {result.seconds_total:.1f} s total, {result.seconds_per_step:.2f} s/step on {result.device}"
         + _against_estimate(result.info.get("speed_estimate"))
+        + _prompt_embeddings_note(result.info.get("prompt_embeddings"))
     )
     return 0
+
+
+def _prompt_embeddings_note(sources: dict[str, str] | None) -> str:
+    """'; prompt embeddings from the cache (...)' when a text family's run reused stored embeddings."""
+    cached = [role.replace("_", " ") for role, source in (sources or {}).items() if source == "cache"]
+    if not cached:
+        return ""
+    if len(cached) == len(sources):
+        return "; prompt embeddings from the cache (the text encoder did not run)"
+    return f"; {' and '.join(cached)} embedding from the cache"
 
 
 def _against_estimate(estimate: dict[str, Any] | None) -> str:

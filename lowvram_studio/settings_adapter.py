@@ -22,6 +22,7 @@ from .engine.family import ClipRequest, VideoFamily
 from .engine.oom import DecodeTightener
 from .engine.options import DeviceChoice, OffloadMode, WindowBlend
 from .engine.precision import GpuInfo, PrecisionPolicy, PrecisionRequest
+from .engine.prompt_cache import PromptCache
 from .engine.pruning import PruningConfig
 from .engine.sampler import EngineResult, prepare, sample
 from .engine.svd import SvdFamily, SvdRequest
@@ -29,6 +30,9 @@ from .engine.vae import DecodeConfig
 from .engine.wan import WanFamily, WanRequest
 from .engine.windows import WindowConfig
 from .settings import RunSettings, SettingsError
+from .userdirs import cache_dir
+
+PROMPT_CACHE_FOLDER = "prompt_embeddings"  # under the user's cache folder
 
 
 @dataclass
@@ -140,9 +144,10 @@ def generate(
     """Run image-to-video once on an SVD or Wan pipeline as ``settings`` say (``engine.sampler.sample``).
 
     ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
-    ``decode_retry``: the tighter settings after a decode OOM (``plan.replan.decode_retry``)."""
+    ``decode_retry``: the tighter settings after a decode OOM (``plan.replan.decode_retry``). A prompt's
+    embeddings are kept in the user's cache folder, so a re-run with the same prompt skips the text encoder."""
     settings.validate()
-    family = family_for(pipeline)
+    family = family_for(pipeline, prompt_cache=PromptCache(cache_dir() / PROMPT_CACHE_FOLDER))
     result = sample(
         family,
         request_for(family, settings, image),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lowvram_studio.cli import build_parser
+from lowvram_studio.engine.fingerprint import weights_fingerprint
 from lowvram_studio.engine.preview import PREVIEW_KEY, LatentRgb, latent_rgb_of
 from lowvram_studio.settings_adapter import generate
 from lowvram_studio.models.demo import DEFAULT_WEIGHTS_DIR, WEIGHT_FILES, build_demo_pipeline
@@ -23,7 +24,6 @@ from lowvram_studio.models.latent_rgb import (
     load_latent_rgb,
     load_or_fit_latent_rgb,
     save_latent_rgb,
-    vae_fingerprint,
 )
 from lowvram_studio.monitor.report import psnr_ssim
 from lowvram_studio.settings import RunSettings
@@ -124,14 +124,14 @@ def test_projection_fitted_on_other_vae_weights_is_refitted_on_load(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="lowvram_studio.models.latent_rgb"):
         pipeline = build_demo_pipeline(weights=tmp_path)
     projection = latent_rgb_of(pipeline)
-    assert projection.vae_fingerprint == vae_fingerprint(pipeline.vae) != stale.vae_fingerprint
+    assert projection.vae_fingerprint == weights_fingerprint(pipeline.vae) != stale.vae_fingerprint
     assert "fitted on other VAE weights" in caplog.text and "python -m lowvram_studio.models.fit_demo_preview" in caplog.text
     assert load_latent_rgb(tmp_path / FILE_NAME) == stale  # the shipped file is only rewritten by fit_demo_preview
 
 
 def test_user_model_projection_is_fitted_once_then_read_from_the_cache(demo_pipeline, tmp_path, caplog):
     vae = demo_pipeline.vae
-    path = cached_projection_path(tmp_path, vae_fingerprint(vae))
+    path = cached_projection_path(tmp_path, weights_fingerprint(vae))
     with caplog.at_level(logging.INFO, logger="lowvram_studio.models.latent_rgb"):
         first = load_or_fit_latent_rgb(vae, path, save=True)
         second = load_or_fit_latent_rgb(vae, path, save=True)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lowvram_studio.cli import EXIT_BAD_INPUT, main
@@ -36,6 +37,23 @@ def test_a_wan_folder_makes_a_clip_from_an_image_and_a_prompt(wan_folder, tmp_pa
     assert record["settings"]["prompt"] == "a red ball moves left"
     assert record["model"]["family"] == "wan" and set(record["model"]["parameters"]) == {
         "transformer", "vae", "text_encoder"}
+
+
+def test_a_second_run_with_the_same_prompts_skips_the_text_encoder(wan_folder, tmp_path, capsys):
+    texts = ["--prompt", "a green disc spins", "--negative-prompt", "the background is blue"]  # new to the cache
+    outputs = [tmp_path / "first.mp4", tmp_path / "second.mp4", tmp_path / "new-prompt.mp4"]
+    for out, prompt in zip(outputs, ("a green disc spins", "a green disc spins", "a blue box grows")):
+        code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(wan_folder), *CLIP,
+                     *texts[:1], prompt, *texts[2:]])
+        assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out.splitlines()
+    sources = [json.loads(out.with_suffix(".json").read_text())["info"]["prompt_embeddings"] for out in outputs]
+    assert sources[0] == {"prompt": "encoder", "negative_prompt": "encoder"} and "cache" not in printed[0]
+    assert sources[1] == {"prompt": "cache", "negative_prompt": "cache"}
+    assert printed[1].endswith("; prompt embeddings from the cache (the text encoder did not run)")
+    assert sources[2] == {"prompt": "encoder", "negative_prompt": "cache"}
+    assert printed[2].endswith("; negative prompt embedding from the cache")
+    assert np.array_equal(read_video(outputs[0])[0], read_video(outputs[1])[0])
 
 
 def test_a_wan_clip_length_that_is_not_4k_plus_1_is_bad_input(wan_folder, tmp_path, capsys):

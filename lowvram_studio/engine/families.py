@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from .family import VideoFamily
+from .prompt_cache import PromptCache
 from .svd import SvdFamily
 from .wan import WanFamily
 
 WAN_PIPELINES = ("WanImageToVideoPipeline",)
 
 
-def family_for(pipeline: Any, name: str | None = None) -> VideoFamily:
-    """``WanFamily`` for a Wan image-to-video pipeline, else ``SvdFamily`` (SVD, SVD-XT, the built-in demo)."""
+def family_for(pipeline: Any, name: str | None = None, prompt_cache: PromptCache | None = None) -> VideoFamily:
+    """``WanFamily`` for a Wan image-to-video pipeline, else ``SvdFamily`` (SVD, SVD-XT, the built-in demo).
+
+    ``prompt_cache``: where a family steered by text keeps its prompt embeddings between runs."""
     if type(pipeline).__name__ in WAN_PIPELINES:
-        return WanFamily(pipeline, name or "wan")
+        return WanFamily(pipeline, name or "wan", prompt_cache)
     return SvdFamily(pipeline, name or "svd")

@@ -45,6 +45,10 @@ class Conditioning(Protocol):
         """The conditioning of a temporal window of the clip."""
         ...
 
+    def describe(self) -> dict[str, Any]:
+        """What the run record says about how it was made (Wan: where its prompt embeddings came from)."""
+        ...
+
 
 class VideoFamily(Protocol):
     kind: str  # the family: "svd", "wan"

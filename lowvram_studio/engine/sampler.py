@@ -138,6 +138,7 @@ def sample(
             # 2. Encode the conditioning
             mark = log.emit(Phase.ENCODE).time
             cond = family.encode(request, device, generator)
+            info.update(cond.describe())
             phase_seconds[Phase.ENCODE.value] = time.perf_counter() - mark
 
             # 3. Denoise

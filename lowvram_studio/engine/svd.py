@@ -57,6 +57,9 @@ class SvdConditioning:
         guidance = None if self.guidance is None else self.guidance[:, frames]
         return SvdConditioning(self.image_embeddings, self.image_latents[:, frames], self.added_time_ids, guidance)
 
+    def describe(self) -> dict[str, Any]:
+        return {}  # made the same way every run: nothing to record
+
 
 class SvdFamily:
     """SVD behind the family interface (``engine/family.py``)."""

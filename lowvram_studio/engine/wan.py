@@ -6,7 +6,8 @@ condition from the pipeline's own ``prepare_latents`` (Wan2.2 TI2V: the first la
 per-token timestep mask, ``expand_timesteps``; Wan2.1 I2V: a frame mask and the condition concatenated on
 channels, plus the CLIP image embedding), two transformer calls per step for guidance (or one batched
 call), and the 3D causal VAE's decode with its own tiling. Latents are (1, C, F, h, w) inside this module
-and frame-major (1, F, C, h, w) at the interface.
+and frame-major (1, F, C, h, w) at the interface. Text embeddings come from a ``PromptCache`` when it holds
+them (``engine/prompt_cache.py``), so the text encoder runs only for texts it has not seen.
 
 Not yet here (issue #19): the two-expert Wan2.2 A14B (``transformer_2`` / ``boundary_ratio``) is refused
 with a message, step reuse (the pruning hooks are the SVD UNet's), and a memory model calibrated for Wan
@@ -15,7 +16,8 @@ with a message, step reuse (the pruning hooks are the SVD UNet's), and a memory 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from .events import CancelToken
 from .family import ClipRequest
 from .placement import make_room
 from .precision import compute_dtype
+from .prompt_cache import EncoderIdentity, PromptCache
 from .vae import DecodeConfig
 
 WAN_COMPONENTS = (
@@ -67,13 +70,17 @@ class WanConditioning:
     mask: torch.Tensor | None  # (1, 1, F, h, w): 0 on the pinned first latent frame (TI2V), else None
     image_embeds: torch.Tensor | None  # Wan2.1 I2V's CLIP embedding
     guidance_scale: float
+    prompt_sources: dict[str, str] = field(default_factory=dict)  # per text: "cache" or "encoder"
 
     def frames(self, frames: slice) -> "WanConditioning":
         """The conditioning of a window of latent frames (a one-frame condition applies to every window)."""
         condition = self.condition if self.condition.shape[2] == 1 else self.condition[:, :, frames]
         mask = None if self.mask is None else self.mask[:, :, frames]
-        return WanConditioning(self.prompt_embeds, self.negative_embeds, condition, mask, self.image_embeds,
-                               self.guidance_scale)
+        return dataclasses.replace(self, condition=condition, mask=mask)
+
+    def describe(self) -> dict[str, Any]:
+        """Where each text's embedding came from, for the run record."""
+        return {"prompt_embeddings": dict(self.prompt_sources)}
 
 
 class WanFamily:
@@ -83,12 +90,15 @@ class WanFamily:
     components = WAN_COMPONENTS
     reuses_steps = False
 
-    def __init__(self, pipeline: Any, name: str = "wan"):
+    def __init__(self, pipeline: Any, name: str = "wan", prompt_cache: PromptCache | None = None):
+        """``prompt_cache``: where text embeddings are kept between runs (``engine/prompt_cache.py``);
+        None encodes every prompt afresh, as the diffusers pipeline does."""
         if getattr(pipeline, "transformer_2", None) is not None:
             raise ValueError("two-expert Wan2.2 models (A14B: transformer_2) are not supported yet; "
                              "use Wan2.2 TI2V-5B or a Wan2.1 I2V model")
         self.pipeline = pipeline
         self.name = name
+        self.prompt_cache = prompt_cache
 
     @property
     def scheduler(self) -> Any:
@@ -106,14 +116,40 @@ class WanFamily:
         return (1, self.pipeline.vae.config.z_dim, self.latent_frames(request),
                 request.height // scale, request.width // scale)
 
+    def _prompt_embeddings(self, request: WanRequest,
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, str]]:
+        """The prompt's and (with guidance) the negative prompt's embeddings, each from the cache when it
+        holds them; the text encoder is moved in and run only for the texts it does not hold."""
+        pipeline = self.pipeline
+        texts = {"prompt": request.prompt}
+        if request.guidance_enabled:
+            texts["negative_prompt"] = request.negative_prompt
+        identity, cached = None, {}
+        if self.prompt_cache is not None:
+            identity = EncoderIdentity.of(pipeline.text_encoder, pipeline.tokenizer, device,
+                                          request.max_sequence_length)
+            for role, text in texts.items():
+                found = self.prompt_cache.load(identity, text)
+                if found is not None:
+                    cached[role] = found.to(device)
+        embeddings = dict(cached)
+        if len(cached) < len(texts):
+            make_room(pipeline, "text_encoder")
+            embeddings["prompt"], embeddings["negative_prompt"] = pipeline.encode_prompt(
+                prompt=request.prompt, negative_prompt=request.negative_prompt,
+                do_classifier_free_guidance=request.guidance_enabled, num_videos_per_prompt=1,
+                prompt_embeds=cached.get("prompt"), negative_prompt_embeds=cached.get("negative_prompt"),
+                max_sequence_length=request.max_sequence_length, device=device,
+            )
+            if identity is not None:
+                for role in texts.keys() - cached.keys():
+                    self.prompt_cache.save(identity, texts[role], embeddings[role])
+        sources = {role: "cache" if role in cached else "encoder" for role in texts}
+        return embeddings["prompt"], embeddings.get("negative_prompt"), sources
+
     def encode(self, request: WanRequest, device: torch.device, generator: torch.Generator) -> WanConditioning:
         pipeline = self.pipeline
-        make_room(pipeline, "text_encoder")
-        positive, negative = pipeline.encode_prompt(
-            prompt=request.prompt, negative_prompt=request.negative_prompt,
-            do_classifier_free_guidance=request.guidance_enabled, num_videos_per_prompt=1,
-            max_sequence_length=request.max_sequence_length, device=device,
-        )
+        positive, negative, sources = self._prompt_embeddings(request, device)
         dtype = compute_dtype(pipeline.transformer)
         image_embeds = None
         if pipeline.transformer.config.image_dim is not None:
@@ -127,7 +163,7 @@ class WanFamily:
         )
         condition, mask = (prepared[1], prepared[2]) if self.pins_first_frame else (prepared[1], None)
         return WanConditioning(positive.to(dtype), None if negative is None else negative.to(dtype), condition,
-                               mask, image_embeds, request.guidance_scale)
+                               mask, image_embeds, request.guidance_scale, sources)
 
     def initial_noise(self, request: WanRequest, generator: torch.Generator) -> torch.Tensor:
         """Drawn (1, C, F, h, w) as the pipeline's ``randn_tensor`` draws it, handed over frame-major."""

@@ -8,10 +8,8 @@ The shipped demo model's projection is refitted with ``python -m lowvram_studio.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from ..demo_training.procedural import ClipSpec, MotionClass, make_clip
+from ..engine.fingerprint import weights_fingerprint
 from ..engine.preview import LatentRgb
 from ..media import fit_image, load_image
 from ..monitor.record import write_text_atomic
@@ -29,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 FILE_NAME = "latent_rgb.json"
 FIT_SIZE = 64  # fitting pictures are this many pixels square: the full SVD VAE fits on six in ~2.2 s on 2 cores
-FINGERPRINT_SAMPLES = 1 << 16  # values hashed per weight tensor (evenly strided); see vae_fingerprint
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 # Procedural fitting scenes: each class brings its own cue shape, background texture and colours.
 FIT_SCENES: tuple[tuple[int, MotionClass], ...] = (
@@ -54,20 +52,6 @@ def load_latent_rgb(path: Path) -> LatentRgb | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("latent preview projection %s cannot be read (%s); it will be fitted again", path, exc)
         return None
-
-
-def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """A short hash of the VAE's weights: names, shapes and up to 65,536 evenly strided values per tensor,
-    as fp16 (so fp32 and fp16 copies of the same weights agree). Sampling keeps it at 0.03 s for the
-    98 M-parameter SVD VAE on 2 cores; retraining or fine-tuning changes every sampled tensor."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        stride = max(1, math.ceil(flat.numel() / FINGERPRINT_SAMPLES))
-        sample = flat[::stride].to("cpu", torch.float16).contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return "sha256:" + digest.hexdigest()[:32]
 
 
 def fitting_images(size: int = FIT_SIZE) -> np.ndarray:
@@ -123,13 +107,13 @@ def fit_latent_rgb(vae: torch.nn.Module, images: np.ndarray | Sequence[np.ndarra
     }
     matrix = tuple(tuple(round(float(v), 6) for v in row) for row in solution[:channels].T)
     bias = tuple(round(float(v), 6) for v in solution[channels])
-    return LatentRgb(matrix, bias, vae_fingerprint(vae), fit)
+    return LatentRgb(matrix, bias, weights_fingerprint(vae), fit)
 
 
 def load_or_fit_latent_rgb(vae: torch.nn.Module, path: Path, save: bool) -> LatentRgb:
     """The projection stored at ``path`` when it was fitted on these VAE weights, else a fresh fit
     (written to ``path`` when ``save``; a cache that cannot be written only costs a refit next time)."""
-    fingerprint = vae_fingerprint(vae)
+    fingerprint = weights_fingerprint(vae)
     stored = load_latent_rgb(path)
     if stored is not None and stored.vae_fingerprint == fingerprint:
         return stored

@@ -18,11 +18,12 @@ import torch
 from diffusers import StableVideoDiffusionPipeline, WanImageToVideoPipeline
 
 from ..engine.families import family_for
+from ..engine.fingerprint import weights_fingerprint
 from ..engine.family import VideoFamily
 from ..engine.preview import attach_latent_rgb
 from ..userdirs import cache_dir
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
-from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb, vae_fingerprint
+from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
 from .single_file import SingleFileError, load_single_file
 
@@ -218,7 +219,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> StableVideoDiffusionPipeli
 def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusionPipeline:
     """Attach the live-preview projection, fitted on first use of these VAE weights and cached in the
     user's data folder by their fingerprint. A VAE it cannot be fitted on only costs the preview."""
-    path = cached_projection_path(cache_dir(), vae_fingerprint(pipeline.vae))
+    path = cached_projection_path(cache_dir(), weights_fingerprint(pipeline.vae))
     try:
         attach_latent_rgb(pipeline, load_or_fit_latent_rgb(pipeline.vae, path, save=True))
     except (RuntimeError, ValueError) as exc:
