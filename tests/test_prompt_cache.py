@@ -5,6 +5,8 @@ cache costs only an encoder run."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import numpy as np
 import PIL.Image
@@ -144,3 +146,12 @@ def test_the_folder_stays_under_its_cap_least_recently_used_first_out(pipeline, 
     cache.save(one, "third", embedding)
     assert cache.load(one, "second") is None
     assert torch.equal(cache.load(one, "first"), embedding) and cache.load(one, "third") is not None
+
+
+def test_a_write_a_killed_process_left_behind_is_cleared_later(pipeline, tmp_path):
+    stale, current = tmp_path / ".abc.xyz.partial", tmp_path / ".def.uvw.partial"
+    for partial in (stale, current):
+        partial.write_bytes(b"half an entry")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    PromptCache(tmp_path).save(identity(pipeline), "still scene", torch.zeros(1, 16, 32))
+    assert not stale.exists() and current.exists()  # a write still going on in another process is left alone

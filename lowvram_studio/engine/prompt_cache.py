@@ -20,10 +20,12 @@ caches them on disk: written here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..media import write_atomically
 from .fingerprint import tokenizer_fingerprint, weights_fingerprint
 from .precision import compute_dtype
 
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 FORMAT = 1  # bump when what an entry holds changes; old entries then miss and age out
 DEFAULT_MAX_BYTES = 1 << 30  # about 128 prompts of Wan's UMT5-XXL at bf16
 TENSOR = "embeddings"
+STALE_PARTIAL_SECONDS = 3600  # a write in progress takes well under a second
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,14 @@ class PromptCache:
         tensors = {TENSOR: embeddings.detach().to("cpu").contiguous()}
         metadata = {"text": text[:500], "encoder": identity.encoder, "tokenizer": identity.tokenizer}
         try:
-            write_atomically(path, lambda temp: save_file(tensors, str(temp), metadata=metadata), replace=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=self.root)
+            os.close(handle)
+            try:  # all or nothing: a reader sees no entry or a whole one (the engine imports no app helpers)
+                save_file(tensors, temp, metadata=metadata)
+                os.replace(temp, path)
+            finally:
+                Path(temp).unlink(missing_ok=True)
             mark_used(path)
             self._evict(keep=path)
         except OSError as exc:
@@ -130,6 +139,10 @@ class PromptCache:
             except FileNotFoundError:
                 continue  # another process evicted it meanwhile
             entries.append((stat.st_mtime_ns, stat.st_size, path))
+        for partial in self.root.glob(".*.partial"):  # left by a process killed mid-write
+            with contextlib.suppress(OSError):
+                if time.time() - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                    partial.unlink()
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
