@@ -108,8 +108,12 @@ def request_for(family: VideoFamily, settings: RunSettings, image: PIL.Image.Ima
         below = (settings.num_frames - 1) // step * step + 1
         raise SettingsError([f"Wan makes {step}k+1 frames (e.g. 49, 81, 121); got {settings.num_frames}; "
                              f"use {below} or {below + step}"])
+    problems = [f"{name} cuts SVD's UNet layers, which Wan's transformer does not have; set it to 0 (ff_chunk "
+                "cuts Wan's feed-forward layers)" for name in ("spatial_chunk", "temporal_chunk") if getattr(settings, name)]
     if settings.prune_threshold > 0:
-        raise SettingsError(["step reuse (prune_threshold) is not available for Wan models yet; set it to 0"])
+        problems.append("step reuse (prune_threshold) is not available for Wan models yet; set it to 0")
+    if problems:
+        raise SettingsError(problems)
     return wan_request(settings, image)
 
 

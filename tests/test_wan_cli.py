@@ -63,6 +63,14 @@ def test_a_wan_clip_length_that_is_not_4k_plus_1_is_bad_input(wan_folder, tmp_pa
     assert code == EXIT_BAD_INPUT and "error: Wan makes 4k+1 frames" in err and "use 9 or 13" in err
 
 
+def test_svds_layer_chunks_on_a_wan_model_are_bad_input_that_names_the_one_that_works(wan_folder, tmp_path, capsys):
+    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
+                 *CLIP, "--temporal-chunk", "16"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "error: temporal_chunk cuts SVD's UNet layers" in err and "ff_chunk" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_a_budget_for_wan_is_refused_until_its_memory_model_exists(wan_folder, tmp_path, capsys):
     code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
                  *CLIP, "--vram-budget", "6GB"])

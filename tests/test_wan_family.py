@@ -36,8 +36,9 @@ def image() -> PIL.Image.Image:
 
 
 def request_for(image: PIL.Image.Image, **changes) -> WanRequest:
-    return WanRequest(width=SIZE, height=SIZE, num_frames=FRAMES, num_inference_steps=STEPS, seed=0, image=image,
-                      prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=6.0, max_sequence_length=16, **changes)
+    fields = dict(width=SIZE, height=SIZE, num_frames=FRAMES, num_inference_steps=STEPS, seed=0, image=image,
+                  prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=6.0, max_sequence_length=16)
+    return WanRequest(**{**fields, **changes})
 
 
 def ours(pipeline, image, config: EngineConfig = PLAIN, **changes) -> np.ndarray:
@@ -89,3 +90,29 @@ def test_half_precision_keeps_what_the_model_class_keeps_in_fp32():
     assert transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     t5_ff_out = pipeline.text_encoder.encoder.block[0].layer[1].DenseReluDense.wo.weight
     assert t5_ff_out.dtype == torch.float32 and pipeline.text_encoder.shared.weight.dtype == torch.bfloat16
+
+
+def test_feed_forward_chunks_cut_the_transformers_tokens_losslessly(pipeline, image):
+    from lowvram_studio.engine.chunking import FEED_FORWARD_HOOK, ChunkingConfig, chunk_hook_counts
+
+    big = image.resize((64, 64))  # 12 tokens a branch: 24 rows with batched guidance
+    reference = ours(pipeline, big, width=64, height=64)
+    seen: list[int] = []
+    first_projection = pipeline.transformer.blocks[0].ffn.net[0]
+    handle = first_projection.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[:-1].numel()))
+    chunked = sample(WanFamily(pipeline), request_for(big, width=64, height=64),
+                     PLAIN.replace(chunking=ChunkingConfig(ff_chunk=5)))
+    handle.remove()
+    assert chunked.info["chunk_hooks"][FEED_FORWARD_HOOK] == len(pipeline.transformer.blocks)
+    assert seen[:5] == [5, 5, 5, 5, 4]  # each step's 24 rows in chunks of 5
+    assert np.abs(chunked.frames - reference).max() <= 1e-5
+    ours(pipeline, image)  # the plain config again takes the hooks off
+    assert chunk_hook_counts(pipeline.transformer)[FEED_FORWARD_HOOK] == 0
+
+
+def test_svds_frame_and_position_chunks_are_refused_for_wan_rather_than_doing_nothing(pipeline, image):
+    from lowvram_studio.engine.chunking import ChunkingConfig
+
+    with pytest.raises(ValueError, match="spatial_chunk has no layers to cut in WanTransformer3DModel; set it to 0"):
+        ours(pipeline, image, PLAIN.replace(chunking=ChunkingConfig(spatial_chunk=2)))
+    assert ours(pipeline, image).shape == (FRAMES, SIZE, SIZE, 3)  # the pipeline is left usable

@@ -200,14 +200,18 @@ def apply_chunking(unet: torch.nn.Module, config: ChunkingConfig) -> None:
         return
     remove_chunking(unet)
     plan = (
-        (config.spatial_chunk, spatial_layers, lambda: _FrameChunkHook(config.spatial_chunk, config.spatial_min_bytes), SPATIAL_HOOK),
-        (config.temporal_chunk, temporal_layers, lambda: _TokenChunkHook(config.temporal_chunk), TEMPORAL_HOOK),
-        (config.ff_chunk, feed_forward_layers, lambda: _RowChunkHook(config.ff_chunk), FEED_FORWARD_HOOK),
+        ("spatial_chunk", spatial_layers, lambda: _FrameChunkHook(config.spatial_chunk, config.spatial_min_bytes), SPATIAL_HOOK),
+        ("temporal_chunk", temporal_layers, lambda: _TokenChunkHook(config.temporal_chunk), TEMPORAL_HOOK),
+        ("ff_chunk", feed_forward_layers, lambda: _RowChunkHook(config.ff_chunk), FEED_FORWARD_HOOK),
     )
-    for size, find, make_hook, name in plan:
+    for field, find, make_hook, name in plan:
+        size = getattr(config, field)
         if size <= 0:
             continue
         layers = find(unet)
+        if not layers:  # e.g. SVD's frame/position chunks on a Wan transformer: refused, never silently nothing
+            raise ValueError(f"{field} has no layers to cut in {type(unet).__name__}; set it to 0 "
+                             "(ff_chunk cuts the feed-forward layers of SVD and Wan alike)")
         for layer in layers:
             HookRegistry.check_if_exists_or_initialize(layer).register_hook(make_hook(), name)
         logger.debug("chunking: %s=%d on %d layers", name, size, len(layers))
