@@ -123,3 +123,11 @@ def test_phase_peaks_name_the_phase_that_sets_the_peak():
     peaks = record.phase_peaks()
     assert set(peaks) == {"encode image", "denoise", "decode"}
     assert max(peaks.values()) <= record.results["ram_peak_mib"]
+
+
+def test_the_record_carries_the_peak_ram_of_each_phase():
+    record = recorded_failure()
+    by_phase = record.results["ram_peak_by_phase_mib"]
+    assert set(by_phase) == {"encode image", "denoise", "decode"}
+    assert 0 < max(by_phase.values()) <= record.results["ram_peak_mib"]
+    assert RunRecord.from_dict(json.loads(json.dumps(record.to_dict()))).results["ram_peak_by_phase_mib"] == by_phase

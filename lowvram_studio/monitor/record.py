@@ -41,6 +41,7 @@ RESULT_KEYS = (
     "torch_peak_mib",
     "device_peak_mib",
     "ram_peak_mib",
+    "ram_peak_by_phase_mib",  # {phase: peak RSS}: which phase needs the machine's RAM (loading, encoding, decoding)
     "pruned_fraction",
     "psnr_db",
     "ssim",
@@ -150,7 +151,7 @@ class RunRecord:
         events: list[RunEvent],
         info: dict[str, Any],
     ) -> "RunRecord":
-        return cls(
+        record = cls(
             label=label,
             settings=settings.to_dict(),
             model=dict(model),
@@ -169,6 +170,8 @@ class RunRecord:
             },
             info=_jsonable(info),
         )
+        record.results["ram_peak_by_phase_mib"] = record.phase_peaks("rss_mib") or None
+        return record
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,9 +226,9 @@ class RunRecord:
                 return name
         return None
 
-    def curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """(seconds, MiB) of ``curve_metric()``; empty arrays when nothing was measured."""
-        name = self.curve_metric()
+    def curve(self, metric: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds, MiB) of ``metric`` (default ``curve_metric()``); empty arrays when nothing was measured."""
+        name = metric or self.curve_metric()
         points = [(self._seconds(s.t), getattr(s, name)) for s in self.samples if name and getattr(s, name) is not None]
         data = np.array(points, dtype=float).reshape(-1, 2)
         return data[:, 0], data[:, 1]
@@ -246,9 +249,9 @@ class RunRecord:
             spans.append(PhaseSpan(phase, start, max(end, start)))
         return spans
 
-    def phase_peaks(self) -> dict[str, float]:
-        """Highest ``curve_metric()`` value within each phase: which phase sets the peak."""
-        t, mib = self.curve()
+    def phase_peaks(self, metric: str | None = None) -> dict[str, float]:
+        """Highest ``metric`` value (default ``curve_metric()``) within each phase: which phase sets the peak."""
+        t, mib = self.curve(metric)
         out: dict[str, float] = {}
         for span in self.phase_spans():
             inside = mib[(t >= span.start_s) & (t <= span.end_s)]
