@@ -164,7 +164,7 @@ def run_compare(
                 result, record = record_run(
                     lambda pipe=loaded.pipeline, run=run, collect=collect: generate(
                         pipe, image, run.settings, on_event=collect, cancel=cancel,
-                        decode_retry=decode_retry(planner),
+                        decode_retry=decode_retry(planner), text_encoder_source=loaded.text_encoder_source,
                     ),
                     run.settings,
                     model=loaded.describe(),

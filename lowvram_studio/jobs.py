@@ -176,7 +176,8 @@ def run_job(
     try:
         result = run_with_replan(
             lambda current, callback: generate(model.pipeline, fitted, current, on_event=callback, cancel=cancel,
-                                               decode_retry=decode_retry(planner)),
+                                               decode_retry=decode_retry(planner),
+                                               text_encoder_source=model.text_encoder_source),
             settings,
             planner,
             on_event=on_event,

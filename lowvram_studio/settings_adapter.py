@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 
 from .engine.chunking import SPATIAL_MIN_BYTES, ChunkingConfig
+from .engine.components import ComponentSource
 from .engine.config import EngineConfig
 from .engine.events import CancelToken, EventCallback
 from .engine.families import family_for
@@ -144,14 +145,17 @@ def generate(
     cancel: CancelToken | None = None,
     latents: torch.Tensor | None = None,
     decode_retry: DecodeTightener | None = None,
+    text_encoder_source: ComponentSource | None = None,
 ) -> RunResult:
     """Run image-to-video once on an SVD or Wan pipeline as ``settings`` say (``engine.sampler.sample``).
 
     ``image`` should already be fitted to ``settings.width`` x ``settings.height`` (``media.fit_image``).
     ``decode_retry``: the tighter settings after a decode OOM (``plan.replan.decode_retry``). A prompt's
-    embeddings are kept in the user's cache folder, so a re-run with the same prompt skips the text encoder."""
+    embeddings are kept in the user's cache folder, so a re-run with the same prompt skips the text encoder;
+    ``text_encoder_source``: a Wan text encoder the loader left on disk (``LoadedModel.text_encoder_source``)."""
     settings.validate()
-    family = family_for(pipeline, prompt_cache=PromptCache(cache_dir() / PROMPT_CACHE_FOLDER))
+    family = family_for(pipeline, prompt_cache=PromptCache(cache_dir() / PROMPT_CACHE_FOLDER),
+                        text_encoder_source=text_encoder_source)
     result = sample(
         family,
         request_for(family, settings, image),

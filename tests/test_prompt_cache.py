@@ -52,7 +52,7 @@ def run(pipeline, image, cache: PromptCache | None, config: EngineConfig = PLAIN
 
 
 def identity(pipeline, max_sequence_length: int = 16) -> EncoderIdentity:
-    return EncoderIdentity.of(pipeline.text_encoder, pipeline.tokenizer, CPU, max_sequence_length)
+    return EncoderIdentity.of_module(pipeline.text_encoder, pipeline.tokenizer, CPU, max_sequence_length)
 
 
 def test_a_rerun_with_the_same_prompts_gives_the_same_frames_without_the_text_encoder(pipeline, image, tmp_path):
@@ -87,7 +87,7 @@ def test_the_key_follows_the_weights_tokenizer_precision_and_length(pipeline, tm
     base = identity(pipeline).key(text)
     assert identity(pipeline).key(text) == base and identity(pipeline).key(text + " ") != base
     assert identity(pipeline, max_sequence_length=32).key(text) != base
-    assert EncoderIdentity.of(pipeline.text_encoder, pipeline.tokenizer, torch.device("cuda"), 16).key(text) != base
+    assert EncoderIdentity.of_module(pipeline.text_encoder, pipeline.tokenizer, torch.device("cuda"), 16).key(text) != base
 
     retrained = build_toy_wan_pipeline(seed=1)
     assert identity(retrained).key(text) != base
@@ -98,7 +98,7 @@ def test_the_key_follows_the_weights_tokenizer_precision_and_length(pipeline, tm
 
     other_tokenizer = toy_tokenizer()
     other_tokenizer.backend_tokenizer.post_processor = None  # no end-of-text token: other ids for the same text
-    assert EncoderIdentity.of(pipeline.text_encoder, other_tokenizer, CPU, 16).key(text) != tuned
+    assert EncoderIdentity.of_module(pipeline.text_encoder, other_tokenizer, CPU, 16).key(text) != tuned
     pipeline.text_encoder.to(torch.bfloat16)
     assert identity(pipeline).key(text) != tuned
 

@@ -54,6 +54,25 @@ def test_a_second_run_with_the_same_prompts_skips_the_text_encoder(wan_folder, t
     assert sources[2] == {"prompt": "encoder", "negative_prompt": "cache"}
     assert printed[2].endswith("; negative prompt embedding from the cache")
     assert np.array_equal(read_video(outputs[0])[0], read_video(outputs[1])[0])
+    records = [json.loads(out.with_suffix(".json").read_text()) for out in outputs]
+    assert [r["info"]["text_encoder"].split(":")[0] for r in records] == [
+        "read from disk for this run, released after encoding", "not read", "read from disk for this run, released "
+        "after encoding"]
+    toy_encoder = build_toy_wan_pipeline().text_encoder
+    assert records[1]["model"]["parameters"]["text_encoder"] == sum(p.numel() for p in toy_encoder.parameters())
+    assert records[1]["model"]["dtypes"]["text_encoder"].startswith("on disk until")
+
+
+def test_a_damaged_text_encoder_is_bad_input_with_what_to_do(wan_folder, tmp_path, capsys):
+    damaged = tmp_path / "damaged-encoder"
+    shutil.copytree(wan_folder, damaged)
+    weights = damaged / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # cut short: other files, so another identity and a miss
+    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "c.mp4"), "--model", str(damaged), *CLIP,
+                 "--prompt", "a red ball moves left"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "error: " in err and "damaged, re-download them" in err
+    assert not (tmp_path / "c.mp4").exists()
 
 
 def test_a_wan_clip_length_that_is_not_4k_plus_1_is_bad_input(wan_folder, tmp_path, capsys):

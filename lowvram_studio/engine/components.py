@@ -9,6 +9,9 @@ a DiT family: transformer, 3D VAE, text encoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 DENOISER, VAE, ENCODER = "denoiser", "vae", "encoder"
 
@@ -34,3 +37,21 @@ def by_role(components: tuple[Component, ...], role: str) -> Component:
         if role in (component.role, component.attribute):
             return component
     raise KeyError(f"no component plays {role!r} in {[c.attribute for c in components]}")
+
+
+class ComponentSource(Protocol):
+    """A component the loader left on disk until a run needs it (``models/deferred.py``): while the prompt
+    cache serves every text, Wan's 11 GB text encoder costs no RAM and no load time."""
+
+    def fingerprint(self) -> str:
+        """Identifies the weights (class included) without reading all of them."""
+        ...
+
+    def parameters(self) -> int:
+        """How many parameters the component has (for the planner's dims and the record)."""
+        ...
+
+    def load(self, dtype: torch.dtype) -> torch.nn.Module:
+        """Read the component in ``dtype`` (the run's compute dtype for it: never a wider copy than it runs in),
+        ready for the engine's precision and placement."""
+        ...

@@ -24,6 +24,7 @@ import torch
 from .components import Component, by_role
 from .dims import ModelDims
 from .events import CancelToken
+from .precision import PrecisionPolicy
 from .vae import DecodeConfig
 
 
@@ -60,6 +61,11 @@ class VideoFamily(Protocol):
     @property
     def scheduler(self) -> Any:
         """A diffusers scheduler (``set_timesteps``, ``step``, ``init_noise_sigma``)."""
+        ...
+
+    def load_for(self, request: Any, device: torch.device, policy: PrecisionPolicy) -> None:
+        """Before precision and placement: read what ``request`` needs that the loader left on disk (Wan: the
+        text encoder, when the prompt cache lacks a text); SVD holds everything and does nothing."""
         ...
 
     def encode(self, request: Any, device: torch.device, generator: torch.Generator) -> Conditioning:

@@ -84,17 +84,33 @@ def _stream_options(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _unplace(module: torch.nn.Module) -> None:
+    """Remove the placement hooks of one module; its weights end on the CPU."""
+    remove_hook_from_module(module, recurse=True)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in GROUP_OFFLOAD_HOOKS:
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()
+    module.to("cpu")
+
+
 def clear_placement(pipeline: Any) -> None:
     """Remove every placement hook; weights end on the CPU."""
     for module in _modules(pipeline).values():
-        remove_hook_from_module(module, recurse=True)
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        for name in GROUP_OFFLOAD_HOOKS:
-            registry.remove_hook(name, recurse=True)
-        registry.invalidate_child_registries_cache()
-        module.to("cpu")
+        _unplace(module)
     _offload_hooks(pipeline).clear()
     pipeline._lowvram_placement = None
+
+
+def drop_component(pipeline: Any, attribute: str) -> None:
+    """Take a component out of the pipeline, hooks and all, so that nothing keeps its weights alive (a text
+    encoder read from disk for one encode frees its RAM before the denoiser runs)."""
+    module = getattr(pipeline, attribute, None)
+    if module is None:
+        return
+    _unplace(module)
+    _offload_hooks(pipeline).pop(attribute, None)
+    setattr(pipeline, attribute, None)
 
 
 def apply_placement(pipeline: Any, config: PlacementConfig) -> None:

@@ -55,12 +55,19 @@ class EncoderIdentity:
     max_sequence_length: int
 
     @classmethod
-    def of(cls, text_encoder: torch.nn.Module, tokenizer: Any, device: torch.device,
+    def of(cls, encoder: str, storage: torch.dtype, compute: torch.dtype, device: torch.device, tokenizer: Any,
            max_sequence_length: int) -> "EncoderIdentity":
+        """``encoder``: the encoder's class and weights fingerprint; ``storage``/``compute``: how it runs."""
+        return cls(f"{encoder}:{storage}:{compute}:{device.type}",
+                   f"{type(tokenizer).__name__}:{tokenizer_fingerprint(tokenizer)}", max_sequence_length)
+
+    @classmethod
+    def of_module(cls, text_encoder: torch.nn.Module, tokenizer: Any, device: torch.device,
+                  max_sequence_length: int) -> "EncoderIdentity":
+        """The identity of a loaded encoder, from its weights and the dtypes it holds now."""
+        encoder = f"{type(text_encoder).__name__}:{weights_fingerprint(text_encoder)}"
         storage = next(text_encoder.parameters()).dtype
-        encoder = (f"{type(text_encoder).__name__}:{weights_fingerprint(text_encoder)}:{storage}:"
-                   f"{compute_dtype(text_encoder)}:{device.type}")
-        return cls(encoder, f"{type(tokenizer).__name__}:{tokenizer_fingerprint(tokenizer)}", max_sequence_length)
+        return cls.of(encoder, storage, compute_dtype(text_encoder), device, tokenizer, max_sequence_length)
 
     def key(self, text: str) -> str:
         parts = {"format": FORMAT, "encoder": self.encoder, "tokenizer": self.tokenizer,
@@ -84,6 +91,9 @@ class PromptCache:
 
     def path(self, identity: EncoderIdentity, text: str) -> Path:
         return self.root / f"{identity.key(text)}.safetensors"
+
+    def holds(self, identity: EncoderIdentity, text: str) -> bool:
+        return self.path(identity, text).is_file()
 
     def load(self, identity: EncoderIdentity, text: str) -> torch.Tensor | None:
         """The stored (1, L, D) embedding of ``text``, or None. An unreadable or malformed entry is deleted

@@ -131,6 +131,8 @@ def sample(
         with torch.inference_mode():
             # 1. Load: precision, weight placement and chunking for this run
             mark = log.emit(Phase.LOAD).time
+            family.load_for(request, device, PrecisionPolicy.resolve(config.precision, detect_gpu(device),
+                                                                     family.components))
             policy = prepare(family, config, device)
             phase_seconds[Phase.LOAD.value] = time.perf_counter() - mark
             cancel.raise_if_cancelled()

@@ -22,7 +22,7 @@ from .dims import ModelDims
 from .events import CancelToken
 from .family import ClipRequest
 from .placement import make_room
-from .precision import compute_dtype
+from .precision import PrecisionPolicy, compute_dtype
 from .vae import DecodeConfig, decode_latents
 
 
@@ -75,6 +75,9 @@ class SvdFamily:
     @property
     def scheduler(self) -> Any:
         return self.pipeline.scheduler
+
+    def load_for(self, request: SvdRequest, device: torch.device, policy: PrecisionPolicy) -> None:
+        """The pipeline holds every component: nothing to read."""
 
     def encode(self, request: SvdRequest, device: torch.device, generator: torch.Generator) -> SvdConditioning:
         """Steps 3-5 of the diffusers recipe: CLIP embedding, VAE latent of the noised image, time ids."""

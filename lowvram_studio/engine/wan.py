@@ -7,7 +7,8 @@ per-token timestep mask, ``expand_timesteps``; Wan2.1 I2V: a frame mask and the 
 channels, plus the CLIP image embedding), two transformer calls per step for guidance (or one batched
 call), and the 3D causal VAE's decode with its own tiling. Latents are (1, C, F, h, w) inside this module
 and frame-major (1, F, C, h, w) at the interface. Text embeddings come from a ``PromptCache`` when it holds
-them (``engine/prompt_cache.py``), so the text encoder runs only for texts it has not seen.
+them (``engine/prompt_cache.py``), so the text encoder runs only for texts it has not seen; a text encoder
+the loader left on disk (``text_encoder_source``) is read only then, and released after encoding.
 
 Not yet here (issue #19): the two-expert Wan2.2 A14B (``transformer_2`` / ``boundary_ratio``) is refused
 with a message, step reuse (the pruning hooks are the SVD UNet's), and a memory model calibrated for Wan
@@ -24,12 +25,12 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .components import DENOISER, ENCODER, VAE, Component
+from .components import DENOISER, ENCODER, VAE, Component, ComponentSource
 from .dims import ModelDims
 from .events import CancelToken
 from .family import ClipRequest
-from .placement import make_room
-from .precision import compute_dtype
+from .placement import drop_component, make_room
+from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype
 from .prompt_cache import EncoderIdentity, PromptCache
 from .vae import DecodeConfig
 
@@ -71,6 +72,7 @@ class WanConditioning:
     image_embeds: torch.Tensor | None  # Wan2.1 I2V's CLIP embedding
     guidance_scale: float
     prompt_sources: dict[str, str] = field(default_factory=dict)  # per text: "cache" or "encoder"
+    encoder_read: bool | None = None  # whether a text encoder left on disk was read for this run (None: no source)
 
     def frames(self, frames: slice) -> "WanConditioning":
         """The conditioning of a window of latent frames (a one-frame condition applies to every window)."""
@@ -79,8 +81,12 @@ class WanConditioning:
         return dataclasses.replace(self, condition=condition, mask=mask)
 
     def describe(self) -> dict[str, Any]:
-        """Where each text's embedding came from, for the run record."""
-        return {"prompt_embeddings": dict(self.prompt_sources)}
+        """Where each text's embedding came from (and whether a deferred encoder was read), for the record."""
+        described: dict[str, Any] = {"prompt_embeddings": dict(self.prompt_sources)}
+        if self.encoder_read is not None:
+            described["text_encoder"] = ("read from disk for this run, released after encoding" if self.encoder_read
+                                         else "not read: every text came from the prompt cache")
+        return described
 
 
 class WanFamily:
@@ -90,15 +96,21 @@ class WanFamily:
     components = WAN_COMPONENTS
     reuses_steps = False
 
-    def __init__(self, pipeline: Any, name: str = "wan", prompt_cache: PromptCache | None = None):
+    def __init__(self, pipeline: Any, name: str = "wan", prompt_cache: PromptCache | None = None,
+                 text_encoder_source: ComponentSource | None = None):
         """``prompt_cache``: where text embeddings are kept between runs (``engine/prompt_cache.py``);
-        None encodes every prompt afresh, as the diffusers pipeline does."""
+        None encodes every prompt afresh, as the diffusers pipeline does. ``text_encoder_source``: where the
+        text encoder waits on disk when the pipeline was loaded without it (``pipeline.text_encoder`` None);
+        it is read only for a run whose texts are not all in the cache, and released after encoding."""
         if getattr(pipeline, "transformer_2", None) is not None:
             raise ValueError("two-expert Wan2.2 models (A14B: transformer_2) are not supported yet; "
                              "use Wan2.2 TI2V-5B or a Wan2.1 I2V model")
         self.pipeline = pipeline
         self.name = name
         self.prompt_cache = prompt_cache
+        self.text_encoder_source = text_encoder_source
+        self._encoder_precision: ComponentPrecision | None = None  # the run's, set by load_for
+        self._encoder_read = False
 
     @property
     def scheduler(self) -> Any:
@@ -116,24 +128,49 @@ class WanFamily:
         return (1, self.pipeline.vae.config.z_dim, self.latent_frames(request),
                 request.height // scale, request.width // scale)
 
+    def _texts(self, request: WanRequest) -> dict[str, str]:
+        texts = {"prompt": request.prompt}
+        if request.guidance_enabled:
+            texts["negative_prompt"] = request.negative_prompt
+        return texts
+
+    def _identity(self, request: WanRequest, device: torch.device) -> EncoderIdentity:
+        """A deferred encoder is known by its files and the run's precision; a loaded one by its weights."""
+        pipeline, precision = self.pipeline, self._encoder_precision
+        if self.text_encoder_source is not None and precision is not None:
+            return EncoderIdentity.of(self.text_encoder_source.fingerprint(), precision.storage, precision.compute,
+                                      device, pipeline.tokenizer, request.max_sequence_length)
+        return EncoderIdentity.of_module(pipeline.text_encoder, pipeline.tokenizer, device, request.max_sequence_length)
+
+    def load_for(self, request: WanRequest, device: torch.device, policy: PrecisionPolicy) -> None:
+        """Before precision and placement: read the deferred text encoder when a text is not in the cache."""
+        self._encoder_precision = policy.encoder
+        if self.text_encoder_source is None or self.pipeline.text_encoder is not None:
+            return
+        if self.prompt_cache is not None:
+            identity = self._identity(request, device)
+            if all(self.prompt_cache.holds(identity, text) for text in self._texts(request).values()):
+                return
+        self.pipeline.text_encoder = self.text_encoder_source.load(policy.encoder.compute)
+        self._encoder_read = True
+
     def _prompt_embeddings(self, request: WanRequest,
                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, str]]:
         """The prompt's and (with guidance) the negative prompt's embeddings, each from the cache when it
         holds them; the text encoder is moved in and run only for the texts it does not hold."""
-        pipeline = self.pipeline
-        texts = {"prompt": request.prompt}
-        if request.guidance_enabled:
-            texts["negative_prompt"] = request.negative_prompt
+        pipeline, texts = self.pipeline, self._texts(request)
         identity, cached = None, {}
         if self.prompt_cache is not None:
-            identity = EncoderIdentity.of(pipeline.text_encoder, pipeline.tokenizer, device,
-                                          request.max_sequence_length)
+            identity = self._identity(request, device)
             for role, text in texts.items():
                 found = self.prompt_cache.load(identity, text)
                 if found is not None:
                     cached[role] = found.to(device)
         embeddings = dict(cached)
         if len(cached) < len(texts):
+            if pipeline.text_encoder is None:
+                raise RuntimeError("the text encoder is not loaded and the prompt cache lacks these texts; "
+                                   "run through engine.sampler.sample, which reads it first (load_for)")
             make_room(pipeline, "text_encoder")
             embeddings["prompt"], embeddings["negative_prompt"] = pipeline.encode_prompt(
                 prompt=request.prompt, negative_prompt=request.negative_prompt,
@@ -150,6 +187,8 @@ class WanFamily:
     def encode(self, request: WanRequest, device: torch.device, generator: torch.Generator) -> WanConditioning:
         pipeline = self.pipeline
         positive, negative, sources = self._prompt_embeddings(request, device)
+        if self.text_encoder_source is not None:
+            drop_component(pipeline, "text_encoder")  # back on disk: its RAM is free for the denoiser
         dtype = compute_dtype(pipeline.transformer)
         image_embeds = None
         if pipeline.transformer.config.image_dim is not None:
@@ -163,7 +202,8 @@ class WanFamily:
         )
         condition, mask = (prepared[1], prepared[2]) if self.pins_first_frame else (prepared[1], None)
         return WanConditioning(positive.to(dtype), None if negative is None else negative.to(dtype), condition,
-                               mask, image_embeds, request.guidance_scale, sources)
+                               mask, image_embeds, request.guidance_scale, sources,
+                               None if self.text_encoder_source is None else self._encoder_read)
 
     def initial_noise(self, request: WanRequest, generator: torch.Generator) -> torch.Tensor:
         """Drawn (1, C, F, h, w) as the pipeline's ``randn_tensor`` draws it, handed over frame-major."""
@@ -242,7 +282,8 @@ class WanFamily:
             name=self.name,
             unet_params=count(transformer),
             vae_params=count(self.pipeline.vae),
-            encoder_params=count(self.pipeline.text_encoder),
+            encoder_params=(self.text_encoder_source.parameters() if self.pipeline.text_encoder is None
+                            else count(self.pipeline.text_encoder)),
             unet_stream_params=sum(blocks[-2:]) + count(transformer) - sum(blocks),
             native_frames=self.latent_frames(WanRequest(0, 0, 121, 1)),  # TI2V-5B's clip: 121 frames
             latent_scale=self.pipeline.vae_scale_factor_spatial,

@@ -22,6 +22,8 @@ from ..engine.fingerprint import weights_fingerprint
 from ..engine.family import VideoFamily
 from ..engine.preview import attach_latent_rgb
 from ..userdirs import cache_dir
+from .deferred import DeferredTextEncoder
+from .errors import ModelError
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
@@ -69,10 +71,6 @@ def json_kind(data: object) -> str:
     return "JSON null" if data is None else f"a JSON {_JSON_KINDS.get(type(data), 'number')}"
 
 
-class ModelError(ValueError):
-    """A model that cannot be used, phrased as 'what is wrong; what to do'."""
-
-
 @dataclass
 class LoadedModel:
     """A pipeline plus what the UI, CLI and run record say about it."""
@@ -82,10 +80,11 @@ class LoadedModel:
     source: str
     kind: str  # "demo" | "diffusers-folder" | "hf-cache" | "single-file"
     note: str = ""  # shown to the user (e.g. that the demo weights are random)
+    text_encoder_source: DeferredTextEncoder | None = None  # a Wan folder's text encoder, read when a prompt needs it
 
     @property
     def family(self) -> VideoFamily:
-        return family_for(self.pipeline, self.name)
+        return family_for(self.pipeline, self.name, text_encoder_source=self.text_encoder_source)
 
     def describe(self) -> dict:
         """The run record's ``model`` entry."""
@@ -97,10 +96,23 @@ class LoadedModel:
             "kind": self.kind,
             "family": family.kind,
             "native_frames": native_size(pipe)[2],
-            "dtypes": {c: str(getattr(pipe, c).dtype).removeprefix("torch.") for c in components},
-            "parameters": {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in components},
+            "dtypes": {c: self._dtype_of(c) for c in components},
+            "parameters": {c: self._parameters_of(c) for c in components},
             "note": self.note,
         }
+
+
+    def _dtype_of(self, attribute: str) -> str:
+        module = getattr(self.pipeline, attribute)
+        if module is None:
+            return "on disk until a prompt is not in the prompt cache"
+        return str(module.dtype).removeprefix("torch.")
+
+    def _parameters_of(self, attribute: str) -> int:
+        module = getattr(self.pipeline, attribute)
+        if module is None and attribute == "text_encoder" and self.text_encoder_source is not None:
+            return self.text_encoder_source.parameters()
+        return sum(p.numel() for p in module.parameters())
 
 
 def native_size(pipeline: StableVideoDiffusionPipeline) -> tuple[int, int, int]:
@@ -136,12 +148,12 @@ def load_model(
         return LoadedModel(build_demo_pipeline(), DEMO_MODEL_NAME, DEMO_MODEL_NAME, "demo", demo_model_info().note)
     path = Path(text).expanduser()
     if path.is_dir():
-        return LoadedModel(_load_folder(path, dtype), path.name, str(path), "diffusers-folder")
+        return _load_folder(path, dtype, path.name, "diffusers-folder")
     if path.is_file():
         return _load_file(path, dtype, on_progress)
     if _looks_like_hub_id(text):
         folder = _cached_snapshot(text)
-        return LoadedModel(_load_folder(folder, dtype), text, str(folder), "hf-cache")
+        return _load_folder(folder, dtype, text, "hf-cache")
     raise ModelError(
         f"model {text!r} was not found: it is not 'demo', an existing folder or file, or a Hugging Face id; "
         "give the path of a diffusers SVD folder (with model_index.json) or an svd_xt.safetensors file "
@@ -197,23 +209,33 @@ def check_model_folder(folder: Path) -> FolderLayout:
     return layout
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> StableVideoDiffusionPipeline:
+def _load_folder(folder: Path, dtype: torch.dtype, name: str, kind: str) -> LoadedModel:
+    """A diffusers folder's pipeline; a Wan folder's text encoder stays on disk until a prompt needs it
+    (``models/deferred.py``)."""
     layout = check_model_folder(folder)
     denoiser = folder / layout.weights[0]
     only_fp16 = not any(denoiser.glob("diffusion_pytorch_model*.safetensors")) and any(
         denoiser.glob("*.fp16*.safetensors")
     )
+    deferred = None
+    if layout is WAN_LAYOUT:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        deferred = DeferredTextEncoder(folder / "text_encoder", index["text_encoder"][1])
     logger.info("loading diffusers %s folder %s", layout.pipeline_class.__name__, folder)
     try:
         pipeline = layout.pipeline_class.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, use_safetensors=True, variant="fp16" if only_fp16 else None
+            folder, dtype=dtype, local_files_only=True, use_safetensors=True, variant="fp16" if only_fp16 else None,
+            **({"text_encoder": None} if deferred else {}),
         )
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise ModelError(f"{folder} could not be loaded ({exc}); the files may be damaged, re-download them") from exc
     pipeline.set_progress_bar_config(disable=True)
     for component in layout.weights:
-        getattr(pipeline, component).eval().requires_grad_(False)
-    return _with_preview(pipeline) if layout is SVD_LAYOUT else pipeline
+        if getattr(pipeline, component) is not None:
+            getattr(pipeline, component).eval().requires_grad_(False)
+    if layout is SVD_LAYOUT:
+        pipeline = _with_preview(pipeline)
+    return LoadedModel(pipeline, name, str(folder), kind, text_encoder_source=deferred)
 
 
 def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusionPipeline:

@@ -27,16 +27,17 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_toy_wan_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
+def build_toy_wan_pipeline(seed: int = 0, text_dim: int = TEXT_DIM) -> WanImageToVideoPipeline:
+    """``text_dim``: the text encoder's width (4096 fits the full-size UMT5-XXL encoder in its place)."""
     tokenizer = toy_tokenizer()
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
                            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True])
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=37,
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=37,
                                                num_layers=2, num_heads=4, relative_attention_num_buckets=8))
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=48, out_channels=48, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32,
+                                        in_channels=48, out_channels=48, text_dim=text_dim, freq_dim=256, ffn_dim=32,
                                         num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                         rope_max_seq_len=32)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)

@@ -1,0 +1,83 @@
+"""A pipeline component left on disk until a run needs it: Wan's UMT5-XXL text encoder (5.7 B parameters,
+11 GB in bf16) is read only for a prompt the prompt cache does not hold, so a re-run with the same prompts
+loads the Wan model with 11 GB less RAM and without the encoder's load time.
+
+The cache needs the encoder's identity before reading it, so the files identify it: the class, its
+config.json, and of each safetensors file its size, its header (every tensor's name, dtype, shape and
+offsets) and 16 evenly spaced 64 KiB blocks of its data — about 1 MiB read, where a retrained or
+re-quantised checkpoint differs in its header or in every block. Written here: diffusers and
+transformers load a component whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from .errors import ModelError
+
+BLOCKS_PER_FILE = 16
+BLOCK_BYTES = 64 * 1024
+
+
+def _header(path: Path) -> tuple[bytes, int]:
+    """A safetensors file's JSON header and where its data starts."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(length), 8 + length
+
+
+@dataclass
+class DeferredTextEncoder:
+    """The pipeline folder's ``text_encoder/``: a ``transformers`` class (``UMT5EncoderModel``) read on demand."""
+
+    folder: Path
+    class_name: str
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    def weight_files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.safetensors"))
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self.class_name.encode())
+            digest.update((self.folder / "config.json").read_bytes())
+            for path in self.weight_files():
+                header, data_start = _header(path)
+                size = path.stat().st_size
+                digest.update(f"{path.name}:{size}".encode() + header)
+                stride = max((size - data_start) // BLOCKS_PER_FILE, 1)
+                with path.open("rb") as handle:
+                    for offset in range(data_start, size, stride):
+                        handle.seek(offset)
+                        digest.update(handle.read(BLOCK_BYTES))
+            self._fingerprint = f"{self.class_name}:files-sha256:{digest.hexdigest()[:32]}"
+        return self._fingerprint
+
+    def parameters(self) -> int:
+        """Counted from the headers' shapes (a tied embedding is stored, and counted, once)."""
+        total = 0
+        for path in self.weight_files():
+            try:
+                tensors = json.loads(_header(path)[0])
+                total += sum(math.prod(info["shape"]) for name, info in tensors.items() if name != "__metadata__")
+            except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelError(f"{path} is not a readable safetensors file ({exc}); the text encoder's files may "
+                                 "be damaged, re-download them") from exc
+        return total
+
+    def load(self, dtype: torch.dtype) -> torch.nn.Module:
+        try:
+            model = getattr(transformers, self.class_name).from_pretrained(
+                self.folder, dtype=dtype, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
+            raise ModelError(f"the text encoder in {self.folder} could not be loaded ({exc}); the files may be "
+                             "damaged, re-download them") from exc
+        return model.eval().requires_grad_(False)
