@@ -51,7 +51,8 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--device": ("device", str, "auto | cpu | cuda"),
     "--unet-dtype": ("unet_dtype", str, "auto | fp32 | fp16 | bf16 | fp8"),
     "--vae-dtype": ("vae_dtype", str, "fp32 | fp16 | bf16 (fp32 avoids colour shifts)"),
-    "--encoder-dtype": ("encoder_dtype", str, "fp32 | fp16 | bf16"),
+    "--encoder-dtype": ("encoder_dtype", str, "auto | fp32 | fp16 | bf16 (auto: fp32 for SVD's image encoder, bf16 "
+                        "for Wan's text encoder where the device has bf16; default: fp32 for SVD, auto for Wan)"),
     "--half-compute": ("half_compute", str, "auto | fp16 | fp32: what fp16-stored weights compute in "
                        "(auto: by GPU generation, fp32 below Turing and on GTX 16xx)"),
     "--spatial-chunk": ("spatial_chunk", int, "frames per chunk in spatial layers (lossless; 0 = off)"),

@@ -35,6 +35,7 @@ def test_a_wan_folder_makes_a_clip_from_an_image_and_a_prompt(wan_folder, tmp_pa
     assert frames.shape == (9, 64, 64, 3) and fps == 24  # TI2V's frame rate unless --fps says otherwise
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["settings"]["prompt"] == "a red ball moves left"
+    assert record["settings"]["encoder_dtype"] == "auto" and record["info"]["precision"]["text_encoder"] == "bf16"
     assert record["model"]["family"] == "wan" and set(record["model"]["parameters"]) == {
         "transformer", "vae", "text_encoder"}
 

@@ -116,3 +116,15 @@ def test_svds_frame_and_position_chunks_are_refused_for_wan_rather_than_doing_no
     with pytest.raises(ValueError, match="spatial_chunk has no layers to cut in WanTransformer3DModel; set it to 0"):
         ours(pipeline, image, PLAIN.replace(chunking=ChunkingConfig(spatial_chunk=2)))
     assert ours(pipeline, image).shape == (FRAMES, SIZE, SIZE, 3)  # the pipeline is left usable
+
+
+def test_auto_keeps_the_text_encoder_in_bf16_where_the_device_has_it_and_fp32_elsewhere():
+    from lowvram_studio.engine.precision import GpuInfo, PrecisionPolicy
+    from lowvram_studio.engine.svd import SVD_COMPONENTS
+    from lowvram_studio.engine.wan import WAN_COMPONENTS
+
+    auto = PrecisionRequest(encoder="auto")
+    for gpu, expected in ((None, torch.bfloat16), (GpuInfo("NVIDIA GeForce RTX 3060", (8, 6)), torch.bfloat16),
+                          (GpuInfo("NVIDIA GeForce GTX 1060 6GB", (6, 1)), torch.float32)):
+        assert PrecisionPolicy.resolve(auto, gpu, WAN_COMPONENTS).encoder.storage == expected
+    assert PrecisionPolicy.resolve(auto, None, SVD_COMPONENTS).encoder.storage == torch.float32  # CLIP: fp32

@@ -22,6 +22,9 @@ class Component:
     role: str  # DENOISER, VAE or ENCODER
     label: str  # what the user calls it: "UNet"
     setting: str  # the setting that picks its precision, named in messages: "unet_dtype"
+    # ``auto`` precision picks bf16 where the device has it: for a component trained and shipped in bf16
+    # (Wan's UMT5 text encoder), whose fp32 copy would double its RAM (22.7 GB) for nothing
+    auto_bf16: bool = False
 
 
 SVD_COMPONENTS = (

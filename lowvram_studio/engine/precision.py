@@ -145,11 +145,14 @@ def resolve_component(requested: Precision, component: Component, gpu: GpuInfo |
                       path: ExecutionPath | None = None) -> ComponentPrecision:
     """Storage and compute dtype for one component; raises ``PrecisionError`` for impossible requests.
 
-    ``auto`` stores the denoiser in fp16 on a GPU and keeps everything else (and every CPU run) in fp32."""
+    ``auto`` stores the denoiser in fp16 on a GPU and keeps everything else (and every CPU run) in fp32,
+    except a component marked ``auto_bf16``, kept in bf16 on the CPU and on GPUs with bf16 (Ampere on)."""
     requested = Precision(requested)
     path = path or execution_path(gpu)
     setting = component.setting
     if requested == Precision.AUTO:
+        if component.auto_bf16 and (gpu is None or gpu.supports_bf16):
+            return ComponentPrecision(torch.bfloat16, torch.bfloat16)
         if component.role != DENOISER or gpu is None:
             return ComponentPrecision(torch.float32, torch.float32)
         return ComponentPrecision(torch.float16, path.half_compute)

@@ -37,7 +37,7 @@ from .vae import DecodeConfig
 WAN_COMPONENTS = (
     Component("transformer", DENOISER, "transformer", "unet_dtype"),
     Component("vae", VAE, "VAE", "vae_dtype"),
-    Component("text_encoder", ENCODER, "text encoder", "encoder_dtype"),
+    Component("text_encoder", ENCODER, "text encoder", "encoder_dtype", auto_bf16=True),
 )
 
 

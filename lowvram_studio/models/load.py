@@ -127,12 +127,14 @@ def native_size(pipeline: StableVideoDiffusionPipeline) -> tuple[int, int, int]:
     return side, side, frames
 
 
-def native_settings(pipeline: StableVideoDiffusionPipeline) -> dict[str, int]:
-    """The size, frames and (Wan: 24 fps for TI2V, 16 for Wan2.1) frame rate a model was made for."""
+def native_settings(pipeline: StableVideoDiffusionPipeline) -> dict[str, int | str]:
+    """The size, frames and (Wan: 24 fps for TI2V, 16 for Wan2.1) frame rate a model was made for, and
+    (Wan) its text encoder's precision."""
     height, width, frames = native_size(pipeline)
     native = {"height": height, "width": width, "num_frames": frames}
     if family_for(pipeline).kind == "wan":
         native["fps"] = 24 if pipeline.vae.config.z_dim == 48 else 16
+        native["encoder_dtype"] = "auto"  # UMT5 in bf16 where the device has it, as Wan ships and runs it
     return native
 
 
