@@ -72,7 +72,7 @@ def test_a_damaged_text_encoder_is_bad_input_with_what_to_do(wan_folder, tmp_pat
     code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "c.mp4"), "--model", str(damaged), *CLIP,
                  "--prompt", "a red ball moves left"])
     err = capsys.readouterr().err
-    assert code == EXIT_BAD_INPUT and "error: " in err and "damaged, re-download them" in err
+    assert code == EXIT_BAD_INPUT and "error: " in err and "download it again" in err
     assert not (tmp_path / "c.mp4").exists()
 
 

@@ -12,9 +12,7 @@ transformers load a component whole or not at all.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +20,10 @@ import torch
 import transformers
 
 from .errors import ModelError
+from .single_file import SafetensorsHeader, SingleFileError, read_header
 
 BLOCKS_PER_FILE = 16
 BLOCK_BYTES = 64 * 1024
-
-
-def _header(path: Path) -> tuple[bytes, int]:
-    """A safetensors file's JSON header and where its data starts."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return handle.read(length), 8 + length
 
 
 @dataclass
@@ -42,20 +34,25 @@ class DeferredTextEncoder:
     class_name: str
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
-    def weight_files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.safetensors"))
+    def headers(self) -> list[SafetensorsHeader]:
+        """Each weight file's header (validated: a truncated or foreign file raises ``ModelError``)."""
+        try:
+            return [read_header(path) for path in sorted(self.folder.glob("*.safetensors"))]
+        except SingleFileError as exc:
+            raise ModelError(f"the text encoder in {self.folder} cannot be read: {exc}") from exc
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             digest = hashlib.sha256(self.class_name.encode())
             digest.update((self.folder / "config.json").read_bytes())
-            for path in self.weight_files():
-                header, data_start = _header(path)
-                size = path.stat().st_size
-                digest.update(f"{path.name}:{size}".encode() + header)
-                stride = max((size - data_start) // BLOCKS_PER_FILE, 1)
-                with path.open("rb") as handle:
-                    for offset in range(data_start, size, stride):
+            for header in self.headers():
+                digest.update(f"{header.path.name}:{header.file_size}:{sorted(header.metadata.items())}".encode())
+                entries = sorted(header.entries.items())
+                digest.update(repr([(name, str(e.dtype), e.shape, e.begin, e.end) for name, e in entries]).encode())
+                data_start = min((e.begin for e in header.entries.values()), default=header.file_size)
+                stride = max((header.file_size - data_start) // BLOCKS_PER_FILE, 1)
+                with header.path.open("rb") as handle:
+                    for offset in range(data_start, header.file_size, stride):
                         handle.seek(offset)
                         digest.update(handle.read(BLOCK_BYTES))
             self._fingerprint = f"{self.class_name}:files-sha256:{digest.hexdigest()[:32]}"
@@ -63,15 +60,7 @@ class DeferredTextEncoder:
 
     def parameters(self) -> int:
         """Counted from the headers' shapes (a tied embedding is stored, and counted, once)."""
-        total = 0
-        for path in self.weight_files():
-            try:
-                tensors = json.loads(_header(path)[0])
-                total += sum(math.prod(info["shape"]) for name, info in tensors.items() if name != "__metadata__")
-            except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ModelError(f"{path} is not a readable safetensors file ({exc}); the text encoder's files may "
-                                 "be damaged, re-download them") from exc
-        return total
+        return sum(math.prod(entry.shape) for header in self.headers() for entry in header.entries.values())
 
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         try:
@@ -79,5 +68,5 @@ class DeferredTextEncoder:
                 self.folder, dtype=dtype, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
             raise ModelError(f"the text encoder in {self.folder} could not be loaded ({exc}); the files may be "
-                             "damaged, re-download them") from exc
+                             "damaged, download them again") from exc
         return model.eval().requires_grad_(False)

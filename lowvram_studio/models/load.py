@@ -27,7 +27,7 @@ from .errors import ModelError
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
-from .single_file import SingleFileError, load_single_file
+from .single_file import SingleFileError, load_single_file, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -223,10 +223,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str, kind: str) -> Load
     if layout is WAN_LAYOUT:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         deferred = DeferredTextEncoder(folder / "text_encoder", index["text_encoder"][1])
-    logger.info("loading diffusers %s folder %s", layout.pipeline_class.__name__, folder)
+    dtypes = {"default": dtype, **{c: load_dtype(folder / c, dtype, only_fp16) for c in layout.weights}}
+    logger.info("loading diffusers %s folder %s (%s)", layout.pipeline_class.__name__, folder, dtypes)
     try:
         pipeline = layout.pipeline_class.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, use_safetensors=True, variant="fp16" if only_fp16 else None,
+            folder, dtype=dtypes, local_files_only=True, use_safetensors=True, variant="fp16" if only_fp16 else None,
             **({"text_encoder": None} if deferred else {}),
         )
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
@@ -238,6 +239,27 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str, kind: str) -> Load
     if layout is SVD_LAYOUT:
         pipeline = _with_preview(pipeline)
     return LoadedModel(pipeline, name, str(folder), kind, text_encoder_source=deferred)
+
+
+def load_dtype(component: Path, wanted: torch.dtype, fp16_variant: bool) -> torch.dtype:
+    """``wanted``, or the narrower floating dtype the component's files hold: a bf16 checkpoint read into
+    fp32 doubles its RAM (Wan's 5 B transformer: 10 -> 20 GB) for bits it never had, and the engine casts
+    every component to its run's dtype anyway (widening is exact)."""
+    files = sorted(component.glob("*.safetensors"))
+    chosen = [f for f in files if (".fp16." in f.name) == fp16_variant] or files
+    stored: dict[torch.dtype, int] = {}
+    for path in chosen:
+        try:
+            entries = read_header(path).entries.values()
+        except SingleFileError:
+            return wanted  # from_pretrained says what is wrong with the file
+        for entry in entries:
+            if entry.dtype.is_floating_point:
+                stored[entry.dtype] = stored.get(entry.dtype, 0) + entry.end - entry.begin
+    if not stored:
+        return wanted
+    most = max(stored, key=stored.get)
+    return most if most.itemsize < wanted.itemsize else wanted
 
 
 def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusionPipeline:
