@@ -16,7 +16,7 @@ import PIL.Image
 
 from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
-from .engine.precision import detect_gpu
+from .engine.precision import PrecisionPolicy, detect_gpu
 from .engine.sampler import resolve_device
 from .engine.speed_model import steady_seconds_per_step
 from .interpolate import interpolate_frames, output_fps
@@ -24,9 +24,10 @@ from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
 from .plan.planner import Planner, plan_for_settings
+from .plan.ram import MachineRam, plan_ram
 from .plan.replan import decode_retry, run_with_replan
 from .settings import RunSettings, SettingsError
-from .settings_adapter import RunResult, generate
+from .settings_adapter import RunResult, generate, precision_request
 from .speed import estimate_for_card, estimate_record, remember_speed
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,12 @@ def run_job(
         settings = plan.settings
         if on_event:
             on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
+    ram = plan_ram(dims, PrecisionPolicy.resolve(precision_request(settings), gpu, family.components),
+                   settings.offload, gpu is not None, MachineRam.now())
+    if ram.refusal():
+        raise SettingsError([ram.refusal()])
+    if ram.warning() and on_event:
+        on_event(RunEvent(Phase.LOAD, message=f"warning: {ram.warning()}"))
     estimate = estimate_for_card(unet_config, dims, settings, gpu) if calibrated else None
     if estimate is not None and on_event:
         on_event(RunEvent(Phase.LOAD, message=f"estimate: {estimate.text}"))
@@ -184,6 +191,7 @@ def run_job(
         )
         if plan is not None:
             result.info["plan"] = plan.to_dict()
+        result.info["ram_plan"] = {**ram.to_dict(), "warning": ram.warning()}
         if calibrated and result.settings != settings:  # a re-plan ran other settings: judge the estimate for those
             estimate = estimate_for_card(unet_config, dims, result.settings, gpu)
         settings = result.settings
