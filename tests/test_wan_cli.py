@@ -64,6 +64,25 @@ def test_a_second_run_with_the_same_prompts_skips_the_text_encoder(wan_folder, t
     assert records[1]["model"]["dtypes"]["text_encoder"].startswith("on disk until")
 
 
+def test_a_damaged_cache_entry_with_the_encoder_on_disk_reads_the_encoder_and_makes_the_same_clip(wan_folder, tmp_path,
+                                                                                                 capsys):
+    args = ["generate", "--image", str(ASSET), "--model", str(wan_folder), *CLIP, "--prompt", "a blue disc grows",
+            "--negative-prompt", "the scene is still"]
+    assert main([*args, "--out", str(tmp_path / "a.mp4")]) == 0
+    sources = json.loads((tmp_path / "a.json").read_text())["info"]["prompt_embeddings"]
+    assert sources == {"prompt": "encoder", "negative_prompt": "encoder"}
+    from lowvram_studio.settings_adapter import PROMPT_CACHE_FOLDER
+    from lowvram_studio.userdirs import cache_dir
+
+    newest = max((cache_dir() / PROMPT_CACHE_FOLDER).glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(b"damaged")
+    assert main([*args, "--out", str(tmp_path / "b.mp4")]) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert sorted(record["info"]["prompt_embeddings"].values()) == ["cache", "encoder"]
+    assert record["info"]["text_encoder"].startswith("read from disk")
+    assert np.array_equal(read_video(tmp_path / "a.mp4")[0], read_video(tmp_path / "b.mp4")[0])
+
+
 def test_a_damaged_text_encoder_is_bad_input_with_what_to_do(wan_folder, tmp_path, capsys):
     damaged = tmp_path / "damaged-encoder"
     shutil.copytree(wan_folder, damaged)

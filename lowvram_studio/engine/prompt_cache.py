@@ -92,9 +92,6 @@ class PromptCache:
     def path(self, identity: EncoderIdentity, text: str) -> Path:
         return self.root / f"{identity.key(text)}.safetensors"
 
-    def holds(self, identity: EncoderIdentity, text: str) -> bool:
-        return self.path(identity, text).is_file()
-
     def load(self, identity: EncoderIdentity, text: str) -> torch.Tensor | None:
         """The stored (1, L, D) embedding of ``text``, or None. An unreadable or malformed entry is deleted
         (with a log line) and counts as a miss; a hit is marked recently used."""

@@ -30,7 +30,7 @@ from .dims import ModelDims
 from .events import CancelToken
 from .family import ClipRequest
 from .placement import drop_component, make_room
-from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype
+from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype, keep_fp32_modules
 from .prompt_cache import EncoderIdentity, PromptCache
 from .vae import DecodeConfig
 
@@ -149,7 +149,8 @@ class WanFamily:
             return
         if self.prompt_cache is not None:
             identity = self._identity(request, device)
-            if all(self.prompt_cache.holds(identity, text) for text in self._texts(request).values()):
+            # read, not just looked up: a damaged entry is deleted here and the encoder read and placed for it
+            if all(self.prompt_cache.load(identity, text) is not None for text in self._texts(request).values()):
                 return
         self.pipeline.text_encoder = self.text_encoder_source.load(policy.encoder.compute)
         self._encoder_read = True
@@ -169,8 +170,14 @@ class WanFamily:
         embeddings = dict(cached)
         if len(cached) < len(texts):
             if pipeline.text_encoder is None:
-                raise RuntimeError("the text encoder is not loaded and the prompt cache lacks these texts; "
-                                   "run through engine.sampler.sample, which reads it first (load_for)")
+                if self.text_encoder_source is None or self._encoder_precision is None:
+                    raise RuntimeError("the text encoder is not loaded and the prompt cache lacks these texts; "
+                                       "run through engine.sampler.sample, which reads it first (load_for)")
+                # an entry load_for read was evicted by another process meanwhile: read the encoder now;
+                # unplaced, it runs where it lands (the CPU), which costs time, not the clip
+                pipeline.text_encoder = self.text_encoder_source.load(self._encoder_precision.compute)
+                keep_fp32_modules(pipeline.text_encoder)
+                self._encoder_read = True
             make_room(pipeline, "text_encoder")
             embeddings["prompt"], embeddings["negative_prompt"] = pipeline.encode_prompt(
                 prompt=request.prompt, negative_prompt=request.negative_prompt,
