@@ -170,10 +170,11 @@ def run_job(
             on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
     ram = plan_ram(dims, PrecisionPolicy.resolve(precision_request(settings), gpu, family.components),
                    settings.offload, gpu is not None, MachineRam.now())
-    if ram.refusal():
-        raise SettingsError([ram.refusal()])
-    if ram.warning() and on_event:
-        on_event(RunEvent(Phase.LOAD, message=f"warning: {ram.warning()}"))
+    refusal, ram_warning = ram.refusal(), ram.warning()
+    if refusal:
+        raise SettingsError([refusal])
+    if ram_warning and on_event:
+        on_event(RunEvent(Phase.LOAD, message=f"warning: {ram_warning}"))
     estimate = estimate_for_card(unet_config, dims, settings, gpu) if calibrated else None
     if estimate is not None and on_event:
         on_event(RunEvent(Phase.LOAD, message=f"estimate: {estimate.text}"))
@@ -191,7 +192,7 @@ def run_job(
         )
         if plan is not None:
             result.info["plan"] = plan.to_dict()
-        result.info["ram_plan"] = {**ram.to_dict(), "warning": ram.warning()}
+        result.info["ram_plan"] = {**ram.to_dict(), "warning": ram_warning}
         if calibrated and result.settings != settings:  # a re-plan ran other settings: judge the estimate for those
             estimate = estimate_for_card(unet_config, dims, result.settings, gpu)
         settings = result.settings

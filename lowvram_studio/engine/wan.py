@@ -30,7 +30,7 @@ from .dims import ModelDims
 from .events import CancelToken
 from .family import ClipRequest
 from .placement import drop_component, make_room
-from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype, keep_fp32_modules
+from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype
 from .prompt_cache import EncoderIdentity, PromptCache
 from .vae import DecodeConfig
 
@@ -39,6 +39,10 @@ WAN_COMPONENTS = (
     Component("vae", VAE, "VAE", "vae_dtype"),
     Component("text_encoder", ENCODER, "text encoder", "encoder_dtype", auto_bf16=True),
 )
+
+
+# the cache key's identity (None without a cache) and the embeddings found, by role
+CacheLookup = tuple[EncoderIdentity | None, dict[str, torch.Tensor]]
 
 
 def frame_major(latents: torch.Tensor) -> torch.Tensor:
@@ -111,6 +115,7 @@ class WanFamily:
         self.text_encoder_source = text_encoder_source
         self._encoder_precision: ComponentPrecision | None = None  # the run's, set by load_for
         self._encoder_read = False
+        self._looked_up: CacheLookup | None = None  # what load_for found, kept for encode
 
     @property
     def scheduler(self) -> Any:
@@ -142,42 +147,39 @@ class WanFamily:
                                       device, pipeline.tokenizer, request.max_sequence_length)
         return EncoderIdentity.of_module(pipeline.text_encoder, pipeline.tokenizer, device, request.max_sequence_length)
 
+    def _lookup(self, request: WanRequest, device: torch.device) -> CacheLookup:
+        """The cache key's identity and the embeddings the cache holds for the request's texts, by role.
+        Read, not just looked up: a damaged entry is deleted here and counts as missing."""
+        if self.prompt_cache is None:
+            return None, {}
+        identity = self._identity(request, device)
+        found = {role: self.prompt_cache.load(identity, text) for role, text in self._texts(request).items()}
+        return identity, {role: embedding for role, embedding in found.items() if embedding is not None}
+
     def load_for(self, request: WanRequest, device: torch.device, policy: PrecisionPolicy) -> None:
-        """Before precision and placement: read the deferred text encoder when a text is not in the cache."""
+        """Before precision and placement: read the deferred text encoder when a text is not in the cache
+        (what the cache holds is kept for ``encode``, so no entry is read twice or lost meanwhile)."""
         self._encoder_precision = policy.encoder
         if self.text_encoder_source is None or self.pipeline.text_encoder is not None:
             return
-        if self.prompt_cache is not None:
-            identity = self._identity(request, device)
-            # read, not just looked up: a damaged entry is deleted here and the encoder read and placed for it
-            if all(self.prompt_cache.load(identity, text) is not None for text in self._texts(request).values()):
-                return
-        self.pipeline.text_encoder = self.text_encoder_source.load(policy.encoder.compute)
-        self._encoder_read = True
+        self._looked_up = self._lookup(request, device)
+        if len(self._looked_up[1]) < len(self._texts(request)):
+            self.pipeline.text_encoder = self.text_encoder_source.load(policy.encoder.compute)
+            self._encoder_read = True
 
     def _prompt_embeddings(self, request: WanRequest,
                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, str]]:
         """The prompt's and (with guidance) the negative prompt's embeddings, each from the cache when it
         holds them; the text encoder is moved in and run only for the texts it does not hold."""
         pipeline, texts = self.pipeline, self._texts(request)
-        identity, cached = None, {}
-        if self.prompt_cache is not None:
-            identity = self._identity(request, device)
-            for role, text in texts.items():
-                found = self.prompt_cache.load(identity, text)
-                if found is not None:
-                    cached[role] = found.to(device)
+        identity, cached = self._looked_up or self._lookup(request, device)
+        self._looked_up = None
+        cached = {role: embedding.to(device) for role, embedding in cached.items()}
         embeddings = dict(cached)
         if len(cached) < len(texts):
             if pipeline.text_encoder is None:
-                if self.text_encoder_source is None or self._encoder_precision is None:
-                    raise RuntimeError("the text encoder is not loaded and the prompt cache lacks these texts; "
-                                       "run through engine.sampler.sample, which reads it first (load_for)")
-                # an entry load_for read was evicted by another process meanwhile: read the encoder now;
-                # unplaced, it runs where it lands (the CPU), which costs time, not the clip
-                pipeline.text_encoder = self.text_encoder_source.load(self._encoder_precision.compute)
-                keep_fp32_modules(pipeline.text_encoder)
-                self._encoder_read = True
+                raise RuntimeError("the text encoder is not loaded and the prompt cache lacks these texts; "
+                                   "run through engine.sampler.sample, which reads it first (load_for)")
             make_room(pipeline, "text_encoder")
             embeddings["prompt"], embeddings["negative_prompt"] = pipeline.encode_prompt(
                 prompt=request.prompt, negative_prompt=request.negative_prompt,

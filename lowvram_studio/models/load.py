@@ -101,7 +101,6 @@ class LoadedModel:
             "note": self.note,
         }
 
-
     def _dtype_of(self, attribute: str) -> str:
         module = getattr(self.pipeline, attribute)
         if module is None:
