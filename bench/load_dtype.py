@@ -21,11 +21,6 @@ from pathlib import Path
 from common import new_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-# Wan2.2 TI2V-5B's transformer (Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json; the reference
-# repository's wan_ti2v_5B config: dim 3072, ffn 14336, 24 heads, 30 layers)
-TI2V_5B = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
-               text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
-               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAYS = {
     "read into fp32 (the loader before)": (
         "from diffusers import WanImageToVideoPipeline; import torch\n"
@@ -52,11 +47,12 @@ def build_folder(folder: Path, layers: int) -> None:
     import torch
     from diffusers import WanTransformer3DModel
 
+    from lowvram_studio.models.wan_configs import TI2V_5B_TRANSFORMER
     from lowvram_studio.models.wan_toy import build_toy_wan_pipeline
 
     pipeline = build_toy_wan_pipeline(text_dim=4096)
     with torch.device("meta"):
-        transformer = WanTransformer3DModel(**{**TI2V_5B, "num_layers": layers})
+        transformer = WanTransformer3DModel(**{**TI2V_5B_TRANSFORMER, "num_layers": layers})
     transformer = transformer.to(torch.bfloat16).to_empty(device="cpu")
     with torch.no_grad():
         for tensor in transformer.state_dict().values():

@@ -20,12 +20,9 @@ from transformers import UMT5Config, UMT5EncoderModel
 from lowvram_studio.engine.fingerprint import weights_fingerprint
 from lowvram_studio.engine.prompt_cache import PromptCache
 from lowvram_studio.engine.wan import WanFamily, WanRequest
+from lowvram_studio.models.wan_configs import UMT5_XXL
 from lowvram_studio.models.wan_toy import build_toy_wan_pipeline
 
-# google/umt5-xxl's encoder as Wan ships it (text_encoder/config.json of Wan2.2-TI2V-5B-Diffusers)
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
-                is_gated_act=True, tie_word_embeddings=False)
 PROMPT = "a red ball moves left slowly and the background is still"
 NEGATIVE = "still scene"
 

@@ -1,0 +1,44 @@
+"""Wan2.2 TI2V-5B at full size, built from its published configs with random weights: the memory and speed
+of the real model without its files (no hub access here), for the GPU benchmarks.
+
+The configs are those of Wan-AI/Wan2.2-TI2V-5B-Diffusers (transformer/, vae/, text_encoder/config.json; the
+reference repository's ``wan_ti2v_5B``: dim 3072, ffn 14336, 24 heads, 30 layers, VAE stride 4x16x16). The
+tokenizer is the toy one (models/wan_toy): a prompt's token count, not its vocabulary, sets the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from .wan_toy import toy_tokenizer
+
+TI2V_5B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
+                           out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30,
+                           cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0, is_residual=True,
+                 in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                 latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+# google/umt5-xxl's encoder as Wan ships it
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+                is_gated_act=True, tie_word_embeddings=False)
+
+
+def build_ti2v_5b_pipeline(device: str | torch.device = "cuda", seed: int = 0) -> WanImageToVideoPipeline:
+    """Random weights seeded ``seed``, initialised on ``device`` (minutes on a CPU, seconds on a GPU), stored
+    as Wan-AI ships them: transformer and text encoder bf16, VAE fp32."""
+    torch.manual_seed(seed)
+    with torch.device(device):  # one component at a time: fp32 init, then cast, keeps the peak at one fp32 copy
+        transformer = WanTransformer3DModel(**TI2V_5B_TRANSFORMER).to(torch.bfloat16)
+        text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16)
+        vae = AutoencoderKLWan(**WAN22_VAE)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    pipeline = WanImageToVideoPipeline(tokenizer=toy_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                       scheduler=scheduler, transformer=transformer, expand_timesteps=True)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (vae, text_encoder, transformer):
+        module.eval().requires_grad_(False)
+    return pipeline
