@@ -64,7 +64,8 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--chunk-size": ("chunk_size", int, "temporal window length in frames (lossy; 0 = whole clip)"),
     "--overlap": ("overlap", int, "frames shared by neighbouring windows"),
     "--window-blend": ("window_blend", str, "flat | linear | pyramid"),
-    "--prune-threshold": ("prune_threshold", float, "static-frame pruning L1 threshold (lossy; 0 = off)"),
+    "--prune-threshold": ("prune_threshold", float, "step/frame reuse threshold (lossy; 0 = off); SVD: relative L1 "
+                          "of the pruning signal, Wan: diffusers FirstBlockCache, e.g. 0.05-0.2"),
     "--prune-mode": ("prune_mode", str, "steps | frames | both"),
     "--vram-budget": ("vram_budget", str, "off | auto | 4GB | 6GB | 8GB | 12GB | 24GB | e.g. 5GB"),
     "--preview-every": ("preview_every", int, "live latent preview every N denoise steps (0 = off; no effect on the video)"),

@@ -21,7 +21,7 @@ from .engine.events import CancelToken, EventCallback
 from .engine.families import family_for
 from .engine.family import ClipRequest, VideoFamily
 from .engine.oom import DecodeTightener
-from .engine.options import DeviceChoice, OffloadMode, WindowBlend
+from .engine.options import DeviceChoice, OffloadMode, PruneMode, WindowBlend
 from .engine.precision import GpuInfo, PrecisionPolicy, PrecisionRequest
 from .engine.prompt_cache import PromptCache
 from .engine.pruning import PruningConfig
@@ -111,8 +111,11 @@ def request_for(family: VideoFamily, settings: RunSettings, image: PIL.Image.Ima
                              f"use {below} or {below + step}"])
     problems = [f"{name} cuts SVD's UNet layers, which Wan's transformer does not have; set it to 0 (ff_chunk "
                 "cuts Wan's feed-forward layers)" for name in ("spatial_chunk", "temporal_chunk") if getattr(settings, name)]
-    if settings.prune_threshold > 0:
-        problems.append("step reuse (prune_threshold) is not available for Wan models yet; set it to 0")
+    if settings.prune_threshold > 0 and settings.prune_mode != PruneMode.STEPS:
+        problems.append(f"prune_mode {settings.prune_mode.value} reuses frames, which Wan's transformer cannot (every "
+                        "token attends across frames); set prune_mode to steps")
+    problems += [f"extra {key} tunes SVD's UNet reuse hooks; Wan's step reuse (diffusers FirstBlockCache) takes only "
+                 "prune_threshold: remove the key" for key in sorted(settings.extra) if key.startswith("prune_")]
     if problems:
         raise SettingsError(problems)
     return wan_request(settings, image)

@@ -110,6 +110,27 @@ def test_svds_layer_chunks_on_a_wan_model_are_bad_input_that_names_the_one_that_
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_step_reuse_on_a_wan_model_records_the_steps_it_reused(wan_folder, tmp_path, capsys):
+    out = tmp_path / "reuse.mp4"
+    code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(wan_folder), *CLIP,
+                 "--steps", "4", "--prune-threshold", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["info"]["pruning"]["step_decision"].startswith("diffusers FirstBlockCache")
+    assert record["info"]["pruning"]["reused_steps"] >= 1
+    assert read_video(out)[0].shape == (9, 64, 64, 3)
+
+
+def test_frame_reuse_and_svds_reuse_knobs_on_a_wan_model_are_bad_input(wan_folder, tmp_path, capsys):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"prune_threshold": 0.1, "prune_mode": "frames", "extra": {"prune_max_reuse": 2}}))
+    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
+                 *CLIP, "--settings", str(settings)])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "set prune_mode to steps" in err and "extra prune_max_reuse" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_a_budget_for_wan_is_refused_until_its_memory_model_exists(wan_folder, tmp_path, capsys):
     code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
                  *CLIP, "--vram-budget", "6GB"])

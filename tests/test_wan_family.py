@@ -71,9 +71,35 @@ def test_tiled_decode_and_latent_windows_run_and_change_little(pipeline, image):
     assert not np.array_equal(windowed, reference)  # windows are lossy by design; they ran
 
 
-def test_step_reuse_is_refused_for_wan_with_the_fix(pipeline, image):
-    with pytest.raises(ValueError, match="not available for wan.*set prune_threshold to 0"):
-        ours(pipeline, image, PLAIN.replace(reuse=PruningConfig(threshold=0.05)))
+def test_step_reuse_is_diffusers_first_block_cache_with_one_state_per_branch(pipeline, image):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    threshold = 0.5  # the toy's first-block residual changes by less than this after the first steps
+    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:  # diffusers' own pipeline with its own hook: "cond" and "uncond" contexts, one call per branch
+        theirs = pipeline(image=image, prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                          num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=6.0, max_sequence_length=16,
+                          generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    finally:
+        pipeline.transformer.disable_cache()
+    result = sample(WanFamily(pipeline), request_for(image),
+                    PLAIN.replace(cfg_split=True, reuse=PruningConfig(threshold=threshold)))
+    assert np.abs(result.frames - np.asarray(theirs, dtype=np.float32)).max() <= 1e-6
+    summary = result.info["pruning"]
+    assert summary["reused_steps"] >= 1 and 0 < summary["pruned_fraction"] < 1 and summary["speedup_estimate"] > 1
+    assert len(summary["map"][0]) == STEPS and summary["map"][0][0] == 0  # the first step always computes
+    assert not pipeline.transformer.is_cache_enabled  # the hooks left with the run
+    assert not any(block._forward_pre_hooks for block in pipeline.transformer.modules())
+    assert np.array_equal(ours(pipeline, image), ours(pipeline, image))  # and no state stays behind
+    batched = sample(WanFamily(pipeline), request_for(image), PLAIN.replace(reuse=PruningConfig(threshold=threshold)))
+    assert np.isfinite(batched.frames).all() and batched.info["pruning"]["reused_steps"] >= 1
+
+
+def test_frame_reuse_is_refused_for_wan_with_the_fix(pipeline, image):
+    from lowvram_studio.engine.options import PruneMode
+
+    with pytest.raises(ValueError, match="every token attends across frames.*set prune_mode to steps"):
+        ours(pipeline, image, PLAIN.replace(reuse=PruningConfig(threshold=0.05, mode=PruneMode.FRAMES)))
 
 
 def test_half_precision_keeps_what_the_model_class_keeps_in_fp32():

@@ -25,6 +25,7 @@ from .components import Component, by_role
 from .dims import ModelDims
 from .events import CancelToken
 from .precision import PrecisionPolicy
+from .pruning import PruningConfig, PruningSummary
 from .vae import DecodeConfig
 
 
@@ -51,12 +52,27 @@ class Conditioning(Protocol):
         ...
 
 
+class ReuseState(Protocol):
+    """One run's step/frame reuse on the denoiser (SVD: engine/pruning.py; DiTs: engine/step_cache.py)."""
+
+    def begin_step(self, index: int, total: int) -> None: ...
+
+    def end_step(self, x0: torch.Tensor | None) -> dict[str, Any]:
+        """What the step reused, for its progress event."""
+        ...
+
+    def summary(self) -> PruningSummary: ...
+
+    def remove(self) -> None:
+        """Take the hooks off (also after an error)."""
+        ...
+
+
 class VideoFamily(Protocol):
     kind: str  # the family: "svd", "wan"
     name: str  # the model's name, shown in records
     pipeline: Any  # the diffusers pipeline the family wraps; techniques attach to its modules
     components: tuple[Component, ...]
-    reuses_steps: bool  # whether the step/frame reuse hooks (engine/pruning.py) fit its denoiser
 
     @property
     def scheduler(self) -> Any:
@@ -75,6 +91,11 @@ class VideoFamily(Protocol):
     def initial_noise(self, request: Any, generator: torch.Generator) -> torch.Tensor:
         """The seeded starting noise, frame-major (1, F, C, h, w), float32 on the CPU, drawn as the family's
         own diffusers pipeline draws it (same layout, same order), so a seed gives the pipeline's clip."""
+        ...
+
+    def apply_reuse(self, config: PruningConfig) -> ReuseState | None:
+        """Hook step (and frame) reuse into the denoiser for one run; None when ``config`` turns it off.
+        ValueError for a reuse mode the denoiser cannot do."""
         ...
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, frames: slice,

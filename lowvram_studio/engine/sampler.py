@@ -28,7 +28,6 @@ from .options import DeviceChoice
 from .placement import PlacementConfig, apply_placement, clear_placement, make_room, placement_hooks, release_memory
 from .precision import PrecisionPolicy, apply_precision, check_finite, detect_gpu, precision_applied
 from .preview import PREVIEW_KEY, LivePreview
-from .pruning import apply_pruning
 from .windows import describe_windows, seam_ratio, window_boundaries, windowed_noise_prediction
 
 logger = logging.getLogger(__name__)
@@ -109,9 +108,6 @@ def sample(
     ``decode_retry``: after an out-of-memory error while decoding, the tighter ``DecodeConfig`` to decode
     the kept latents again with (``plan.replan.decode_retry``); without it that error ends the run.
     """
-    if config.reuse.enabled and not family.reuses_steps:
-        raise ValueError(f"step reuse (prune_threshold) is not available for {family.kind} models yet; "
-                         "set prune_threshold to 0")
     cancel = cancel or CancelToken()
     log = _EventLog(on_event)
     device = resolve_device(config.device)
@@ -151,7 +147,7 @@ def sample(
             latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
             total = len(scheduler.timesteps)
             make_room(pipeline, by_role(family.components, DENOISER).attribute)
-            pruning = apply_pruning(denoiser, config.reuse)
+            pruning = family.apply_reuse(config.reuse)
             preview = LivePreview.for_run(pipeline, config.preview_every)
             mark = log.emit(Phase.DENOISE, step=0, total=total).time
             for index, timestep in enumerate(scheduler.timesteps):

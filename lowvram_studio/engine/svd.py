@@ -23,6 +23,7 @@ from .events import CancelToken
 from .family import ClipRequest
 from .placement import make_room
 from .precision import PrecisionPolicy, compute_dtype
+from .pruning import PruningConfig, PruningState, apply_pruning
 from .vae import DecodeConfig, decode_latents
 
 
@@ -66,7 +67,6 @@ class SvdFamily:
 
     kind = "svd"
     components = SVD_COMPONENTS
-    reuses_steps = True
 
     def __init__(self, pipeline: StableVideoDiffusionPipeline, name: str = "svd"):
         self.pipeline = pipeline
@@ -115,6 +115,10 @@ class SvdFamily:
         channels = self.pipeline.unet.config.out_channels
         shape = (1, request.num_frames, channels, request.height // scale, request.width // scale)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    def apply_reuse(self, config: PruningConfig) -> PruningState | None:
+        """Static-frame pruning and deep-feature step reuse on the UNet (engine/pruning.py)."""
+        return apply_pruning(self.pipeline.unet, config)
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: SvdConditioning, frames: slice,
                 cfg_split: bool) -> torch.Tensor:

@@ -8,15 +8,17 @@ channels, plus the CLIP image embedding), two transformer calls per step for gui
 call), and the 3D causal VAE's decode with its own tiling. Latents are (1, C, F, h, w) inside this module
 and frame-major (1, F, C, h, w) at the interface. Text embeddings come from a ``PromptCache`` when it holds
 them (``engine/prompt_cache.py``), so the text encoder runs only for texts it has not seen; a text encoder
-the loader left on disk (``text_encoder_source``) is read only then, and released after encoding.
+the loader left on disk (``text_encoder_source``) is read only then, and released after encoding. Step
+reuse is diffusers' FirstBlockCache (``engine/step_cache.py``), one cache state per guidance branch and window.
 
 Not yet here (issue #19): the two-expert Wan2.2 A14B (``transformer_2`` / ``boundary_ratio``) is refused
-with a message, step reuse (the pruning hooks are the SVD UNet's), and a memory model calibrated for Wan
+with a message, and a memory model calibrated for Wan
 (``dims`` gives true parameter counts; the planner's activation coefficients are SVD's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,8 @@ from .family import ClipRequest
 from .placement import drop_component, make_room
 from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype
 from .prompt_cache import EncoderIdentity, PromptCache
+from .pruning import PruningConfig
+from .step_cache import FirstBlockCacheState, apply_first_block_cache
 from .vae import DecodeConfig
 
 WAN_COMPONENTS = (
@@ -98,7 +102,6 @@ class WanFamily:
 
     kind = "wan"
     components = WAN_COMPONENTS
-    reuses_steps = False
 
     def __init__(self, pipeline: Any, name: str = "wan", prompt_cache: PromptCache | None = None,
                  text_encoder_source: ComponentSource | None = None):
@@ -116,6 +119,7 @@ class WanFamily:
         self._encoder_precision: ComponentPrecision | None = None  # the run's, set by load_for
         self._encoder_read = False
         self._looked_up: CacheLookup | None = None  # what load_for found, kept for encode
+        self._step_cache: FirstBlockCacheState | None = None  # this run's, set by apply_reuse
 
     @property
     def scheduler(self) -> Any:
@@ -228,6 +232,18 @@ class WanFamily:
         per_token = (cond.mask[0][0][:, ::patch_h, ::patch_w] * timestep).flatten()  # pinned tokens sit at t=0
         return model_input, per_token.unsqueeze(0).expand(latents.shape[0], -1)
 
+    def apply_reuse(self, config: PruningConfig) -> FirstBlockCacheState | None:
+        """Step reuse by diffusers' FirstBlockCache on the transformer (engine/step_cache.py)."""
+        self._step_cache = apply_first_block_cache(self.pipeline.transformer, config)
+        return self._step_cache
+
+    def _cache_context(self, branch: str, frames: slice) -> contextlib.AbstractContextManager:
+        """A branch of a window keeps its own cached residuals; no context without a step cache."""
+        cache = self._step_cache
+        if cache is None or not self.pipeline.transformer.is_cache_enabled:  # removed after its run
+            return contextlib.nullcontext()
+        return cache.context(f"{branch}:{frames.start}-{frames.stop}")
+
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: WanConditioning, frames: slice,
                 cfg_split: bool) -> torch.Tensor:
         """Guided flow prediction (float32, frame-major) for a window of latent frames."""
@@ -236,17 +252,18 @@ class WanFamily:
         model_input, timesteps = self._model_input(frame_major(latents), timestep, cond)
         model_input = model_input.to(dtype)
 
-        def call(sample: torch.Tensor, steps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            return transformer(hidden_states=sample, timestep=steps, encoder_hidden_states=text,
-                               encoder_hidden_states_image=cond.image_embeds, return_dict=False)[0].float()
+        def call(branch: str, sample: torch.Tensor, steps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            with self._cache_context(branch, frames):
+                return transformer(hidden_states=sample, timestep=steps, encoder_hidden_states=text,
+                                   encoder_hidden_states_image=cond.image_embeds, return_dict=False)[0].float()
 
         if cond.negative_embeds is None:
-            return frame_major(call(model_input, timesteps, cond.prompt_embeds))
+            return frame_major(call("cond", model_input, timesteps, cond.prompt_embeds))
         if cfg_split:  # the pipeline's own way: one call per branch
-            positive = call(model_input, timesteps, cond.prompt_embeds)
-            negative = call(model_input, timesteps, cond.negative_embeds)
+            positive = call("cond", model_input, timesteps, cond.prompt_embeds)
+            negative = call("uncond", model_input, timesteps, cond.negative_embeds)
         else:
-            both = call(torch.cat([model_input] * 2), torch.cat([timesteps] * 2),
+            both = call("cond_uncond", torch.cat([model_input] * 2), torch.cat([timesteps] * 2),
                         torch.cat([cond.prompt_embeds, cond.negative_embeds]))
             positive, negative = both.chunk(2)
         return frame_major(negative + cond.guidance_scale * (positive - negative))
