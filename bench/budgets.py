@@ -38,10 +38,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import device_run_arguments, write_report  # noqa: E402
+from lowvram_studio.engine.events import Phase  # noqa: E402
 
 CASES = {"A": (512, 512, 24), "B": (576, 1024, 25), "C": (512, 512, 96)}
 SMOKE_CASES = {"A": (64, 64, 6), "B": (64, 128, 7), "C": (64, 64, 14)}
 BUDGETS = ("4GB", "6GB", "8GB")
+# the table's phase columns, by the records' phase labels (encode's is "encode image")
+PHASE_COLUMNS = tuple(phase.value for phase in (Phase.ENCODE, Phase.DENOISE, Phase.DECODE, Phase.EXPORT))
 
 
 def rows_to_run(smoke: bool) -> list[dict[str, Any]]:
@@ -207,7 +210,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         phases = r.get("phase_peaks_mib", {})
-        per_phase = " / ".join(str(phases.get(p, "-")) for p in ("encode", "denoise", "decode", "export"))
+        per_phase = " / ".join(str(phases.get(p, "-")) for p in PHASE_COLUMNS)
         within = {True: "yes", False: "**no**", None: "-"}[r.get("within_budget")]
         lines.append(f"| {r['name']} | {r.get('available_mib', '-')} | {r.get('process_peak_mib')} | {per_phase} | "
                      f"{r.get('predicted_peak_mib', '-')} | {within} | {r.get('seconds_per_step')} |")

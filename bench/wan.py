@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.budgets import ChildMeter, run_row  # noqa: E402
+from bench.budgets import PHASE_COLUMNS, ChildMeter, run_row  # noqa: E402
 from bench.common import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,14 +38,14 @@ LEAN = ["--offload", "stream", "--cfg-split", "--ff-chunk", "4096"]
 ROWS: list[tuple[str, str, list[str]]] = [  # (name, case, our CLI flags); "diffusers" rows: the reference
     ("480p diffusers bf16, all on GPU", "480p", []),
     ("480p ours default", "480p", PROMPT),
-    ("480p ours offload model", "480p", [*PROMPT, "--offload", "model"]),
-    ("480p ours offload stream", "480p", [*PROMPT, "--offload", "stream"]),
     ("480p ours stream + cfg-split + ff-chunk", "480p", [*PROMPT, *LEAN]),
-    ("480p ours fp8 + stream + cfg-split + ff-chunk", "480p", [*PROMPT, *LEAN, "--unet-dtype", "fp8"]),
-    ("480p ours lean + vae tile 256", "480p", [*PROMPT, *LEAN, "--vae-tile", "256"]),
-    ("720p ours default", "720p", PROMPT),
     ("720p ours stream + cfg-split + ff-chunk", "720p", [*PROMPT, *LEAN]),
+    ("480p ours offload stream", "480p", [*PROMPT, "--offload", "stream"]),
+    ("480p ours fp8 + stream + cfg-split + ff-chunk", "480p", [*PROMPT, *LEAN, "--unet-dtype", "fp8"]),
+    ("480p ours offload model", "480p", [*PROMPT, "--offload", "model"]),
+    ("480p ours lean + vae tile 256", "480p", [*PROMPT, *LEAN, "--vae-tile", "256"]),
     ("720p ours lean + vae tile 256", "720p", [*PROMPT, *LEAN, "--vae-tile", "256"]),
+    ("720p ours default", "720p", PROMPT),
     ("720p diffusers bf16, all on GPU", "720p", []),
     ("480p ours stream, new prompt (encoder runs)", "480p", [*NEW_PROMPT, "--offload", "stream"]),
 ]
@@ -109,7 +109,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for r in rows:
         phases = r.get("phase_peaks_mib", {})
-        per_phase = " / ".join(str(phases.get(p, "-")) for p in ("encode", "denoise", "decode", "export"))
+        per_phase = " / ".join(str(phases.get(p, "-")) for p in PHASE_COLUMNS)
         step = r.get("seconds_per_step")
         lines.append(f"| {r['name']} | {r.get('rc', r.get('skipped'))} | {r.get('process_peak_mib')} | {per_phase} | "
                      f"{'-' if step is None else f'{step:.2f}'} | {r.get('seconds_total', '-')} |")
