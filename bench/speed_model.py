@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from bench.budgets import CASES, SMOKE_CASES, build_model  # noqa: E402
 from bench.common import device_run_arguments, new_report, write_report  # noqa: E402
-from lowvram_studio.settings_adapter import generate  # noqa: E402
-from lowvram_studio.engine.speed_model import CardSpeed, StepConfig, steady_seconds_per_step  # noqa: E402
+from lowvram_studio.settings_adapter import generate, step_config  # noqa: E402
+from lowvram_studio.engine.speed_model import CardSpeed, steady_seconds_per_step  # noqa: E402
 from lowvram_studio.media import fit_image  # noqa: E402
 from lowvram_studio.models.load import load_model  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
@@ -57,10 +57,10 @@ def run_row(row: dict[str, Any], pipeline: Any, card: CardSpeed, image: Any, arg
                            device="cpu" if args.smoke else "cuda", unet_dtype="fp16",
                            half_compute=row["half_compute"], cfg_split=row["cfg_split"], offload=row["offload"],
                            decode_chunk=4)
-    step = StepConfig.from_settings(settings, card.gpu)
+    step = step_config(settings, card.gpu.info)
     predicted = card.step_seconds(step)
     out: dict[str, Any] = {**row, "steps": args.steps, "predicted_s_per_step": round(predicted, 4),
-                           "predicted_streaming_overhead": round(card.streaming_overhead(settings), 3),
+                           "predicted_streaming_overhead": round(card.streaming_overhead(step), 3),
                            "compute": step.compute}
     started = time.perf_counter()
     try:

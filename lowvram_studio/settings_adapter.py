@@ -9,6 +9,7 @@ the settings that actually ran (a decode retry's tiles included), as the record 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import PIL.Image
@@ -26,6 +27,7 @@ from .engine.precision import GpuInfo, PrecisionPolicy, PrecisionRequest
 from .engine.prompt_cache import PromptCache
 from .engine.pruning import PruningConfig
 from .engine.sampler import EngineResult, prepare, sample
+from .engine.speed_model import StepConfig
 from .engine.svd import SvdFamily, SvdRequest
 from .engine.vae import DecodeConfig
 from .engine.wan import WanFamily, WanRequest
@@ -50,6 +52,19 @@ def precision_request(settings: RunSettings) -> PrecisionRequest:
 def precision_policy(settings: RunSettings, gpu: GpuInfo | None) -> PrecisionPolicy:
     """What ``settings`` store and compute each component in on ``gpu`` (None: the CPU)."""
     return PrecisionPolicy.resolve(precision_request(settings), gpu)
+
+
+def step_config(settings: RunSettings, gpu: GpuInfo | None) -> StepConfig:
+    """What one denoise step of ``settings`` does, as the speed model reads it, on ``gpu``'s execution path
+    (None: the CPU's): the window length and count, the guidance branches, the placement and the UNet's
+    storage and compute dtypes."""
+    frames = settings.num_frames
+    window = settings.chunk_size if settings.chunk_size and settings.chunk_size < frames else frames
+    windows = 1 if window == frames else math.ceil((frames - settings.overlap) / max(window - settings.overlap, 1))
+    denoiser = precision_policy(settings, gpu).denoiser
+    compute = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(denoiser.compute, "fp32")
+    return StepConfig(settings.height, settings.width, window, windows, 2 if settings.guidance_enabled else 1,
+                      bool(settings.cfg_split), OffloadMode(settings.offload).value, compute, denoiser.storage.itemsize)
 
 
 def decode_config(settings: RunSettings) -> DecodeConfig:

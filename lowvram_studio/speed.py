@@ -8,6 +8,7 @@ before Generate, the CLI's line and the run record agree.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,9 +17,21 @@ from .engine.precision import GpuInfo
 from .engine.speed_model import SpeedCalibration, SpeedEstimate, estimate_speed
 from .plan.planner import ModelDims, vae_and_encoder_bytes
 from .settings import RunSettings
+from .settings_adapter import step_config
 from .userdirs import data_dir
 
 logger = logging.getLogger(__name__)
+
+# the settings that change s/step besides those StepConfig holds: one calibration entry per combination
+STEP_SETTINGS = ("unet_dtype", "half_compute", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
+                 "chunk_size", "overlap", "prune_threshold", "prune_mode", "max_guidance_scale")
+
+
+def speed_key(model: str, gpu_name: str, settings: RunSettings) -> str:
+    """Model, GPU, size and the settings that change s/step (``STEP_SETTINGS``): one calibration entry."""
+    values = {name: getattr(getattr(settings, name), "value", getattr(settings, name)) for name in STEP_SETTINGS}
+    return (f"{model}|{gpu_name}|{settings.width}x{settings.height}x{settings.num_frames}|"
+            + json.dumps(values, sort_keys=True))
 
 
 def estimate_for_card(unet_config: dict[str, Any], dims: ModelDims, settings: RunSettings,
@@ -27,9 +40,9 @@ def estimate_for_card(unet_config: dict[str, Any], dims: ModelDims, settings: Ru
     where the GPU-class table has nothing to say). ``dims.name`` keys the calibration."""
     if gpu is None:
         return None
-    return estimate_speed(unet_config, settings, gpu.name, model=dims.name,
-                          other_component_bytes=vae_and_encoder_bytes(dims, settings),
-                          calibration=SpeedCalibration.load(data_dir()))
+    return estimate_speed(unet_config, step_config(settings, gpu), settings.num_inference_steps, gpu.name,
+                          key=speed_key(dims.name, gpu.name, settings),
+                          other_component_bytes=vae_and_encoder_bytes(dims, settings), calibration=SpeedCalibration.load(data_dir()))
 
 
 def remember_speed(dims: ModelDims, settings: RunSettings, gpu: GpuInfo | None, seconds_per_step: float | None,
@@ -39,8 +52,9 @@ def remember_speed(dims: ModelDims, settings: RunSettings, gpu: GpuInfo | None, 
     if gpu is None or estimate is None or not seconds_per_step:
         return
     try:
-        SpeedCalibration.load(data_dir()).record(dims.name, gpu.name, settings, seconds_per_step,
-                                                 estimate.predicted_s_per_step, media.write_atomically)
+        SpeedCalibration.load(data_dir()).record(speed_key(dims.name, gpu.name, settings), gpu.name,
+                                                 seconds_per_step, estimate.predicted_s_per_step,
+                                                 media.write_atomically)
     except (OSError, media.MediaError) as exc:
         logger.warning("could not keep this run's speed for the next estimate: %s", exc)
 

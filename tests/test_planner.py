@@ -11,7 +11,7 @@ import torch
 
 from lowvram_studio.engine.events import Phase
 from lowvram_studio.engine.oom import OutOfMemoryAfterRetries
-from lowvram_studio.settings_adapter import generate
+from lowvram_studio.settings_adapter import generate, step_config
 from lowvram_studio.engine.speed_model import CardSpeed
 from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
 from lowvram_studio.plan.planner import (
@@ -146,7 +146,7 @@ def test_where_streaming_costs_time_the_ladder_stays_as_without_a_card():
     card = _card("NVIDIA H100 80GB HBM3")  # transfer-bound streaming: the deep groups wait for PCIe
     for case in CASES:
         planned = Planner(SVD_XT_DIMS).base(_case(case))[0]  # case C runs in 25-frame windows
-        assert card.streaming_overhead(planned) > 0.05
+        assert card.streaming_overhead(step_config(planned, card.gpu.info)) > 0.05
         for budget in ("4GB", "6GB"):
             plain = Planner(SVD_XT_DIMS).plan(_case(case), PRESETS[budget])
             fast = Planner(SVD_XT_DIMS, speed=card).plan(_case(case), PRESETS[budget])

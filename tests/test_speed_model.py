@@ -17,24 +17,30 @@ from lowvram_studio.engine.speed_model import (
     CardSpeed,
     GpuTable,
     SpeedCalibration,
-    StepConfig,
     count_step_flops,
     count_unet_cost,
     estimate_speed,
-    step_key,
     steady_seconds_per_step,
 )
 from lowvram_studio.media import write_atomically
 from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
 from lowvram_studio.plan.planner import PRESETS, SVD_XT_DIMS, Planner
 from lowvram_studio.settings import RunSettings
-from lowvram_studio.speed import estimate_for_card, estimate_record, remember_speed
+from lowvram_studio.settings_adapter import step_config
+from lowvram_studio.speed import estimate_for_card, estimate_record, remember_speed, speed_key
 from lowvram_studio.ui.budget import card_speed_line
 from lowvram_studio.ui.form import MODEL
 from lowvram_studio.userdirs import DATA_ENV
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 GTX_1060, H100 = "NVIDIA GeForce GTX 1060 6GB", "NVIDIA H100 80GB HBM3"
+
+
+def _estimate(settings: RunSettings, gpu_name: str, model: str = "model", **kwargs):
+    """The estimate for ``settings`` on the card the table matches ``gpu_name`` to."""
+    card, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, gpu_name)
+    return estimate_speed(SVD_XT_UNET_CONFIG, step_config(settings, card.gpu.info), settings.num_inference_steps,
+                          gpu_name, key=speed_key(model, gpu_name, settings), **kwargs)
 
 
 def _case(name: str, **changes) -> RunSettings:
@@ -71,7 +77,7 @@ def test_the_table_reproduces_the_h100_rows_it_was_fitted_on():
     rows = json.loads((RESULTS / "engine_20261126b.json").read_text())["rows"]
     for row in (r for r in rows if r["config"] in ("diffusers-fp16", "diffusers-fp32")):
         unet_dtype = "fp16" if row["config"] == "diffusers-fp16" else "fp32"
-        step = StepConfig.from_settings(_case(row["case"], unet_dtype=unet_dtype), card.gpu)
+        step = step_config(_case(row["case"], unet_dtype=unet_dtype), card.gpu.info)
         assert card.step_seconds(step) == pytest.approx(row["seconds_per_step"], rel=0.25), row["config"]
 
 
@@ -80,58 +86,59 @@ def test_streaming_is_nearly_free_on_a_gtx_1060_and_costly_on_an_h100():
     fast, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, H100)
     for case in ("A", "B"):
         settings = _case(case, cfg_split=True)
-        assert slow.streaming_overhead(settings) < 0.02
-        assert fast.streaming_overhead(settings) > 0.15  # measured +38 % (A) and +17 % (B) with CFG split
+        assert slow.streaming_overhead(step_config(settings, slow.gpu.info)) < 0.02
+        # measured +38 % (A) and +17 % (B) with CFG split
+        assert fast.streaming_overhead(step_config(settings, fast.gpu.info)) > 0.15
 
 
 def test_compute_paths_follow_the_card_generation():
     pascal, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, GTX_1060)
     ada, _ = CardSpeed.for_gpu(SVD_XT_UNET_CONFIG, "NVIDIA GeForce RTX 4090")
-    auto = StepConfig.from_settings(_case("A"), pascal.gpu)
+    auto = step_config(_case("A"), pascal.gpu.info)
     assert (auto.compute, auto.storage_bytes, auto.casts_layerwise) == ("fp32", 2, True)  # Pascal: fp16 storage
-    assert StepConfig.from_settings(_case("A"), ada.gpu).compute == "fp16"
-    fp32 = StepConfig.from_settings(_case("A", half_compute="fp32"), ada.gpu)
-    fp16 = StepConfig.from_settings(_case("A", half_compute="fp16"), ada.gpu)
+    assert step_config(_case("A"), ada.gpu.info).compute == "fp16"
+    fp32 = step_config(_case("A", half_compute="fp32"), ada.gpu.info)
+    fp16 = step_config(_case("A", half_compute="fp16"), ada.gpu.info)
     assert ada.step_seconds(fp32) > 1.8 * ada.step_seconds(fp16)  # tensor cores
     # CFG split: the same FLOPs in two calls; never predicted faster
-    split = StepConfig.from_settings(_case("A", cfg_split=True), ada.gpu)
+    split = step_config(_case("A", cfg_split=True), ada.gpu.info)
     assert (split.calls, split.batch) == (2, 1) and ada.step_seconds(split) >= ada.step_seconds(fp16)
-    windows = StepConfig.from_settings(_case("B", chunk_size=12, overlap=4), ada.gpu)
+    windows = step_config(_case("B", chunk_size=12, overlap=4), ada.gpu.info)
     assert (windows.frames_per_call, windows.windows) == (12, 3)
 
 
 def test_the_estimate_line_names_the_card_and_an_unknown_card_says_so():
-    estimate = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060)
+    estimate = _estimate(_case("A"), GTX_1060)
     assert estimate.known_gpu and estimate.basis == "model"
     assert estimate.text.startswith("about ") and " s/step, about " in estimate.text
     assert estimate.text.endswith("for this clip on GTX 1060 6 GB")
     assert estimate.clip_seconds == pytest.approx(25 * estimate.seconds_per_step)  # no offload: nothing moved per run
-    unknown = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), "Mystery Accelerator 9000")
+    unknown = _estimate(_case("A"), "Mystery Accelerator 9000")
     table = GpuTable.load()
     assert not unknown.known_gpu and unknown.gpu_class == table.conservative
     assert "unknown GPU" in unknown.text and table.conservative in unknown.text
     assert unknown.seconds_per_step > estimate.seconds_per_step  # conservative: slower than the GTX 1060
-    offloaded = estimate_speed(SVD_XT_UNET_CONFIG, _case("A", offload="model"), GTX_1060, other_component_bytes=1e9)
+    offloaded = _estimate(_case("A", offload="model"), GTX_1060, other_component_bytes=1e9)
     assert offloaded.clip_seconds > 25 * offloaded.seconds_per_step  # the weights cross PCIe once per run
 
 
 def test_calibration_uses_the_measured_figure_then_the_cards_ratio_and_survives_a_bad_file(tmp_path):
     store = SpeedCalibration.load(tmp_path)
-    first = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060, model="svd-xt", calibration=store)
+    first = _estimate(_case("A"), GTX_1060, model="svd-xt", calibration=store)
     assert first.basis == "model"
     for factor in (2, 4):
-        store.record("svd-xt", GTX_1060, _case("A", seed=factor), factor * first.predicted_s_per_step,
+        store.record(speed_key("svd-xt", GTX_1060, _case("A", seed=factor)), GTX_1060, factor * first.predicted_s_per_step,
                      first.predicted_s_per_step, write_atomically)
-    assert list(store.entries) == [step_key("svd-xt", GTX_1060, _case("A"))]  # the seed does not change s/step
+    assert list(store.entries) == [speed_key("svd-xt", GTX_1060, _case("A"))]  # the seed does not change s/step
 
     reloaded = SpeedCalibration.load(tmp_path)
-    same = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), GTX_1060, model="svd-xt", calibration=reloaded)
+    same = _estimate(_case("A"), GTX_1060, model="svd-xt", calibration=reloaded)
     assert same.basis == "calibrated" and same.seconds_per_step == pytest.approx(3 * first.predicted_s_per_step)
     assert "measured on your last run" in same.text
-    other_size = estimate_speed(SVD_XT_UNET_CONFIG, _case("B"), GTX_1060, model="svd-xt", calibration=reloaded)
+    other_size = _estimate(_case("B"), GTX_1060, model="svd-xt", calibration=reloaded)
     assert other_size.basis == "card-calibrated"
     assert other_size.seconds_per_step == pytest.approx(3 * other_size.predicted_s_per_step)
-    other_card = estimate_speed(SVD_XT_UNET_CONFIG, _case("A"), H100, model="svd-xt", calibration=reloaded)
+    other_card = _estimate(_case("A"), H100, model="svd-xt", calibration=reloaded)
     assert other_card.basis == "model"
     assert [p.name for p in tmp_path.iterdir()] == [CALIBRATION_FILE]  # no temporary file left behind
 

@@ -53,8 +53,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .events import Phase
-from .components import DENOISER, SVD_COMPONENTS, by_role
-from .precision import GpuInfo, execution_path, resolve_component
+from .precision import GpuInfo
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +61,6 @@ GPU_CLASSES_PATH = Path(__file__).with_name("gpu_classes.json")
 CALIBRATION_FILE = "speed_calibration.json"
 _CONV_OPS = {torch.ops.aten.convolution, torch.ops.aten._convolution}
 # Settings that change the seconds of a denoise step; the calibration is kept per these (with size and model).
-STEP_SETTINGS = ("unet_dtype", "half_compute", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
-                 "chunk_size", "overlap", "prune_threshold", "prune_mode", "max_guidance_scale")
 
 
 # ---- what one UNet call costs (counted on the meta device) ---------------------------------------
@@ -222,6 +219,11 @@ class GpuClass:
     efficiency_source: str
     spec_source: str
 
+    @property
+    def info(self) -> GpuInfo:
+        """The card as the precision rules see it (its execution path)."""
+        return GpuInfo(self.name, self.capability)
+
 
 @dataclass(frozen=True)
 class GpuTable:
@@ -251,7 +253,8 @@ class GpuTable:
 # ---- what the step does ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepConfig:
-    """The facts of a run the speed model needs, as plain values (from RunSettings: ``from_settings``)."""
+    """The facts of a run the speed model needs, as plain values (the app's settings give them:
+    ``settings_adapter.step_config``)."""
 
     height: int
     width: int
@@ -262,19 +265,6 @@ class StepConfig:
     offload: str  # "none" | "model" | "stream"
     compute: str  # "fp16" | "bf16" | "fp32": the UNet's compute dtype on this card
     storage_bytes: int  # per UNet parameter
-
-    @classmethod
-    def from_settings(cls, settings: Any, gpu: GpuClass | None) -> "StepConfig":
-        """From a RunSettings-like object (read by attribute names), on ``gpu``'s execution path (None: CPU)."""
-        frames = settings.num_frames
-        window = settings.chunk_size if settings.chunk_size and settings.chunk_size < frames else frames
-        windows = 1 if window == frames else math.ceil((frames - settings.overlap) / max(window - settings.overlap, 1))
-        info = None if gpu is None else GpuInfo(gpu.name, gpu.capability)
-        precision = resolve_component(settings.unet_dtype, by_role(SVD_COMPONENTS, DENOISER), info, execution_path(info, settings.half_compute))
-        compute = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(precision.compute, "fp32")
-        return cls(settings.height, settings.width, window, windows, 2 if settings.guidance_enabled else 1,
-                   bool(settings.cfg_split), str(getattr(settings.offload, "value", settings.offload)), compute,
-                   precision.storage.itemsize)
 
     @property
     def batch(self) -> int:
@@ -338,10 +328,9 @@ class CardSpeed:
             per_call += max(compute, transfer) if step.offload == "stream" else compute
         return step.calls * per_call
 
-    def streaming_overhead(self, settings: Any) -> float:
-        """How much longer a step of ``settings`` takes with weight streaming than with the UNet resident
+    def streaming_overhead(self, step: StepConfig) -> float:
+        """How much longer ``step`` takes with weight streaming than with the UNet resident
         (0.05 = 5 %): ~0 where every group computes longer than its weights take to cross PCIe."""
-        step = StepConfig.from_settings(settings, self.gpu)
         resident = self.step_seconds(replace(step, offload="model"))
         return self.step_seconds(replace(step, offload="stream")) / resident - 1.0
 
@@ -361,13 +350,6 @@ def steady_seconds_per_step(events: list[Any]) -> float | None:
     stamps = {e.step: e.time for e in events if e.phase == Phase.DENOISE and e.step}
     last = max(stamps, default=0)
     return (stamps[last] - stamps[1]) / (last - 1) if last >= 2 and 1 in stamps else None
-
-
-def step_key(model: str, gpu_name: str, settings: Any) -> str:
-    """Model, GPU, size and the settings that change s/step (``STEP_SETTINGS``): one calibration entry."""
-    values = {name: getattr(getattr(settings, name), "value", getattr(settings, name)) for name in STEP_SETTINGS}
-    return (f"{model}|{gpu_name}|{settings.width}x{settings.height}x{settings.num_frames}|"
-            + json.dumps(values, sort_keys=True))
 
 
 AtomicWriter = Callable[..., Path]  # lowvram_studio.media.write_atomically(path, write, replace=True)
@@ -390,7 +372,8 @@ class Measured:
 
 @dataclass
 class SpeedCalibration:
-    """Measured s/step per ``step_key``, in a small JSON file (``CALIBRATION_FILE`` in the user data folder).
+    """Measured s/step per key (model, GPU, clip and the settings that change s/step: the app's
+    ``speed.speed_key``), in a small JSON file (``CALIBRATION_FILE`` in the user data folder).
 
     The engine imports nothing outside engine/, so the caller passes the writer (``media.write_atomically``):
     a crash leaves the old or the new file, never half of one.
@@ -413,13 +396,12 @@ class SpeedCalibration:
             return cls(path)
         return cls(path, entries)
 
-    def record(self, model: str, gpu: str, settings: Any, seconds_per_step: float, predicted: float | None,
+    def record(self, key: str, gpu: str, seconds_per_step: float, predicted: float | None,
                write: AtomicWriter) -> None:
-        """Keep a finished run's measured s/step (the mean with earlier runs of the same ``step_key``) and save.
+        """Keep a finished run's measured s/step (the mean with earlier runs of the same ``key``) and save.
 
         ``predicted``: the estimate's ``predicted_s_per_step`` for the same run (the card's ratio comes from it).
         """
-        key = step_key(model, gpu, settings)
         old = self.entries.get(key)
         runs = old.runs + 1 if old is not None else 1
         if old is not None:
@@ -463,33 +445,33 @@ def _per_step(seconds: float) -> str:
 
 def estimate_speed(
     unet_config: dict[str, Any],
-    settings: Any,
+    step: StepConfig,
+    num_inference_steps: int,
     gpu_name: str,
-    model: str = "model",
+    key: str | None = None,
     other_component_bytes: float = 0.0,
     calibration: SpeedCalibration | None = None,
     table: GpuTable | None = None,
 ) -> SpeedEstimate:
     """The time estimate before Generate: s/step and the clip's denoising (+ once-per-run weight moves).
 
-    ``settings``: a RunSettings (read by attribute); ``gpu_name``: the driver's device name; ``model``: the
-    name calibration entries are kept under; ``other_component_bytes``: VAE and image-encoder weight bytes,
+    ``gpu_name``: the driver's device name; ``key``: the calibration entry of this request (None: none
+    is looked up, the card's ratio still applies); ``other_component_bytes``: VAE and image-encoder weight bytes,
     moved once per run when offloading. Encode and decode are left out (the line says "of denoising"):
     they are a small share of a run on the UNet-bound cards this is for.
     """
     card, known = CardSpeed.for_gpu(unet_config, gpu_name, table)
-    step = StepConfig.from_settings(settings, card.gpu)
     predicted = card.step_seconds(step)
     seconds, basis = predicted, "model"
     if calibration is not None:
-        measured = calibration.entries.get(step_key(model, gpu_name, settings))
+        measured = calibration.entries.get(key) if key is not None else None
         ratio = calibration.card_ratio(gpu_name)
         if measured is not None:
             seconds, basis = measured.seconds_per_step, "calibrated"
         elif ratio is not None:
             seconds, basis = predicted * ratio, "card-calibrated"
-    clip = seconds * settings.num_inference_steps + card.per_run_transfer_s(step, other_component_bytes)
-    overhead = card.streaming_overhead(settings) if step.offload == "stream" else None
+    clip = seconds * num_inference_steps + card.per_run_transfer_s(step, other_component_bytes)
+    overhead = card.streaming_overhead(step) if step.offload == "stream" else None
     how = {"model": "", "calibrated": " (measured on your last run)",
            "card-calibrated": " (calibrated from your runs on this card)"}[basis]
     name = card.gpu.name if known else f"{gpu_name} (unknown GPU: estimated as a {card.gpu.name}, a slow card)"

@@ -37,6 +37,7 @@ from ..engine.options import HalfCompute, OffloadMode, Precision
 from ..engine.precision import GpuInfo, execution_path
 from ..engine.speed_model import CardSpeed
 from ..settings import RunSettings, budget_gib
+from ..settings_adapter import step_config
 
 logger = logging.getLogger(__name__)
 
@@ -514,7 +515,7 @@ class Planner:
         denoise and encode phases at no speed cost, so later moves (lossy ones included) are needed less."""
         if self.speed is None or settings.offload == OffloadMode.STREAM:
             return None
-        overhead = self.speed.streaming_overhead(settings)
+        overhead = self.speed.streaming_overhead(step_config(settings, self.speed.gpu.info))
         if overhead > FREE_STREAMING_OVERHEAD:
             return None
         streamed = settings.replace(offload=OffloadMode.STREAM)
