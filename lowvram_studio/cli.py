@@ -36,8 +36,8 @@ OUT_NAME_MAX_BYTES = 200
 # Engine flags: CLI name -> RunSettings field (DESIGN §7 "Engine knobs as CLI flags").
 _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--frames": ("num_frames", int, "frames to generate (default: the model's native count)"),
-    "--height": ("height", int, "height in pixels, a multiple of 64 (default: the model's)"),
-    "--width": ("width", int, "width in pixels, a multiple of 64 (default: the model's)"),
+    "--height": ("height", int, "height in pixels, a multiple of 64 for SVD, 32 for Wan2.2 TI2V (default: the model's)"),
+    "--width": ("width", int, "width in pixels, a multiple of 64 for SVD, 32 for Wan2.2 TI2V (default: the model's)"),
     "--steps": ("num_inference_steps", int, "denoising steps"),
     "--seed": ("seed", int, "random seed"),
     "--fps": ("fps", int, "frame rate: SVD's fps conditioning and the video's rate"),

@@ -123,8 +123,9 @@ class RunSettings:
         for name in ("height", "width"):
             value = getattr(self, name)
             check(
-                isinstance(value, int) and value % 64 == 0 and 64 <= value <= MAX_SIDE,
-                f"{name} must be a multiple of 64 between 64 and {MAX_SIDE}; got {value!r}",
+                # the finest any family takes (Wan2.1: 16); each family's own multiple: settings_adapter.request_for
+                isinstance(value, int) and value % 16 == 0 and 64 <= value <= MAX_SIDE,
+                f"{name} must be a multiple of 16 between 64 and {MAX_SIDE}; got {value!r}",
             )
         check(
             isinstance(self.num_frames, int) and 2 <= self.num_frames <= MAX_FRAMES,

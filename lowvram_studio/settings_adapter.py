@@ -117,6 +117,12 @@ def wan_request(settings: RunSettings, image: PIL.Image.Image) -> WanRequest:
 
 def request_for(family: VideoFamily, settings: RunSettings, image: PIL.Image.Image) -> ClipRequest:
     """``settings`` as ``family``'s request; ``SettingsError`` for a clip the family cannot make."""
+    multiple = family.size_multiple
+    sizes = [f"{name} must be a multiple of {multiple} for this {family.kind} model; got {value}; use "
+             f"{max(value // multiple * multiple, multiple)} or {(value // multiple + 1) * multiple}"
+             for name, value in (("height", settings.height), ("width", settings.width)) if value % multiple]
+    if sizes:
+        raise SettingsError(sizes)
     if not isinstance(family, WanFamily):
         return svd_request(settings, image)
     step = family.pipeline.vae_scale_factor_temporal

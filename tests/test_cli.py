@@ -62,7 +62,8 @@ def test_generate_writes_mp4_and_record(tmp_path):
     ("args", "message"),
     [
         (["--image", "missing.png"], "error: missing.png does not exist"),
-        (["--image", str(ASSET), "--height", "500"], "error: height must be a multiple of 64"),
+        (["--image", str(ASSET), "--height", "500"], "error: height must be a multiple of 16"),
+        (["--image", str(ASSET), "--height", "480"], "error: height must be a multiple of 64 for this svd model; got 480; use 448 or 512"),
         (["--image", str(ASSET), "--model", "/no/such/model"], "error: model '/no/such/model' was not found"),
         (["--image", str(ASSET), "--offload", "disk"], "error: offload must be one of none, model, stream"),
     ],

@@ -277,7 +277,7 @@ def test_entries_whose_id_or_shape_cannot_name_an_output_are_set_aside_and_the_l
     assert again.snapshot() == [] and "4 queued job(s)" in again.warning
     problems = [e["problem"] for e in json.loads((tmp_path / "set-aside.json").read_text())["entries"]]
     assert problems[0].startswith("id must be") and "used by an earlier entry" in problems[1]
-    assert problems[2].startswith("an entry must be a mapping") and "width must be a multiple of 64" in problems[3]
+    assert problems[2].startswith("an entry must be a mapping") and "width must be a multiple of 16" in problems[3]
     again.close()
 
 

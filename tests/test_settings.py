@@ -14,8 +14,8 @@ def test_defaults_are_valid():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"height": 500}, "height must be a multiple of 64 between 64 and 2048; got 500"),
-        ({"width": 0}, "width must be a multiple of 64"),
+        ({"height": 500}, "height must be a multiple of 16 between 64 and 2048; got 500"),
+        ({"width": 0}, "width must be a multiple of 16"),
         ({"num_frames": 1}, "num_frames must be between 2 and 256; got 1"),
         ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 200; got 0"),
         ({"seed": -1}, "seed must be a whole number"),

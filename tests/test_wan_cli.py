@@ -110,6 +110,18 @@ def test_svds_layer_chunks_on_a_wan_model_are_bad_input_that_names_the_one_that_
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_a_wan_model_takes_its_own_size_multiple_not_svds(wan_folder, tmp_path, capsys):
+    out = tmp_path / "wan.mp4"  # 96 px: a multiple of 32 (Wan2.2 TI2V's 16 px latent cells x 2 x 2 patches), not of 64
+    code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(wan_folder), *CLIP,
+                 "--height", "96"])
+    assert code == 0, capsys.readouterr().err
+    assert read_video(out)[0].shape == (9, 96, 64, 3)
+    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
+                 *CLIP, "--width", "80"])
+    assert code == EXIT_BAD_INPUT and "width must be a multiple of 32 for this wan model; got 80; use 64 or 96" in (
+        capsys.readouterr().err)
+
+
 def test_step_reuse_on_a_wan_model_records_the_steps_it_reused(wan_folder, tmp_path, capsys):
     out = tmp_path / "reuse.mp4"
     code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(wan_folder), *CLIP,

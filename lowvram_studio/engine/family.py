@@ -93,6 +93,11 @@ class VideoFamily(Protocol):
         own diffusers pipeline draws it (same layout, same order), so a seed gives the pipeline's clip."""
         ...
 
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this (pixels per denoiser token or per UNet downsampling)."""
+        ...
+
     def apply_reuse(self, config: PruningConfig) -> ReuseState | None:
         """Hook step (and frame) reuse into the denoiser for one run; None when ``config`` turns it off.
         ValueError for a reuse mode the denoiser cannot do."""

@@ -116,6 +116,11 @@ class SvdFamily:
         shape = (1, request.num_frames, channels, request.height // scale, request.width // scale)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
+    @property
+    def size_multiple(self) -> int:
+        """The VAE's 8x and the UNet's three 2x downsamplings: 64 (so every skip connection lines up)."""
+        return 64
+
     def apply_reuse(self, config: PruningConfig) -> PruningState | None:
         """Static-frame pruning and deep-feature step reuse on the UNet (engine/pruning.py)."""
         return apply_pruning(self.pipeline.unet, config)

@@ -232,6 +232,11 @@ class WanFamily:
         per_token = (cond.mask[0][0][:, ::patch_h, ::patch_w] * timestep).flatten()  # pinned tokens sit at t=0
         return model_input, per_token.unsqueeze(0).expand(latents.shape[0], -1)
 
+    @property
+    def size_multiple(self) -> int:
+        """One transformer token per patch of latent cells: 16 x 2 = 32 px for Wan2.2 TI2V, 8 x 2 for Wan2.1."""
+        return self.pipeline.vae_scale_factor_spatial * self.pipeline.transformer.config.patch_size[1]
+
     def apply_reuse(self, config: PruningConfig) -> FirstBlockCacheState | None:
         """Step reuse by diffusers' FirstBlockCache on the transformer (engine/step_cache.py)."""
         self._step_cache = apply_first_block_cache(self.pipeline.transformer, config)
