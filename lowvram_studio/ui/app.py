@@ -43,13 +43,10 @@ from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget, speed_line
 from .config_store import ConfigStore, PresetError, default_output_dir
 from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
 from .form import (
-    BUDGET_CHOICES,
     BUDGET_GIB,
     FORM_NAMES,
     GIF,
-    INFO,
     MODEL,
-    UNET_PRECISION_CHOICES,
     form_to_settings,
     lossy_summary,
     prune_warning,
@@ -59,7 +56,8 @@ from .form import (
 )
 from .badge import device_badge
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
-from .labels import LABELS, in_user_words, suggest_fix
+from .labels import in_user_words, suggest_fix
+from .layout import FormControls, generation_controls, main_controls, optimization_controls
 from .preview_view import PreviewPanel
 from .progress import progress_html
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
@@ -508,77 +506,6 @@ def free_port(start: int = 7860, tries: int = 100) -> int:
 
 
 # ---- layout -------------------------------------------------------------------------------------
-class _Form:
-    """Creates the form's controls: each named after its RunSettings field, with its saved value, its label
-    (labels.LABELS), its info text and, for a slider, its range and step (sliders.SLIDERS)."""
-
-    def __init__(self, init: dict[str, Any]):
-        self.init = init
-        self.controls: dict[str, gr.components.Component] = {}
-
-    def add(self, name: str, factory: Callable[..., gr.components.Component], *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("info", INFO.get(name))
-        kwargs.setdefault("label", LABELS[name])
-        if name in SLIDERS:
-            spec = SLIDERS[name]
-            args = (spec.minimum, spec.maximum)
-            kwargs["step"] = spec.step
-        self.controls[name] = factory(*args, value=self.init[name], elem_id=f"ctl-{name}", **kwargs)
-
-
-def _main_controls(form: _Form) -> None:
-    """What every run sets, beside the image: length, steps, size, seed, frame rate (no info lines: room)."""
-    for pair in (("num_frames", "num_inference_steps"), ("width", "height"), ("seed", "fps")):
-        with gr.Row():
-            for name in pair:
-                if name == "seed":
-                    form.add(name, gr.Number, precision=0, minimum=0, info=None)
-                else:
-                    form.add(name, gr.Slider, info="the video's frame rate" if name == "fps" else None)
-
-
-def _generation_controls(form: _Form) -> None:
-    form.add("motion_bucket_id", gr.Slider, info="more = more motion")
-    form.add("noise_aug_strength", gr.Slider)
-    with gr.Row():
-        form.add("min_guidance_scale", gr.Slider)
-        form.add("max_guidance_scale", gr.Slider)
-    form.add("device", gr.Radio, ["auto", "cpu", "cuda"])
-    form.add("preview_every", gr.Slider)
-
-
-def _optimization_controls(form: _Form) -> tuple[gr.Markdown, gr.Markdown, gr.HTML]:
-    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label, and the lossless
-    accordion holds only lossless ones. Returns the pruning warning, the budget's plan note and its chart."""
-    with gr.Row():
-        form.add("vram_budget", gr.Dropdown, list(BUDGET_CHOICES))
-        form.add(BUDGET_GIB, gr.Number, minimum=0.5, maximum=1024, info="used when the VRAM budget is Custom")
-    budget_chart = gr.HTML(elem_id="budget-chart")
-    budget_note = gr.Markdown(elem_id="budget-note")
-    with gr.Row():
-        form.add("unet_dtype", gr.Dropdown, UNET_PRECISION_CHOICES)
-        form.add("vae_dtype", gr.Checkbox)
-        form.add("encoder_dtype", gr.Checkbox)
-        form.add("half_compute", gr.Dropdown, ["auto", "fp16", "fp32"])
-    with gr.Row():
-        form.add("chunk_size", gr.Slider)
-        form.add("overlap", gr.Slider)
-    form.add("prune_threshold", gr.Slider)
-    warning = gr.Markdown(elem_id="prune-warning")
-    with gr.Row():
-        form.add("offload", gr.Radio, ["none", "model", "stream"])
-        form.add("decode_chunk", gr.Slider)
-        form.add("vae_tile", gr.Slider)
-    form.add("interpolate", gr.Radio, ["1", "2", "4"])
-    with gr.Accordion("Lossless memory savers", open=False):
-        form.add("cfg_split", gr.Checkbox)
-        with gr.Row():
-            form.add("spatial_chunk", gr.Slider)
-            form.add("temporal_chunk", gr.Slider)
-            form.add("ff_chunk", gr.Slider)
-    return warning, budget_note, budget_chart
-
-
 # Tightens Gradio's spacing so image, main settings and Generate fit a 1366x768 laptop screen unscrolled.
 COMPACT_CSS = """
 #title h1 { font-size: 1.5em; margin: 0; }
@@ -591,7 +518,7 @@ def build_app(studio: Studio) -> gr.Blocks:
     """The page. First screen: the image | main settings, Generate and progress | live curve and video.
     Below: the other settings in tabs, the runs table, Compare's side-by-side video, downloads, the queue."""
     examples = sorted(str(p) for p in ASSETS.glob("*.png"))
-    form = _Form(studio.default_form(FORM_NAMES))
+    form = FormControls(studio.default_form(FORM_NAMES))
     controls = form.controls
     with gr.Blocks(title="LowVRAM Studio") as app:
         with gr.Row(equal_height=True):
@@ -607,7 +534,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Column(scale=4, min_width=320):
                 starter = gr.Dropdown(list(STARTERS), value=None, label="Starter preset for your GPU",
                                       elem_id="starter", info="sets the VRAM budget and settings for that card")
-                _main_controls(form)
+                main_controls(form)
                 lossy_note = gr.Markdown(in_user_words(lossy_summary(form_to_settings(form.init))), elem_id="lossy-note")
                 fix = gr.Button("Fix", visible=False, elem_id="fix", size="sm")
                 with gr.Row():
@@ -628,9 +555,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                          info="demo (built in), a diffusers SVD folder (with model_index.json) "
                               "or an svd_xt.safetensors file")
                 with gr.Tab("Optimizations"):
-                    prune_note, budget_note, budget_chart = _optimization_controls(form)
+                    prune_note, budget_note, budget_chart = optimization_controls(form)
                 with gr.Tab("Generation"):
-                    _generation_controls(form)
+                    generation_controls(form)
                 with gr.Tab("Presets"):
                     preset_name = gr.Dropdown([], allow_custom_value=True, label="Preset",
                                               info="type a name to save the current settings, or pick one")
