@@ -26,7 +26,7 @@ import PIL.Image
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunEvent
 from ..engine.oom import first_line, is_host_out_of_memory, is_out_of_memory
-from ..engine.precision import detect_gpu, execution_path, rounded_components
+from ..engine.precision import PrecisionPolicy, detect_gpu, execution_path, rounded_components
 from ..engine.pruning import draw_pruning_map
 from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, new_output_path, run_job
@@ -34,14 +34,26 @@ from ..media import MediaError, fit_image, load_image, unique_path
 from ..monitor.record import ReuseError
 from ..monitor.report import THROUGHPUT
 from ..models.demo import demo_model_info
-from ..models.discovery import SVD_PIPELINE_CLASS, DiscoveryConfig, discover_models, folder_pipeline
-from ..models.load import LoadedModel, ModelError, load_model
+from ..models.discovery import DiscoveryConfig, discover_models
+from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
-from ..settings_adapter import precision_policy
+from ..settings_adapter import precision_request
 from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
 from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget, speed_line
 from .config_store import ConfigStore, PresetError, default_output_dir
 from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
+from .family_form import (
+    FAMILY_CONTROLS,
+    FITTED,
+    MANUAL,
+    budget_problem,
+    compare_refusal,
+    family_props,
+    fit_to_family,
+    locked_out,
+    sliders_for,
+    source_family,
+)
 from .form import (
     BUDGET_GIB,
     FORM_NAMES,
@@ -57,7 +69,7 @@ from .form import (
 from .badge import device_badge
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
 from .labels import in_user_words, suggest_fix
-from .layout import FormControls, generation_controls, main_controls, optimization_controls
+from .layout import FormControls, generation_controls, main_controls, optimization_controls, prompt_controls
 from .preview_view import PreviewPanel
 from .progress import progress_html
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
@@ -86,19 +98,8 @@ DEMO = "demo"
 
 # ---- helpers ------------------------------------------------------------------------------------
 def discovered_models() -> list[str]:
-    """Models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT) that the studio runs."""
-    return [str(c.path) for c in discover_models(DiscoveryConfig.from_env()) if studio_refusal(str(c.path)) is None]
-
-
-def studio_refusal(source: str) -> str | None:
-    """Why the studio does not run ``source`` yet (a Wan folder: its prompt controls are not in the studio),
-    told before gigabytes of weights load; None for what it runs."""
-    path = Path(source).expanduser()
-    pipeline = folder_pipeline(path) if path.is_dir() else None
-    if pipeline is None or pipeline == SVD_PIPELINE_CLASS:
-        return None
-    return (f"{path.name} is a Wan model ({pipeline}); the studio runs SVD models for now: make its clip with "
-            f"`lowvram-studio generate --model {path} --image IMAGE --prompt \"...\" --out clip.mp4`")
+    """SVD and Wan models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT)."""
+    return [str(c.path) for c in discover_models(DiscoveryConfig.from_env())]
 
 
 def user_message(exc: BaseException) -> str:
@@ -113,6 +114,13 @@ def user_message(exc: BaseException) -> str:
         return (f"the computer ran out of RAM ({first_line(exc)[:200]}); lower frames / size or close other "
                 "programs; your previous results are kept")
     return f"the run failed ({type(exc).__name__}: {text[:300]}); see the terminal for details, then try again"
+
+
+def check_compare(source: str) -> None:
+    """Raise ``gr.Error`` with what to do instead when Compare cannot run ``source`` (before anything is queued)."""
+    refusal = compare_refusal(source)
+    if refusal:
+        raise gr.Error(refusal)
 
 
 def check_image_upload(path: Path, name: str | None) -> None:
@@ -241,14 +249,12 @@ class Studio:
                 and settings is not None
                 and rounded_components(
                     self._model.pipeline,
-                    precision_policy(settings, detect_gpu(resolve_device(settings.device))),
+                    PrecisionPolicy.resolve(precision_request(settings), detect_gpu(resolve_device(settings.device)),
+                                            self._model.family.components),  # Wan's transformer, SVD's UNet
                 )
             )
             if self._model is None or self._model.source != source or stale:
                 check_torch_runs(settings.device if settings is not None else "auto")
-                refusal = studio_refusal(source)
-                if refusal:
-                    raise ModelError(refusal)
                 self._model = None  # let the old weights go before the new ones load
                 self._model = load_model(source)
             return self._model
@@ -282,9 +288,10 @@ class Studio:
 
     # ---- settings -----------------------------------------------------------------------------
     def default_form(self, names: list[str]) -> dict[str, Any]:
+        """The defaults, fitted to the start model's family (a Wan model: 4k+1 frames, no VRAM budget)."""
         form = settings_to_form(resolve_auto_precision(RunSettings())[0], names)  # FP16 on a GPU, FP32 on the CPU
         form.update({MODEL: self.model_source, GIF: True})
-        return form
+        return {**form, **fit_to_family(form).changes}
 
     def restored_form(self, names: list[str]) -> tuple[dict[str, Any], str]:
         """The last used form (or defaults with a note when it no longer validates)."""
@@ -316,9 +323,12 @@ class Studio:
             raise gr.Error(problem)
         try:
             image = load_image(image_path)
-            off_step = off_step_problems(form)
-            if off_step:
-                raise SettingsError(off_step)
+            problems = off_step_problems(form, sliders_for(source_family(form.get(MODEL))))
+            budget = budget_problem(form.get(MODEL))
+            if budget and form.get("vram_budget") != MANUAL:
+                problems.append(budget)
+            if problems:
+                raise SettingsError(problems)
             settings = form_to_settings(form)
         except MediaError as exc:
             raise gr.Error(str(exc)) from exc
@@ -370,8 +380,9 @@ class Studio:
     def submit_compare(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
         from ..compare import run_compare
 
-        out_dir = new_output_path(self.output_dir, "compare", "")
         source = form.get(MODEL) or DEMO
+        check_compare(source)
+        out_dir = new_output_path(self.output_dir, "compare", "")
 
         def work(on_event, cancel):
             on_event(RunEvent(Phase.LOAD, message=f"loading model {source}"))
@@ -518,7 +529,8 @@ def build_app(studio: Studio) -> gr.Blocks:
     """The page. First screen: the image | main settings, Generate and progress | live curve and video.
     Below: the other settings in tabs, the runs table, Compare's side-by-side video, downloads, the queue."""
     examples = sorted(str(p) for p in ASSETS.glob("*.png"))
-    form = FormControls(studio.default_form(FORM_NAMES))
+    init = studio.default_form(FORM_NAMES)
+    form = FormControls(init, family_props(init))
     controls = form.controls
     with gr.Blocks(title="LowVRAM Studio") as app:
         with gr.Row(equal_height=True):
@@ -534,6 +546,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Column(scale=4, min_width=320):
                 starter = gr.Dropdown(list(STARTERS), value=None, label="Starter preset for your GPU",
                                       elem_id="starter", info="sets the VRAM budget and settings for that card")
+                prompt_controls(form)
                 main_controls(form)
                 lossy_note = gr.Markdown(in_user_words(lossy_summary(form_to_settings(form.init))), elem_id="lossy-note")
                 fix = gr.Button("Fix", visible=False, elem_id="fix", size="sm")
@@ -552,8 +565,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=5):
                 form.add(MODEL, gr.Dropdown, [DEMO, *discovered_models()], allow_custom_value=True,
-                         info="demo (built in), a diffusers SVD folder (with model_index.json) "
+                         info="demo (built in), a diffusers SVD or Wan folder (with model_index.json) "
                               "or an svd_xt.safetensors file")
+                family_note = gr.Markdown(elem_id="family-note")  # what a switch of model family changed
                 with gr.Tab("Optimizations"):
                     prune_note, budget_note, budget_chart = optimization_controls(form)
                 with gr.Tab("Generation"):
@@ -630,6 +644,10 @@ def build_app(studio: Studio) -> gr.Blocks:
         def check_request(image_path: str | None, *values: Any) -> None:
             studio.check_request(image_path, form_of(values))
 
+        def check_compare_request(image_path: str | None, *values: Any) -> None:
+            check_compare(form_of(values).get(MODEL) or DEMO)
+            check_request(image_path, *values)
+
         def check_upload(upload: dict | None) -> None:
             if upload and upload.get("path"):
                 check_image_upload(Path(upload["path"]), upload.get("orig_name"))
@@ -641,17 +659,36 @@ def build_app(studio: Studio) -> gr.Blocks:
             if studio.worker.cancel_owner(request.session_hash or "anonymous"):
                 logger.info("a browser tab closed during its run; the run was stopped")
 
-        def set_locked(locked: bool) -> Callable[[], list[dict]]:
-            """Lock (or unlock) the form; the queue's timer pauses while the tab's run streams: each tick is a
-            round of Gradio's loading-status updates over every component the page has, which a CPU run pays."""
-            def update() -> list[dict]:
-                return [*(gr.update(interactive=not locked) for _ in lockable), gr.Timer(active=not locked)]
+        def set_locked(locked: bool, source: str | None = None) -> list[dict]:
+            """Lock (or unlock) the form, but for the controls ``source``'s family keeps locked (a budget that
+            cannot be planned); the queue's timer pauses while the tab's run streams: each tick is a round of
+            Gradio's loading-status updates over every component the page has, which a CPU run pays."""
+            kept = {controls[name] for name in locked_out(source)}
+            return [*(gr.update(interactive=not locked and c not in kept) for c in lockable),
+                    gr.Timer(active=not locked)]
 
-            return update
+        def unlock(source: str | None) -> list[dict]:
+            return set_locked(False, source)
 
         def starting() -> list[Any]:
             """Lock the form and clear the last run's status and bar: nothing stale while the new run starts."""
-            return [*set_locked(True)(), "⏳ Starting ...", progress_html(None, "starting")]
+            return [*set_locked(True), "⏳ Starting ...", progress_html(None, "starting")]
+
+        def pick_model(*values: Any) -> list[Any]:
+            """The picked model's family: its controls shown, the others hidden, what it cannot take moved (with
+            the note), the budget locked where none can be planned, and the budget's note for this model."""
+            form = form_of(values)
+            fit = fit_to_family(form)
+            props = family_props(form)
+            answer = plan_budget({**form, **fit.changes}, studio.loaded_model)
+            updates = [gr.update(**props[name], **({"value": fit.changes[name]} if name in fit.changes else {}))
+                       for name in FAMILY_CONTROLS]
+            return [*updates, fit.note, answer.note, answer.chart]
+
+        def fit_family(*values: Any) -> list[Any]:
+            """A value the model's family cannot take, set by a preset, a starter or a re-used record, moved."""
+            fit = fit_to_family(form_of(values))
+            return [*(fit.changes.get(name, gr.skip()) for name in FITTED), fit.note or gr.skip()]
 
         def apply_budget(*values: Any) -> list[Any]:
             """The budget's plan into the planned controls (only those it changes), its note and its chart."""
@@ -690,11 +727,12 @@ def build_app(studio: Studio) -> gr.Blocks:
             changes = remedy.changes if remedy else {}
             return [changes[name] if name in changes else gr.skip() for name in names]
 
-        def snap(*values: Any) -> list[Any]:
-            """A value typed between a slider's steps moves to the nearest step, and the user is told."""
-            out = []
+        def snap(source: str | None, *values: Any) -> list[Any]:
+            """A value typed between a slider's steps (the model family's) moves to the nearest step, and the user
+            is told."""
+            out, specs = [], sliders_for(source_family(source))
             for name, value in zip(SLIDERS, values, strict=True):
-                snapped = snap_note(name, value)
+                snapped = snap_note(name, value, specs)
                 if snapped is not None:
                     gr.Warning(snapped[1])
                 out.append(gr.skip() if snapped is None else snapped[0])
@@ -781,8 +819,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         # while the run goes and unlocked however it ends. Gradio 6.31's page fires a `.then()` step only when
         # the step before it succeeded (an error fires just the `.failure()` steps), so the unlock hangs on both.
         # The check is queued: the page shows no toast for a gr.Error of a queue=False step.
-        for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
-            run = button.click(check_request, [image, *components], api_name=False, concurrency_limit=None,
+        for button, check, handler, api_name in ((generate, check_request, run_generate, "generate"),
+                                                 (compare, check_compare_request, run_compare, "compare")):
+            run = button.click(check, [image, *components], api_name=False, concurrency_limit=None,
                                show_progress="hidden").success(
                 starting, outputs=[*lockable, queue_timer, status, progress], queue=False, api_name=False,
                 show_progress="hidden").then(
@@ -790,8 +829,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
             )
-            run.then(set_locked(False), outputs=[*lockable, queue_timer], queue=False, api_name=False)
-            run.failure(set_locked(False), outputs=[*lockable, queue_timer], queue=False, api_name=False)
+            run.then(unlock, controls[MODEL], [*lockable, queue_timer], queue=False, api_name=False)
+            run.failure(unlock, controls[MODEL], [*lockable, queue_timer], queue=False, api_name=False)
         # An upload PIL cannot read is named with the fix at once and the box emptied for the next file; the
         # check reads the upload itself (preprocess=False): Gradio's own decoding would fail with a bare "Error".
         image.upload(check_upload, image, preprocess=False, api_name=False, concurrency_limit=None,
@@ -809,8 +848,15 @@ def build_app(studio: Studio) -> gr.Blocks:
         # Typed values snap to the step: a slider's number box takes any number and sends no input event. Queued:
         # the page shows no toast from a queue=False step.
         sliders = [controls[name] for name in SLIDERS]
-        gr.on([c.change for c in sliders], snap, sliders, sliders, api_name=False, concurrency_limit=None,
-              show_progress="hidden")
+        gr.on([c.change for c in sliders], snap, [controls[MODEL], *sliders], sliders, api_name=False,
+              concurrency_limit=None, show_progress="hidden")
+        # The model's family decides which controls show; whatever sets the model (a pick, a preset, a re-used
+        # record) fits the form to it, and a preset or starter that sets what the family cannot take is fitted too.
+        controls[MODEL].change(with_named_values(pick_model, names), components, [*(controls[name] for name in FAMILY_CONTROLS), family_note,
+                                                        budget_note, budget_chart], queue=False, api_name="pick_model",
+                               show_progress="hidden")
+        gr.on([controls[name].change for name in FITTED if name != "num_frames"], fit_family, components,
+              [*(controls[name] for name in FITTED), family_note], queue=False, api_name=False, show_progress="hidden")
         controls["prune_threshold"].change(prune_warning, controls["prune_threshold"], prune_note, queue=False,
                                            api_name=False)
         save_preset.click(with_named_values(save_named, names), [preset_name, *components], preset_name,

@@ -20,8 +20,10 @@ class FormControls:
     """Creates the form's controls: each named after its RunSettings field, with its saved value, its label
     (labels.LABELS), its info text and, for a slider, its range and step (sliders.SLIDERS)."""
 
-    def __init__(self, init: dict[str, Any]):
+    def __init__(self, init: dict[str, Any], props: dict[str, dict[str, Any]] | None = None):
+        """``props``: properties that depend on the model's family (``family_form.family_props``), over the rest."""
         self.init = init
+        self.props = props or {}
         self.controls: dict[str, gr.components.Component] = {}
 
     def add(self, name: str, factory: Callable[..., gr.components.Component], *args: Any, **kwargs: Any) -> None:
@@ -29,8 +31,8 @@ class FormControls:
         kwargs.setdefault("label", LABELS[name])
         if name in SLIDERS:
             spec = SLIDERS[name]
-            args = (spec.minimum, spec.maximum)
-            kwargs["step"] = spec.step
+            kwargs.update(minimum=spec.minimum, maximum=spec.maximum, step=spec.step)
+        kwargs.update(self.props.get(name, {}))
         self.controls[name] = factory(*args, value=self.init[name], elem_id=f"ctl-{name}", **kwargs)
 
 
@@ -45,12 +47,22 @@ def main_controls(form: FormControls) -> None:
                     form.add(name, gr.Slider, info="the video's frame rate" if name == "fps" else None)
 
 
+def prompt_controls(form: FormControls) -> None:
+    """The text a Wan model is steered by (hidden for SVD, which takes the image alone: family_form)."""
+    form.add("prompt", gr.Textbox, lines=2, max_lines=4, info=None, placeholder="e.g. a red kite climbs over the dunes")
+    form.add("negative_prompt", gr.Textbox, lines=1, max_lines=2, info=None,
+             placeholder="e.g. blurry, still scene (empty: nothing to avoid)")
+
+
 def generation_controls(form: FormControls) -> None:
+    """SVD's conditioning and per-frame guidance, Wan's one guidance scale (each shown for its family), the device
+    and the live preview."""
     form.add("motion_bucket_id", gr.Slider, info="more = more motion")
     form.add("noise_aug_strength", gr.Slider)
     with gr.Row():
         form.add("min_guidance_scale", gr.Slider)
         form.add("max_guidance_scale", gr.Slider)
+    form.add("guidance_scale", gr.Slider)
     form.add("device", gr.Radio, ["auto", "cpu", "cuda"])
     form.add("preview_every", gr.Slider)
 
