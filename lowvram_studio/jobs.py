@@ -77,6 +77,15 @@ def check_outputs_free(video: str | Path, gif: bool = False) -> None:
         raise media.MediaError(f"cannot write to {folder}: permission denied; choose a writable output folder")
 
 
+def budget_refusal(family_kind: str) -> str | None:
+    """Why a VRAM budget cannot be planned for a model of ``family_kind`` yet, or None: the memory and speed
+    models were fitted on SVD's UNet. The studio asks this before it offers the budget control."""
+    if family_kind == "svd":
+        return None
+    return (f"VRAM budgets are planned from a memory model fitted on SVD, not yet on {family_kind}; "
+            "set vram_budget to off and choose offload, cfg_split and vae_tile yourself")
+
+
 def _emit(event: RunEvent, result: RunResult, on_event: EventCallback | None) -> RunEvent:
     result.events.append(event)
     if on_event:
@@ -156,11 +165,10 @@ def run_job(
     baseline = measure_idle_baseline()
     family = model.family
     dims, gpu = family.dims(), detect_gpu(resolve_device(settings.device))
-    # The memory and speed models were fitted on SVD's UNet; other families run the settings as given.
-    calibrated = family.kind == "svd"
-    if not calibrated and settings.vram_budget != "off":
-        raise SettingsError([f"VRAM budgets are planned from a memory model fitted on SVD, not yet on {family.kind}; "
-                             "set vram_budget to off and choose offload, cfg_split and vae_tile yourself"])
+    refusal = budget_refusal(family.kind)
+    calibrated = refusal is None  # other families run the settings as given
+    if refusal and settings.vram_budget != "off":
+        raise SettingsError([refusal])
     unet_config = dict(model.pipeline.unet.config) if calibrated else None
     planner = Planner.for_gpu(dims, gpu, unet_config)
     plan = plan_for_settings(planner, settings) if calibrated else None

@@ -610,3 +610,42 @@ def test_compare_shows_fidelity_in_view_each_run_in_its_colour_and_the_runs_side
         _screenshot(driver, "studio-compare-1366x768.png")
         driver.execute_script("document.getElementById('stats').scrollIntoView()")
         _screenshot(driver, "studio-compare-table-1366x768.png")
+
+
+def _shown(driver, element_id: str) -> bool:
+    """Whether the control is on the page and displayed (Gradio may leave a hidden one out altogether); read in
+    one script, as the page re-renders the controls while it switches them."""
+    return driver.execute_script("const e = document.getElementById(arguments[0]);"
+                                 "return !!e && e.getClientRects().length > 0;", element_id)
+
+
+def test_the_prompt_boxes_appear_for_a_wan_model_and_go_again_for_the_demo(studio_page, tmp_path):
+    from lowvram_studio.models.wan_toy import build_toy_wan_pipeline
+
+    folder = tmp_path / "toy-wan"
+    build_toy_wan_pipeline().save_pretrained(folder)
+    driver = studio_page.driver
+    _fresh_page(studio_page)
+    assert not _shown(driver, "ctl-prompt")  # the demo is SVD: steered by the image alone
+    _open_tab(driver, "Generation")
+    model = driver.find_element(By.CSS_SELECTOR, "#ctl-model input")
+    model.send_keys(Keys.CONTROL, "a")
+    model.send_keys(str(folder), Keys.ENTER)
+    _wait(driver, lambda d: _shown(d, "ctl-prompt") and _shown(d, "ctl-negative_prompt"), 30)
+    _wait(driver, lambda d: _shown(d, "ctl-guidance_scale") and not _shown(d, "ctl-motion_bucket_id"), 10)
+    _wait(driver, lambda d: (int(_number(d, "num_frames").get_attribute("value")) - 1) % 4 == 0, 10)  # 4k+1
+    _screenshot(driver, "studio-wan-model.png")
+    assert driver.find_element(By.CSS_SELECTOR, "#ctl-vram_budget input").get_attribute("disabled")  # not for Wan yet
+    _upload_image(driver)
+    for name, value in (("width", 64), ("height", 64), ("num_inference_steps", 2)):
+        _set_number(driver, name, value)
+    saved = dict(studio_page.studio.store.data.last)  # the run saves its Wan model; later tests get this back
+    try:
+        driver.find_element(By.ID, "generate").click()
+        _wait(driver, lambda d: "✔" in _text(d, "status"), 120)
+    finally:
+        studio_page.studio.store.save_last(saved)
+    _wait(driver, _unlocked, 10)  # the form unlocks after the run, but for the budget
+    assert driver.find_element(By.CSS_SELECTOR, "#ctl-vram_budget input").get_attribute("disabled")
+    _pick(driver, "ctl-model", DEMO)
+    _wait(driver, lambda d: not _shown(d, "ctl-prompt") and _shown(d, "ctl-motion_bucket_id"), 30)

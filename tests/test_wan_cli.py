@@ -165,18 +165,3 @@ def test_wan_folders_are_found_in_a_models_folder_and_the_hf_cache(wan_folder, t
     shutil.copytree(wan_folder, snapshot)
     found = discover_models(DiscoveryConfig(hf_cache=tmp_path / "hub", models_dirs=[wan_folder.parent]))
     assert {c.name for c in found} >= {"toy-wan2.2-ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
-
-
-def test_the_studio_refuses_a_wan_folder_before_loading_it_and_says_how_to_run_it(wan_folder, tmp_path):
-    from lowvram_studio.models.load import ModelError
-    from lowvram_studio.ui.app import Studio, studio_refusal
-    from lowvram_studio.ui.config_store import ConfigStore
-
-    assert "lowvram-studio generate --model" in studio_refusal(str(wan_folder))
-    assert studio_refusal("demo") is None
-    studio = Studio("demo", tmp_path / "outputs", ConfigStore(tmp_path / "config"), queue_dir=tmp_path / "queue")
-    try:
-        with pytest.raises(ModelError, match="studio runs SVD models for now"):
-            studio.model(str(wan_folder))
-    finally:
-        studio.close()

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +26,38 @@ import PIL.Image
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunEvent
 from ..engine.oom import first_line, is_host_out_of_memory, is_out_of_memory
-from ..engine.precision import detect_gpu, execution_path, rounded_components
+from ..engine.precision import PrecisionPolicy, detect_gpu, execution_path, rounded_components
 from ..engine.pruning import draw_pruning_map
 from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, new_output_path, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
 from ..monitor.record import ReuseError
-from ..monitor.report import THROUGHPUT
 from ..models.demo import demo_model_info
-from ..models.discovery import SVD_PIPELINE_CLASS, DiscoveryConfig, discover_models, folder_pipeline
-from ..models.load import LoadedModel, ModelError, load_model
+from ..models.discovery import DiscoveryConfig, discover_models
+from ..models.load import LoadedModel, load_model
 from ..settings import RunSettings, SettingsError
-from ..settings_adapter import precision_policy
+from ..settings_adapter import precision_request
 from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
 from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget, speed_line
 from .config_store import ConfigStore, PresetError, default_output_dir
-from .curves import MAX_RUNS, CurveRun, curve_frame, phase_caption, write_curve_png
+from .curves import CurveRun, phase_caption, write_curve_png
+from .family_form import (
+    FAMILY_CONTROLS,
+    FITTED,
+    MANUAL,
+    budget_problem,
+    compare_refusal,
+    family_props,
+    fit_to_family,
+    locked_out,
+    sliders_for,
+    source_family,
+)
 from .form import (
-    BUDGET_CHOICES,
     BUDGET_GIB,
     FORM_NAMES,
     GIF,
-    INFO,
     MODEL,
-    UNET_PRECISION_CHOICES,
     form_to_settings,
     lossy_summary,
     prune_warning,
@@ -59,11 +67,21 @@ from .form import (
 )
 from .badge import device_badge
 from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
-from .labels import LABELS, in_user_words, suggest_fix
+from .labels import in_user_words, suggest_fix
+from .layout import FormControls, generation_controls, main_controls, optimization_controls, prompt_controls
 from .preview_view import PreviewPanel
 from .progress import progress_html
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
 from .queue_runner import QUEUE_COLUMNS, QueueRunner
+from .runs_view import (
+    STATS_MAX_CHARS,
+    STATS_WIDTHS,
+    TabHistory,
+    curve_update,
+    phase_marks,
+    stats_headers,
+    stats_row,
+)
 from .reuse import restore_form
 from .share import LoginGuard, serve_options, share_report
 from .sliders import SLIDERS, off_step_problems, snap_note
@@ -76,31 +94,13 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STATUS_REFRESH_S = 1.0  # the status line and progress bar: a few hundred bytes, redrawn once a second
 CURVE_REFRESH_S = 6.0  # the live curve at most every 6 s, only when it grew: a redraw is ~0.3 CPU-s in the browser
 QUEUE_REFRESH_S = 1.0  # the queue table is checked once a second and redrawn only when it changed
-# Fidelity right after the run's name: the columns a Compare is for stay in view on a laptop screen. The peak
-# column's header names what was measured (one studio process measures every run the same way: its GPU's
-# VRAM or, without NVML, CPU RAM), so no column repeats it: the table fits a 1366 px screen unscrolled.
-STATS_COLUMNS = ["run", "PSNR (dB)", "SSIM", "peak {memory} (MiB)", "torch peak (MiB)", "s/step", THROUGHPUT,
-                 "pruned %"]
-STATS_MAX_CHARS = 18  # a longer run name is cut in its cell (a click shows it whole): a long word cannot wrap
-STATS_WIDTHS = ["24%", "9%", "9%", "11%", "11%", "9%", "15%", "12%"]
 DEMO = "demo"
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 def discovered_models() -> list[str]:
-    """Models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT) that the studio runs."""
-    return [str(c.path) for c in discover_models(DiscoveryConfig.from_env()) if studio_refusal(str(c.path)) is None]
-
-
-def studio_refusal(source: str) -> str | None:
-    """Why the studio does not run ``source`` yet (a Wan folder: its prompt controls are not in the studio),
-    told before gigabytes of weights load; None for what it runs."""
-    path = Path(source).expanduser()
-    pipeline = folder_pipeline(path) if path.is_dir() else None
-    if pipeline is None or pipeline == SVD_PIPELINE_CLASS:
-        return None
-    return (f"{path.name} is a Wan model ({pipeline}); the studio runs SVD models for now: make its clip with "
-            f"`lowvram-studio generate --model {path} --image IMAGE --prompt \"...\" --out clip.mp4`")
+    """SVD and Wan models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT)."""
+    return [str(c.path) for c in discover_models(DiscoveryConfig.from_env())]
 
 
 def user_message(exc: BaseException) -> str:
@@ -117,6 +117,13 @@ def user_message(exc: BaseException) -> str:
     return f"the run failed ({type(exc).__name__}: {text[:300]}); see the terminal for details, then try again"
 
 
+def check_compare(source: str) -> None:
+    """Raise ``gr.Error`` with what to do instead when Compare cannot run ``source`` (before anything is queued)."""
+    refusal = compare_refusal(source)
+    if refusal:
+        raise gr.Error(refusal)
+
+
 def check_image_upload(path: Path, name: str | None) -> None:
     """Raise ``gr.Error`` with ``media.load_image``'s message (the CLI's) when PIL cannot read the upload,
     naming the file as the user knows it rather than Gradio's temporary copy."""
@@ -124,59 +131,6 @@ def check_image_upload(path: Path, name: str | None) -> None:
         load_image(path.read_bytes())
     except MediaError as exc:
         raise gr.Error(f"{name or path.name}: {exc}") from exc
-
-
-def _fmt(value: Any, digits: int = 1, scale: float = 1.0) -> str:
-    return "n/a" if value is None else f"{float(value) * scale:.{digits}f}"
-
-
-def phase_marks(job: Job) -> list[tuple[float, str]]:
-    """(seconds since the job started, label) where each phase began; compare runs are prefixed."""
-    marks: list[tuple[float, str]] = []
-    last = None
-    for event in job.events:
-        run = event.data.get("compare_run")
-        key = (run, event.phase)
-        if key == last or event.phase == Phase.DONE or job.started_at is None:
-            continue
-        last = key
-        label = event.phase.value if run is None else f"{run}: {event.phase.value}"
-        marks.append((event.time - job.started_at, label))
-    return marks
-
-
-def stats_row(label: str, peak: Any, torch_peak: Any, results: dict[str, Any]) -> list[str]:
-    """One row of the runs table, in STATS_COLUMNS' order."""
-    return [label, _fmt(results.get("psnr_db"), 1), _fmt(results.get("ssim"), 4), _fmt(peak, 0), _fmt(torch_peak, 0),
-            _fmt(results.get("seconds_per_step"), 2), _fmt(results.get("output_fps"), 2),
-            _fmt(results.get("pruned_fraction"), 1, 100.0)]
-
-
-def stats_headers(memory_label: str) -> list[str]:
-    """STATS_COLUMNS with the peak column naming what was measured, e.g. 'peak CPU RAM (MiB)'."""
-    return [name.format(memory=memory_label) for name in STATS_COLUMNS]
-
-
-def curve_update(runs: list[CurveRun], memory_label: str) -> dict:
-    """The LinePlot update for ``runs``: colours per run, legend without the phase marks, marks named below."""
-    frame, colors = curve_frame(runs)
-    legend = [name for name in colors if not name.startswith("|")]
-    return gr.update(value=frame, color_map=colors, colors_in_legend=legend, y_title=f"{memory_label} (MiB)")
-
-
-@dataclass
-class TabHistory:
-    """What one browser tab remembers: its finished runs' curves and stats rows, and whether its chart still
-    shows the live line of a run that did not finish (the next run's first curve update must clear it)."""
-
-    runs: list[CurveRun] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)
-    memory_label: str = "memory"
-    stale_live_line: bool = False
-
-    def add(self, run: CurveRun, row: list[str]) -> None:
-        self.runs = [*self.runs, run][-MAX_RUNS:]
-        self.rows = [*self.rows, row][-MAX_RUNS:]
 
 
 class LiveCurve:
@@ -243,14 +197,12 @@ class Studio:
                 and settings is not None
                 and rounded_components(
                     self._model.pipeline,
-                    precision_policy(settings, detect_gpu(resolve_device(settings.device))),
+                    PrecisionPolicy.resolve(precision_request(settings), detect_gpu(resolve_device(settings.device)),
+                                            self._model.family.components),  # Wan's transformer, SVD's UNet
                 )
             )
             if self._model is None or self._model.source != source or stale:
                 check_torch_runs(settings.device if settings is not None else "auto")
-                refusal = studio_refusal(source)
-                if refusal:
-                    raise ModelError(refusal)
                 self._model = None  # let the old weights go before the new ones load
                 self._model = load_model(source)
             return self._model
@@ -284,9 +236,10 @@ class Studio:
 
     # ---- settings -----------------------------------------------------------------------------
     def default_form(self, names: list[str]) -> dict[str, Any]:
+        """The defaults, fitted to the start model's family (a Wan model: 4k+1 frames, no VRAM budget)."""
         form = settings_to_form(resolve_auto_precision(RunSettings())[0], names)  # FP16 on a GPU, FP32 on the CPU
         form.update({MODEL: self.model_source, GIF: True})
-        return form
+        return {**form, **fit_to_family(form).changes}
 
     def restored_form(self, names: list[str]) -> tuple[dict[str, Any], str]:
         """The last used form (or defaults with a note when it no longer validates)."""
@@ -318,9 +271,12 @@ class Studio:
             raise gr.Error(problem)
         try:
             image = load_image(image_path)
-            off_step = off_step_problems(form)
-            if off_step:
-                raise SettingsError(off_step)
+            problems = off_step_problems(form, sliders_for(source_family(form.get(MODEL))))
+            budget = budget_problem(form.get(MODEL))
+            if budget and form.get("vram_budget") != MANUAL:
+                problems.append(budget)
+            if problems:
+                raise SettingsError(problems)
             settings = form_to_settings(form)
         except MediaError as exc:
             raise gr.Error(str(exc)) from exc
@@ -372,8 +328,9 @@ class Studio:
     def submit_compare(self, owner: str, image: PIL.Image.Image, settings: RunSettings, form: dict[str, Any]) -> Job:
         from ..compare import run_compare
 
-        out_dir = new_output_path(self.output_dir, "compare", "")
         source = form.get(MODEL) or DEMO
+        check_compare(source)
+        out_dir = new_output_path(self.output_dir, "compare", "")
 
         def work(on_event, cancel):
             on_event(RunEvent(Phase.LOAD, message=f"loading model {source}"))
@@ -508,77 +465,6 @@ def free_port(start: int = 7860, tries: int = 100) -> int:
 
 
 # ---- layout -------------------------------------------------------------------------------------
-class _Form:
-    """Creates the form's controls: each named after its RunSettings field, with its saved value, its label
-    (labels.LABELS), its info text and, for a slider, its range and step (sliders.SLIDERS)."""
-
-    def __init__(self, init: dict[str, Any]):
-        self.init = init
-        self.controls: dict[str, gr.components.Component] = {}
-
-    def add(self, name: str, factory: Callable[..., gr.components.Component], *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("info", INFO.get(name))
-        kwargs.setdefault("label", LABELS[name])
-        if name in SLIDERS:
-            spec = SLIDERS[name]
-            args = (spec.minimum, spec.maximum)
-            kwargs["step"] = spec.step
-        self.controls[name] = factory(*args, value=self.init[name], elem_id=f"ctl-{name}", **kwargs)
-
-
-def _main_controls(form: _Form) -> None:
-    """What every run sets, beside the image: length, steps, size, seed, frame rate (no info lines: room)."""
-    for pair in (("num_frames", "num_inference_steps"), ("width", "height"), ("seed", "fps")):
-        with gr.Row():
-            for name in pair:
-                if name == "seed":
-                    form.add(name, gr.Number, precision=0, minimum=0, info=None)
-                else:
-                    form.add(name, gr.Slider, info="the video's frame rate" if name == "fps" else None)
-
-
-def _generation_controls(form: _Form) -> None:
-    form.add("motion_bucket_id", gr.Slider, info="more = more motion")
-    form.add("noise_aug_strength", gr.Slider)
-    with gr.Row():
-        form.add("min_guidance_scale", gr.Slider)
-        form.add("max_guidance_scale", gr.Slider)
-    form.add("device", gr.Radio, ["auto", "cpu", "cuda"])
-    form.add("preview_every", gr.Slider)
-
-
-def _optimization_controls(form: _Form) -> tuple[gr.Markdown, gr.Markdown, gr.HTML]:
-    """Every control here is one RunSettings field; lossy ones carry ⚠ in their label, and the lossless
-    accordion holds only lossless ones. Returns the pruning warning, the budget's plan note and its chart."""
-    with gr.Row():
-        form.add("vram_budget", gr.Dropdown, list(BUDGET_CHOICES))
-        form.add(BUDGET_GIB, gr.Number, minimum=0.5, maximum=1024, info="used when the VRAM budget is Custom")
-    budget_chart = gr.HTML(elem_id="budget-chart")
-    budget_note = gr.Markdown(elem_id="budget-note")
-    with gr.Row():
-        form.add("unet_dtype", gr.Dropdown, UNET_PRECISION_CHOICES)
-        form.add("vae_dtype", gr.Checkbox)
-        form.add("encoder_dtype", gr.Checkbox)
-        form.add("half_compute", gr.Dropdown, ["auto", "fp16", "fp32"])
-    with gr.Row():
-        form.add("chunk_size", gr.Slider)
-        form.add("overlap", gr.Slider)
-    form.add("prune_threshold", gr.Slider)
-    warning = gr.Markdown(elem_id="prune-warning")
-    with gr.Row():
-        form.add("offload", gr.Radio, ["none", "model", "stream"])
-        form.add("decode_chunk", gr.Slider)
-        form.add("vae_tile", gr.Slider)
-    form.add("interpolate", gr.Radio, ["1", "2", "4"])
-    with gr.Accordion("Lossless memory savers", open=False):
-        form.add("cfg_split", gr.Checkbox)
-        with gr.Row():
-            form.add("spatial_chunk", gr.Slider)
-            form.add("temporal_chunk", gr.Slider)
-            form.add("ff_chunk", gr.Slider)
-    return warning, budget_note, budget_chart
-
-
 # Tightens Gradio's spacing so image, main settings and Generate fit a 1366x768 laptop screen unscrolled.
 COMPACT_CSS = """
 #title h1 { font-size: 1.5em; margin: 0; }
@@ -591,7 +477,8 @@ def build_app(studio: Studio) -> gr.Blocks:
     """The page. First screen: the image | main settings, Generate and progress | live curve and video.
     Below: the other settings in tabs, the runs table, Compare's side-by-side video, downloads, the queue."""
     examples = sorted(str(p) for p in ASSETS.glob("*.png"))
-    form = _Form(studio.default_form(FORM_NAMES))
+    init = studio.default_form(FORM_NAMES)
+    form = FormControls(init, family_props(init))
     controls = form.controls
     with gr.Blocks(title="LowVRAM Studio") as app:
         with gr.Row(equal_height=True):
@@ -607,7 +494,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Column(scale=4, min_width=320):
                 starter = gr.Dropdown(list(STARTERS), value=None, label="Starter preset for your GPU",
                                       elem_id="starter", info="sets the VRAM budget and settings for that card")
-                _main_controls(form)
+                prompt_controls(form)
+                main_controls(form)
                 lossy_note = gr.Markdown(in_user_words(lossy_summary(form_to_settings(form.init))), elem_id="lossy-note")
                 fix = gr.Button("Fix", visible=False, elem_id="fix", size="sm")
                 with gr.Row():
@@ -625,12 +513,13 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=5):
                 form.add(MODEL, gr.Dropdown, [DEMO, *discovered_models()], allow_custom_value=True,
-                         info="demo (built in), a diffusers SVD folder (with model_index.json) "
+                         info="demo (built in), a diffusers SVD or Wan folder (with model_index.json) "
                               "or an svd_xt.safetensors file")
+                family_note = gr.Markdown(elem_id="family-note")  # what a switch of model family changed
                 with gr.Tab("Optimizations"):
-                    prune_note, budget_note, budget_chart = _optimization_controls(form)
+                    prune_note, budget_note, budget_chart = optimization_controls(form)
                 with gr.Tab("Generation"):
-                    _generation_controls(form)
+                    generation_controls(form)
                 with gr.Tab("Presets"):
                     preset_name = gr.Dropdown([], allow_custom_value=True, label="Preset",
                                               info="type a name to save the current settings, or pick one")
@@ -703,6 +592,10 @@ def build_app(studio: Studio) -> gr.Blocks:
         def check_request(image_path: str | None, *values: Any) -> None:
             studio.check_request(image_path, form_of(values))
 
+        def check_compare_request(image_path: str | None, *values: Any) -> None:
+            check_compare(form_of(values).get(MODEL) or DEMO)
+            check_request(image_path, *values)
+
         def check_upload(upload: dict | None) -> None:
             if upload and upload.get("path"):
                 check_image_upload(Path(upload["path"]), upload.get("orig_name"))
@@ -714,17 +607,36 @@ def build_app(studio: Studio) -> gr.Blocks:
             if studio.worker.cancel_owner(request.session_hash or "anonymous"):
                 logger.info("a browser tab closed during its run; the run was stopped")
 
-        def set_locked(locked: bool) -> Callable[[], list[dict]]:
-            """Lock (or unlock) the form; the queue's timer pauses while the tab's run streams: each tick is a
-            round of Gradio's loading-status updates over every component the page has, which a CPU run pays."""
-            def update() -> list[dict]:
-                return [*(gr.update(interactive=not locked) for _ in lockable), gr.Timer(active=not locked)]
+        def set_locked(locked: bool, source: str | None = None) -> list[dict]:
+            """Lock (or unlock) the form, but for the controls ``source``'s family keeps locked (a budget that
+            cannot be planned); the queue's timer pauses while the tab's run streams: each tick is a round of
+            Gradio's loading-status updates over every component the page has, which a CPU run pays."""
+            kept = {controls[name] for name in locked_out(source)}
+            return [*(gr.update(interactive=not locked and c not in kept) for c in lockable),
+                    gr.Timer(active=not locked)]
 
-            return update
+        def unlock(source: str | None) -> list[dict]:
+            return set_locked(False, source)
 
         def starting() -> list[Any]:
             """Lock the form and clear the last run's status and bar: nothing stale while the new run starts."""
-            return [*set_locked(True)(), "⏳ Starting ...", progress_html(None, "starting")]
+            return [*set_locked(True), "⏳ Starting ...", progress_html(None, "starting")]
+
+        def pick_model(*values: Any) -> list[Any]:
+            """The picked model's family: its controls shown, the others hidden, what it cannot take moved (with
+            the note), the budget locked where none can be planned, and the budget's note for this model."""
+            form = form_of(values)
+            fit = fit_to_family(form)
+            props = family_props(form)
+            answer = plan_budget({**form, **fit.changes}, studio.loaded_model)
+            updates = [gr.update(**props[name], **({"value": fit.changes[name]} if name in fit.changes else {}))
+                       for name in FAMILY_CONTROLS]
+            return [*updates, fit.note, answer.note, answer.chart]
+
+        def fit_family(*values: Any) -> list[Any]:
+            """A value the model's family cannot take, set by a preset, a starter or a re-used record, moved."""
+            fit = fit_to_family(form_of(values))
+            return [*(fit.changes.get(name, gr.skip()) for name in FITTED), fit.note or gr.skip()]
 
         def apply_budget(*values: Any) -> list[Any]:
             """The budget's plan into the planned controls (only those it changes), its note and its chart."""
@@ -763,11 +675,12 @@ def build_app(studio: Studio) -> gr.Blocks:
             changes = remedy.changes if remedy else {}
             return [changes[name] if name in changes else gr.skip() for name in names]
 
-        def snap(*values: Any) -> list[Any]:
-            """A value typed between a slider's steps moves to the nearest step, and the user is told."""
-            out = []
+        def snap(source: str | None, *values: Any) -> list[Any]:
+            """A value typed between a slider's steps (the model family's) moves to the nearest step, and the user
+            is told."""
+            out, specs = [], sliders_for(source_family(source))
             for name, value in zip(SLIDERS, values, strict=True):
-                snapped = snap_note(name, value)
+                snapped = snap_note(name, value, specs)
                 if snapped is not None:
                     gr.Warning(snapped[1])
                 out.append(gr.skip() if snapped is None else snapped[0])
@@ -854,8 +767,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         # while the run goes and unlocked however it ends. Gradio 6.31's page fires a `.then()` step only when
         # the step before it succeeded (an error fires just the `.failure()` steps), so the unlock hangs on both.
         # The check is queued: the page shows no toast for a gr.Error of a queue=False step.
-        for button, handler, api_name in ((generate, run_generate, "generate"), (compare, run_compare, "compare")):
-            run = button.click(check_request, [image, *components], api_name=False, concurrency_limit=None,
+        for button, check, handler, api_name in ((generate, check_request, run_generate, "generate"),
+                                                 (compare, check_compare_request, run_compare, "compare")):
+            run = button.click(check, [image, *components], api_name=False, concurrency_limit=None,
                                show_progress="hidden").success(
                 starting, outputs=[*lockable, queue_timer, status, progress], queue=False, api_name=False,
                 show_progress="hidden").then(
@@ -863,8 +777,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
             )
-            run.then(set_locked(False), outputs=[*lockable, queue_timer], queue=False, api_name=False)
-            run.failure(set_locked(False), outputs=[*lockable, queue_timer], queue=False, api_name=False)
+            run.then(unlock, controls[MODEL], [*lockable, queue_timer], queue=False, api_name=False)
+            run.failure(unlock, controls[MODEL], [*lockable, queue_timer], queue=False, api_name=False)
         # An upload PIL cannot read is named with the fix at once and the box emptied for the next file; the
         # check reads the upload itself (preprocess=False): Gradio's own decoding would fail with a bare "Error".
         image.upload(check_upload, image, preprocess=False, api_name=False, concurrency_limit=None,
@@ -882,8 +796,15 @@ def build_app(studio: Studio) -> gr.Blocks:
         # Typed values snap to the step: a slider's number box takes any number and sends no input event. Queued:
         # the page shows no toast from a queue=False step.
         sliders = [controls[name] for name in SLIDERS]
-        gr.on([c.change for c in sliders], snap, sliders, sliders, api_name=False, concurrency_limit=None,
-              show_progress="hidden")
+        gr.on([c.change for c in sliders], snap, [controls[MODEL], *sliders], sliders, api_name=False,
+              concurrency_limit=None, show_progress="hidden")
+        # The model's family decides which controls show; whatever sets the model (a pick, a preset, a re-used
+        # record) fits the form to it, and a preset or starter that sets what the family cannot take is fitted too.
+        controls[MODEL].change(with_named_values(pick_model, names), components, [*(controls[name] for name in FAMILY_CONTROLS), family_note,
+                                                        budget_note, budget_chart], queue=False, api_name="pick_model",
+                               show_progress="hidden")
+        gr.on([controls[name].change for name in FITTED if name != "num_frames"], fit_family, components,
+              [*(controls[name] for name in FITTED), family_note], queue=False, api_name=False, show_progress="hidden")
         controls["prune_threshold"].change(prune_warning, controls["prune_threshold"], prune_note, queue=False,
                                            api_name=False)
         save_preset.click(with_named_values(save_named, names), [preset_name, *components], preset_name,

@@ -25,6 +25,7 @@ from ..models.svd_configs import SVD_XT_UNET_CONFIG
 from ..plan.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
 from ..speed import estimate_for_card
+from .family_form import budget_problem
 from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,10 @@ def unet_config(source: str, loaded: LoadedModel | None, dims: ModelDims) -> dic
 
 def speed_line(form: dict[str, Any], settings: RunSettings, loaded: LoadedModel | None) -> str:
     """The time estimate for the form's run (``settings``, read from it) on the GPU it goes to, as
-    ``jobs.run_job`` will announce it ('' on the CPU or when no device can be resolved)."""
+    ``jobs.run_job`` will announce it ('' on the CPU, when no device can be resolved, or for a family whose
+    memory and speed models are not fitted yet: ``run_job`` estimates nothing for it either)."""
+    if budget_problem(form.get(MODEL)):
+        return ""
     try:
         gpu = detect_gpu(resolve_device(settings.device))
     except RuntimeError:  # e.g. CUDA asked for without a GPU: the settings note says so
@@ -127,6 +131,9 @@ def budget_request(settings: RunSettings) -> RunSettings:
 
 def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswer:
     """Plan the form's request for its budget; the changes are the planned controls that differ from ``form``."""
+    problem = budget_problem(form.get(MODEL))
+    if problem:  # no memory model for this family: nothing to plan, Manual included (its decode rule is SVD's)
+        return BudgetAnswer(None, f"ℹ {problem[0].upper()}{problem[1:]}.")
     if BUDGET_CHOICES.get(form.get("vram_budget")) == "off":
         return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget. One exception "
                                   "on a GPU: with Decode chunk 0, if decoding all frames at once would alone set the "

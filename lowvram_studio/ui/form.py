@@ -31,7 +31,8 @@ UNET_PRECISION_CHOICES = [("FP32", Precision.FP32.value), ("FP16 ⚠ lossy (smal
 # Every control of the saved form: RunSettings fields by their own names, plus the three above.
 FORM_NAMES = [
     MODEL, "num_frames", "num_inference_steps", "width", "height", "seed", "fps", "motion_bucket_id",
-    "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device", "preview_every", "vram_budget", BUDGET_GIB,
+    "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "prompt", "negative_prompt", "guidance_scale",
+    "device", "preview_every", "vram_budget", BUDGET_GIB,
     *PRECISION_FIELDS, "half_compute", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
     "vae_tile", "chunk_size", "overlap", "prune_threshold", "interpolate", GIF,
 ]
@@ -42,6 +43,9 @@ BUDGET_CHOICES = {"Manual": "off", "Auto": "auto", "4 GB": "4GB", "6 GB": "6GB",
 
 # What each control trades; shown as the control's info text. Lossy ones say so (DESIGN §3).
 INFO = {
+    "prompt": "What the clip shows (Wan models steer by text; SVD by the image alone).",
+    "negative_prompt": "What to steer away from, e.g. 'blurry, still scene' (empty: nothing).",
+    "guidance_scale": "How strongly the prompt steers each step; 1 or less turns guidance off (one call per step).",
     "preview_every": "Live preview every N denoise steps (0 = off): ~1 ms each, no VAE call, never changes the video.",
     "vram_budget": "Fills the settings below with the planner's plan for this model, size and frames on a card of "
                    "this size (the same plan Generate applies). Auto plans for this GPU's free memory.",

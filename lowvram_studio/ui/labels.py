@@ -28,6 +28,9 @@ LABELS = {
     "noise_aug_strength": "Noise augmentation",
     "min_guidance_scale": "Min guidance (first frame)",
     "max_guidance_scale": "Max guidance (last frame; ≤ 1 = no CFG)",
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "guidance_scale": "Guidance scale (≤ 1 = no CFG)",
     "device": "Device",
     "preview_every": "Live preview every N steps (0 = off)",
     "vram_budget": "VRAM budget",
@@ -50,7 +53,14 @@ LABELS = {
     GIF: "Also write a GIF",
 }
 _SHORT = {name: label.replace(" ⚠ lossy", "") for name, label in LABELS.items()}
-_FIELD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SHORT), key=len, reverse=True)) + r")\b")
+# "model" and "gif" are form controls, not settings fields, and everyday words in messages ("a memory model").
+_FIELDS = [name for name in _SHORT if name not in (MODEL, GIF)]
+_FIELD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _FIELDS), key=len, reverse=True)) + r")\b")
+
+
+def short_label(name: str) -> str:
+    """``name``'s label without its lossy mark, as a message quotes it."""
+    return _SHORT[name]
 
 
 def in_user_words(message: str) -> str:

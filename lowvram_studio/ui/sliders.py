@@ -8,6 +8,7 @@ API callers, whose requests never pass through the page (beyond the range is the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ SLIDERS = {
     "noise_aug_strength": SliderSpec(0, 1, 0.01),
     "min_guidance_scale": SliderSpec(0, 20, 0.1),
     "max_guidance_scale": SliderSpec(0, 20, 0.1),
+    "guidance_scale": SliderSpec(0, 20, 0.1),
     "preview_every": SliderSpec(0, 10, 1),
     "chunk_size": SliderSpec(0, 64, 1),
     "overlap": SliderSpec(0, 16, 1),
@@ -54,19 +56,20 @@ SLIDERS = {
 }
 
 
-def snap_note(name: str, value: Any) -> tuple[float, str] | None:
-    """(snapped value, what to tell the user) when ``value`` is off ``name``'s steps, else None."""
-    spec = SLIDERS[name]
+def snap_note(name: str, value: Any, specs: Mapping[str, SliderSpec] = SLIDERS) -> tuple[float, str] | None:
+    """(snapped value, what to tell the user) when ``value`` is off ``name``'s steps, else None; ``specs``: the
+    sliders of the model's family (``family_form.sliders_for``)."""
+    spec = specs[name]
     if value is None or spec.on_step(value):
         return None
     snapped = spec.snap(value)
     return snapped, f"{LABELS[name]} moves in steps of {spec.step:g} from {spec.minimum:g}: {value:g} became {snapped:g}."
 
 
-def off_step_problems(form: dict[str, Any]) -> list[str]:
+def off_step_problems(form: dict[str, Any], specs: Mapping[str, SliderSpec] = SLIDERS) -> list[str]:
     """What a request with a value between the steps of a slider must change, named by the label."""
     problems = []
-    for name, spec in SLIDERS.items():
+    for name, spec in specs.items():
         value = form.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and not spec.on_step(value):
             problems.append(f"“{LABELS[name]}” moves in steps of {spec.step:g} from {spec.minimum:g}; "

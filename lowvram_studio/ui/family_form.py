@@ -1,0 +1,126 @@
+"""Which controls the picked model's family takes, and what a switch of family changes in the form.
+
+SVD is steered by its image and per-frame guidance (motion bucket, noise augmentation, min / max guidance);
+Wan by a prompt, a negative prompt and one guidance scale. Wan's request refuses SVD's UNet-layer chunks and
+step reuse (``settings_adapter.request_for``) and takes 4k+1 frames; its VAE decodes frame by frame, so the
+decode chunk has nothing to cut. A VRAM budget is offered only where ``jobs.budget_refusal`` allows one.
+The page hides what the family does not take and, on a switch, moves each value the new family cannot take
+to one it can, saying so in a note: a hidden control never holds a value that would fail the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..jobs import budget_refusal
+from ..models.demo import DEMO_MODEL_NAME
+from ..models.discovery import SVD_PIPELINE_CLASS, folder_pipeline
+from .form import BUDGET_GIB, INFO, MODEL
+from .labels import in_user_words, short_label
+from .sliders import SLIDERS, SliderSpec, snap_note
+
+SVD, WAN = "svd", "wan"
+FAMILY_NAMES = {SVD: "SVD", WAN: "Wan"}  # as the user knows them
+WAN_ONLY = ("prompt", "negative_prompt", "guidance_scale")
+SVD_ONLY = ("motion_bucket_id", "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "spatial_chunk",
+            "temporal_chunk", "prune_threshold", "decode_chunk")
+# The SVD-only knobs Wan refuses when on (decode_chunk: ignores), at the value Wan runs.
+WAN_OFF = {"spatial_chunk": 0, "temporal_chunk": 0, "prune_threshold": 0.0, "decode_chunk": 0}
+# Wan2.1's and Wan2.2's VAEs compress time 4x, so a clip is 4k+1 frames (request_for checks the loaded model's).
+FAMILY_SLIDERS = {WAN: {"num_frames": SliderSpec(5, 125, 4)}}
+BUDGET_CONTROLS = ("vram_budget", BUDGET_GIB)
+MANUAL = "Manual"  # form.BUDGET_CHOICES' "no budget"
+# Every control whose properties depend on the family, in the order the page's model update lists them.
+FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, "num_frames", *BUDGET_CONTROLS)
+FITTED = ("num_frames", *WAN_OFF, "vram_budget")  # the controls ``fit_to_family`` may move
+
+
+def source_family(source: str | None) -> str:
+    """'wan' for a diffusers folder whose model_index.json names a Wan pipeline, else 'svd' (the demo, SVD folders,
+    single files, a name not found: Generate says what is wrong with it); no weights are read."""
+    text = (source or "").strip()
+    if text in ("", DEMO_MODEL_NAME):
+        return SVD
+    path = Path(text).expanduser()
+    pipeline = folder_pipeline(path) if path.is_dir() else None
+    return SVD if pipeline in (None, SVD_PIPELINE_CLASS) else WAN
+
+
+def sliders_for(family: str) -> dict[str, SliderSpec]:
+    """Every slider's range and step for ``family`` (Wan's frames slider moves 4 at a time)."""
+    return {**SLIDERS, **FAMILY_SLIDERS.get(family, {})}
+
+
+def budget_problem(source: str | None) -> str | None:
+    """Why no VRAM budget can be picked for ``source``, in the page's words, or None."""
+    refusal = budget_refusal(source_family(source))
+    if refusal is None:
+        return None
+    return in_user_words(refusal.replace("vram_budget to off", f"vram_budget to {MANUAL}"))  # the page's "off"
+
+
+def compare_refusal(source: str | None) -> str | None:
+    """Why Compare cannot run ``source``, with what to do instead, or None. ``compare.py`` plans run (c) and
+    casts every run with SVD's UNet, so it runs SVD models only."""
+    family = source_family(source)
+    if family == SVD:
+        return None
+    return (f"Compare FP32 vs FP16 runs SVD models (and the demo) for now, not {FAMILY_NAMES[family]} models; to "
+            f"compare this model, press Generate once with “{short_label('unet_dtype')}” FP32 and once with FP16 at the same seed: "
+            "both runs land in the runs table and on the memory curve")
+
+
+@dataclass(frozen=True)
+class FamilyFit:
+    """Control values the form's family cannot take, moved to ones it can, and what to tell the user."""
+
+    changes: dict[str, Any]
+    notes: list[str]
+
+    @property
+    def note(self) -> str:
+        return "".join(f"ℹ {note}\n\n" for note in self.notes).strip()
+
+
+def fit_to_family(form: dict[str, Any]) -> FamilyFit:
+    """What must change for ``form``'s model: frames onto the family's steps, Wan's refused SVD knobs off, and
+    no VRAM budget where none can be planned."""
+    family = source_family(form.get(MODEL))
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+    snapped = snap_note("num_frames", form.get("num_frames"), sliders_for(family))
+    if snapped is not None:
+        changes["num_frames"] = snapped[0]
+        notes.append(f"{FAMILY_NAMES[family]} models: {snapped[1]}")
+    if family == WAN:
+        on = [name for name in WAN_OFF if form.get(name)]
+        changes.update({name: WAN_OFF[name] for name in on})
+        if on:
+            labels = ", ".join(f"“{short_label(name)}”" for name in on)
+            notes.append(f"{labels} cut SVD's UNet or its decoder, which Wan models do not have: set to off.")
+    problem = budget_problem(form.get(MODEL))
+    if problem and form.get("vram_budget", MANUAL) != MANUAL:
+        changes["vram_budget"] = MANUAL
+        notes.append(f"“{short_label('vram_budget')}” set to {MANUAL}: {problem}.")
+    return FamilyFit(changes, notes)
+
+
+def family_props(form: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The page properties of each of FAMILY_CONTROLS for ``form``'s model: shown or hidden, the frames slider's
+    range and step, and whether a budget can be picked (its info line says why not)."""
+    family = source_family(form.get(MODEL))
+    props: dict[str, dict[str, Any]] = {name: {"visible": family == WAN} for name in WAN_ONLY}
+    props.update({name: {"visible": family == SVD} for name in SVD_ONLY})
+    spec = sliders_for(family)["num_frames"]
+    props["num_frames"] = {"minimum": spec.minimum, "maximum": spec.maximum, "step": spec.step}
+    problem = budget_problem(form.get(MODEL))
+    props["vram_budget"] = {"interactive": problem is None, "info": f"⚠ {problem}" if problem else INFO["vram_budget"]}
+    props[BUDGET_GIB] = {"interactive": problem is None}
+    return props
+
+
+def locked_out(source: str | None) -> tuple[str, ...]:
+    """The controls that stay locked when the form unlocks after a run: the budget where none can be planned."""
+    return BUDGET_CONTROLS if budget_problem(source) else ()
