@@ -202,7 +202,7 @@ def _scan(folder: Path, source: str) -> Iterator[ModelCandidate]:
             yield ModelCandidate(entry.stem, entry, CandidateKind.SINGLE_FILE, entry.stat().st_size, source)
 
 
-def _hf_snapshot(repo_folder: Path) -> Path | None:
+def hf_snapshot(repo_folder: Path) -> Path | None:
     """The snapshot ``refs/main`` points at, else the newest one."""
     ref = repo_folder / "refs" / "main"
     if ref.is_file():
@@ -217,7 +217,7 @@ def _scan_hf_cache(cache: Path) -> Iterator[ModelCandidate]:
     if not cache.is_dir():
         return
     for repo_folder in sorted({found for pattern in HF_REPO_PATTERNS for found in cache.glob(pattern)}):
-        snapshot = _hf_snapshot(repo_folder)
+        snapshot = hf_snapshot(repo_folder)
         if snapshot is not None and _usable_folder(snapshot):
             repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)
             yield ModelCandidate(repo_id, snapshot, CandidateKind.DIFFUSERS_FOLDER, _folder_size(snapshot), "hf-cache")

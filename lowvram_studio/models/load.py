@@ -27,7 +27,7 @@ from .errors import ModelError
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
-from .single_file import SingleFileError, load_single_file, read_header
+from .single_file import SingleFileError, load_single_file, narrowest_stored, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -246,19 +246,10 @@ def load_dtype(component: Path, wanted: torch.dtype, fp16_variant: bool) -> torc
     every component to its run's dtype anyway (widening is exact)."""
     files = sorted(component.glob("*.safetensors"))
     chosen = [f for f in files if (".fp16." in f.name) == fp16_variant] or files
-    stored: dict[torch.dtype, int] = {}
-    for path in chosen:
-        try:
-            entries = read_header(path).entries.values()
-        except SingleFileError:
-            return wanted  # from_pretrained says what is wrong with the file
-        for entry in entries:
-            if entry.dtype.is_floating_point:
-                stored[entry.dtype] = stored.get(entry.dtype, 0) + entry.end - entry.begin
-    if not stored:
-        return wanted
-    most = max(stored, key=stored.get)
-    return most if most.itemsize < wanted.itemsize else wanted
+    try:
+        return narrowest_stored([read_header(path) for path in chosen], wanted)
+    except SingleFileError:
+        return wanted  # from_pretrained says what is wrong with the file
 
 
 def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusionPipeline:
