@@ -152,7 +152,8 @@ def check_checkpoint_path(path: str | Path) -> Path:
         raise SingleFileError(
             f"{path} is a pickle checkpoint ({path.suffix}): loading it runs whatever code it contains, so "
             "LowVRAM Studio refuses it; use the .safetensors version of the model (Stability publishes "
-            "svd.safetensors / svd_xt.safetensors) or convert it once in a sandbox you trust"
+            "svd.safetensors / svd_xt.safetensors, ComfyUI's Wan files are .safetensors) or convert it once in a "
+            "sandbox you trust"
         )
     if not path.is_file():
         raise SingleFileError(f"{path} does not exist or is not a file; check the path")
@@ -574,8 +575,9 @@ def _check_is_svd(header: SafetensorsHeader) -> None:
     if not unet_keys:
         sample = ", ".join(list(header.entries)[:3])
         raise SingleFileError(
-            f"{header.path} is not a Stability single-file checkpoint: no '{UNET_PREFIX}' keys (first keys: "
-            f"{sample}); use svd.safetensors / svd_xt.safetensors, or a diffusers folder with model_index.json"
+            f"{header.path} holds neither SVD (no '{UNET_PREFIX}' keys) nor a Wan transformer (first keys: "
+            f"{sample}); use svd.safetensors / svd_xt.safetensors, ComfyUI's wan2.2_ti2v_5B_fp16.safetensors, or a "
+            "diffusers folder with model_index.json"
         )
     if not any(".time_stack." in k for k in unet_keys):
         raise SingleFileError(
