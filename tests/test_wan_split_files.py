@@ -1,7 +1,7 @@
 """Wan2.2 TI2V-5B from ComfyUI's split files (models/wan_split_files.py, models/wan_split_set.py): the toy Wan's
 weights written as ComfyUI keeps them — transformer and VAE under Wan's original key names, the UMT5 text encoder
 under transformers' names in fp16 and as ComfyUI's scaled fp8 — make the same clip as the diffusers folder of the
-same weights, leave the text encoder unread while the prompt cache serves, and every bad
+same weights, leave the text encoder unread while the prompt cache serves, are listed as one model, and every bad
 or missing file is one ``error:`` line (exit 2)."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lowvram_studio.cli import EXIT_BAD_INPUT, main
 from lowvram_studio.media import read_video
+from lowvram_studio.models.discovery import CandidateKind, DiscoveryConfig, discover_models, format_candidates
 from lowvram_studio.models.load import load_model
 from lowvram_studio.models.single_file import METADATA_KEY
 from lowvram_studio.models.wan_configs import TI2V_5B_SCHEDULER
@@ -203,6 +204,26 @@ def test_the_tokenizer_of_a_cached_wan_diffusers_snapshot_serves_too(tmp_path, w
     snapshot = tmp_path / "hub" / "models--Wan-AI--Wan2.2-TI2V-5B-Diffusers" / "snapshots" / "abc"
     shutil.copytree(wan_folder / "tokenizer", snapshot / "tokenizer")
     assert find_tokenizer({"HF_HUB_CACHE": str(tmp_path / "hub")}) == snapshot / "tokenizer"
+
+
+def test_a_comfyui_wan_set_is_listed_once_with_its_three_files(comfy_root, tmp_path):
+    config = DiscoveryConfig(comfyui_root=comfy_root, models_dirs=[comfy_root / "models"])
+    found = [c for c in discover_models(config) if c.kind is CandidateKind.SPLIT_FILES]
+    models = comfy_root / "models"
+    assert len(found) == 1 and found[0].path == models / "diffusion_models" / TRANSFORMER_FILE
+    assert found[0].files == (found[0].path, models / "vae" / "wan2.2_vae.safetensors",
+                              models / "text_encoders" / FP16_ENCODER)
+    assert found[0].size_bytes == sum(f.stat().st_size for f in found[0].files)
+    table = format_candidates(found, config)
+    assert "comfyui-split-files" in table and "wan2.2_vae.safetensors" in table and FP16_ENCODER in table
+    assert json.loads(json.dumps(found[0].to_dict()))["files"][2].endswith(FP16_ENCODER)
+
+
+def test_an_incomplete_comfyui_wan_set_is_not_listed(comfy_root, tmp_path):
+    broken = tmp_path / "ComfyUI"
+    shutil.copytree(comfy_root, broken)
+    (broken / "models" / "vae" / "wan2.2_vae.safetensors").unlink()
+    assert discover_models(DiscoveryConfig(comfyui_root=broken)) == []
 
 
 def bad_input(model: Path, tmp_path: Path, capsys) -> str:
