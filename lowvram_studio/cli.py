@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, help="output video, e.g. out.mp4 (OUT.json is written beside it); "
                      "with --from-record the default is RECORD-again.mp4 beside the record")
     gen.add_argument("--model", default=None,
-                     help="demo | a diffusers SVD or Wan folder | svd_xt.safetensors | HF id in the cache (default: demo)")
+                     help="demo | a diffusers SVD or Wan folder | svd_xt.safetensors | ComfyUI's Wan diffusion_models file (or its ComfyUI folder) | HF id in the cache (default: demo)")
     gen.add_argument("--gif", action="store_true", help="also write OUT.gif")
     gen.add_argument("--from-record", type=Path, default=None, metavar="OUT.json",
                      help="use these settings again: restore the model, every setting and the seed (and the input "

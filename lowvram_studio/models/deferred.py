@@ -26,6 +26,23 @@ BLOCKS_PER_FILE = 16
 BLOCK_BYTES = 64 * 1024
 
 
+def files_fingerprint(class_name: str, config: bytes, headers: list[SafetensorsHeader]) -> str:
+    """The class, its config and, of each weight file, its size, header and sampled data blocks (module docstring)."""
+    digest = hashlib.sha256(class_name.encode())
+    digest.update(config)
+    for header in headers:
+        digest.update(f"{header.path.name}:{header.file_size}:{sorted(header.metadata.items())}".encode())
+        entries = sorted(header.entries.items())
+        digest.update(repr([(name, str(e.dtype), e.shape, e.begin, e.end) for name, e in entries]).encode())
+        data_start = min((e.begin for e in header.entries.values()), default=header.file_size)
+        stride = max((header.file_size - data_start) // BLOCKS_PER_FILE, 1)
+        with header.path.open("rb") as handle:
+            for offset in range(data_start, header.file_size, stride):
+                handle.seek(offset)
+                digest.update(handle.read(BLOCK_BYTES))
+    return f"{class_name}:files-sha256:{digest.hexdigest()[:32]}"
+
+
 @dataclass
 class DeferredTextEncoder:
     """The pipeline folder's ``text_encoder/``: a ``transformers`` class (``UMT5EncoderModel``) read on demand."""
@@ -43,19 +60,8 @@ class DeferredTextEncoder:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            digest = hashlib.sha256(self.class_name.encode())
-            digest.update((self.folder / "config.json").read_bytes())
-            for header in self.headers():
-                digest.update(f"{header.path.name}:{header.file_size}:{sorted(header.metadata.items())}".encode())
-                entries = sorted(header.entries.items())
-                digest.update(repr([(name, str(e.dtype), e.shape, e.begin, e.end) for name, e in entries]).encode())
-                data_start = min((e.begin for e in header.entries.values()), default=header.file_size)
-                stride = max((header.file_size - data_start) // BLOCKS_PER_FILE, 1)
-                with header.path.open("rb") as handle:
-                    for offset in range(data_start, header.file_size, stride):
-                        handle.seek(offset)
-                        digest.update(handle.read(BLOCK_BYTES))
-            self._fingerprint = f"{self.class_name}:files-sha256:{digest.hexdigest()[:32]}"
+            config = (self.folder / "config.json").read_bytes()
+            self._fingerprint = files_fingerprint(self.class_name, config, self.headers())
         return self._fingerprint
 
     def parameters(self) -> int:

@@ -1,8 +1,9 @@
 """Find SVD and Wan models already on disk: ComfyUI folders, the Hugging Face cache, and folders the user names.
 
 Only plausible models are listed: diffusers folders whose ``model_index.json`` names
-``StableVideoDiffusionPipeline`` or a Wan image-to-video pipeline, and SVD ``.safetensors`` files whose header (read alone, a few MB at
-most) holds an SVD UNet (``model.diffusion_model.`` keys with temporal ``time_stack`` layers).
+``StableVideoDiffusionPipeline`` or a Wan image-to-video pipeline, SVD ``.safetensors`` files whose header (read alone, a few MB at
+most) holds an SVD UNet (``model.diffusion_model.`` keys with temporal ``time_stack`` layers), and ComfyUI's Wan
+split files as one model: a Wan transformer with the VAE and text encoder that fit it (``models/wan_split_set.py``).
 A folder whose weights are pickle only (``.bin``, ``.pt``, ``.ckpt``) is refused, not listed: loading
 pickle runs whatever code it holds. Nothing is loaded and nothing is downloaded.
 """
@@ -17,13 +18,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .single_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, UNET_PREFIX, SingleFileError, read_header
+from .single_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, UNET_PREFIX, SafetensorsHeader, SingleFileError, read_header
+from .wan_split_set import TRANSFORMER, find_set, wan_part
 
 logger = logging.getLogger(__name__)
 
 SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
 HF_REPO_PATTERNS = ("models--*stable-video-diffusion*", "models--Wan-AI--*")
-COMFYUI_SUBFOLDERS = ("models/checkpoints", "models/diffusers")
+COMFYUI_SUBFOLDERS = ("models/checkpoints", "models/diffusers", "models/diffusion_models", "models/unet")
 MAX_DEPTH = 3  # how deep to look below each folder (ComfyUI users sort checkpoints into subfolders)
 WEIGHT_COMPONENTS = ("unet", "vae", "image_encoder")
 WAN_WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
@@ -38,6 +40,7 @@ FOLDER_WEIGHTS = {
 class CandidateKind(str, Enum):
     DIFFUSERS_FOLDER = "diffusers-folder"
     SINGLE_FILE = "single-file"
+    SPLIT_FILES = "comfyui-split-files"  # a Wan transformer + VAE + text encoder; ``path`` is the transformer
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ModelCandidate:
     kind: CandidateKind
     size_bytes: int
     source: str = ""  # "comfyui", "hf-cache" or "models-dir"
+    files: tuple[Path, ...] = ()  # SPLIT_FILES: the transformer, VAE and text encoder files
 
     def to_dict(self) -> dict:
         """JSON-ready (``lowvram-studio models --json``)."""
@@ -58,6 +62,7 @@ class ModelCandidate:
             "kind": self.kind.value,
             "size_bytes": self.size_bytes,
             "source": self.source,
+            "files": [str(f) for f in self.files],
         }
 
 
@@ -146,14 +151,36 @@ def _usable_folder(folder: Path) -> bool:
     return True
 
 
+def _is_svd(header: SafetensorsHeader) -> bool:
+    return any(k.startswith(UNET_PREFIX) and ".time_stack." in k for k in header.entries)
+
+
 def is_svd_single_file(path: Path) -> bool:
     """A safetensors file whose header holds an SVD UNet in the original layout (header read only)."""
     try:
-        keys = read_header(path).entries
+        return _is_svd(read_header(path))
     except (SingleFileError, OSError) as exc:
         logger.debug("skipping %s: %s", path, exc)
         return False
-    return any(k.startswith(UNET_PREFIX) and ".time_stack." in k for k in keys)
+
+
+def _file_candidate(path: Path, source: str) -> ModelCandidate | None:
+    """An SVD single file, or a Wan transformer whose VAE and text encoder are found (else skipped, saying why)."""
+    try:
+        header = read_header(path)
+    except (SingleFileError, OSError) as exc:
+        logger.debug("skipping %s: %s", path, exc)
+        return None
+    if _is_svd(header):
+        return ModelCandidate(path.stem, path, CandidateKind.SINGLE_FILE, header.file_size, source)
+    if wan_part(header) != TRANSFORMER:
+        return None
+    try:
+        files = find_set(header)
+    except SingleFileError as exc:
+        logger.warning("not listing a ComfyUI Wan model: %s", exc)
+        return None
+    return ModelCandidate(path.stem, path, CandidateKind.SPLIT_FILES, files.size_bytes, source, files.files)
 
 
 def _folder_size(folder: Path) -> int:
@@ -198,11 +225,13 @@ def _scan(folder: Path, source: str) -> Iterator[ModelCandidate]:
     for entry in entries:
         if entry.is_dir() and _usable_folder(entry):
             yield ModelCandidate(entry.name, entry, CandidateKind.DIFFUSERS_FOLDER, _folder_size(entry), source)
-        elif entry.is_file() and entry.suffix.lower() in SAFETENSORS_SUFFIXES and is_svd_single_file(entry):
-            yield ModelCandidate(entry.stem, entry, CandidateKind.SINGLE_FILE, entry.stat().st_size, source)
+        elif entry.is_file() and entry.suffix.lower() in SAFETENSORS_SUFFIXES:
+            candidate = _file_candidate(entry, source)
+            if candidate is not None:
+                yield candidate
 
 
-def _hf_snapshot(repo_folder: Path) -> Path | None:
+def hf_snapshot(repo_folder: Path) -> Path | None:
     """The snapshot ``refs/main`` points at, else the newest one."""
     ref = repo_folder / "refs" / "main"
     if ref.is_file():
@@ -217,14 +246,14 @@ def _scan_hf_cache(cache: Path) -> Iterator[ModelCandidate]:
     if not cache.is_dir():
         return
     for repo_folder in sorted({found for pattern in HF_REPO_PATTERNS for found in cache.glob(pattern)}):
-        snapshot = _hf_snapshot(repo_folder)
+        snapshot = hf_snapshot(repo_folder)
         if snapshot is not None and _usable_folder(snapshot):
             repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)
             yield ModelCandidate(repo_id, snapshot, CandidateKind.DIFFUSERS_FOLDER, _folder_size(snapshot), "hf-cache")
 
 
 def discover_models(config: DiscoveryConfig) -> list[ModelCandidate]:
-    """Every plausible SVD model in the configured places, each once, sorted by name."""
+    """Every plausible SVD and Wan model in the configured places, each once, sorted by name."""
     found: list[ModelCandidate] = []
     if config.comfyui_root is not None:
         for sub in COMFYUI_SUBFOLDERS:
@@ -254,11 +283,14 @@ def format_candidates(candidates: list[ModelCandidate], config: DiscoveryConfig 
         return (
             f"No SVD models found (looked in: {where}).\n"
             "Add one with --models-dir DIR, set COMFYUI_ROOT to your ComfyUI folder, or pass "
-            "--model PATH (a diffusers SVD folder or svd_xt.safetensors). The built-in 'demo' model always works."
+            "--model PATH (a diffusers SVD or Wan folder, svd_xt.safetensors, or ComfyUI's "
+            "wan2.2_ti2v_5B_fp16.safetensors). The built-in 'demo' model always works."
         )
     rows = [("NAME", "KIND", "SIZE", "FROM", "PATH")]
     rows += [(c.name, c.kind.value, f"{c.size_bytes / 2**30:.1f} GiB", c.source, str(c.path)) for c in candidates]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows
-    )
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    for index, candidate in reversed(list(enumerate(candidates, start=1))):
+        if candidate.files:  # the VAE and text encoder --model PATH brings along, under its row
+            lines.insert(index + 1, f"    with {', '.join(str(f) for f in candidate.files[1:])}")
+    return "\n".join(lines)

@@ -27,7 +27,9 @@ from .errors import ModelError
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
-from .single_file import SingleFileError, load_single_file, read_header
+from .single_file import SingleFileError, check_checkpoint_path, load_single_file, narrowest_stored, read_header
+from .wan_split_files import SplitTextEncoder, load_split_set
+from .wan_split_set import TRANSFORMER, find_set, is_comfy_folder, transformer_in, wan_part
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +80,10 @@ class LoadedModel:
     pipeline: StableVideoDiffusionPipeline
     name: str
     source: str
-    kind: str  # "demo" | "diffusers-folder" | "hf-cache" | "single-file"
+    kind: str  # "demo" | "diffusers-folder" | "hf-cache" | "single-file" | "comfyui-split-files"
     note: str = ""  # shown to the user (e.g. that the demo weights are random)
-    text_encoder_source: DeferredTextEncoder | None = None  # a Wan folder's text encoder, read when a prompt needs it
+    # a Wan model's text encoder left on disk (its folder's text_encoder/ or ComfyUI's file), read when a prompt needs it
+    text_encoder_source: DeferredTextEncoder | SplitTextEncoder | None = None
 
     @property
     def family(self) -> VideoFamily:
@@ -140,7 +143,8 @@ def native_settings(pipeline: StableVideoDiffusionPipeline) -> dict[str, int | s
 def load_model(
     source: str | Path, dtype: torch.dtype = torch.float32, on_progress: Callable[[int, int], None] | None = None
 ) -> LoadedModel:
-    """``demo``, a diffusers folder, a ``.safetensors`` single file, or an HF id already in the cache.
+    """``demo``, a diffusers folder, a ``.safetensors`` single file (SVD, or the transformer of ComfyUI's Wan split
+    files), a ComfyUI folder holding one Wan model, or an HF id already in the cache.
 
     ``on_progress(bytes_done, bytes_total)`` follows the reading of a single file (multi-GB files).
     """
@@ -148,6 +152,8 @@ def load_model(
     if text in ("", DEMO_MODEL_NAME):
         return LoadedModel(build_demo_pipeline(), DEMO_MODEL_NAME, DEMO_MODEL_NAME, "demo", demo_model_info().note)
     path = Path(text).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file() and is_comfy_folder(path):
+        return _load_file(_checked(transformer_in, path), dtype, on_progress)
     if path.is_dir():
         return _load_folder(path, dtype, path.name, "diffusers-folder")
     if path.is_file():
@@ -246,19 +252,10 @@ def load_dtype(component: Path, wanted: torch.dtype, fp16_variant: bool) -> torc
     every component to its run's dtype anyway (widening is exact)."""
     files = sorted(component.glob("*.safetensors"))
     chosen = [f for f in files if (".fp16." in f.name) == fp16_variant] or files
-    stored: dict[torch.dtype, int] = {}
-    for path in chosen:
-        try:
-            entries = read_header(path).entries.values()
-        except SingleFileError:
-            return wanted  # from_pretrained says what is wrong with the file
-        for entry in entries:
-            if entry.dtype.is_floating_point:
-                stored[entry.dtype] = stored.get(entry.dtype, 0) + entry.end - entry.begin
-    if not stored:
-        return wanted
-    most = max(stored, key=stored.get)
-    return most if most.itemsize < wanted.itemsize else wanted
+    try:
+        return narrowest_stored([read_header(path) for path in chosen], wanted)
+    except SingleFileError:
+        return wanted  # from_pretrained says what is wrong with the file
 
 
 def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusionPipeline:
@@ -272,11 +269,28 @@ def _with_preview(pipeline: StableVideoDiffusionPipeline) -> StableVideoDiffusio
     return pipeline
 
 
-def _load_file(path: Path, dtype: torch.dtype, on_progress: Callable[[int, int], None] | None) -> LoadedModel:
+def _checked(function: Callable, *args, **kwargs):
+    """``function(*args, **kwargs)`` with a file's SingleFileError raised as the loaders' ModelError."""
     try:
-        pipeline = load_single_file(path, dtype=dtype, on_progress=on_progress)
+        return function(*args, **kwargs)
     except SingleFileError as exc:
         raise ModelError(str(exc)) from exc
+
+
+def _load_file(path: Path, dtype: torch.dtype, on_progress: Callable[[int, int], None] | None) -> LoadedModel:
+    """An SVD single file, or a Wan transformer with the VAE and text encoder ComfyUI keeps beside it."""
+    header = _checked(read_header, _checked(check_checkpoint_path, path))
+    part = wan_part(header)
+    if part == TRANSFORMER:
+        files = _checked(find_set, header)
+        logger.info("loading ComfyUI's Wan split files %s", ", ".join(str(f) for f in files.files))
+        pipeline, text_encoder = _checked(load_split_set, files, dtype, on_progress)
+        return LoadedModel(pipeline, path.stem, str(path), "comfyui-split-files", text_encoder_source=text_encoder)
+    if part is not None:
+        raise ModelError(f"{path} is Wan's {part}, one of ComfyUI's three Wan files; give the diffusion model, "
+                         "e.g. --model models/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors (its VAE and text "
+                         "encoder are found in ComfyUI's models/vae/ and models/text_encoders/)")
+    pipeline = _checked(load_single_file, path, dtype, on_progress=on_progress)
     return LoadedModel(_with_preview(pipeline), path.stem, str(path), "single-file")
 
 

@@ -152,7 +152,8 @@ def check_checkpoint_path(path: str | Path) -> Path:
         raise SingleFileError(
             f"{path} is a pickle checkpoint ({path.suffix}): loading it runs whatever code it contains, so "
             "LowVRAM Studio refuses it; use the .safetensors version of the model (Stability publishes "
-            "svd.safetensors / svd_xt.safetensors) or convert it once in a sandbox you trust"
+            "svd.safetensors / svd_xt.safetensors, ComfyUI's Wan files are .safetensors) or convert it once in a "
+            "sandbox you trust"
         )
     if not path.is_file():
         raise SingleFileError(f"{path} does not exist or is not a file; check the path")
@@ -212,6 +213,20 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     except SafetensorError as exc:
         raise SingleFileError(f"{path} is not a valid safetensors file ({exc}); download it again") from exc
     return SafetensorsHeader(path, entries, {str(k): str(v) for k, v in metadata.items()}, file_size)
+
+
+def narrowest_stored(headers: Iterable[SafetensorsHeader], wanted: torch.dtype) -> torch.dtype:
+    """``wanted``, or the narrower floating dtype most of the files' bytes are stored in (reading bf16 files into
+    fp32 doubles their RAM for bits they never had). fp8 weights are dequantized when read, so they do not count."""
+    stored: dict[torch.dtype, int] = {}
+    for header in headers:
+        for entry in header.entries.values():
+            if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
+                stored[entry.dtype] = stored.get(entry.dtype, 0) + entry.end - entry.begin
+    if not stored:
+        return wanted
+    most = max(stored, key=stored.get)
+    return most if most.itemsize < wanted.itemsize else wanted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,8 +575,9 @@ def _check_is_svd(header: SafetensorsHeader) -> None:
     if not unet_keys:
         sample = ", ".join(list(header.entries)[:3])
         raise SingleFileError(
-            f"{header.path} is not a Stability single-file checkpoint: no '{UNET_PREFIX}' keys (first keys: "
-            f"{sample}); use svd.safetensors / svd_xt.safetensors, or a diffusers folder with model_index.json"
+            f"{header.path} holds neither SVD (no '{UNET_PREFIX}' keys) nor a Wan transformer (first keys: "
+            f"{sample}); use svd.safetensors / svd_xt.safetensors, ComfyUI's wan2.2_ti2v_5B_fp16.safetensors, or a "
+            "diffusers folder with model_index.json"
         )
     if not any(".time_stack." in k for k in unet_keys):
         raise SingleFileError(
@@ -577,7 +593,8 @@ def _check_is_svd(header: SafetensorsHeader) -> None:
         )
 
 
-def _recorded_configs(header: SafetensorsHeader) -> dict[str, dict]:
+def recorded_configs(header: SafetensorsHeader) -> dict[str, dict]:
+    """The hyperparameters our own files (tests, benchmarks) record under METADATA_KEY, by component."""
     text = header.metadata.get(METADATA_KEY)
     if not text:
         return {}
@@ -596,7 +613,7 @@ def inspect_single_file(path: str | Path, num_frames: int | None = None) -> Sing
 def _describe(header: SafetensorsHeader, num_frames: int | None) -> SingleFileInfo:
     path = header.path
     _check_is_svd(header)
-    recorded = _recorded_configs(header)
+    recorded = recorded_configs(header)
     variant = _variant_from(path, header.metadata)
     if variant is None:
         variant = ("svd-like", 25)
@@ -653,7 +670,7 @@ def _module_config(component: str, module: torch.nn.Module) -> dict:
     return dict(module.config)
 
 
-class _TensorReader:
+class TensorReader:
     """Reads tensors at their offsets straight into their final, target-dtype tensors.
 
     Plain reads instead of a memory map keep the file's pages out of the process's resident memory,
@@ -749,7 +766,7 @@ def _plan_component(header: SafetensorsHeader, component: str, config: Mapping):
 
 
 def _load_component(
-    reader: _TensorReader,
+    reader: TensorReader,
     component: str,
     module: torch.nn.Module,
     expected: Mapping[str, tuple[int, ...]],
@@ -830,7 +847,7 @@ def load_single_file(
         "%s: %s, %d native frames, reading %.2f GiB (%s), skipping %d unused keys",
         info.path, info.variant, info.num_frames, sum(needed_bytes.values()) / 2**30, info.dtype, len(skipped),
     )
-    reader = _TensorReader(header, sum(needed_bytes.values()), on_progress)
+    reader = TensorReader(header, sum(needed_bytes.values()), on_progress)
     try:
         modules = {
             c: _load_component(reader, c, module, expected, sources, _component_dtype(dtype, c))

@@ -21,6 +21,22 @@ WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4
                  attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0, is_residual=True,
                  in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
                  latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+# The latent statistics of Wan2.2's VAE (Wan2.2_VAE.pth / ComfyUI's wan2.2_vae.safetensors, whose file holds no
+# config): the values of Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json. WAN22_VAE above keeps 0 / 1 for the
+# random-weight benchmarks.
+WAN22_LATENTS_MEAN = [-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
+                      0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
+                      -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313,
+                      -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
+                      0.3573, -0.0548, -0.1681, -0.0667]
+WAN22_LATENTS_STD = [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+                     0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+                     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+# The scheduler Wan2.2 TI2V-5B's diffusers folder configures (scheduler/scheduler_config.json: UniPC on flow sigmas,
+# shift 5; the remaining fields are UniPC's defaults)
+TI2V_5B_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
+                         num_train_timesteps=1000)
 # google/umt5-xxl's encoder as Wan ships it
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
@@ -35,7 +51,7 @@ def build_ti2v_5b_pipeline(device: str | torch.device = "cuda", seed: int = 0) -
         transformer = WanTransformer3DModel(**TI2V_5B_TRANSFORMER).to(torch.bfloat16)
         text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16)
         vae = AutoencoderKLWan(**WAN22_VAE)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    scheduler = UniPCMultistepScheduler(**TI2V_5B_SCHEDULER)
     pipeline = WanImageToVideoPipeline(tokenizer=toy_tokenizer(), text_encoder=text_encoder, vae=vae,
                                        scheduler=scheduler, transformer=transformer, expand_timesteps=True)
     pipeline.set_progress_bar_config(disable=True)
