@@ -1,7 +1,9 @@
 """Demo-model training: the objective matches the inference scheduler, the smoke run learns and
 exports weights the demo pipeline loads, and trained weights (when shipped) really move."""
 
+import itertools
 import json
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -101,11 +103,20 @@ def test_still_oversampling_turns_a_seeded_share_of_clips_still_and_leaves_unifo
     assert forced == [train.stream_motion(seed, 0.2) for seed in range(4000)]
 
 
+@pytest.fixture
+def a_second_per_clock_reading(monkeypatch):
+    """The smoke VAE phase can take under a second on a fast CPU, which would leave the 579 s the UNet phase
+    needs to start: a clock that advances one second per reading makes "too little time left" machine-independent."""
+    clock = itertools.count(int(time.perf_counter()))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+
+
 needs_trained = pytest.mark.skipif(not demo_model_info().trained, reason="trained demo weights not in assets/demo-model")
 
 
 @needs_trained
-def test_init_from_starts_from_the_weights_and_the_decoder_phase_leaves_the_latent_path_bit_identical(tmp_path):
+def test_init_from_starts_from_the_weights_and_the_decoder_phase_leaves_the_latent_path_bit_identical(
+        tmp_path, a_second_per_clock_reading):
     folder = demo_model_info().weights_dir
     shipped = {name: load_file(str(folder / filename)) for name, filename in WEIGHT_FILES.items()}
     # The VAE phase runs; the UNet phase would need 579 s of the 580 left, so it waits for a resume.
@@ -142,7 +153,8 @@ def test_init_from_cli_fine_tunes_to_the_end_and_exports_the_unchanged_encoder(t
     assert all(torch.equal(exported[k], shipped[k]) for k in shipped if k.startswith(("encoder.", "quant_conv.")))
 
 
-def test_first_invocation_checkpoint_holds_only_the_frozen_vae_and_a_final_resume_finishes(tmp_path):
+def test_first_invocation_checkpoint_holds_only_the_frozen_vae_and_a_final_resume_finishes(
+        tmp_path, a_second_per_clock_reading):
     ckpt = tmp_path / "ckpt"
     # 10 minutes leave 580 s to train; phases need 579 s to start: the VAE starts, the UNet does not.
     config = replace(train.smoke_config(), min_phase_minutes=579 / 60)
