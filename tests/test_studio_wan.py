@@ -87,6 +87,11 @@ def test_picking_a_wan_model_shows_its_prompt_controls_hides_svds_and_snaps_what
     assert updates["num_frames"]["step"] == 1 and "value" not in updates["num_frames"]  # SVD takes 13 as it is
     assert updates["vram_budget"]["interactive"] is True and note == "" and budget_note.startswith("Manual")
 
+    wan_sizes, _, _ = _picked(client, **{**svd_form, "model": str(wan_folder)})
+    assert (wan_sizes["height"]["step"], wan_sizes["width"]["maximum"]) == (32, 1280)  # 480x832, 1280x704 reachable
+    updates, note, _ = _picked(client, **{**svd_form, "height": 480, "num_frames": 13, "vram_budget": "Manual"})
+    assert updates["height"]["value"] in (448, 512) and updates["height"]["step"] == 64 and "480 became" in note
+
 
 def test_generate_on_a_wan_model_writes_its_clip_and_the_record_holds_the_prompts(wan_run):
     video, record = wan_run

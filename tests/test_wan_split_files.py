@@ -219,6 +219,15 @@ def test_a_comfyui_wan_set_is_listed_once_with_its_three_files(comfy_root, tmp_p
     assert json.loads(json.dumps(found[0].to_dict()))["files"][2].endswith(FP16_ENCODER)
 
 
+def test_the_studio_shows_wans_controls_for_a_comfyui_set_named_by_file_or_folder(comfy_root):
+    from lowvram_studio.ui.family_form import source_family
+
+    models = comfy_root / "models"
+    assert source_family(str(models / "diffusion_models" / TRANSFORMER_FILE)) == "wan"
+    assert source_family(str(comfy_root)) == source_family(str(models)) == "wan"
+    assert source_family(str(models / "vae" / "wan2.2_vae.safetensors")) == "svd"  # not a model: Generate says so
+
+
 def test_an_incomplete_comfyui_wan_set_is_not_listed(comfy_root, tmp_path):
     broken = tmp_path / "ComfyUI"
     shutil.copytree(comfy_root, broken)

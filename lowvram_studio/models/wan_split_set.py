@@ -187,3 +187,17 @@ def transformer_in(folder: Path) -> Path:
 def is_comfy_folder(folder: Path) -> bool:
     """A ComfyUI root or its ``models/`` folder (it has a diffusion models folder)."""
     return any((_models_of(folder) / name).is_dir() for name in FOLDERS[TRANSFORMER])
+
+
+def names_wan_split_set(path: Path) -> bool:
+    """Whether ``path`` names a ComfyUI Wan model: its transformer file, or a ComfyUI folder with one (headers
+    only; what else the set needs is checked when it loads)."""
+    try:
+        if path.is_file():
+            return wan_part(read_header(path)) == TRANSFORMER
+        if path.is_dir() and is_comfy_folder(path):
+            transformer_in(path)
+            return True
+    except SingleFileError:
+        return False
+    return False

@@ -45,6 +45,7 @@ from .family_form import (
     FAMILY_CONTROLS,
     FITTED,
     MANUAL,
+    SNAPPED,
     budget_problem,
     compare_refusal,
     family_props,
@@ -803,7 +804,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         controls[MODEL].change(with_named_values(pick_model, names), components, [*(controls[name] for name in FAMILY_CONTROLS), family_note,
                                                         budget_note, budget_chart], queue=False, api_name="pick_model",
                                show_progress="hidden")
-        gr.on([controls[name].change for name in FITTED if name != "num_frames"], fit_family, components,
+        gr.on([controls[name].change for name in FITTED if name not in SNAPPED], fit_family, components,
               [*(controls[name] for name in FITTED), family_note], queue=False, api_name=False, show_progress="hidden")
         controls["prune_threshold"].change(prune_warning, controls["prune_threshold"], prune_note, queue=False,
                                            api_name=False)

@@ -17,6 +17,7 @@ from typing import Any
 from ..jobs import budget_refusal
 from ..models.demo import DEMO_MODEL_NAME
 from ..models.discovery import SVD_PIPELINE_CLASS, folder_pipeline
+from ..models.wan_split_set import names_wan_split_set
 from .form import BUDGET_GIB, INFO, MODEL
 from .labels import in_user_words, short_label
 from .sliders import SLIDERS, SliderSpec, snap_note
@@ -29,27 +30,33 @@ SVD_ONLY = ("motion_bucket_id", "noise_aug_strength", "min_guidance_scale", "max
 # The SVD-only knobs Wan refuses when on (decode_chunk: ignores), at the value Wan runs.
 WAN_OFF = {"spatial_chunk": 0, "temporal_chunk": 0, "prune_threshold": 0.0, "decode_chunk": 0}
 # Wan2.1's and Wan2.2's VAEs compress time 4x, so a clip is 4k+1 frames (request_for checks the loaded model's).
-FAMILY_SLIDERS = {WAN: {"num_frames": SliderSpec(5, 125, 4)}}
+# Sizes: one Wan2.2 TI2V token per 32 px (16 px latent cells, 2x2 patches), up to its 1280x704.
+FAMILY_SLIDERS = {WAN: {"num_frames": SliderSpec(5, 125, 4), "width": SliderSpec(64, 1280, 32),
+                        "height": SliderSpec(64, 1280, 32)}}
+SNAPPED = ("num_frames", "width", "height")  # the sliders whose steps depend on the family
 BUDGET_CONTROLS = ("vram_budget", BUDGET_GIB)
 MANUAL = "Manual"  # form.BUDGET_CHOICES' "no budget"
 # Every control whose properties depend on the family, in the order the page's model update lists them.
-FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, "num_frames", *BUDGET_CONTROLS)
-FITTED = ("num_frames", *WAN_OFF, "vram_budget")  # the controls ``fit_to_family`` may move
+FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, *SNAPPED, *BUDGET_CONTROLS)
+FITTED = (*SNAPPED, *WAN_OFF, "vram_budget")  # the controls ``fit_to_family`` may move
 
 
 def source_family(source: str | None) -> str:
-    """'wan' for a diffusers folder whose model_index.json names a Wan pipeline, else 'svd' (the demo, SVD folders,
-    single files, a name not found: Generate says what is wrong with it); no weights are read."""
+    """'wan' for a diffusers folder whose model_index.json names a Wan pipeline or a ComfyUI Wan model (its
+    transformer file or folder), else 'svd' (the demo, SVD folders, single files, a name not found: Generate says
+    what is wrong with it); only headers are read."""
     text = (source or "").strip()
     if text in ("", DEMO_MODEL_NAME):
         return SVD
     path = Path(text).expanduser()
     pipeline = folder_pipeline(path) if path.is_dir() else None
-    return SVD if pipeline in (None, SVD_PIPELINE_CLASS) else WAN
+    if pipeline is None:
+        return WAN if names_wan_split_set(path) else SVD
+    return SVD if pipeline == SVD_PIPELINE_CLASS else WAN
 
 
 def sliders_for(family: str) -> dict[str, SliderSpec]:
-    """Every slider's range and step for ``family`` (Wan's frames slider moves 4 at a time)."""
+    """Every slider's range and step for ``family`` (Wan's frames slider moves 4 at a time, its sizes 32 px)."""
     return {**SLIDERS, **FAMILY_SLIDERS.get(family, {})}
 
 
@@ -90,10 +97,11 @@ def fit_to_family(form: dict[str, Any]) -> FamilyFit:
     family = source_family(form.get(MODEL))
     changes: dict[str, Any] = {}
     notes: list[str] = []
-    snapped = snap_note("num_frames", form.get("num_frames"), sliders_for(family))
-    if snapped is not None:
-        changes["num_frames"] = snapped[0]
-        notes.append(f"{FAMILY_NAMES[family]} models: {snapped[1]}")
+    for name in SNAPPED:
+        snapped = snap_note(name, form.get(name), sliders_for(family))
+        if snapped is not None:
+            changes[name] = snapped[0]
+            notes.append(f"{FAMILY_NAMES[family]} models: {snapped[1]}")
     if family == WAN:
         on = [name for name in WAN_OFF if form.get(name)]
         changes.update({name: WAN_OFF[name] for name in on})
@@ -109,12 +117,13 @@ def fit_to_family(form: dict[str, Any]) -> FamilyFit:
 
 def family_props(form: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The page properties of each of FAMILY_CONTROLS for ``form``'s model: shown or hidden, the frames slider's
-    range and step, and whether a budget can be picked (its info line says why not)."""
+    and size sliders' ranges and steps, and whether a budget can be picked (its info line says why not)."""
     family = source_family(form.get(MODEL))
     props: dict[str, dict[str, Any]] = {name: {"visible": family == WAN} for name in WAN_ONLY}
     props.update({name: {"visible": family == SVD} for name in SVD_ONLY})
-    spec = sliders_for(family)["num_frames"]
-    props["num_frames"] = {"minimum": spec.minimum, "maximum": spec.maximum, "step": spec.step}
+    specs = sliders_for(family)
+    props.update({name: {"minimum": specs[name].minimum, "maximum": specs[name].maximum, "step": specs[name].step}
+                  for name in SNAPPED})
     problem = budget_problem(form.get(MODEL))
     props["vram_budget"] = {"interactive": problem is None, "info": f"⚠ {problem}" if problem else INFO["vram_budget"]}
     props[BUDGET_GIB] = {"interactive": problem is None}
