@@ -146,6 +146,7 @@ def run_compare(
             emit = _tagged(on_event, run.label, index, len(runs))
             if index == 0:  # every run has the same model and device; (c) is planned before any run, so a
                 # budget compare cannot honour fails before it starts
+                _check_family(loaded)  # a factory's model is seen only now
                 planner = Planner.for_gpu(ModelDims.from_pipeline(loaded.pipeline, loaded.name),
                                           detect_gpu(resolve_device(run.settings.device)),
                                           dict(loaded.pipeline.unet.config))
@@ -284,12 +285,21 @@ def _precision_notes(runs: list[CompareRun]) -> list[str]:
     return notes
 
 
+def _check_family(loaded: LoadedModel) -> None:
+    """The runs cast, save and plan SVD's UNet (``pipeline.unet``): other families are refused, with what to do."""
+    if loaded.family.kind != "svd":
+        raise CompareError(f"compare runs SVD models (and the demo) for now, not {loaded.family.kind} models; to "
+                           "compare this one, run generate twice at the same seed, with --unet-dtype fp32 and with "
+                           "fp16, and compare the two records")
+
+
 @contextmanager
 def _models(source: ModelSource, runs: list[CompareRun]) -> Iterator[Iterator[LoadedModel]]:
     """One model per run: fresh from a factory, or the given one, restored exactly afterwards."""
     if not isinstance(source, LoadedModel):
         yield _fresh_models(source, len(runs))
         return
+    _check_family(source)
     pipeline = source.pipeline
     saved = _save_lossy_components(pipeline, runs)
     try:

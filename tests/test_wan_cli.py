@@ -122,6 +122,14 @@ def test_a_wan_model_takes_its_own_size_multiple_not_svds(wan_folder, tmp_path, 
         capsys.readouterr().err)
 
 
+def test_compare_on_a_wan_model_is_bad_input_that_says_what_to_run_instead(wan_folder, tmp_path, capsys):
+    code = main(["compare", "--image", str(ASSET), "--out", str(tmp_path / "cmp"), "--model", str(wan_folder),
+                 *CLIP])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "error: compare runs SVD models" in err and "--unet-dtype fp32" in err
+    assert not any((tmp_path / "cmp").glob("*.json"))
+
+
 def test_step_reuse_on_a_wan_model_records_the_steps_it_reused(wan_folder, tmp_path, capsys):
     out = tmp_path / "reuse.mp4"
     code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(wan_folder), *CLIP,
