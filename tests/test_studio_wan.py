@@ -21,7 +21,8 @@ from lowvram_studio.ui.form import FORM_NAMES
 
 ASSET = ASSETS / "ball_and_box.png"
 WAN_CLIP = {"width": 64, "height": 64, "num_frames": 9, "num_inference_steps": 2, "device": "cpu",
-            "prompt": "a red ball moves left", "negative_prompt": "still scene", "guidance_scale": 4.0}
+            "prompt": "a red ball moves left", "negative_prompt": "still scene", "guidance_scale": 4.0,
+            "encoder_dtype": True}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,8 @@ def test_picking_a_wan_model_shows_its_prompt_controls_hides_svds_and_snaps_what
     assert budget["value"] == "Manual" and budget["interactive"] is False
     assert "not yet on wan" in budget["info"] and "not yet on wan" in budget_note and "not yet on wan" in note
     assert updates["budget_gib"]["interactive"] is False
+    assert updates["encoder_dtype"]["label"].startswith("Text encoder 16-bit") and updates["encoder_dtype"]["value"]
+    assert "UMT5-XXL in FP32 takes 22.7 GB of RAM" in note
 
     updates, note, budget_note = _picked(client, **{**svd_form, "num_frames": 13, "vram_budget": "Manual"})
     assert not any(updates[name]["visible"] for name in ("prompt", "negative_prompt", "guidance_scale"))
@@ -100,12 +103,14 @@ def test_generate_on_a_wan_model_writes_its_clip_and_the_record_holds_the_prompt
     assert record["model"]["family"] == "wan"
     assert (record["settings"]["prompt"], record["settings"]["negative_prompt"], record["settings"]["guidance_scale"]) \
         == ("a red ball moves left", "still scene", 4.0)
+    # the text encoder's checkbox is the engine's auto: bf16 on the CPU, never UMT5 in fp16 (nor 22.7 GB of fp32)
+    assert record["settings"]["encoder_dtype"] == "auto" and record["info"]["precision"]["text_encoder"] == "bf16"
 
 
 def test_reusing_a_wan_clip_restores_its_model_and_prompt_fields(client, wan_run, wan_folder):
     *values, image, note = client.predict(handle_file(str(wan_run[0])), api_name="/reuse")
     form = dict(zip(FORM_NAMES, values, strict=True))
-    assert (form["model"], form["seed"], form["num_frames"]) == (str(wan_folder), 3, 9)
+    assert (form["model"], form["seed"], form["num_frames"], form["encoder_dtype"]) == (str(wan_folder), 3, 9, True)
     assert (form["prompt"], form["negative_prompt"], form["guidance_scale"]) == (
         "a red ball moves left", "still scene", 4.0)
     assert image and note.startswith("✔ Restored from")

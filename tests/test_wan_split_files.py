@@ -220,7 +220,7 @@ def test_a_comfyui_wan_set_is_listed_once_with_its_three_files(comfy_root, tmp_p
 
 
 def test_the_studio_shows_wans_controls_for_a_comfyui_set_named_by_file_or_folder(comfy_root):
-    from lowvram_studio.ui.family_form import source_family
+    from lowvram_studio.models.source_family import source_family
 
     models = comfy_root / "models"
     assert source_family(str(models / "diffusion_models" / TRANSFORMER_FILE)) == "wan"

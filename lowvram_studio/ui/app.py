@@ -35,6 +35,7 @@ from ..monitor.record import ReuseError
 from ..models.demo import demo_model_info
 from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.load import LoadedModel, load_model
+from ..models.source_family import source_family
 from ..settings import RunSettings, SettingsError
 from ..settings_adapter import precision_request
 from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
@@ -52,7 +53,6 @@ from .family_form import (
     fit_to_family,
     locked_out,
     sliders_for,
-    source_family,
 )
 from .form import (
     BUDGET_GIB,

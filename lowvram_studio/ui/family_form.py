@@ -11,18 +11,14 @@ to one it can, saying so in a note: a hidden control never holds a value that wo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..jobs import budget_refusal
-from ..models.demo import DEMO_MODEL_NAME
-from ..models.discovery import SVD_PIPELINE_CLASS, folder_pipeline
-from ..models.wan_split_set import names_wan_split_set
+from ..models.source_family import SVD, WAN, source_family
 from .form import BUDGET_GIB, INFO, MODEL
-from .labels import in_user_words, short_label
+from .labels import LABELS, in_user_words, short_label
 from .sliders import SLIDERS, SliderSpec, snap_note
 
-SVD, WAN = "svd", "wan"
 FAMILY_NAMES = {SVD: "SVD", WAN: "Wan"}  # as the user knows them
 WAN_ONLY = ("prompt", "negative_prompt", "guidance_scale")
 SVD_ONLY = ("motion_bucket_id", "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "spatial_chunk",
@@ -37,22 +33,10 @@ SNAPPED = ("num_frames", "width", "height")  # the sliders whose steps depend on
 BUDGET_CONTROLS = ("vram_budget", BUDGET_GIB)
 MANUAL = "Manual"  # form.BUDGET_CHOICES' "no budget"
 # Every control whose properties depend on the family, in the order the page's model update lists them.
-FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, *SNAPPED, *BUDGET_CONTROLS)
-FITTED = (*SNAPPED, *WAN_OFF, "vram_budget")  # the controls ``fit_to_family`` may move
-
-
-def source_family(source: str | None) -> str:
-    """'wan' for a diffusers folder whose model_index.json names a Wan pipeline or a ComfyUI Wan model (its
-    transformer file or folder), else 'svd' (the demo, SVD folders, single files, a name not found: Generate says
-    what is wrong with it); only headers are read."""
-    text = (source or "").strip()
-    if text in ("", DEMO_MODEL_NAME):
-        return SVD
-    path = Path(text).expanduser()
-    pipeline = folder_pipeline(path) if path.is_dir() else None
-    if pipeline is None:
-        return WAN if names_wan_split_set(path) else SVD
-    return SVD if pipeline == SVD_PIPELINE_CLASS else WAN
+FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, *SNAPPED, "encoder_dtype", *BUDGET_CONTROLS)
+# the encoder checkbox's label: SVD's CLIP image encoder in fp16, Wan's UMT5 text encoder in 16 bit (form.WAN_ENCODER_ON)
+ENCODER_LABELS = {SVD: LABELS["encoder_dtype"], WAN: "Text encoder 16-bit ⚠ lossy"}
+FITTED = (*SNAPPED, *WAN_OFF, "encoder_dtype", "vram_budget")  # the controls ``fit_to_family`` may move
 
 
 def sliders_for(family: str) -> dict[str, SliderSpec]:
@@ -102,6 +86,10 @@ def fit_to_family(form: dict[str, Any]) -> FamilyFit:
         if snapped is not None:
             changes[name] = snapped[0]
             notes.append(f"{FAMILY_NAMES[family]} models: {snapped[1]}")
+    if family == WAN and form.get("encoder_dtype") is False:
+        changes["encoder_dtype"] = True
+        notes.append(f"“{ENCODER_LABELS[WAN].replace(' ⚠ lossy', '')}” on: UMT5-XXL in FP32 takes 22.7 GB of RAM; 16-bit is BF16 where the "
+                     "card computes it (else FP32)")
     if family == WAN:
         on = [name for name in WAN_OFF if form.get(name)]
         changes.update({name: WAN_OFF[name] for name in on})
@@ -127,6 +115,7 @@ def family_props(form: dict[str, Any]) -> dict[str, dict[str, Any]]:
     problem = budget_problem(form.get(MODEL))
     props["vram_budget"] = {"interactive": problem is None, "info": f"⚠ {problem}" if problem else INFO["vram_budget"]}
     props[BUDGET_GIB] = {"interactive": problem is None}
+    props["encoder_dtype"] = {"label": ENCODER_LABELS[family]}
     return props
 
 

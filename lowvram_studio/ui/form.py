@@ -14,6 +14,7 @@ from typing import Any
 from ..engine.components import SVD_COMPONENTS
 from ..engine.precision import DTYPE_NAMES, detect_gpu
 from ..engine.sampler import resolve_device
+from ..models.source_family import WAN, source_family
 from ..settings import Precision, RunSettings, SettingsError, budget_gib
 from ..settings_adapter import precision_policy
 
@@ -24,6 +25,9 @@ GIF = "gif"
 
 PRECISION_FIELDS = ("unet_dtype", "vae_dtype", "encoder_dtype")
 FP16_TOGGLES = ("vae_dtype", "encoder_dtype")  # checkboxes: fp16 on, fp32 off
+# Wan's encoder checkbox: on is the engine's auto (bf16 where the card computes it, else fp32) — UMT5-XXL does not
+# run in fp16, and in fp32 it takes 22.7 GB of RAM
+WAN_ENCODER_ON = Precision.AUTO
 # The UNet's dropdown: (label, RunSettings value); every precision the engine can run the UNet in.
 UNET_PRECISION_CHOICES = [("FP32", Precision.FP32.value), ("FP16 ⚠ lossy (small)", Precision.FP16.value),
                           ("BF16 ⚠ lossy", Precision.BF16.value), ("FP8 storage ⚠ lossy", Precision.FP8.value)]
@@ -96,9 +100,10 @@ def form_to_settings(form: dict[str, Any]) -> RunSettings:
     """The settings a form describes; ``SettingsError`` lists every problem with its fix."""
     fields = {f.name for f in dataclasses.fields(RunSettings)}
     data = {name: value for name, value in form.items() if name in fields}
+    on = {"encoder_dtype": WAN_ENCODER_ON.value} if source_family(form.get(MODEL)) == WAN else {}
     for name in PRECISION_FIELDS:  # the UNet's too: forms saved before it became a dropdown hold a bool
         if name in data and isinstance(data[name], bool):
-            data[name] = Precision.FP16.value if data[name] else Precision.FP32.value
+            data[name] = on.get(name, Precision.FP16.value) if data[name] else Precision.FP32.value
     if "vram_budget" in form:
         data["vram_budget"] = budget_value(form["vram_budget"], form.get(BUDGET_GIB))
     for name, value in list(data.items()):
@@ -109,10 +114,11 @@ def form_to_settings(form: dict[str, Any]) -> RunSettings:
     return RunSettings.from_dict(data).validate()
 
 
-def resolve_auto_precision(settings: RunSettings) -> tuple[RunSettings, dict[str, str]]:
+def resolve_auto_precision(settings: RunSettings, keep: tuple[str, ...] = ()) -> tuple[RunSettings, dict[str, str]]:
     """The precision controls have no 'auto': it becomes what the engine picks on this machine (fp16 storage
-    on CUDA GPUs, fp32 on the CPU; engine/precision.py). Returns the settings and the fields it set."""
-    auto = [name for name in PRECISION_FIELDS if getattr(settings, name) == Precision.AUTO]
+    on CUDA GPUs, fp32 on the CPU; engine/precision.py), except in ``keep`` (Wan's encoder checkbox is auto).
+    Returns the settings and the fields it set."""
+    auto = [name for name in PRECISION_FIELDS if getattr(settings, name) == Precision.AUTO and name not in keep]
     if not auto:
         return settings, {}
     component_of = {component.setting: component.role for component in SVD_COMPONENTS}
@@ -135,7 +141,7 @@ def settings_to_form(settings: RunSettings, names: list[str]) -> dict[str, Any]:
     form: dict[str, Any] = {}
     for name in names:
         if name in FP16_TOGGLES:
-            form[name] = data[name] == Precision.FP16.value
+            form[name] = data[name] in (Precision.FP16.value, WAN_ENCODER_ON.value)
         elif name == "vram_budget":
             form[name], form[BUDGET_GIB] = budget_choice(data[name])
         elif name == "interpolate":

@@ -17,6 +17,7 @@ import gradio.utils
 import PIL.Image
 
 from ..media import MediaError, load_image
+from ..models.source_family import WAN, source_family
 from ..monitor.record import ReuseError, load_reuse
 from ..settings import Precision, RunSettings
 from .form import FP16_TOGGLES, MODEL, resolve_auto_precision, settings_to_form
@@ -40,7 +41,7 @@ def restore_form(path: str | Path | None, names: list[str], served: Sequence[Pat
     if not path:
         raise ReuseError("no file was dropped; drop an mp4 made by LowVRAM Studio or its .json record")
     reused = load_reuse(path, image_folders=[Path(gradio.utils.get_upload_folder()), *served])
-    settings, notes = _as_toggles(reused.settings)
+    settings, notes = _as_toggles(reused.settings, source_family(reused.model))
     notes += _without_controls(settings, names)
     values = settings_to_form(settings, names)
     values[MODEL] = reused.model
@@ -57,13 +58,14 @@ def restore_form(path: str | Path | None, names: list[str], served: Sequence[Pat
     return RestoredForm(values, image, message)
 
 
-def _as_toggles(settings: RunSettings) -> tuple[RunSettings, list[str]]:
+def _as_toggles(settings: RunSettings, family: str) -> tuple[RunSettings, list[str]]:
     """The studio's precision controls have no 'auto' (a CLI run): it is resolved as the engine resolves it on this
-    machine; the VAE / encoder FP16 checkboxes cannot show bf16 / fp8, which a note says."""
-    settings, changes = resolve_auto_precision(settings)
+    machine (but a Wan encoder's auto is what its checkbox means); the VAE / encoder FP16 checkboxes cannot show
+    bf16 / fp8, which a note says."""
+    settings, changes = resolve_auto_precision(settings, keep=("encoder_dtype",) if family == WAN else ())
     notes = [f"{name} was auto; on this machine that is {value}, set explicitly" for name, value in changes.items()]
     other = [f"{name}={Precision(getattr(settings, name)).value}" for name in FP16_TOGGLES
-             if Precision(getattr(settings, name)) not in (Precision.FP16, Precision.FP32)]
+             if Precision(getattr(settings, name)) not in (Precision.FP16, Precision.FP32, Precision.AUTO)]
     if other:
         notes.append(f"the studio's VAE / encoder FP16 switches cannot express {', '.join(other)}; they show FP32 here. "
                      "Run it with `lowvram-studio generate --from-record` to reproduce it exactly")
