@@ -145,6 +145,22 @@ def find_plan(record: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # ---- one row -------------------------------------------------------------------------------------
+def run_metered(command: list[str], meter: ChildMeter, timeout: float) -> tuple[int, str, float]:
+    """Run ``command`` from the repository root under ``meter``, killed after ``timeout`` s: (return code,
+    stdout and stderr together, seconds)."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    thread = meter.watch(child.pid)
+    try:
+        output, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        output, _ = child.communicate()
+    meter.stop(thread)
+    return child.returncode, output, time.perf_counter() - started
+
+
 def run_row(row: dict[str, Any], args: argparse.Namespace, meter: ChildMeter, cases: dict, image: Path,
             available: dict[str, float]) -> dict[str, Any]:
     height, width, frames = cases[row["case"]]
@@ -155,21 +171,12 @@ def run_row(row: dict[str, Any], args: argparse.Namespace, meter: ChildMeter, ca
     command = [sys.executable, "-m", "lowvram_studio.cli", "generate", "--image", str(image), "--out", str(video),
                "--model", args.model, "--height", str(height), "--width", str(width), "--frames", str(frames),
                "--steps", str(args.steps), "--seed", "0", "--device", "cpu" if args.smoke else "cuda", *row["flags"]]
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
-    thread = meter.watch(child.pid)
-    try:
-        output, _ = child.communicate(timeout=args.row_timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        output, _ = child.communicate()
-    meter.stop(thread)
-    out: dict[str, Any] = {**row, "command": " ".join(command[1:]), "rc": child.returncode,
-                           "seconds_total": round(time.perf_counter() - started, 1), "meter": meter.mode}
+    returncode, output, seconds = run_metered(command, meter, args.row_timeout)
+    out: dict[str, Any] = {**row, "command": " ".join(command[1:]), "rc": returncode,
+                           "seconds_total": round(seconds, 1), "meter": meter.mode}
     record_path = video.with_suffix(".json")
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if child.returncode != 0 or not record:
+    if returncode != 0 or not record:
         out["output_tail"] = output[-2000:]
     samples = meter.samples
     out["process_peak_mib"] = round(max(mib for _, mib in samples), 1) if samples else None
@@ -189,10 +196,24 @@ def run_row(row: dict[str, Any], args: argparse.Namespace, meter: ChildMeter, ca
     if row["budget"] is not None:
         out["available_mib"] = available[row["budget"]]
         peak = out["process_peak_mib"]
-        out["within_budget"] = bool(child.returncode == 0 and peak is not None and peak <= out["available_mib"])
-    print(f"{row['name']}: rc {child.returncode}, peak {out['process_peak_mib']} MiB "
+        out["within_budget"] = bool(returncode == 0 and peak is not None and peak <= out["available_mib"])
+    print(f"{row['name']}: rc {returncode}, peak {out['process_peak_mib']} MiB "
           f"({out['meter']}), predicted {out.get('predicted_peak_mib')}, phases {out['phase_peaks_mib']}", flush=True)
     return out
+
+
+def write_input_image(path: Path, size: tuple[int, int]) -> Path:
+    """The rows' input: a yellow disc on blue, ``size`` (width, height), which every CLI run crops to its clip."""
+    from PIL import Image, ImageDraw
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    picture = Image.new("RGB", size, (40, 90, 160))
+    radius = height * 0.23
+    ImageDraw.Draw(picture).ellipse((width / 2 - radius, height / 2 - radius, width / 2 + radius, height / 2 + radius),
+                                    fill=(230, 200, 40))
+    picture.save(path)
+    return path
 
 
 def build_model(model_dir: Path) -> None:
@@ -234,13 +255,7 @@ def main() -> int:
     else:
         build_model(args.model_dir)
         args.model = str(args.model_dir)
-    image = args.out.parent / "budget_input.png"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from PIL import Image, ImageDraw
-
-    picture = Image.new("RGB", (1024, 576), (40, 90, 160))
-    ImageDraw.Draw(picture).ellipse((380, 160, 640, 420), fill=(230, 200, 40))
-    picture.save(image)
+    image = write_input_image(args.out.parent / "budget_input.png", (1024, 576))
     meter = ChildMeter()
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
     rows: list[dict[str, Any]] = []

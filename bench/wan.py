@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.budgets import PHASE_COLUMNS, ChildMeter, run_row  # noqa: E402
+from bench.budgets import PHASE_COLUMNS, ChildMeter, run_metered, run_row, write_input_image  # noqa: E402
 from bench.common import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ PROMPT = ["--prompt", "a red ball moves left slowly", "--negative-prompt", "stil
 NEW_PROMPT = ["--prompt", "a blue box spins fast", "--negative-prompt", "still scene"]
 LEAN = ["--offload", "stream", "--cfg-split", "--ff-chunk", "4096"]
 ROWS: list[tuple[str, str, list[str]]] = [  # (name, case, our CLI flags); "diffusers" rows: the reference
-    ("480p diffusers bf16, all on GPU", "480p", []),
+    ("480p diffusers bf16 (all on GPU)", "480p", []),
     ("480p ours default", "480p", PROMPT),
     ("480p ours stream + cfg-split + ff-chunk", "480p", [*PROMPT, *LEAN]),
     ("720p ours stream + cfg-split + ff-chunk", "720p", [*PROMPT, *LEAN]),
@@ -46,7 +46,7 @@ ROWS: list[tuple[str, str, list[str]]] = [  # (name, case, our CLI flags); "diff
     ("480p ours lean + vae tile 256", "480p", [*PROMPT, *LEAN, "--vae-tile", "256"]),
     ("720p ours lean + vae tile 256", "720p", [*PROMPT, *LEAN, "--vae-tile", "256"]),
     ("720p ours default", "720p", PROMPT),
-    ("720p diffusers bf16, all on GPU", "720p", []),
+    ("720p diffusers bf16 (all on GPU)", "720p", []),
     ("480p ours stream, new prompt (encoder runs)", "480p", [*NEW_PROMPT, "--offload", "stream"]),
 ]
 
@@ -73,17 +73,9 @@ def reference_row(name: str, case: str, args: argparse.Namespace, meter: ChildMe
     height, width, frames = cases[case]
     command = [sys.executable, "-c", REFERENCE, args.model, str(height), str(width), str(frames), str(args.steps),
                "cpu" if args.smoke else "cuda"]
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    thread = meter.watch(child.pid)
-    try:
-        output, _ = child.communicate(timeout=args.row_timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        output, _ = child.communicate()
-    meter.stop(thread)
-    row: dict[str, Any] = {"name": name, "case": case, "rc": child.returncode, "meter": meter.mode,
-                           "seconds_total": round(time.perf_counter() - started, 1)}
+    returncode, output, seconds = run_metered(command, meter, args.row_timeout)
+    row: dict[str, Any] = {"name": name, "case": case, "rc": returncode, "meter": meter.mode,
+                           "seconds_total": round(seconds, 1)}
     result = [line for line in output.splitlines() if line.startswith("RESULT ")]
     if result:
         row.update(json.loads(result[-1][len("RESULT "):]))
@@ -91,7 +83,7 @@ def reference_row(name: str, case: str, args: argparse.Namespace, meter: ChildMe
     else:
         row["output_tail"] = output[-2000:]
     row["process_peak_mib"] = round(max(mib for _, mib in meter.samples), 1) if meter.samples else None
-    print(f"{name}: rc {child.returncode}, peak {row['process_peak_mib']} MiB", flush=True)
+    print(f"{name}: rc {returncode}, peak {row['process_peak_mib']} MiB", flush=True)
     return row
 
 
@@ -137,13 +129,7 @@ def main() -> int:
         build_model(args.model_dir)
     args.model = str(args.model_dir)
     built = round(time.perf_counter() - begun, 1)
-    image = args.out.parent / "wan_input.png"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from PIL import Image, ImageDraw
-
-    picture = Image.new("RGB", (1280, 704), (40, 90, 160))
-    ImageDraw.Draw(picture).ellipse((500, 220, 780, 500), fill=(230, 200, 40))
-    picture.save(image)
+    image = write_input_image(args.out.parent / "wan_input.png", (1280, 704))
     meter = ChildMeter()
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
     rows: list[dict[str, Any]] = []
