@@ -83,6 +83,7 @@ def test_picking_a_wan_model_shows_its_prompt_controls_hides_svds_and_snaps_what
     assert updates["budget_gib"]["interactive"] is False
     assert updates["encoder_dtype"]["label"].startswith("Text encoder 16-bit") and updates["encoder_dtype"]["value"]
     assert "UMT5-XXL in FP32 takes 22.7 GB of RAM" in note
+    assert updates["fps"]["value"] == 24 and "the frame rate this Wan model was made for" in note  # TI2V's, not SVD's 7
 
     updates, note, budget_note = _picked(client, **{**svd_form, "num_frames": 13, "vram_budget": "Manual"})
     assert not any(updates[name]["visible"] for name in ("prompt", "negative_prompt", "guidance_scale"))

@@ -28,6 +28,7 @@ from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
 from .single_file import SingleFileError, check_checkpoint_path, load_single_file, narrowest_stored, read_header
+from .source_family import wan_fps
 from .wan_split_files import SplitTextEncoder, load_split_set
 from .wan_split_set import TRANSFORMER, find_set, is_comfy_folder, transformer_in, wan_part
 
@@ -135,7 +136,7 @@ def native_settings(pipeline: StableVideoDiffusionPipeline) -> dict[str, int | s
     height, width, frames = native_size(pipeline)
     native = {"height": height, "width": width, "num_frames": frames}
     if family_for(pipeline).kind == "wan":
-        native["fps"] = 24 if pipeline.vae.config.z_dim == 48 else 16
+        native["fps"] = wan_fps(pipeline.vae.config.z_dim)
         native["encoder_dtype"] = "auto"  # UMT5 in bf16 where the device has it, as Wan ships and runs it
     return native
 

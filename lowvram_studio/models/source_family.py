@@ -3,13 +3,32 @@ studio shapes its form to the family before anything is loaded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .demo import DEMO_MODEL_NAME
 from .discovery import SVD_PIPELINE_CLASS, folder_pipeline
-from .wan_split_set import names_wan_split_set
+from .wan_split_set import TI2V_LATENT_CHANNELS, names_wan_split_set
 
 SVD, WAN = "svd", "wan"
+
+
+def wan_fps(vae_z_dim: int) -> int:
+    """The frame rate a Wan model was made for: Wan2.2 TI2V 24 fps, Wan2.1 16 (told apart by the VAE)."""
+    return 24 if vae_z_dim == TI2V_LATENT_CHANNELS else 16
+
+
+def native_fps(source: str | None) -> int | None:
+    """A Wan source's frame rate from its VAE's config.json (a ComfyUI set is Wan2.2 TI2V, the one that loads);
+    None for SVD, whose frame rate is a conditioning the user picks."""
+    if source_family(source) != WAN:
+        return None
+    config = Path(str(source)).expanduser() / "vae" / "config.json"
+    try:
+        z_dim = json.loads(config.read_text(encoding="utf-8")).get("z_dim", TI2V_LATENT_CHANNELS)
+    except (OSError, ValueError, AttributeError):  # a ComfyUI set has no config.json
+        z_dim = TI2V_LATENT_CHANNELS
+    return wan_fps(z_dim)
 
 
 def source_family(source: str | None) -> str:

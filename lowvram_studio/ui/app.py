@@ -52,6 +52,7 @@ from .family_form import (
     family_props,
     fit_to_family,
     locked_out,
+    picked,
     sliders_for,
 )
 from .form import (
@@ -240,7 +241,7 @@ class Studio:
         """The defaults, fitted to the start model's family (a Wan model: 4k+1 frames, no VRAM budget)."""
         form = settings_to_form(resolve_auto_precision(RunSettings())[0], names)  # FP16 on a GPU, FP32 on the CPU
         form.update({MODEL: self.model_source, GIF: True})
-        return {**form, **fit_to_family(form).changes}
+        return {**form, **picked(form).changes}
 
     def restored_form(self, names: list[str]) -> tuple[dict[str, Any], str]:
         """The last used form (or defaults with a note when it no longer validates)."""
@@ -627,7 +628,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             """The picked model's family: its controls shown, the others hidden, what it cannot take moved (with
             the note), the budget locked where none can be planned, and the budget's note for this model."""
             form = form_of(values)
-            fit = fit_to_family(form)
+            fit = picked(form)
             props = family_props(form)
             answer = plan_budget({**form, **fit.changes}, studio.loaded_model)
             updates = [gr.update(**props[name], **({"value": fit.changes[name]} if name in fit.changes else {}))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..jobs import budget_refusal
-from ..models.source_family import SVD, WAN, source_family
+from ..models.source_family import SVD, WAN, native_fps, source_family
 from .form import BUDGET_GIB, INFO, MODEL
 from .labels import LABELS, in_user_words, short_label
 from .sliders import SLIDERS, SliderSpec, snap_note
@@ -33,7 +33,7 @@ SNAPPED = ("num_frames", "width", "height")  # the sliders whose steps depend on
 BUDGET_CONTROLS = ("vram_budget", BUDGET_GIB)
 MANUAL = "Manual"  # form.BUDGET_CHOICES' "no budget"
 # Every control whose properties depend on the family, in the order the page's model update lists them.
-FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, *SNAPPED, "encoder_dtype", *BUDGET_CONTROLS)
+FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, *SNAPPED, "encoder_dtype", "fps", *BUDGET_CONTROLS)
 # the encoder checkbox's label: SVD's CLIP image encoder in fp16, Wan's UMT5 text encoder in 16 bit (form.WAN_ENCODER_ON)
 ENCODER_LABELS = {SVD: LABELS["encoder_dtype"], WAN: "Text encoder 16-bit ⚠ lossy"}
 FITTED = (*SNAPPED, *WAN_OFF, "encoder_dtype", "vram_budget")  # the controls ``fit_to_family`` may move
@@ -103,6 +103,17 @@ def fit_to_family(form: dict[str, Any]) -> FamilyFit:
     return FamilyFit(changes, notes)
 
 
+def picked(form: dict[str, Any]) -> FamilyFit:
+    """What picking ``form``'s model changes: ``fit_to_family``'s moves, and a Wan model's own frame rate (its
+    video plays at the speed it was made for; the user may change it after the pick)."""
+    fit = fit_to_family(form)
+    fps = native_fps(form.get(MODEL))
+    if fps is None or form.get("fps") == fps:
+        return fit
+    note = f"“{short_label('fps')}” set to {fps}, the frame rate this Wan model was made for."
+    return FamilyFit({**fit.changes, "fps": fps}, [*fit.notes, note])
+
+
 def family_props(form: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The page properties of each of FAMILY_CONTROLS for ``form``'s model: shown or hidden, the frames slider's
     and size sliders' ranges and steps, and whether a budget can be picked (its info line says why not)."""
@@ -116,6 +127,7 @@ def family_props(form: dict[str, Any]) -> dict[str, dict[str, Any]]:
     props["vram_budget"] = {"interactive": problem is None, "info": f"⚠ {problem}" if problem else INFO["vram_budget"]}
     props[BUDGET_GIB] = {"interactive": problem is None}
     props["encoder_dtype"] = {"label": ENCODER_LABELS[family]}
+    props["fps"] = {}  # its value moves on a pick (``picked``); its range is every family's
     return props
 
 
