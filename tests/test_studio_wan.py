@@ -72,11 +72,12 @@ def test_picking_a_wan_model_shows_its_prompt_controls_hides_svds_and_snaps_what
     assert all(updates[name]["visible"] for name in ("prompt", "negative_prompt", "guidance_scale"))
     assert not any(updates[name]["visible"] for name in ("motion_bucket_id", "noise_aug_strength",
                                                           "min_guidance_scale", "max_guidance_scale", "temporal_chunk",
-                                                          "spatial_chunk", "prune_threshold"))
+                                                          "spatial_chunk"))
     frames = updates["num_frames"]
     assert (frames["value"], frames["step"], frames["minimum"]) == (13, 4, 5)  # 14 is no 4k+1 clip
-    assert updates["prune_threshold"]["value"] == 0 and updates["spatial_chunk"]["value"] == 0
-    assert "14 became 13" in note and "“Pruning threshold”" in note and "set to off" in note
+    assert updates["spatial_chunk"]["value"] == 0 and "value" not in updates["prune_threshold"]  # Wan reuses steps too
+    assert updates["prune_threshold"].get("visible", True) and updates["prune_threshold"]["maximum"] == 0.3
+    assert "14 became 13" in note and "“Spatial-layer chunk" in note and "set to off" in note
     budget = updates["vram_budget"]
     assert budget["value"] == "Manual" and budget["interactive"] is False
     assert "not yet on wan" in budget["info"] and "not yet on wan" in budget_note and "not yet on wan" in note
@@ -87,7 +88,7 @@ def test_picking_a_wan_model_shows_its_prompt_controls_hides_svds_and_snaps_what
 
     updates, note, budget_note = _picked(client, **{**svd_form, "num_frames": 13, "vram_budget": "Manual"})
     assert not any(updates[name]["visible"] for name in ("prompt", "negative_prompt", "guidance_scale"))
-    assert all(updates[name]["visible"] for name in ("motion_bucket_id", "min_guidance_scale", "prune_threshold"))
+    assert all(updates[name]["visible"] for name in ("motion_bucket_id", "min_guidance_scale"))
     assert updates["num_frames"]["step"] == 1 and "value" not in updates["num_frames"]  # SVD takes 13 as it is
     assert updates["vram_budget"]["interactive"] is True and note == "" and budget_note.startswith("Manual")
 
