@@ -36,6 +36,15 @@ def test_diffusers_folder_loads_identical_weights_and_frames(svd_folder, demo_pi
     assert native_size(loaded.pipeline) == (128, 128, 14)
 
 
+def test_a_folder_saved_as_an_fp16_variant_loads_the_same_weights(tmp_path, demo_pipeline):
+    folder = tmp_path / "svd-fp16-variant"  # every component as diffusion_pytorch_model.fp16.safetensors only
+    demo_pipeline.save_pretrained(folder, variant="fp16")
+    loaded = load_model(folder)
+    for component in ("unet", "vae", "image_encoder"):
+        saved, read = getattr(demo_pipeline, component).state_dict(), getattr(loaded.pipeline, component).state_dict()
+        assert all(torch.equal(tensor, saved[key]) for key, tensor in read.items()), component
+
+
 def test_missing_path_names_it():
     with pytest.raises(ModelError, match="'/nowhere/svd' was not found"):
         load_model("/nowhere/svd")

@@ -83,6 +83,18 @@ def test_a_damaged_cache_entry_with_the_encoder_on_disk_reads_the_encoder_and_ma
     assert np.array_equal(read_video(tmp_path / "a.mp4")[0], read_video(tmp_path / "b.mp4")[0])
 
 
+def test_a_wan_folder_saved_as_an_fp16_variant_reads_its_variant_text_encoder(tmp_path, capsys):
+    folder = tmp_path / "toy-wan-fp16-variant"
+    build_toy_wan_pipeline().save_pretrained(folder, variant="fp16")  # text_encoder/model.fp16.safetensors only
+    out = tmp_path / "variant.mp4"
+    code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(folder), *CLIP,
+                 "--prompt", "a yellow disc shrinks"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["info"]["text_encoder"].startswith("read from disk for this run")
+    assert read_video(out)[0].shape == (9, 64, 64, 3)
+
+
 def test_a_damaged_text_encoder_is_bad_input_with_what_to_do(wan_folder, tmp_path, capsys):
     damaged = tmp_path / "damaged-encoder"
     shutil.copytree(wan_folder, damaged)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from .single_file import SafetensorsHeader, SingleFileError, read_header
 
 BLOCKS_PER_FILE = 16
 BLOCK_BYTES = 64 * 1024
+# transformers' variant names: model.fp16.safetensors, model.fp16-00001-of-00002.safetensors
+FP16_VARIANT = re.compile(r"\.fp16(-\d+-of-\d+)?\.safetensors$")
 
 
 def files_fingerprint(class_name: str, config: bytes, headers: list[SafetensorsHeader]) -> str:
@@ -51,10 +54,21 @@ class DeferredTextEncoder:
     class_name: str
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
+    def variant(self) -> str | None:
+        """"fp16" for a folder that holds only fp16-variant weight files (saved with ``variant="fp16"``): they are
+        the ones to read; beside plain files they are a second copy, read neither for the identity nor the load."""
+        files = list(self.folder.glob("*.safetensors"))
+        return "fp16" if files and all(FP16_VARIANT.search(path.name) for path in files) else None
+
+    def weight_files(self) -> list[Path]:
+        variant = self.variant() is not None
+        return sorted(path for path in self.folder.glob("*.safetensors")
+                      if bool(FP16_VARIANT.search(path.name)) == variant)
+
     def headers(self) -> list[SafetensorsHeader]:
         """Each weight file's header (validated: a truncated or foreign file raises ``ModelError``)."""
         try:
-            return [read_header(path) for path in sorted(self.folder.glob("*.safetensors"))]
+            return [read_header(path) for path in self.weight_files()]
         except SingleFileError as exc:
             raise ModelError(f"the text encoder in {self.folder} cannot be read: {exc}") from exc
 
@@ -71,7 +85,7 @@ class DeferredTextEncoder:
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         try:
             model = getattr(transformers, self.class_name).from_pretrained(
-                self.folder, dtype=dtype, local_files_only=True, use_safetensors=True)
+                self.folder, dtype=dtype, local_files_only=True, use_safetensors=True, variant=self.variant())
         except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
             raise ModelError(f"the text encoder in {self.folder} could not be loaded ({exc}); the files may be "
                              "damaged, download them again") from exc

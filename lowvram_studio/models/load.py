@@ -22,7 +22,7 @@ from ..engine.fingerprint import weights_fingerprint
 from ..engine.family import VideoFamily
 from ..engine.preview import attach_latent_rgb
 from ..userdirs import cache_dir
-from .deferred import DeferredTextEncoder
+from .deferred import FP16_VARIANT, DeferredTextEncoder
 from .errors import ModelError
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
@@ -222,9 +222,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str, kind: str) -> Load
     (``models/deferred.py``)."""
     layout = check_model_folder(folder)
     denoiser = folder / layout.weights[0]
-    only_fp16 = not any(denoiser.glob("diffusion_pytorch_model*.safetensors")) and any(
-        denoiser.glob("*.fp16*.safetensors")
-    )
+    weights = list(denoiser.glob("*.safetensors"))  # variant files match diffusion_pytorch_model*.safetensors too
+    only_fp16 = bool(weights) and all(FP16_VARIANT.search(path.name) for path in weights)
     deferred = None
     if layout is WAN_LAYOUT:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -252,7 +251,7 @@ def load_dtype(component: Path, wanted: torch.dtype, fp16_variant: bool) -> torc
     fp32 doubles its RAM (Wan's 5 B transformer: 10 -> 20 GB) for bits it never had, and the engine casts
     every component to its run's dtype anyway (widening is exact)."""
     files = sorted(component.glob("*.safetensors"))
-    chosen = [f for f in files if (".fp16." in f.name) == fp16_variant] or files
+    chosen = [f for f in files if bool(FP16_VARIANT.search(f.name)) == fp16_variant] or files
     try:
         return narrowest_stored([read_header(path) for path in chosen], wanted)
     except SingleFileError:

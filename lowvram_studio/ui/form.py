@@ -156,7 +156,8 @@ def lossy_summary(settings: RunSettings) -> str:
     lossy = settings.lossy_settings()
     if not lossy:
         return "Lossless: the output equals the FP32 reference up to float rounding."
-    return "⚠ Lossy settings on: " + ", ".join(lossy) + " (Compare FP32 vs FP16 shows their price in PSNR/SSIM)."
+    return ("⚠ Lossy settings on: " + ", ".join(lossy) + " (on SVD models Compare FP32 vs FP16 shows their price in "
+            "PSNR/SSIM).")
 
 
 def prune_warning(threshold: float) -> str:
