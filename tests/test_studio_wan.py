@@ -6,6 +6,7 @@ re-using the clip restores its prompts. Real runs on the toy Wan (64x64, 9 frame
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ def _picked(client: Client, **form) -> tuple[dict[str, dict], str, str]:
     """Pick a model through the page's API: (each family control's update, the family note, the budget note)."""
     *updates, note, budget_note, _chart = client.predict(**form, api_name="/pick_model")
     return dict(zip(FAMILY_CONTROLS, updates, strict=True)), note, budget_note
+
+
+def test_a_cached_wan_hub_id_is_told_apart_from_svd_before_loading(wan_folder, tmp_path, monkeypatch):
+    from lowvram_studio.models.source_family import native_fps, source_family
+
+    snapshot = tmp_path / "hub" / "models--Wan-AI--Toy-TI2V-Diffusers" / "snapshots" / "abc123"
+    shutil.copytree(wan_folder, snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert source_family("Wan-AI/Toy-TI2V-Diffusers") == "wan" and native_fps("Wan-AI/Toy-TI2V-Diffusers") == 24
+    assert source_family("Wan-AI/Not-Cached") == "svd"  # loading it says it is not in the cache
 
 
 def test_picking_a_wan_model_shows_its_prompt_controls_hides_svds_and_snaps_what_wan_cannot_take(
