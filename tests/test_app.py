@@ -17,7 +17,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from lowvram_studio.media import read_mp4_comment, read_video
-from lowvram_studio.ui.app import ASSETS, Studio, serve_studio, start_studio
+from lowvram_studio.ui.app import serve_studio, start_studio
+from lowvram_studio.ui.studio import ASSETS, Studio
 from lowvram_studio.ui.budget import PLANNED_FIELDS
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.curves import LEGEND_CHARS
@@ -311,7 +312,7 @@ def test_lossy_and_ghosting_warnings_name_the_setting():
 
 
 def test_out_of_memory_becomes_a_message_with_the_fix():
-    from lowvram_studio.ui.app import user_message
+    from lowvram_studio.ui.studio import user_message
 
     message = user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "ran out of memory" in message and "smaller VRAM budget" in message

@@ -17,7 +17,7 @@ from lowvram_studio.models.load import LoadedModel, load_model
 from lowvram_studio.monitor.record import RunRecord
 from lowvram_studio.monitor.vram import THREAD_NAME, VramMonitor
 from lowvram_studio.settings import RunSettings
-from lowvram_studio.ui.app import Studio
+from lowvram_studio.ui.studio import Studio
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.worker import JobState, Worker
 

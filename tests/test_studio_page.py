@@ -11,7 +11,9 @@ import pytest
 
 from lowvram_studio.settings import RunSettings, SettingsError
 from lowvram_studio.sysinfo import collect_env
-from lowvram_studio.ui.app import CURVE_REFRESH_S, STATUS_REFRESH_S, Studio, TabHistory, build_app
+from lowvram_studio.ui.app import build_app
+from lowvram_studio.ui.runs_view import TabHistory
+from lowvram_studio.ui.studio import CURVE_REFRESH_S, STATUS_REFRESH_S, Studio
 from lowvram_studio.ui.badge import device_badge
 from lowvram_studio.ui.budget import plan_budget
 from lowvram_studio.ui.config_store import ConfigStore
