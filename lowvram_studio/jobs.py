@@ -23,7 +23,7 @@ from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
-from .plan.planner import Planner, plan_for_settings
+from .plan.planner import FAMILY_MOVES, Planner, plan_for_settings
 from .plan.ram import MachineRam, plan_ram
 from .plan.replan import decode_retry, run_with_replan
 from .settings import RunSettings, SettingsError
@@ -170,7 +170,7 @@ def run_job(
     if refusal and settings.vram_budget != "off":
         raise SettingsError([refusal])
     unet_config = dict(model.pipeline.unet.config) if calibrated else None
-    planner = Planner.for_gpu(dims, gpu, unet_config)
+    planner = Planner.for_gpu(dims, gpu, unet_config, moves=FAMILY_MOVES.get(family.kind))
     plan = plan_for_settings(planner, settings) if calibrated else None
     if plan is not None:  # a VRAM budget (or, with none, the decode rule) chose the settings; each choice is explained
         settings = plan.settings

@@ -95,6 +95,41 @@ def test_step_reuse_is_diffusers_first_block_cache_with_one_state_per_branch(pip
     assert np.isfinite(batched.frames).all() and batched.info["pruning"]["reused_steps"] >= 1
 
 
+def test_an_out_of_memory_re_plan_on_wan_takes_only_moves_its_model_can_take(pipeline, image):
+    from lowvram_studio.engine.dims import ModelDims
+    from lowvram_studio.plan.planner import FAMILY_MOVES, Planner
+    from lowvram_studio.plan.replan import decode_retry, run_with_replan
+    from lowvram_studio.settings import RunSettings
+    from lowvram_studio.settings_adapter import generate
+
+    family = WanFamily(pipeline)
+    planner = Planner(family.dims(), device_type="cpu", moves=FAMILY_MOVES["wan"])
+    failures = {"denoise": 3, "decode": 1}  # three transformer calls run out of memory, then one decode (192 px: a
+    # 128 px tile is a move)
+
+    def fail(what):
+        def hook(module, args):
+            if failures[what]:
+                failures[what] -= 1
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({what}, raised by the test)")
+        return hook
+
+    handles = [pipeline.transformer.register_forward_pre_hook(fail("denoise")),
+               pipeline.vae.decoder.register_forward_pre_hook(fail("decode"))]
+    settings = RunSettings(height=192, width=192, num_frames=FRAMES, num_inference_steps=2, device="cpu",
+                           unet_dtype="fp32", prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=6.0)
+    try:
+        result = run_with_replan(
+            lambda current, on_event: generate(pipeline, image, current, on_event=on_event,
+                                               decode_retry=decode_retry(planner)), settings, planner)
+    finally:
+        for handle in handles:
+            handle.remove()
+    changed = {name for retry in result.info["oom_retries"] for name in retry["changed_settings"]}
+    assert result.frames.shape == (FRAMES, 192, 192, 3) and len(result.info["oom_retries"]) == 4
+    assert changed and not changed & {"spatial_chunk", "temporal_chunk", "decode_chunk"}  # SVD's UNet / decoder
+
+
 def test_frame_reuse_is_refused_for_wan_with_the_fix(pipeline, image):
     from lowvram_studio.engine.options import PruneMode
 

@@ -404,6 +404,12 @@ MOVES: tuple[Move, ...] = (
 )
 
 
+# The moves a family's model can take, by family kind (absent: every move): Wan's transformer has no UNet
+# layers for spatial / temporal chunks, and its VAE decodes frame by frame whatever decode_chunk says.
+FAMILY_MOVES = {"wan": tuple(move.name for move in MOVES
+                             if move.name not in ("spatial_chunk", "temporal_chunk", "decode_chunk"))}
+
+
 @dataclass
 class Plan:
     """Settings chosen for a budget, with the reason for every change and the predicted peak."""
@@ -463,6 +469,7 @@ class Planner:
     min_gain: float = 0.01  # a move must lower the predicted peak by 1 % to count as helping
     speed: CardSpeed | None = None
     auto_fp32_compute: bool = False
+    moves: tuple[str, ...] | None = None  # the moves this model can take (``FAMILY_MOVES``); None: all
 
     @classmethod
     def for_gpu(cls, dims: ModelDims, gpu: GpuInfo | None, unet_config: dict[str, Any] | None = None,
@@ -539,8 +546,8 @@ class Planner:
         its weights and activations, and does not raise the peak."""
         target = phase.value if phase is not None else before.peak_phase
         variable = before.phases[target] - self._fixed_mib(before)
-        for move in MOVES:
-            if Phase(target) not in move.phases or (allowed is not None and move.name not in allowed):
+        for move in self._moves(allowed):
+            if Phase(target) not in move.phases:
                 continue
             tighter = move.apply(settings, self.dims)
             if tighter is None:
@@ -630,6 +637,11 @@ class Planner:
                 break
         return (current, reasons) if reasons else None
 
+    def _moves(self, allowed: tuple[str, ...] | None) -> list[Move]:
+        """MOVES in priority order, among ``allowed`` and the model's own (``moves``) when given."""
+        return [move for move in MOVES if (allowed is None or move.name in allowed)
+                and (self.moves is None or move.name in self.moves)]
+
     def _fixed_mib(self, prediction: Prediction) -> float:
         """The part of every phase's peak no setting changes: context and allocator overhead."""
         return prediction.context_mib + self.model.coefficients.get("overhead_mib", 0.0)
@@ -638,8 +650,8 @@ class Planner:
         self, settings: RunSettings, phase: Phase, allowed: tuple[str, ...] | None
     ) -> tuple[RunSettings, str, Prediction, Move] | None:
         """Any move for the phase, even one the model thinks does not help: the model just proved wrong."""
-        for move in MOVES:
-            if phase not in move.phases or (allowed is not None and move.name not in allowed):
+        for move in self._moves(allowed):
+            if phase not in move.phases:
                 continue
             tighter = move.apply(settings, self.dims)
             if tighter is not None:
