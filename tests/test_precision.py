@@ -152,7 +152,7 @@ def test_nan_in_fp32_vae_points_at_the_model_not_precision():
 
 def test_a_wider_precision_after_a_narrower_run_asks_for_a_reload(test_image):
     """fp32 -> fp16 -> fp32 in place cannot restore the lost bits: the engine refuses instead of computing wrongly."""
-    from lowvram_studio.engine.precision import PrecisionError, PrecisionPolicy, rounded_components
+    from lowvram_studio.engine.precision import PrecisionError, rounded_components
     from lowvram_studio.settings_adapter import generate
     from lowvram_studio.models.demo import build_demo_pipeline
     from lowvram_studio.settings import RunSettings

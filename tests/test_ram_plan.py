@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from lowvram_studio.cli import main
 from lowvram_studio.engine.dims import ModelDims

@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import re
 import statistics
 import time

@@ -38,7 +38,6 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
