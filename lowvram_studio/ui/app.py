@@ -124,8 +124,8 @@ def build_app(studio: Studio) -> gr.Blocks:
     controls = form.controls
     with gr.Blocks(title="LowVRAM Studio") as app:
         with gr.Row(equal_height=True):
-            gr.Markdown("## LowVRAM Studio\nImage to video with Stable Video Diffusion and Wan 2.x on small GPUs; "
-                        "every memory trick measured live.", elem_id="title")
+            gr.Markdown("## LowVRAM Studio\nImage to video (SVD, Wan 2.x) on small GPUs; every memory trick "
+                        "measured live.", elem_id="title")
             gr.HTML(device_badge(studio.env, studio.torch_problem), elem_id="device-badge")
         history = gr.State(TabHistory())
         with gr.Row():
