@@ -178,9 +178,9 @@ def run_job(
             on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
     ram = plan_ram(dims, PrecisionPolicy.resolve(precision_request(settings), gpu, family.components),
                    settings.offload, gpu is not None, MachineRam.now())
-    refusal, ram_warning = ram.refusal(), ram.warning()
-    if refusal:
-        raise SettingsError([refusal])
+    ram_refusal, ram_warning = ram.refusal(), ram.warning()
+    if ram_refusal:
+        raise SettingsError([ram_refusal])
     if ram_warning and on_event:
         on_event(RunEvent(Phase.LOAD, message=f"warning: {ram_warning}"))
     estimate = estimate_for_card(unet_config, dims, settings, gpu) if calibrated else None

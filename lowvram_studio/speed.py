@@ -42,7 +42,8 @@ def estimate_for_card(unet_config: dict[str, Any], dims: ModelDims, settings: Ru
         return None
     return estimate_speed(unet_config, step_config(settings, gpu), settings.num_inference_steps, gpu.name,
                           key=speed_key(dims.name, gpu.name, settings),
-                          other_component_bytes=vae_and_encoder_bytes(dims, settings), calibration=SpeedCalibration.load(data_dir()))
+                          other_component_bytes=vae_and_encoder_bytes(dims, settings),
+                          calibration=SpeedCalibration.load(data_dir()))
 
 
 def remember_speed(dims: ModelDims, settings: RunSettings, gpu: GpuInfo | None, seconds_per_step: float | None,

@@ -11,10 +11,11 @@ transformers load a component whole or not at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +53,6 @@ class DeferredTextEncoder:
 
     folder: Path
     class_name: str
-    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def variant(self) -> str | None:
         """"fp16" for a folder that holds only fp16-variant weight files (saved with ``variant="fp16"``): they are
@@ -65,22 +65,24 @@ class DeferredTextEncoder:
         return sorted(path for path in self.folder.glob("*.safetensors")
                       if bool(FP16_VARIANT.search(path.name)) == variant)
 
+    @functools.cached_property
     def headers(self) -> list[SafetensorsHeader]:
-        """Each weight file's header (validated: a truncated or foreign file raises ``ModelError``)."""
+        """Each weight file's header, read once (validated: a truncated or foreign file raises ``ModelError``)."""
         try:
             return [read_header(path) for path in self.weight_files()]
         except SingleFileError as exc:
             raise ModelError(f"the text encoder in {self.folder} cannot be read: {exc}") from exc
 
+    @functools.cached_property
+    def _files_fingerprint(self) -> str:
+        return files_fingerprint(self.class_name, (self.folder / "config.json").read_bytes(), self.headers)
+
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            config = (self.folder / "config.json").read_bytes()
-            self._fingerprint = files_fingerprint(self.class_name, config, self.headers())
-        return self._fingerprint
+        return self._files_fingerprint
 
     def parameters(self) -> int:
         """Counted from the headers' shapes (a tied embedding is stored, and counted, once)."""
-        return sum(math.prod(entry.shape) for header in self.headers() for entry in header.entries.values())
+        return sum(math.prod(entry.shape) for header in self.headers for entry in header.entries.values())
 
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         try:

@@ -24,12 +24,13 @@ What diffusers and transformers do not do, written here:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -238,31 +239,34 @@ class SplitTextEncoder:
     ``DeferredTextEncoder``, read only when a prompt is not in the prompt cache."""
 
     path: Path
-    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
+    @functools.cached_property
     def header(self) -> SafetensorsHeader:
+        """The file's header, read once."""
         try:
             return read_header(self.path)
         except SingleFileError as exc:
             raise ModelError(f"the text encoder {self.path} cannot be read: {exc}") from exc
 
+    @functools.cached_property
     def config(self) -> dict:
-        return text_encoder_config(self.header())
+        return text_encoder_config(self.header)
+
+    @functools.cached_property
+    def _files_fingerprint(self) -> str:
+        config = json.dumps(self.config, sort_keys=True).encode()
+        return files_fingerprint(UMT5EncoderModel.__name__, config, [self.header])
 
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            config = json.dumps(self.config(), sort_keys=True).encode()
-            self._fingerprint = files_fingerprint(UMT5EncoderModel.__name__, config, [self.header()])
-        return self._fingerprint
+        return self._files_fingerprint
 
     def parameters(self) -> int:
-        header = self.header()
-        return sum(math.prod(header.entries[key].shape) for key in _weight_keys(header))
+        return sum(math.prod(self.header.entries[key].shape) for key in _weight_keys(self.header))
 
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
-        header = self.header()
+        header = self.header
         with init_empty_weights():
-            model = UMT5EncoderModel(UMT5Config(**self.config()))
+            model = UMT5EncoderModel(UMT5Config(**self.config))
         sources = text_encoder_sources(list(model.state_dict()), header)
         try:
             model = _fill(model, sources, header, TEXT_ENCODER, lambda name: dtype, None)
@@ -317,7 +321,7 @@ def load_split_set(files: WanSplitSet, dtype: torch.dtype = torch.float32,
     tokenizer = load_tokenizer()  # first: a missing tokenizer is found before GBs are read
     headers = {part: read_header(path) for part, path in ((TRANSFORMER, files.transformer), (VAE, files.vae))}
     text_encoder = SplitTextEncoder(files.text_encoder)
-    text_encoder.header()  # validated now (truncated, damaged), read later
+    _ = text_encoder.header  # read and validated now (truncated, damaged), kept for the load
     transformer_bytes, vae_bytes = (_bytes_of(h, set(_weight_keys(h))) for h in headers.values())
     total = transformer_bytes + vae_bytes
     transformer = load_transformer(headers[TRANSFORMER], dtype, _shifted(on_progress, 0, total))
