@@ -12,7 +12,10 @@ from benchmark rows (``bench/planner.py``) by least squares.
 
 The planner walks a ladder of moves, lossless ones first, then lossy ones in order of fidelity cost
 (DESIGN §3), always taking the first move in that order that lowers the predicted peak, and stops at
-the first rung that fits the budget: so a smaller budget never gets looser settings. Each move
+the first rung that fits the budget: so a smaller budget never reaches a looser rung. The ladder
+serves the phase that sets the peak at each rung, so an early move can turn out unneeded once later
+ones lowered the other phases (SVD-XT at 8 GB: 128 px VAE tiles taken before weight streaming); a
+relax pass then loosens such moves again, lossy ones first, while the plan still fits. Each move
 carries the one-line reason the UI shows. The same moves, restricted to the phase that failed, are
 the next tighter plan after a real out-of-memory error (plan/replan.py).
 """
@@ -322,13 +325,15 @@ def simulated_budget(budget: Budget, device: int = 0) -> Iterator[float]:
 # ---- moves and plans ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Move:
-    """One tightening: ``apply`` returns the tighter settings, or None when it no longer applies."""
+    """One tightening: ``apply`` returns the tighter settings, or None when it no longer applies;
+    ``loosen(settings, request)`` lists the looser settings between them and the request, loosest first."""
 
     name: str
     lossy: bool
     phases: tuple[Phase, ...]
     apply: Callable[[RunSettings, ModelDims], RunSettings | None]
     reason: Callable[[RunSettings], str]
+    loosen: Callable[[RunSettings, RunSettings], list[RunSettings]]
 
 
 def _next_level(current: int, levels: tuple[int, ...], limit: int) -> int | None:
@@ -347,6 +352,27 @@ def _level_move(name: str, levels: tuple[int, ...], limit: Callable[[RunSettings
     return apply
 
 
+def _level_loosen(name: str, levels: tuple[int, ...]) -> Callable[[RunSettings, RunSettings], list[RunSettings]]:
+    """The request's own level, then the ladder's levels between it and the current one, loosest first."""
+    def loosen(settings: RunSettings, request: RunSettings) -> list[RunSettings]:
+        current, asked = getattr(settings, name), getattr(request, name)
+        if current == asked:
+            return []
+        between = [level for level in levels if level > current and (asked == 0 or level < asked)]
+        return [settings.replace(**{name: level}) for level in (asked, *between)]
+
+    return loosen
+
+
+def _undo(*names: str) -> Callable[[RunSettings, RunSettings], list[RunSettings]]:
+    """Loosening back to the request's values of ``names``, the only looser setting of an on/off move."""
+    def loosen(settings: RunSettings, request: RunSettings) -> list[RunSettings]:
+        asked = {name: getattr(request, name) for name in names}
+        return [] if all(getattr(settings, n) == v for n, v in asked.items()) else [settings.replace(**asked)]
+
+    return loosen
+
+
 def _cfg_split(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
     return settings.replace(cfg_split=True) if settings.guidance_enabled and not settings.cfg_split else None
 
@@ -360,14 +386,39 @@ def _offload(mode: OffloadMode) -> Callable[[RunSettings, ModelDims], RunSetting
     return apply
 
 
+def _offload_loosen(mode: OffloadMode) -> Callable[[RunSettings, RunSettings], list[RunSettings]]:
+    """From ``mode`` back to the request's offload mode, or to any mode between them, loosest first."""
+    order = list(OffloadMode)
+
+    def loosen(settings: RunSettings, request: RunSettings) -> list[RunSettings]:
+        if settings.offload != mode:
+            return []
+        modes = order[order.index(request.offload):order.index(mode)]
+        return [settings.replace(offload=looser) for looser in modes]
+
+    return loosen
+
+
 def _fp8(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
     return None if settings.unet_dtype == Precision.FP8 else settings.replace(unet_dtype=Precision.FP8)
 
 
-def _interpolate(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
-    if settings.interpolate >= 4 or settings.num_frames < 4:
-        return None
+def _halve_frames(settings: RunSettings) -> RunSettings:
     return settings.replace(interpolate=settings.interpolate * 2, num_frames=math.ceil(settings.num_frames / 2))
+
+
+def _interpolate(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+    return None if settings.interpolate >= 4 or settings.num_frames < 4 else _halve_frames(settings)
+
+
+def _interpolate_loosen(settings: RunSettings, request: RunSettings) -> list[RunSettings]:
+    """The request's frame count, then each halving the ladder took on the way, loosest first."""
+    looser = []
+    step = request
+    while step.interpolate < settings.interpolate:
+        looser.append(settings.replace(interpolate=step.interpolate, num_frames=step.num_frames))
+        step = _halve_frames(step)
+    return looser
 
 
 def _tokens(settings: RunSettings, dims: ModelDims) -> int:
@@ -375,32 +426,47 @@ def _tokens(settings: RunSettings, dims: ModelDims) -> int:
 
 
 # Priority order: lossless first (cheapest slowdown first), then lossy by fidelity cost (DESIGN §3).
+# The levels each chunking move steps through, loosest first (0 = off is looser than any)
+FF_LEVELS, SPATIAL_LEVELS, TEMPORAL_LEVELS = (16384, 4096), (4, 1), (2048, 512)
+TILE_LEVELS, DECODE_LEVELS, WINDOW_LEVELS = (512, 256, 128), (8, 4, 2, 1), (16, 12, 8, 6, 4, 2)
+
 MOVES: tuple[Move, ...] = (
     Move("cfg_split", False, (Phase.DENOISE,), _cfg_split,
-         lambda s: "CFG split: the two guidance branches run one after the other, halving UNet activations (lossless)"),
-    Move("ff_chunk", False, (Phase.DENOISE,), _level_move("ff_chunk", (16384, 4096), lambda s, d: 1 << 62),
-         lambda s: f"feed-forward chunks of {s.ff_chunk} tokens: the widest UNet layers run in pieces (lossless)"),
+         lambda s: "CFG split: the two guidance branches run one after the other, halving UNet activations (lossless)",
+         _undo("cfg_split")),
+    Move("ff_chunk", False, (Phase.DENOISE,), _level_move("ff_chunk", FF_LEVELS, lambda s, d: 1 << 62),
+         lambda s: f"feed-forward chunks of {s.ff_chunk} tokens: the widest UNet layers run in pieces (lossless)",
+         _level_loosen("ff_chunk", FF_LEVELS)),
     Move("spatial_chunk", False, (Phase.DENOISE,),
-         _level_move("spatial_chunk", (4, 1), lambda s, d: 2 * window_frames(s)),
-         lambda s: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)"),
-    Move("temporal_chunk", False, (Phase.DENOISE,), _level_move("temporal_chunk", (2048, 512), _tokens),
-         lambda s: f"temporal layers {s.temporal_chunk} positions at a time (lossless)"),
+         _level_move("spatial_chunk", SPATIAL_LEVELS, lambda s, d: 2 * window_frames(s)),
+         lambda s: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)",
+         _level_loosen("spatial_chunk", SPATIAL_LEVELS)),
+    Move("temporal_chunk", False, (Phase.DENOISE,), _level_move("temporal_chunk", TEMPORAL_LEVELS, _tokens),
+         lambda s: f"temporal layers {s.temporal_chunk} positions at a time (lossless)",
+         _level_loosen("temporal_chunk", TEMPORAL_LEVELS)),
     Move("offload_model", False, PHASES, _offload(OffloadMode.MODEL),
-         lambda s: "model offload: only the component at work stays on the GPU (lossless, a few s per run)"),
+         lambda s: "model offload: only the component at work stays on the GPU (lossless, a few s per run)",
+         _offload_loosen(OffloadMode.MODEL)),
     Move("offload_stream", False, (Phase.ENCODE, Phase.DENOISE), _offload(OffloadMode.STREAM),
-         lambda s: "weight streaming: UNet blocks stream in one at a time (lossless, slower per step)"),
+         lambda s: "weight streaming: UNet blocks stream in one at a time (lossless, slower per step)",
+         _offload_loosen(OffloadMode.STREAM)),
     Move("vae_tile", True, (Phase.DECODE,),
-         _level_move("vae_tile", (512, 256, 128), lambda s, d: max(s.height, s.width)),
-         lambda s: f"VAE decode in {s.vae_tile} px tiles (lossy: blended tile seams)"),
+         _level_move("vae_tile", TILE_LEVELS, lambda s, d: max(s.height, s.width)),
+         lambda s: f"VAE decode in {s.vae_tile} px tiles (lossy: blended tile seams)",
+         _level_loosen("vae_tile", TILE_LEVELS)),
     Move("decode_chunk", True, (Phase.DECODE,),
-         _level_move("decode_chunk", (8, 4, 2, 1), lambda s, d: s.num_frames),
-         lambda s: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)"),
+         _level_move("decode_chunk", DECODE_LEVELS, lambda s, d: s.num_frames),
+         lambda s: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)",
+         _level_loosen("decode_chunk", DECODE_LEVELS)),
     Move("chunk_size", True, (Phase.DENOISE,),
-         _level_move("chunk_size", (16, 12, 8, 6, 4, 2), lambda s, d: min(s.num_frames, d.native_frames + 1)),
-         lambda s: f"temporal windows of {s.chunk_size} frames (lossy: motion is coherent within a window)"),
-    Move("fp8", True, PHASES, _fp8, lambda s: "UNet weights stored in fp8, computed in 16 bit (lossy)"),
+         _level_move("chunk_size", WINDOW_LEVELS, lambda s, d: min(s.num_frames, d.native_frames + 1)),
+         lambda s: f"temporal windows of {s.chunk_size} frames (lossy: motion is coherent within a window)",
+         _level_loosen("chunk_size", WINDOW_LEVELS)),
+    Move("fp8", True, PHASES, _fp8, lambda s: "UNet weights stored in fp8, computed in 16 bit (lossy)",
+         _undo("unet_dtype")),
     Move("interpolate", True, (Phase.DENOISE, Phase.DECODE), _interpolate,
-         lambda s: f"generate {s.num_frames} frames and interpolate {s.interpolate}x (lossy: in-between frames are synthesised)"),
+         lambda s: f"generate {s.num_frames} frames and interpolate {s.interpolate}x (lossy: in-between frames are synthesised)",
+         _interpolate_loosen),
 )
 
 
@@ -565,7 +631,8 @@ class Planner:
         rungs = self.ladder(settings, budget.context_mib, allowed)
         for index, rung in enumerate(rungs):
             if rung.prediction.peak_mib <= budget.plan_to_mib:
-                return Plan(rung.settings, rung.prediction, rung.reasons, budget, True, index)
+                relaxed, prediction, loosened = self._relax(rung, rungs[0].settings, budget, allowed)
+                return Plan(relaxed, prediction, [*rung.reasons, *loosened], budget, True, index)
         last = rungs[-1]
         reasons = [
             *last.reasons,
@@ -574,6 +641,34 @@ class Planner:
             "lower the size or frame count, or close other programs using the GPU",
         ]
         return Plan(last.settings, last.prediction, reasons, budget, False, len(rungs) - 1)
+
+    def _relax(
+        self, rung: Rung, request: RunSettings, budget: Budget, allowed: tuple[str, ...] | None
+    ) -> tuple[RunSettings, Prediction, list[str]]:
+        """Loosen the fitting rung's moves back towards the request while the plan still fits: lossy moves
+        first (most lossy first: fidelity before speed), then lossless ones (slowest first). Each move takes
+        its loosest setting that fits. Loosening only raises the peak, so one pass in this order is enough."""
+        moves = self._moves(allowed)
+        order = [m for m in reversed(moves) if m.lossy] + [m for m in reversed(moves) if not m.lossy]
+        # an offload mode between the request's and the plan's is a setting only its own move may choose
+        offload_modes = {request.offload} | {OffloadMode(m.name.removeprefix("offload_")) for m in moves
+                                             if m.name.startswith("offload_")}
+        current, prediction, reasons = rung.settings, rung.prediction, []
+        for move in order:
+            for looser in move.loosen(current, request):
+                after = self.predict(looser, budget.context_mib)
+                if after.peak_mib > budget.plan_to_mib or looser.offload not in offload_modes:
+                    continue
+                change = f"predicted peak {_gib(prediction.peak_mib)} -> {_gib(after.peak_mib)}"
+                if move.loosen(looser, request):  # still tighter than the request: a looser level of the move
+                    reasons.append(f"loosened again: {move.reason(looser)} is enough once later moves lowered "
+                                   f"the other phases; {change}")
+                else:
+                    reasons.append(f"undone: {move.reason(current)} -- not needed once later moves lowered "
+                                   f"the other phases; {change}")
+                current, prediction = looser, after
+                break
+        return current, prediction, reasons
 
     def no_budget(self, settings: RunSettings) -> Plan | None:
         """Without a budget the user's settings run as they are, with one exception on a GPU: when decoding
