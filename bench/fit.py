@@ -101,6 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     device_run_arguments(parser, "fit", steps=2)
     parser.add_argument("--cases", default="B,A")
+    parser.add_argument("--budgets", default="none,8GB,6GB,4GB", help="which rows: 'none' is diffusers' own run")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -116,6 +117,8 @@ def main() -> int:
     report = new_report(rows=[])
     for case in args.cases.split(","):
         for name, budget in ROWS:
+            if (budget or "none") not in args.budgets.split(","):
+                continue
             if time.perf_counter() - started > args.deadline:
                 break
             report["rows"].append(run_row(name, budget, case, cases[case], args, meter))

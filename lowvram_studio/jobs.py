@@ -23,7 +23,7 @@ from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
-from .plan.planner import FAMILY_MOVES, Planner, plan_for_settings
+from .plan.planner import FAMILY_MOVES, MEMORY_MODEL_PATHS, Planner, plan_for_settings
 from .plan.ram import MachineRam, plan_ram
 from .plan.replan import decode_retry, run_with_replan
 from .settings import RunSettings, SettingsError
@@ -78,12 +78,13 @@ def check_outputs_free(video: str | Path, gif: bool = False) -> None:
 
 
 def budget_refusal(family_kind: str) -> str | None:
-    """Why a VRAM budget cannot be planned for a model of ``family_kind`` yet, or None: the memory and speed
-    models were fitted on SVD's UNet. The studio asks this before it offers the budget control."""
-    if family_kind == "svd":
+    """Why a VRAM budget cannot be planned for a model of ``family_kind`` yet, or None: each family needs a
+    memory model fitted on its own measured runs (plan/planner.py ``MEMORY_MODEL_PATHS``). The studio asks
+    this before it offers the budget control."""
+    if family_kind in MEMORY_MODEL_PATHS:
         return None
-    return (f"VRAM budgets are planned from a memory model fitted on SVD, not yet on {family_kind}; "
-            "set vram_budget to off and choose offload, cfg_split and vae_tile yourself")
+    return (f"VRAM budgets are planned from a memory model fitted on measured runs, and none is fitted on "
+            f"{family_kind} yet; set vram_budget to off and choose offload, cfg_split and vae_tile yourself")
 
 
 def _emit(event: RunEvent, result: RunResult, on_event: EventCallback | None) -> RunEvent:
@@ -166,12 +167,11 @@ def run_job(
     family = model.family
     dims, gpu = family.dims(), detect_gpu(resolve_device(settings.device))
     refusal = budget_refusal(family.kind)
-    calibrated = refusal is None  # other families run the settings as given
     if refusal and settings.vram_budget != "off":
         raise SettingsError([refusal])
-    unet_config = dict(model.pipeline.unet.config) if calibrated else None
+    unet_config = dict(model.pipeline.unet.config) if family.kind == "svd" else None  # the speed model counts UNets
     planner = Planner.for_gpu(dims, gpu, unet_config, moves=FAMILY_MOVES.get(family.kind))
-    plan = plan_for_settings(planner, settings) if calibrated else None
+    plan = plan_for_settings(planner, settings)
     if plan is not None:  # a VRAM budget (or, with none, the decode rule) chose the settings; each choice is explained
         settings = plan.settings
         if on_event:
@@ -183,7 +183,7 @@ def run_job(
         raise SettingsError([ram_refusal])
     if ram_warning and on_event:
         on_event(RunEvent(Phase.LOAD, message=f"warning: {ram_warning}"))
-    estimate = estimate_for_card(unet_config, dims, settings, gpu) if calibrated else None
+    estimate = None if unet_config is None else estimate_for_card(unet_config, dims, settings, gpu)
     if estimate is not None and on_event:
         on_event(RunEvent(Phase.LOAD, message=f"estimate: {estimate.text}"))
     monitor = monitor or take_offered_monitor() or VramMonitor()
@@ -201,7 +201,7 @@ def run_job(
         if plan is not None:
             result.info["plan"] = plan.to_dict()
         result.info["ram_plan"] = {**ram.to_dict(), "warning": ram_warning}
-        if calibrated and result.settings != settings:  # a re-plan ran other settings: judge the estimate for those
+        if estimate is not None and result.settings != settings:  # a re-plan ran other settings: judge the estimate for those
             estimate = estimate_for_card(unet_config, dims, result.settings, gpu)
         settings = result.settings
         steady = steady_seconds_per_step(result.events)  # the estimate predicts steps after CUDA's warm-up

@@ -317,3 +317,57 @@ def test_no_budget_keeps_the_users_decode(change):
 
 def test_no_budget_on_the_cpu_changes_nothing():
     assert plan_for_settings(Planner(SVD_XT_DIMS, device_type="cpu"), _case("B").replace(vae_dtype="fp32")) is None
+
+
+# ---- Wan: its own memory model and moves ----------------------------------------------------------------
+def _wan_request(height: int, width: int, frames: int) -> RunSettings:
+    return RunSettings(height=height, width=width, num_frames=frames, device="cuda", prompt="a red ball",
+                       guidance_scale=5.0, vae_dtype="fp32", encoder_dtype="auto", unet_dtype="auto")
+
+
+def test_wan_budgets_are_planned_with_wans_memory_model_and_only_its_moves():
+    from lowvram_studio.models.wan_configs import ti2v_5b_dims
+    from lowvram_studio.plan.planner import FAMILY_MOVES
+
+    dims = ti2v_5b_dims()
+    assert dims.kind == "wan" and dims.latent_frames(81) == 21 and dims.tokens_per_latent_frame(480, 832) == 15 * 26
+    planner = Planner(dims, moves=FAMILY_MOVES["wan"])
+    assert planner.model.source.startswith("calibrated on") and "dit_tokens" in planner.model.coefficients
+    for frames, budget in ((81, "8GB"), (121, "12GB"), (85, "4GB")):
+        request = _wan_request(480, 832, frames)
+        plan = planner.plan(request, PRESETS[budget])
+        settings = plan.settings
+        assert (settings.spatial_chunk, settings.temporal_chunk, settings.decode_chunk) == (0, 0, 0)  # SVD's knobs
+        assert (settings.num_frames - 1) % 4 == 0  # interpolation leaves a clip Wan can make
+        assert (settings.num_frames - 1) * settings.interpolate + 1 == frames
+        if settings.chunk_size:
+            assert settings.chunk_size < dims.latent_frames(settings.num_frames) and settings.overlap < settings.chunk_size
+        if plan.fits:
+            assert plan.prediction.peak_mib <= PRESETS[budget].plan_to_mib and settings.offload == OffloadMode.STREAM
+    plan = planner.plan(_wan_request(480, 832, 81), PRESETS["8GB"])
+    assert plan.fits and plan.settings.cfg_split and plan.settings.vae_tile  # the measured lean recipe, planned
+    # 121 frames are TI2V-5B's own 31 latent frames: no windows for that length
+    assert not planner.base(_wan_request(704, 1280, 121))[1] and planner.base(_wan_request(704, 1280, 161))[1]
+
+
+def test_calibrate_fits_each_measured_phase_and_holds_fixed_coefficients():
+    from lowvram_studio.models.wan_configs import ti2v_5b_dims
+
+    dims = ti2v_5b_dims()
+    truth = MemoryModel.for_kind("wan")
+    truth.coefficients = {k: v * (1.25 if i % 2 else 0.85) for i, (k, v) in enumerate(sorted(truth.coefficients.items()))}
+    truth.coefficients["weights"] = 1.0
+    rows = []
+    for height, width, frames in ((480, 832, 81), (704, 1280, 121), (480, 480, 41)):
+        for change in ({"offload": "stream", "cfg_split": True}, {"offload": "stream", "ff_chunk": 4096, "vae_tile": 256},
+                       {"offload": "model"}, {"offload": "stream", "cfg_split": True, "unet_dtype": "fp8"}):
+            settings = _wan_request(height, width, frames).replace(**change)
+            phases = truth.predict(dims, settings, 600).phases
+            rows.append({"dims": dims, "settings": settings, "context_mib": 600, "process_peak_mib": max(phases.values()),
+                         "phase_peaks_mib": phases})
+    prior = MemoryModel({k: v * 1.5 for k, v in truth.coefficients.items()} | {"weights": 1.0}, truth.context_mib)
+    fitted = calibrate(rows, prior, fixed=("weights",))
+    assert fitted.coefficients["weights"] == 1.0
+    for row in rows:
+        for phase, mib in fitted.predict(dims, row["settings"], 600).phases.items():
+            assert mib == pytest.approx(row["phase_peaks_mib"][phase], rel=0.02)

@@ -1,6 +1,6 @@
 """The studio on a Wan model, through gradio_client against the real app: picking the toy Wan folder shows the
-prompt boxes and Wan's guidance and hides SVD's controls, snaps what Wan cannot take with a note, locks the VRAM
-budget with the reason; Generate writes a Wan clip and its record; bad requests and Compare say what to do;
+prompt boxes and Wan's guidance and hides SVD's controls, snaps what Wan cannot take with a note, plans the VRAM
+budget with Wan's memory model; Generate writes a Wan clip and its record; bad requests and Compare say what to do;
 re-using the clip restores its prompts. Real runs on the toy Wan (64x64, 9 frames, 2 steps on the CPU)."""
 
 from __future__ import annotations
@@ -90,10 +90,9 @@ def test_picking_a_wan_model_shows_its_prompt_controls_hides_svds_and_snaps_what
     assert updates["spatial_chunk"]["value"] == 0 and "value" not in updates["prune_threshold"]  # Wan reuses steps too
     assert updates["prune_threshold"].get("visible", True) and updates["prune_threshold"]["maximum"] == 0.3
     assert "14 became 13" in note and "“Spatial-layer chunk" in note and "set to off" in note
-    budget = updates["vram_budget"]
-    assert budget["value"] == "Manual" and budget["interactive"] is False
-    assert "not yet on wan" in budget["info"] and "not yet on wan" in budget_note and "not yet on wan" in note
-    assert updates["budget_gib"]["interactive"] is False
+    budget = updates["vram_budget"]  # Wan has its own memory model: the budget stays and is planned for Wan
+    assert "value" not in budget and budget["interactive"] is True and updates["budget_gib"]["interactive"] is True
+    assert "**VRAM budget 6GB**" in budget_note and "VRAM budget" not in note
     assert updates["encoder_dtype"]["label"].startswith("Text encoder 16-bit") and updates["encoder_dtype"]["value"]
     assert "UMT5-XXL in FP32 takes 22.7 GB of RAM" in note
     assert updates["fps"]["value"] == 24 and "the frame rate this Wan model was made for" in note  # TI2V's, not SVD's 7
@@ -134,8 +133,6 @@ def test_what_a_wan_model_cannot_take_is_refused_before_it_runs_with_the_fix(cli
     request = {"image_path": handle_file(str(ASSET)), "model": str(wan_folder), **WAN_CLIP}
     with pytest.raises(AppError, match="“Frames” moves in steps of 4 from 5; 10 is not one of them: use 9"):
         client.predict(**{**request, "num_frames": 10}, api_name="/generate")
-    with pytest.raises(AppError, match="not yet on wan; set “VRAM budget” to Manual"):
-        client.predict(**request, vram_budget="6 GB", api_name="/generate")
     with pytest.raises(AppError, match="cuts SVD's UNet layers, which Wan's transformer does not have"):
         client.predict(**request, temporal_chunk=256, api_name="/generate")  # an API call the page never makes
 
@@ -149,11 +146,11 @@ def test_compare_on_a_wan_model_says_what_to_do_instead_and_stays_usable_for_svd
     assert status.startswith("✔ Compare finished")
 
 
-def test_a_budget_picked_for_a_wan_model_plans_nothing_and_says_why(client, studio, wan_folder):
+def test_a_budget_picked_for_a_wan_model_is_planned_with_wans_memory_model(client, studio, wan_folder):
     *values, note, chart = client.predict(**{**studio.default_form(FORM_NAMES), "model": str(wan_folder),
-                                             "vram_budget": "4 GB"}, api_name="/plan_budget")
-    assert all(value == {"__type__": "update"} for value in values) and chart == ""
-    assert "memory model fitted on SVD, not yet on wan" in note
+                                             "vram_budget": "4 GB", **WAN_CLIP}, api_name="/plan_budget")
+    assert "**VRAM budget 4GB**" in note and "Wan2.2 TI2V-5B's sizes" in note and 'data-phase="denoise"' in chart
+    assert "spatial layers" not in note and "decode 8 frame" not in note  # SVD's moves: not Wan's
 
 
 def test_a_studio_started_on_a_wan_model_opens_with_a_form_wan_can_run(wan_folder, tmp_path):

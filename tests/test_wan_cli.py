@@ -163,10 +163,15 @@ def test_frame_reuse_and_svds_reuse_knobs_on_a_wan_model_are_bad_input(wan_folde
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_a_budget_for_wan_is_refused_until_its_memory_model_exists(wan_folder, tmp_path, capsys):
-    code = main(["generate", "--image", str(ASSET), "--out", str(tmp_path / "x.mp4"), "--model", str(wan_folder),
-                 *CLIP, "--vram-budget", "6GB"])
-    assert code == EXIT_BAD_INPUT and "set vram_budget to off" in capsys.readouterr().err
+def test_a_budget_for_wan_is_planned_with_wans_memory_model_and_recorded(wan_folder, tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    code = main(["generate", "--image", str(ASSET), "--out", str(out), "--model", str(wan_folder), *CLIP,
+                 "--vram-budget", "6GB"])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads(out.with_suffix(".json").read_text())["info"]["plan"]
+    assert plan["budget"] == "6GB" and plan["fits"] and set(plan["predicted_phases_mib"]) == {
+        "encode image", "denoise", "decode"}
+    assert read_video(out)[0].shape[0] == 9
 
 
 def test_a_wan_folder_without_its_tokenizer_says_what_to_put_where(wan_folder, tmp_path, capsys):

@@ -54,6 +54,10 @@ class ComponentSource(Protocol):
         """How many parameters the component has (for the planner's dims and the record)."""
         ...
 
+    def largest_parameter(self) -> int:
+        """Elements of its largest weight: what leaf-level streaming holds on the GPU at once (the planner)."""
+        ...
+
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         """Read the component in ``dtype`` (the run's compute dtype for it: never a wider copy than it runs in),
         ready for the engine's precision and placement."""

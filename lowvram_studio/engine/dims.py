@@ -14,6 +14,7 @@ import torch
 from .speed_model import streaming_groups
 
 SVD_UNET_WIDTH, SVD_VAE_WIDTH = 320, 128  # first-level channels of SVD / SVD-XT (models/svd_configs.py)
+WAN_TRANSFORMER_WIDTH, WAN_VAE_WIDTH = 3072, 256  # Wan2.2 TI2V-5B's hidden size and VAE decoder channels
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,17 @@ class ModelDims:
     resnet / attention / sampler of the blocks): the two largest groups (the one computing and the one
     prefetched) plus the modules outside the blocks.
 
-    ``unet_width`` / ``vae_width``: first-level channels relative to SVD's (UNet 320, VAE 128). The activation
-    coefficients were fitted on SVD-XT, and activations scale with the channels of the full-resolution level
-    that sets the peak, so a narrower model (the built-in demo: 0.1 and 0.25) is predicted by scaling them.
+    ``unet_width`` / ``vae_width``: first-level channels relative to the model the family's memory model
+    was fitted on (SVD-XT: UNet 320, VAE 128; Wan: TI2V-5B's transformer 3072, VAE decoder 256). Activations
+    scale with the channels of the full-resolution level that sets the peak, so a narrower model (the
+    built-in demo: 0.1 and 0.25) is predicted by scaling them.
+
+    ``kind``: the family, which picks its memory model (plan/planner.py). ``native_frames`` counts latent
+    frames, which are ``temporal_scale`` pixel frames each after the first (Wan's VAE: 4; SVD's: 1); one
+    denoiser token covers ``patch`` x ``patch`` latent cells. ``encoder_stream_params``: the largest single
+    weight of the conditioning encoder, which leaf-level streaming moves in whole (UMT5's embedding).
+    ``encoder_dropped``: the encoder leaves the GPU after the encode phase (a text encoder read from disk
+    for one encode is dropped before the denoiser runs), even when every weight stays on the GPU.
     """
 
     name: str
@@ -38,6 +47,19 @@ class ModelDims:
     latent_scale: int = 8
     unet_width: float = 1.0
     vae_width: float = 1.0
+    kind: str = "svd"
+    temporal_scale: int = 1
+    patch: int = 1
+    encoder_stream_params: int = 0
+    encoder_dropped: bool = False
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a clip of ``frames`` pixel frames."""
+        return (frames - 1) // self.temporal_scale + 1
+
+    def tokens_per_latent_frame(self, height: int, width: int) -> int:
+        cell = self.latent_scale * self.patch
+        return (height // cell) * (width // cell)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, name: str = "pipeline") -> "ModelDims":

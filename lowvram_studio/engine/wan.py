@@ -28,10 +28,10 @@ import PIL.Image
 import torch
 
 from .components import DENOISER, ENCODER, VAE, Component, ComponentSource
-from .dims import ModelDims
+from .dims import WAN_TRANSFORMER_WIDTH, WAN_VAE_WIDTH, ModelDims
 from .events import CancelToken
 from .family import ClipRequest
-from .placement import drop_component, make_room
+from .placement import drop_component, make_room, release_memory
 from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype
 from .prompt_cache import EncoderIdentity, PromptCache
 from .pruning import PruningConfig
@@ -202,6 +202,11 @@ class WanFamily:
         positive, negative, sources = self._prompt_embeddings(request, device)
         if self.text_encoder_source is not None:
             drop_component(pipeline, "text_encoder")  # back on disk: its RAM is free for the denoiser
+        if "encoder" in sources.values():
+            # Streamed, the encoder's weights came in on group offloading's transfer stream, whose allocator
+            # pool the VAE's allocations (default stream) cannot reuse: hand it back to the driver before the
+            # VAE moves in, so that the encode phase peaks at the larger of the two and not at their sum.
+            release_memory()
         dtype = compute_dtype(pipeline.transformer)
         image_embeds = None
         if pipeline.transformer.config.image_dim is not None:
@@ -307,15 +312,23 @@ class WanFamily:
         def count(module: torch.nn.Module) -> int:
             return sum(p.numel() for p in module.parameters())
 
-        transformer = self.pipeline.transformer
+        transformer, vae, encoder = self.pipeline.transformer, self.pipeline.vae, self.pipeline.text_encoder
         blocks = sorted(count(block) for block in transformer.blocks)
+        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         return ModelDims(
             name=self.name,
             unet_params=count(transformer),
-            vae_params=count(self.pipeline.vae),
-            encoder_params=(self.text_encoder_source.parameters() if self.pipeline.text_encoder is None
-                            else count(self.pipeline.text_encoder)),
+            vae_params=count(vae),
+            encoder_params=self.text_encoder_source.parameters() if encoder is None else count(encoder),
             unet_stream_params=sum(blocks[-2:]) + count(transformer) - sum(blocks),
             native_frames=self.latent_frames(WanRequest(0, 0, 121, 1)),  # TI2V-5B's clip: 121 frames
             latent_scale=self.pipeline.vae_scale_factor_spatial,
+            unet_width=hidden / WAN_TRANSFORMER_WIDTH,
+            vae_width=(getattr(vae.config, "decoder_base_dim", None) or vae.config.base_dim) / WAN_VAE_WIDTH,
+            kind=self.kind,
+            temporal_scale=self.pipeline.vae_scale_factor_temporal,
+            patch=transformer.config.patch_size[1],
+            encoder_stream_params=(self.text_encoder_source.largest_parameter() if encoder is None
+                                   else max(p.numel() for p in encoder.parameters())),
+            encoder_dropped=self.text_encoder_source is not None,
         )

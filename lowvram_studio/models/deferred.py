@@ -84,6 +84,9 @@ class DeferredTextEncoder:
         """Counted from the headers' shapes (a tied embedding is stored, and counted, once)."""
         return sum(math.prod(entry.shape) for header in self.headers for entry in header.entries.values())
 
+    def largest_parameter(self) -> int:
+        return max(math.prod(entry.shape) for header in self.headers for entry in header.entries.values())
+
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         try:
             model = getattr(transformers, self.class_name).from_pretrained(

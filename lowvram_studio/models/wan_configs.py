@@ -8,10 +8,15 @@ tokenizer is the toy one (models/wan_toy): a prompt's token count, not its vocab
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
+
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
+from ..engine.dims import ModelDims
+from ..engine.wan import WanFamily
 from .wan_toy import toy_tokenizer
 
 TI2V_5B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
@@ -58,3 +63,12 @@ def build_ti2v_5b_pipeline(device: str | torch.device = "cuda", seed: int = 0) -
     for module in (vae, text_encoder, transformer):
         module.eval().requires_grad_(False)
     return pipeline
+
+
+@functools.cache
+def ti2v_5b_dims() -> ModelDims:
+    """The planner's dimensions of the full-size TI2V-5B, counted on the meta device (no memory, a second):
+    what the Wan memory model was fitted on (bench/wan_memory_model.py) and what a budget is planned with
+    before the model is loaded. Loaded from a folder, its text encoder waits on disk and is dropped after each
+    encode (models/deferred.py), as in the benchmark's runs."""
+    return replace(WanFamily(build_ti2v_5b_pipeline("meta"), "wan2.2-ti2v-5b").dims(), encoder_dropped=True)

@@ -263,6 +263,9 @@ class SplitTextEncoder:
     def parameters(self) -> int:
         return sum(math.prod(self.header.entries[key].shape) for key in _weight_keys(self.header))
 
+    def largest_parameter(self) -> int:
+        return max(math.prod(self.header.entries[key].shape) for key in _weight_keys(self.header))
+
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         header = self.header
         with init_empty_weights():

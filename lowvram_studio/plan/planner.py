@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 MIB = 2**20
 MEMORY_MODEL_PATH = Path(__file__).with_name("memory_model.json")
+# Each family's memory model, by ``ModelDims.kind``: a family without one gets no VRAM budget (jobs.budget_refusal)
+MEMORY_MODEL_PATHS = {"svd": MEMORY_MODEL_PATH, "wan": Path(__file__).with_name("memory_model_wan.json")}
 PHASES = (Phase.ENCODE, Phase.DENOISE, Phase.DECODE)
 
 
@@ -73,11 +75,11 @@ def _compute_bytes(precision: Precision, device_type: str, settings: RunSettings
     return 4 if fp32 else 2
 
 
-def window_frames(settings: RunSettings) -> int:
-    """Frames the UNet sees in one call: the window length when temporal windows are on."""
-    if settings.chunk_size and settings.chunk_size < settings.num_frames:
-        return settings.chunk_size
-    return settings.num_frames
+def window_frames(settings: RunSettings, dims: ModelDims) -> int:
+    """Latent frames the denoiser sees in one call: the window length when temporal windows are on (windows
+    count latent frames: SVD's are its pixel frames, Wan's each stand for four)."""
+    frames = dims.latent_frames(settings.num_frames)
+    return settings.chunk_size if settings.chunk_size and settings.chunk_size < frames else frames
 
 
 def vae_and_encoder_bytes(dims: ModelDims, settings: RunSettings, device_type: str = "cuda") -> float:
@@ -93,10 +95,12 @@ def resident_weights_mib(dims: ModelDims, settings: RunSettings, phase: Phase, d
     vae = dims.vae_params * _storage_bytes(settings.vae_dtype, device_type)
     encoder = dims.encoder_params * _storage_bytes(settings.encoder_dtype, device_type)
     if settings.offload == OffloadMode.NONE:
-        total = unet + vae + encoder
+        total = unet + vae + (encoder if phase == Phase.ENCODE or not dims.encoder_dropped else 0)
     elif phase == Phase.ENCODE:
-        # model: one whole component at a time; stream: the encoder streams layer by layer, the VAE moves whole
-        total = max(encoder, vae) if settings.offload == OffloadMode.MODEL else vae
+        # model: one whole component at a time; stream: the encoder streams leaf by leaf (its largest weight
+        # on the GPU at once), then the VAE moves in whole (engine/wan.py hands the encoder's memory back first)
+        streamed = dims.encoder_stream_params * _storage_bytes(settings.encoder_dtype, device_type)
+        total = max(encoder if settings.offload == OffloadMode.MODEL else streamed, vae)
     elif phase == Phase.DENOISE:
         streamed = dims.unet_stream_params * _storage_bytes(settings.unet_dtype, device_type)
         total = unet if settings.offload == OffloadMode.MODEL else streamed
@@ -114,13 +118,15 @@ def phase_features(
     """
     height, width = settings.height, settings.width
     features = {"overhead_mib": 1.0, "weights": resident_weights_mib(dims, settings, phase, device_type)}
+    vae_bytes = _compute_bytes(settings.vae_dtype, device_type, settings, auto_fp32_compute)
     if phase == Phase.ENCODE:
-        vae_bytes = _compute_bytes(settings.vae_dtype, device_type, settings, auto_fp32_compute)
         features["vae_encode"] = height * width * vae_bytes * dims.vae_width / MIB
         return features
+    if dims.kind == "wan":
+        return {**features, **_wan_features(dims, settings, phase, device_type, auto_fp32_compute, vae_bytes)}
     if phase == Phase.DENOISE:
         tokens = (height // dims.latent_scale) * (width // dims.latent_scale)
-        frames = window_frames(settings)
+        frames = window_frames(settings, dims)
         branches = 2 if settings.guidance_enabled and not settings.cfg_split else 1
         unet_bytes = _compute_bytes(settings.unet_dtype, device_type, settings, auto_fp32_compute)
         per_channel = tokens * frames * branches * unet_bytes * dims.unet_width / MIB
@@ -138,12 +144,33 @@ def phase_features(
         )
         return features
     frames_per_call = min(settings.decode_chunk or settings.num_frames, settings.num_frames)
-    tile = settings.vae_tile
-    decoded_px = (min(tile, height) * min(tile, width)) if tile else height * width
-    vae_bytes = _compute_bytes(settings.vae_dtype, device_type, settings, auto_fp32_compute)
-    features["vae_decode"] = decoded_px * frames_per_call * vae_bytes * dims.vae_width / MIB
+    features["vae_decode"] = _decoded_px(settings) * frames_per_call * vae_bytes * dims.vae_width / MIB
     features["decode_output"] = settings.num_frames * height * width * 3 / MIB
     return features
+
+
+def _decoded_px(settings: RunSettings) -> int:
+    """Pixels of a frame the VAE decodes at once: a tile's, when tiling is on."""
+    tile = settings.vae_tile
+    return min(tile, settings.height) * min(tile, settings.width) if tile else settings.height * settings.width
+
+
+def _wan_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_type: str, auto_fp32_compute: bool,
+                  vae_bytes: int) -> dict[str, float]:
+    """Wan's denoise and decode features. The transformer's activations are per token (latent frames x patches
+    of latent cells) and hidden channel; the feed-forward's share shrinks with ``ff_chunk``. Its VAE decodes
+    latent frame after latent frame with a feature cache, so the decode's transient scales with a frame's (or
+    a tile's) pixels, not with the clip's frames, while the decoded clip itself is held whole."""
+    if phase == Phase.DENOISE:
+        tokens = dims.tokens_per_latent_frame(settings.height, settings.width) * window_frames(settings, dims)
+        branches = 2 if settings.guidance_enabled and not settings.cfg_split else 1
+        unet_bytes = _compute_bytes(settings.unet_dtype, device_type, settings, auto_fp32_compute)
+        per_channel = tokens * branches * unet_bytes * dims.unet_width / MIB
+        ff = min(1.0, settings.ff_chunk / (branches * tokens)) if settings.ff_chunk else 1.0
+        return {"dit_tokens": per_channel, "dit_ff": per_channel * ff,
+                "stream_extra_mib": 1.0 if settings.offload == OffloadMode.STREAM and device_type == "cuda" else 0.0}
+    return {"vae_decode": _decoded_px(settings) * vae_bytes * dims.vae_width / MIB,
+            "decode_output": settings.num_frames * settings.height * settings.width * 3 / MIB}
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,13 @@ class MemoryModel:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(data["coefficients"], data["context_mib"], data.get("source", ""))
 
+    @classmethod
+    def for_kind(cls, kind: str) -> "MemoryModel":
+        """The memory model fitted on ``kind``'s models (``MEMORY_MODEL_PATHS``)."""
+        if kind not in MEMORY_MODEL_PATHS:
+            raise ValueError(f"no memory model is fitted for {kind} models yet")
+        return cls.load(MEMORY_MODEL_PATHS[kind])
+
     def save(self, path: Path) -> None:
         data = {"version": 1, "source": self.source, "context_mib": self.context_mib, "coefficients": self.coefficients}
         Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -195,33 +229,41 @@ class MemoryModel:
 
 
 def calibrate(
-    rows: list[dict[str, Any]], prior: MemoryModel | None = None, prior_weight: float = 1e-3, rounds: int = 8
+    rows: list[dict[str, Any]], prior: MemoryModel | None = None, prior_weight: float = 1e-3, rounds: int = 8,
+    fixed: tuple[str, ...] = (),
 ) -> MemoryModel:
     """Least-squares fit of the coefficients to measured rows, in relative error (we promise +/-15 %).
 
     Each row: ``dims`` (ModelDims or its dict), ``settings`` (RunSettings or dict), ``process_peak_mib`` and
     ``context_mib`` as measured. The peak is the max over phases, so the fit alternates: assign each row
-    its peak phase under the current coefficients, solve the linear problem, repeat. A small pull towards
-    the prior keeps coefficients the rows do not constrain (e.g. streaming when no row streams).
+    its peak phase under the current coefficients, solve the linear problem, repeat. A row may instead give
+    ``phase_peaks_mib`` ({phase: MiB}, the phases whose own peak it measured): each is then fitted as is.
+    A small pull towards the prior keeps coefficients the rows do not constrain (e.g. streaming when no
+    row streams); ``fixed`` coefficients keep the prior's value (the weights' 1.0: their bytes are counted).
     """
     from scipy.optimize import lsq_linear  # scipy comes with scikit-image; imported here, used only here
 
     model = prior or MemoryModel.load()
-    names = sorted(model.coefficients)
-    prepared = []
+    names = sorted(set(model.coefficients) - set(fixed))
+    held = {name: model.coefficients[name] for name in fixed}
+    prepared = []  # (target MiB less the context, {phase: features}, the phase it is, or None: the peak phase)
     for row in rows:
         dims = row["dims"] if isinstance(row["dims"], ModelDims) else ModelDims(**row["dims"])
         settings = row["settings"] if isinstance(row["settings"], RunSettings) else RunSettings.from_dict(row["settings"])
-        target = float(row["process_peak_mib"]) - float(row["context_mib"])
         feats = {p: phase_features(dims, settings, p) for p in PHASES}
-        prepared.append((target, feats))
+        context = float(row["context_mib"])
+        if row.get("phase_peaks_mib"):
+            prepared.extend((float(mib) - context, feats, Phase(phase)) for phase, mib in row["phase_peaks_mib"].items())
+        else:
+            prepared.append((float(row["process_peak_mib"]) - context, feats, None))
     coefs = dict(model.coefficients)
     for _ in range(rounds):
         matrix, targets = [], []
-        for target, feats in prepared:
-            phase = max(PHASES, key=lambda p: sum(coefs[n] * v for n, v in feats[p].items()))
+        for target, feats, measured in prepared:
+            phase = measured or max(PHASES, key=lambda p: sum(coefs[n] * v for n, v in feats[p].items()))
+            rest = target - sum(value * feats[phase].get(name, 0.0) for name, value in held.items())
             matrix.append([feats[phase].get(n, 0.0) / target for n in names])
-            targets.append(1.0)
+            targets.append(rest / target)
         for index, name in enumerate(names):  # prior rows: (c - c0) / c0, weighted
             prior_row = [0.0] * len(names)
             scale = max(abs(model.coefficients[name]), 1e-9)
@@ -229,7 +271,7 @@ def calibrate(
             matrix.append(prior_row)
             targets.append(math.sqrt(prior_weight))
         fit = lsq_linear(np.asarray(matrix), np.asarray(targets), bounds=(0.0, np.inf))
-        coefs = dict(zip(names, (float(v) for v in fit.x)))
+        coefs = {**held, **dict(zip(names, (float(v) for v in fit.x)))}
     return MemoryModel(coefs, dict(model.context_mib), source=f"calibrated on {len(rows)} rows")
 
 
@@ -373,6 +415,26 @@ def _undo(*names: str) -> Callable[[RunSettings, RunSettings], list[RunSettings]
     return loosen
 
 
+def _fitting_overlap(settings: RunSettings, request_overlap: int) -> RunSettings:
+    """Windows overlap by fewer frames than they hold: the request's overlap, cut to the window's length - 1."""
+    if not settings.chunk_size:
+        return settings.replace(overlap=request_overlap)
+    return settings.replace(overlap=min(request_overlap, settings.chunk_size - 1))
+
+
+def _with_fitting_overlap(apply: Callable[[RunSettings, ModelDims], RunSettings | None]):
+    def windows(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+        tighter = apply(settings, dims)
+        return None if tighter is None else _fitting_overlap(tighter, settings.overlap)
+
+    return windows
+
+
+def _windows_loosen(settings: RunSettings, request: RunSettings) -> list[RunSettings]:
+    return [_fitting_overlap(looser, request.overlap)
+            for looser in _level_loosen("chunk_size", WINDOW_LEVELS)(settings, request)]
+
+
 def _cfg_split(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
     return settings.replace(cfg_split=True) if settings.guidance_enabled and not settings.cfg_split else None
 
@@ -408,7 +470,10 @@ def _halve_frames(settings: RunSettings) -> RunSettings:
 
 
 def _interpolate(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
-    return None if settings.interpolate >= 4 or settings.num_frames < 4 else _halve_frames(settings)
+    if settings.interpolate >= 4 or settings.num_frames < 4:
+        return None
+    halved = _halve_frames(settings)  # a clip the model can make: Wan's are 4k+1 frames
+    return halved if (halved.num_frames - 1) % dims.temporal_scale == 0 else None
 
 
 def _interpolate_loosen(settings: RunSettings, request: RunSettings) -> list[RunSettings]:
@@ -438,7 +503,7 @@ MOVES: tuple[Move, ...] = (
          lambda s: f"feed-forward chunks of {s.ff_chunk} tokens: the widest UNet layers run in pieces (lossless)",
          _level_loosen("ff_chunk", FF_LEVELS)),
     Move("spatial_chunk", False, (Phase.DENOISE,),
-         _level_move("spatial_chunk", SPATIAL_LEVELS, lambda s, d: 2 * window_frames(s)),
+         _level_move("spatial_chunk", SPATIAL_LEVELS, lambda s, d: 2 * window_frames(s, d)),
          lambda s: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)",
          _level_loosen("spatial_chunk", SPATIAL_LEVELS)),
     Move("temporal_chunk", False, (Phase.DENOISE,), _level_move("temporal_chunk", TEMPORAL_LEVELS, _tokens),
@@ -459,9 +524,10 @@ MOVES: tuple[Move, ...] = (
          lambda s: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)",
          _level_loosen("decode_chunk", DECODE_LEVELS)),
     Move("chunk_size", True, (Phase.DENOISE,),
-         _level_move("chunk_size", WINDOW_LEVELS, lambda s, d: min(s.num_frames, d.native_frames + 1)),
+         _with_fitting_overlap(_level_move("chunk_size", WINDOW_LEVELS,
+                                           lambda s, d: min(d.latent_frames(s.num_frames), d.native_frames + 1))),
          lambda s: f"temporal windows of {s.chunk_size} frames (lossy: motion is coherent within a window)",
-         _level_loosen("chunk_size", WINDOW_LEVELS)),
+         _windows_loosen),
     Move("fp8", True, PHASES, _fp8, lambda s: "UNet weights stored in fp8, computed in 16 bit (lossy)",
          _undo("unet_dtype")),
     Move("interpolate", True, (Phase.DENOISE, Phase.DECODE), _interpolate,
@@ -530,12 +596,16 @@ class Planner:
     """
 
     dims: ModelDims
-    model: MemoryModel = field(default_factory=MemoryModel.load)
+    model: MemoryModel = None  # type: ignore[assignment]  # None: the memory model of the dims' family
     device_type: str = "cuda"
     min_gain: float = 0.01  # a move must lower the predicted peak by 1 % to count as helping
     speed: CardSpeed | None = None
     auto_fp32_compute: bool = False
     moves: tuple[str, ...] | None = None  # the moves this model can take (``FAMILY_MOVES``); None: all
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = MemoryModel.for_kind(self.dims.kind)
 
     @classmethod
     def for_gpu(cls, dims: ModelDims, gpu: GpuInfo | None, unet_config: dict[str, Any] | None = None,
@@ -554,11 +624,13 @@ class Planner:
 
     def base(self, settings: RunSettings) -> tuple[RunSettings, list[str]]:
         """The request, plus windows of the model's native length for clips longer than it was trained on."""
-        if settings.num_frames > self.dims.native_frames and not settings.chunk_size:
-            windowed = settings.replace(chunk_size=self.dims.native_frames, overlap=min(settings.overlap, 4) or 4)
+        if self.dims.latent_frames(settings.num_frames) > self.dims.native_frames and not settings.chunk_size:
+            native = self.dims.native_frames
+            windowed = settings.replace(chunk_size=native, overlap=min(settings.overlap, 4) or 4)
+            latent = "" if self.dims.temporal_scale == 1 else " latent"
             reason = (
-                f"temporal windows of {self.dims.native_frames} frames: {self.dims.name} was trained on "
-                f"{self.dims.native_frames}; longer clips run window by window at one window's peak (lossy)"
+                f"temporal windows of {native}{latent} frames: {self.dims.name} was trained on {native}; "
+                "longer clips run window by window at one window's peak (lossy)"
             )
             return windowed, [reason]
         return settings, []
@@ -681,8 +753,8 @@ class Planner:
         frames at once."""
         frames = settings.num_frames
         smallest = min(NO_BUDGET_MIN_DECODE_CHUNK, math.ceil(frames / 2))
-        if self.device_type != "cuda" or settings.decode_chunk or settings.vae_tile:
-            return None
+        if self.device_type != "cuda" or settings.decode_chunk or settings.vae_tile or not self._moves(("decode_chunk",)):
+            return None  # (a model whose VAE decodes frame by frame has no decode chunk: Wan)
         prediction = self.predict(settings)
         decode = prediction.phases[Phase.DECODE.value]
         others = max(mib for phase, mib in prediction.phases.items() if phase != Phase.DECODE.value)

@@ -22,7 +22,9 @@ from ..models.demo import DEMO_MODEL_NAME, DEMO_UNET_CONFIG, build_demo_pipeline
 from ..models.load import LoadedModel
 from ..models.single_file import inspect_single_file
 from ..models.svd_configs import SVD_XT_UNET_CONFIG
-from ..plan.planner import SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
+from ..models.source_family import WAN, source_family
+from ..models.wan_configs import ti2v_5b_dims
+from ..plan.planner import FAMILY_MOVES, SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
 from ..speed import estimate_for_card
 from .family_form import budget_problem
@@ -71,13 +73,17 @@ def model_dims(source: str, loaded: LoadedModel | None) -> tuple[ModelDims, str]
     """Dimensions of ``source`` for the planner, and a note when they are assumed rather than counted.
 
     The loaded model counts its own (as ``run_job`` does); the demo is counted once; another model is not
-    loaded for a dropdown: it gets the standard SVD / SVD-XT counts for the native frames its config names.
+    loaded for a dropdown: an SVD model gets the standard SVD / SVD-XT counts for the native frames its config
+    names, a Wan model TI2V-5B's (the model the Wan memory model was fitted on).
     """
     source = (source or DEMO_MODEL_NAME).strip()
     if loaded is not None and loaded.source == source:
-        return ModelDims.from_pipeline(loaded.pipeline, loaded.name), ""
+        return loaded.family.dims(), ""
     if source == DEMO_MODEL_NAME:
         return _demo_dims(), ""
+    if source_family(source) == WAN:
+        return ti2v_5b_dims(), (f"{Path(source).name} is not loaded yet: planned with Wan2.2 TI2V-5B's sizes; "
+                                "press the budget again after a Generate has loaded it")
     try:
         frames = _native_frames(Path(source).expanduser())
     except (OSError, ValueError, KeyError) as exc:  # not found / not SVD: Generate reports it with the fix
@@ -88,10 +94,13 @@ def model_dims(source: str, loaded: LoadedModel | None) -> tuple[ModelDims, str]
     return dims, f"{Path(source).name} is not loaded yet: planned with standard SVD sizes ({frames} native frames)"
 
 
-def unet_config(source: str, loaded: LoadedModel | None, dims: ModelDims) -> dict[str, Any]:
+def unet_config(source: str, loaded: LoadedModel | None, dims: ModelDims) -> dict[str, Any] | None:
     """The UNet config the speed model counts for ``source``: the loaded model's own, the demo's, or the
-    standard SVD / SVD-XT one for a model not loaded yet (as ``model_dims`` assumes its sizes)."""
+    standard SVD / SVD-XT one for a model not loaded yet (as ``model_dims`` assumes its sizes); None for a
+    family the speed model does not count (it counts UNet layers: Wan has none)."""
     source = (source or DEMO_MODEL_NAME).strip()
+    if dims.kind != "svd":
+        return None
     if loaded is not None and loaded.source == source:
         return dict(loaded.pipeline.unet.config)
     if source == DEMO_MODEL_NAME:
@@ -117,7 +126,8 @@ def card_speed_line(form: dict[str, Any], loaded: LoadedModel | None, settings: 
     """``speed_line`` for a given card (None: the CPU, no estimate)."""
     source = form.get(MODEL) or DEMO_MODEL_NAME
     dims, _ = model_dims(source, loaded)
-    estimate = estimate_for_card(unet_config(source, loaded, dims), dims, settings, gpu)
+    config = unet_config(source, loaded, dims)
+    estimate = None if config is None else estimate_for_card(config, dims, settings, gpu)
     return f"⏱ Time: {estimate.text}" if estimate is not None else ""
 
 
@@ -134,6 +144,8 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
     problem = budget_problem(form.get(MODEL))
     if problem:  # no memory model for this family: nothing to plan, Manual included (its decode rule is SVD's)
         return BudgetAnswer(None, f"ℹ {problem[0].upper()}{problem[1:]}.")
+    if BUDGET_CHOICES.get(form.get("vram_budget")) == "off" and source_family(form.get(MODEL)) == WAN:
+        return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget.")
     if BUDGET_CHOICES.get(form.get("vram_budget")) == "off":
         return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget. One exception "
                                   "on a GPU: with Decode chunk 0, if decoding all frames at once would alone set the "
@@ -147,7 +159,9 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
         return BudgetAnswer(None, f"⚠ {exc}")
     source = form.get(MODEL) or DEMO_MODEL_NAME
     dims, dims_note = model_dims(source, loaded)
-    plan = plan_for_settings(Planner.for_gpu(dims, detect_gpu(device), unet_config(source, loaded, dims)), request)
+    planner = Planner.for_gpu(dims, detect_gpu(device), unet_config(source, loaded, dims),
+                              moves=FAMILY_MOVES.get(dims.kind))
+    plan = plan_for_settings(planner, request)
     if plan is None:  # 'auto' without a CUDA GPU
         return BudgetAnswer(None, "No CUDA GPU here, so Auto has no GPU memory to plan for; the settings were left "
                                   "as they are. Pick a size (e.g. 6 GB) to plan for such a card.")
