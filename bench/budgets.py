@@ -246,7 +246,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: demo model, tiny sizes")
     args = parser.parse_args()
     begun = time.perf_counter()
-    from lowvram_studio.plan.planner import PRESETS
+    from lowvram_studio.plan.budgets import PRESETS
 
     available = {name: PRESETS[name].available_mib for name in BUDGETS}
     cases = SMOKE_CASES if args.smoke else CASES

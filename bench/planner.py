@@ -55,15 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.oom import OutOfMemoryAfterRetries  # noqa: E402
 from lowvram_studio.settings_adapter import generate  # noqa: E402
-from lowvram_studio.plan.planner import (  # noqa: E402
-    MIB,
-    PRESETS,
-    MemoryModel,
-    ModelDims,
-    Planner,
-    calibrate,
-    simulated_budget,
-)
+from lowvram_studio.engine.dims import ModelDims  # noqa: E402
+from lowvram_studio.plan.budgets import PRESETS, simulated_budget  # noqa: E402
+from lowvram_studio.plan.memory_model import MIB, MemoryModel, calibrate  # noqa: E402
+from lowvram_studio.plan.planner import Planner  # noqa: E402
 from lowvram_studio.plan.replan import decode_retry, run_with_replan  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 

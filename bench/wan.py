@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.budgets import PHASE_COLUMNS, ChildMeter, run_metered, run_row, write_input_image  # noqa: E402
 from bench.common import write_report  # noqa: E402
-from lowvram_studio.plan.planner import PRESETS  # noqa: E402
+from lowvram_studio.plan.budgets import PRESETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"480p": (480, 832, 81), "720p": (704, 1280, 121)}

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_report  # noqa: E402
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.models.wan_configs import ti2v_5b_dims  # noqa: E402
-from lowvram_studio.plan.planner import MEMORY_MODEL_PATHS, PHASES, MemoryModel, calibrate  # noqa: E402
+from lowvram_studio.plan.memory_model import MEMORY_MODEL_PATHS, PHASES, MemoryModel, calibrate  # noqa: E402
 from lowvram_studio.settings import OffloadMode, RunSettings  # noqa: E402
 
 CONTEXT_MIB = 600.0  # the CUDA context the memory model assumes on the H100 (plan/memory_model.json)

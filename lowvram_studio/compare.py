@@ -38,7 +38,8 @@ from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline
-from lowvram_studio.plan.planner import ModelDims, Planner, plan_for_settings
+from lowvram_studio.engine.dims import ModelDims
+from lowvram_studio.plan.planner import Planner, plan_for_settings
 from lowvram_studio.plan.replan import decode_retry
 from lowvram_studio.settings import Precision, RunSettings
 

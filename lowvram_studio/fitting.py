@@ -35,7 +35,8 @@ from .engine.precision import compute_dtype, detect_gpu
 from .engine.sampler import prepare
 from .engine.svd import SvdFamily
 from .engine.vae import decode_latents
-from .plan.planner import Plan, Planner, budget_for
+from .plan.budgets import budget_for
+from .plan.planner import Plan, Planner
 from .settings import RunSettings, SettingsError
 from .settings_adapter import decode_config, engine_config
 

@@ -23,7 +23,9 @@ from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
-from .plan.planner import FAMILY_MOVES, MEMORY_MODEL_PATHS, Planner, plan_for_settings
+from .plan.memory_model import MEMORY_MODEL_PATHS
+from .plan.moves import FAMILY_MOVES
+from .plan.planner import Planner, plan_for_settings
 from .plan.ram import MachineRam, plan_ram
 from .plan.replan import decode_retry, run_with_replan
 from .settings import RunSettings, SettingsError
@@ -79,7 +81,7 @@ def check_outputs_free(video: str | Path, gif: bool = False) -> None:
 
 def budget_refusal(family_kind: str) -> str | None:
     """Why a VRAM budget cannot be planned for a model of ``family_kind`` yet, or None: each family needs a
-    memory model fitted on its own measured runs (plan/planner.py ``MEMORY_MODEL_PATHS``). The studio asks
+    memory model fitted on its own measured runs (plan/memory_model.py ``MEMORY_MODEL_PATHS``). The studio asks
     this before it offers the budget control."""
     if family_kind in MEMORY_MODEL_PATHS:
         return None

@@ -15,7 +15,8 @@ from typing import Any
 from . import media
 from .engine.precision import GpuInfo
 from .engine.speed_model import SpeedCalibration, SpeedEstimate, estimate_speed
-from .plan.planner import ModelDims, vae_and_encoder_bytes
+from .engine.dims import ModelDims
+from .plan.memory_model import vae_and_encoder_bytes
 from .settings import RunSettings
 from .settings_adapter import step_config
 from .userdirs import data_dir

@@ -266,7 +266,8 @@ def test_the_budget_plan_is_drawn_as_one_bar_per_phase_against_the_budget(studio
 
 
 def test_picking_4gb_fills_the_controls_with_the_plan_generate_applies(studio_url, studio, demo_pipeline):
-    from lowvram_studio.plan.planner import ModelDims, Planner, plan_for_settings
+    from lowvram_studio.engine.dims import ModelDims
+    from lowvram_studio.plan.planner import Planner, plan_for_settings
     from lowvram_studio.engine.sampler import resolve_device
     from lowvram_studio.ui.form import form_to_settings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lowvram_studio.plan.planner import SVD_XT_DIMS
+from lowvram_studio.plan.memory_model import SVD_XT_DIMS
 from lowvram_studio.settings import RunSettings
 from lowvram_studio.ui.budget import budget_request, model_dims, plan_budget
 from lowvram_studio.ui.form import FORM_NAMES, form_to_settings, settings_to_form

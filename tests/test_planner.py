@@ -14,18 +14,10 @@ from lowvram_studio.engine.oom import OutOfMemoryAfterRetries
 from lowvram_studio.settings_adapter import generate, step_config
 from lowvram_studio.engine.speed_model import CardSpeed
 from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
-from lowvram_studio.plan.planner import (
-    PRESETS,
-    SVD_XT_DIMS,
-    Budget,
-    MemoryModel,
-    ModelDims,
-    Planner,
-    budget_for,
-    calibrate,
-    phase_features,
-    plan_for_settings,
-)
+from lowvram_studio.engine.dims import ModelDims
+from lowvram_studio.plan.budgets import PRESETS, Budget, budget_for
+from lowvram_studio.plan.memory_model import SVD_XT_DIMS, MemoryModel, calibrate, phase_features
+from lowvram_studio.plan.planner import Planner, plan_for_settings
 from lowvram_studio.plan.replan import decode_retry, run_with_replan
 from lowvram_studio.settings import OffloadMode, Precision, RunSettings
 
@@ -327,7 +319,7 @@ def _wan_request(height: int, width: int, frames: int) -> RunSettings:
 
 def test_wan_budgets_are_planned_with_wans_memory_model_and_only_its_moves():
     from lowvram_studio.models.wan_configs import ti2v_5b_dims
-    from lowvram_studio.plan.planner import FAMILY_MOVES
+    from lowvram_studio.plan.moves import FAMILY_MOVES
 
     dims = ti2v_5b_dims()
     assert dims.kind == "wan" and dims.latent_frames(81) == 21 and dims.tokens_per_latent_frame(480, 832) == 15 * 26

@@ -24,7 +24,9 @@ from lowvram_studio.engine.speed_model import (
 )
 from lowvram_studio.media import write_atomically
 from lowvram_studio.models.svd_configs import SVD_XT_UNET_CONFIG
-from lowvram_studio.plan.planner import PRESETS, SVD_XT_DIMS, Planner
+from lowvram_studio.plan.budgets import PRESETS
+from lowvram_studio.plan.memory_model import SVD_XT_DIMS
+from lowvram_studio.plan.planner import Planner
 from lowvram_studio.settings import RunSettings
 from lowvram_studio.settings_adapter import step_config
 from lowvram_studio.speed import estimate_for_card, estimate_record, remember_speed, speed_key

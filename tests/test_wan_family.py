@@ -96,7 +96,8 @@ def test_step_reuse_is_diffusers_first_block_cache_with_one_state_per_branch(pip
 
 
 def test_an_out_of_memory_re_plan_on_wan_takes_only_moves_its_model_can_take(pipeline, image):
-    from lowvram_studio.plan.planner import FAMILY_MOVES, Planner
+    from lowvram_studio.plan.moves import FAMILY_MOVES
+    from lowvram_studio.plan.planner import Planner
     from lowvram_studio.plan.replan import decode_retry, run_with_replan
     from lowvram_studio.settings import RunSettings
     from lowvram_studio.settings_adapter import generate

@@ -30,7 +30,7 @@ class ModelDims:
     scale with the channels of the full-resolution level that sets the peak, so a narrower model (the
     built-in demo: 0.1 and 0.25) is predicted by scaling them.
 
-    ``kind``: the family, which picks its memory model (plan/planner.py). ``native_frames`` counts latent
+    ``kind``: the family, which picks its memory model (plan/memory_model.py). ``native_frames`` counts latent
     frames, which are ``temporal_scale`` pixel frames each after the first (Wan's VAE: 4; SVD's: 1); one
     denoiser token covers ``patch`` x ``patch`` latent cells. ``encoder_stream_params``: the largest single
     weight of the conditioning encoder, which leaf-level streaming moves in whole (UMT5's embedding).

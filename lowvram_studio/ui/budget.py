@@ -24,7 +24,10 @@ from ..models.single_file import inspect_single_file
 from ..models.svd_configs import SVD_XT_UNET_CONFIG
 from ..models.source_family import WAN, source_family
 from ..models.wan_configs import ti2v_5b_dims
-from ..plan.planner import FAMILY_MOVES, SVD_DIMS, SVD_XT_DIMS, ModelDims, Plan, Planner, plan_for_settings
+from ..engine.dims import ModelDims
+from ..plan.memory_model import SVD_DIMS, SVD_XT_DIMS
+from ..plan.moves import FAMILY_MOVES
+from ..plan.planner import Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
 from ..speed import estimate_for_card
 from .family_form import budget_problem
@@ -32,7 +35,7 @@ from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
 
 logger = logging.getLogger(__name__)
 
-# The controls a plan may set (plan/planner.py: Planner.base and MOVES): the memory savers, plus frames and
+# The controls a plan may set (plan/planner.py: Planner.base; plan/moves.py: MOVES): the memory savers, plus frames and
 # interpolation (the last rung generates half the frames and interpolates) and the UNet precision (fp8).
 # Size, steps, guidance, the FP16 choices and pruning stay the user's.
 PLANNED_FIELDS = ("num_frames", "unet_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
