@@ -1,8 +1,8 @@
 """Compare FP32 vs FP16: the same image, seed and size run three times, measured, side by side.
 
-1. (a) FP32 original: every technique off, UNet / VAE / image encoder in fp32 (the reference).
-2. (b) FP16 only: (a) with the UNet in fp16.
-3. (c) FP16 + chosen optimizations: the user's settings with the UNet in fp16.
+1. (a) FP32 original: every technique off, denoiser / VAE / conditioning encoder in fp32 (the reference).
+2. (b) FP16 only: (a) with the denoiser (SVD's UNet, Wan's transformer) in fp16.
+3. (c) FP16 + chosen optimizations: the user's settings with the denoiser in fp16.
 
 The runs go one after another in this process; between them memory is released (garbage
 collected, CUDA cache emptied, peaks reset) and the idle baseline re-measured and recorded.
@@ -33,12 +33,14 @@ from lowvram_studio.engine.placement import release_memory as free_cached_memory
 from lowvram_studio.engine.preview import split_preview
 from lowvram_studio.engine.precision import detect_gpu, forget_precision
 from lowvram_studio.engine.sampler import resolve_device
-from lowvram_studio.settings_adapter import generate, prepare_pipeline
+from lowvram_studio.engine.components import DENOISER, Component, by_role
+from lowvram_studio.engine.sampler import prepare
+from lowvram_studio.settings_adapter import engine_config, generate
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline
-from lowvram_studio.engine.dims import ModelDims
+from lowvram_studio.plan.moves import FAMILY_MOVES
 from lowvram_studio.plan.planner import Planner, plan_for_settings
 from lowvram_studio.plan.replan import decode_retry
 from lowvram_studio.settings import Precision, RunSettings
@@ -51,11 +53,11 @@ OPTIMIZED_LABEL = "FP16 + chosen optimizations"
 COLORS = {FP32_LABEL: "tab:red", FP16_LABEL: "tab:blue", OPTIMIZED_LABEL: "tab:green"}
 COMPARE_FILES = ("compare.json", "curves.png", "table.md", "side_by_side.mp4")
 COMPARE_VERSION = 1
-COMPONENTS = ("unet", "vae", "image_encoder")
 # What a run makes (kept from the user's settings in every compare run); every other field is a technique.
 WHAT_TO_MAKE = (
     "height", "width", "num_frames", "num_inference_steps", "seed", "fps", "motion_bucket_id",
     "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device",
+    "prompt", "negative_prompt", "guidance_scale",
 )
 # The settings run (b) "FP16 only" turns to fp16. The UNet alone follows the engine's precision
 # policy (VAE and image encoder stay fp32 unless the user asks); the write-up's "FP16" cast all three.
@@ -145,15 +147,16 @@ def run_compare(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             emit = _tagged(on_event, run.label, index, len(runs))
+            family = loaded.family
             if index == 0:  # every run has the same model and device; (c) is planned before any run, so a
                 # budget compare cannot honour fails before it starts
-                _check_family(loaded)  # a factory's model is seen only now
-                planner = Planner.for_gpu(ModelDims.from_pipeline(loaded.pipeline, loaded.name),
-                                          detect_gpu(resolve_device(run.settings.device)),
-                                          dict(loaded.pipeline.unet.config))
+                planner = Planner.for_gpu(family.dims(), detect_gpu(resolve_device(run.settings.device)),
+                                          dict(loaded.pipeline.unet.config) if family.kind == "svd" else None,
+                                          moves=FAMILY_MOVES.get(family.kind))
                 runs[-1] = _with_budget(runs[-1], planner, notes)
-            emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing (UNet {run.settings.unet_dtype.value})"))
-            apply_compare_precision(loaded.pipeline, run.settings)
+            denoiser = by_role(family.components, DENOISER).label
+            emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing ({denoiser} {run.settings.unet_dtype.value})"))
+            prepare(family, engine_config(run.settings), resolve_device(run.settings.device))
             release_memory()
             baseline = measure_idle_baseline(config.cuda_index)
             events: list[RunEvent] = []
@@ -214,15 +217,6 @@ def _with_budget(run: CompareRun, planner: Planner, notes: list[str]) -> Compare
                            "size or frame count, or use Generate with this budget")
     notes.append(f"{run.label}, planned for {run.settings.vram_budget}: " + "; ".join(plan.summary()))
     return CompareRun(run.label, plan.settings)
-
-
-def apply_compare_precision(pipeline: Any, settings: RunSettings) -> None:
-    """Put UNet, VAE and image encoder on the run's device in its dtypes, before the monitor starts.
-
-    The one place compare changes precision; it uses the sampler's own preparation so the run
-    finds nothing left to cast (swap for engine/precision.py ``apply_precision`` when it lands).
-    """
-    prepare_pipeline(pipeline, settings, resolve_device(settings.device))
 
 
 def _check_precision(settings: RunSettings) -> None:
@@ -286,23 +280,14 @@ def _precision_notes(runs: list[CompareRun]) -> list[str]:
     return notes
 
 
-def _check_family(loaded: LoadedModel) -> None:
-    """The runs cast, save and plan SVD's UNet (``pipeline.unet``): other families are refused, with what to do."""
-    if loaded.family.kind != "svd":
-        raise CompareError(f"compare runs SVD models (and the demo) for now, not {loaded.family.kind} models; to "
-                           "compare this one, run generate twice at the same seed, with --unet-dtype fp32 and with "
-                           "fp16, and compare the two records")
-
-
 @contextmanager
 def _models(source: ModelSource, runs: list[CompareRun]) -> Iterator[Iterator[LoadedModel]]:
     """One model per run: fresh from a factory, or the given one, restored exactly afterwards."""
     if not isinstance(source, LoadedModel):
         yield _fresh_models(source, len(runs))
         return
-    _check_family(source)
     pipeline = source.pipeline
-    saved = _save_lossy_components(pipeline, runs)
+    saved = _save_lossy_components(pipeline, source.family.components, runs)
     try:
         yield iter([source] * len(runs))
     finally:
@@ -321,17 +306,22 @@ def _fresh_models(factory: Callable[[], LoadedModel], count: int) -> Iterator[Lo
         del model  # drop this run's model before the factory builds the next
 
 
-def _save_lossy_components(pipeline: Any, runs: list[CompareRun]) -> dict[str, tuple[torch.dtype, Any]]:
-    """Original dtypes, plus a CPU copy of weights that a run narrows (fp32 -> fp16 -> fp32 is not exact)."""
+def _save_lossy_components(pipeline: Any, components: tuple[Component, ...],
+                           runs: list[CompareRun]) -> dict[str, tuple[torch.dtype, Any]]:
+    """Original dtypes, plus a CPU copy of weights that a run narrows (fp32 -> fp16 -> fp32 is not exact).
+    A component the loader left on disk (Wan's text encoder) is read afresh by each run: nothing to keep."""
     saved = {}
-    for component, field_name in zip(COMPONENTS, ("unet_dtype", "vae_dtype", "encoder_dtype"), strict=True):
-        module = getattr(pipeline, component)
+    for component in components:
+        module = getattr(pipeline, component.attribute)
+        if module is None:
+            continue
         dtype = next(module.parameters()).dtype
         narrowed = any(
-            torch.finfo(TORCH_DTYPES.get(getattr(r.settings, field_name), dtype)).bits < torch.finfo(dtype).bits for r in runs
+            torch.finfo(TORCH_DTYPES.get(getattr(r.settings, component.setting), dtype)).bits < torch.finfo(dtype).bits
+            for r in runs
         )
         state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()} if narrowed else None
-        saved[component] = (dtype, state)
+        saved[component.attribute] = (dtype, state)
     return saved
 
 

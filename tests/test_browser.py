@@ -636,7 +636,7 @@ def test_the_prompt_boxes_appear_for_a_wan_model_and_go_again_for_the_demo(studi
     _wait(driver, lambda d: _shown(d, "ctl-guidance_scale") and not _shown(d, "ctl-motion_bucket_id"), 10)
     _wait(driver, lambda d: (int(_number(d, "num_frames").get_attribute("value")) - 1) % 4 == 0, 10)  # 4k+1
     _screenshot(driver, "studio-wan-model.png")
-    assert driver.find_element(By.CSS_SELECTOR, "#ctl-vram_budget input").get_attribute("disabled")  # not for Wan yet
+    assert not driver.find_element(By.CSS_SELECTOR, "#ctl-vram_budget input").get_attribute("disabled")  # Wan's own
     _upload_image(driver)
     for name, value in (("width", 64), ("height", 64), ("num_inference_steps", 2)):
         _set_number(driver, name, value)
@@ -646,7 +646,7 @@ def test_the_prompt_boxes_appear_for_a_wan_model_and_go_again_for_the_demo(studi
         _wait(driver, lambda d: "✔" in _text(d, "status"), 120)
     finally:
         studio_page.studio.store.save_last(saved)
-    _wait(driver, _unlocked, 10)  # the form unlocks after the run, but for the budget
-    assert driver.find_element(By.CSS_SELECTOR, "#ctl-vram_budget input").get_attribute("disabled")
+    _wait(driver, _unlocked, 10)  # the form unlocks after the run, the budget with it
+    assert not driver.find_element(By.CSS_SELECTOR, "#ctl-vram_budget input").get_attribute("disabled")
     _pick(driver, "ctl-model", DEMO)
     _wait(driver, lambda d: not _shown(d, "ctl-prompt") and _shown(d, "ctl-motion_bucket_id"), 30)

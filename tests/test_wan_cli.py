@@ -134,12 +134,16 @@ def test_a_wan_model_takes_its_own_size_multiple_not_svds(wan_folder, tmp_path, 
         capsys.readouterr().err)
 
 
-def test_compare_on_a_wan_model_is_bad_input_that_says_what_to_run_instead(wan_folder, tmp_path, capsys):
+def test_compare_on_a_wan_model_runs_fp32_fp16_and_the_chosen_settings_with_the_prompt(wan_folder, tmp_path, capsys):
     code = main(["compare", "--image", str(ASSET), "--out", str(tmp_path / "cmp"), "--model", str(wan_folder),
-                 *CLIP])
-    err = capsys.readouterr().err
-    assert code == EXIT_BAD_INPUT and "error: compare runs SVD models" in err and "--unet-dtype fp32" in err
-    assert not any((tmp_path / "cmp").glob("*.json"))
+                 *CLIP, "--prompt", "a red ball moves left", "--cfg-split"])
+    assert code == 0, capsys.readouterr().err
+    runs = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]
+    assert [run["settings"]["unet_dtype"] for run in runs] == ["fp32", "fp16", "fp16"]
+    assert all(run["settings"]["prompt"] == "a red ball moves left" for run in runs)
+    assert [run["settings"]["cfg_split"] for run in runs] == [False, False, True]  # (c): the chosen settings
+    assert runs[0]["info"]["precision"]["transformer"] == "fp32" and runs[1]["info"]["precision"]["transformer"] == "fp16"
+    assert runs[1]["results"]["psnr_db"] > 20 and (tmp_path / "cmp" / "side_by_side.mp4").exists()
 
 
 def test_step_reuse_on_a_wan_model_records_the_steps_it_reused(wan_folder, tmp_path, capsys):

@@ -72,7 +72,6 @@ from .studio import (
     ASSETS,
     DEMO,
     Studio,
-    check_compare,
     check_image_upload,
 )
 from .worker import JobState
@@ -233,10 +232,6 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def check_request(image_path: str | None, *values: Any) -> None:
             studio.check_request(image_path, form_of(values))
-
-        def check_compare_request(image_path: str | None, *values: Any) -> None:
-            check_compare(form_of(values).get(MODEL) or DEMO)
-            check_request(image_path, *values)
 
         def check_upload(upload: dict | None) -> None:
             if upload and upload.get("path"):
@@ -410,7 +405,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         # the step before it succeeded (an error fires just the `.failure()` steps), so the unlock hangs on both.
         # The check is queued: the page shows no toast for a gr.Error of a queue=False step.
         for button, check, handler, api_name in ((generate, check_request, run_generate, "generate"),
-                                                 (compare, check_compare_request, run_compare, "compare")):
+                                                 (compare, check_request, run_compare, "compare")):
             run = button.click(check, [image, *components], api_name=False, concurrency_limit=None,
                                show_progress="hidden").success(
                 starting, outputs=[*lockable, queue_timer, status, progress], queue=False, api_name=False,

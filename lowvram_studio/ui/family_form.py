@@ -53,17 +53,6 @@ def budget_problem(source: str | None) -> str | None:
     return in_user_words(refusal.replace("vram_budget to off", f"vram_budget to {MANUAL}"))  # the page's "off"
 
 
-def compare_refusal(source: str | None) -> str | None:
-    """Why Compare cannot run ``source``, with what to do instead, or None. ``compare.py`` plans run (c) and
-    casts every run with SVD's UNet, so it runs SVD models only."""
-    family = source_family(source)
-    if family == SVD:
-        return None
-    return (f"Compare FP32 vs FP16 runs SVD models (and the demo) for now, not {FAMILY_NAMES[family]} models; to "
-            f"compare this model, press Generate once with “{short_label('unet_dtype')}” FP32 and once with FP16 at the same seed: "
-            "both runs land in the runs table and on the memory curve")
-
-
 @dataclass(frozen=True)
 class FamilyFit:
     """Control values the form's family cannot take, moved to ones it can, and what to tell the user."""

@@ -39,7 +39,6 @@ from .curves import CurveRun, phase_caption, write_curve_png
 from .family_form import (
     MANUAL,
     budget_problem,
-    compare_refusal,
     picked,
     sliders_for,
 )
@@ -85,13 +84,6 @@ def user_message(exc: BaseException) -> str:
         return (f"the computer ran out of RAM ({first_line(exc)[:200]}); lower frames / size or close other "
                 "programs; your previous results are kept")
     return f"the run failed ({type(exc).__name__}: {text[:300]}); see the terminal for details, then try again"
-
-
-def check_compare(source: str) -> None:
-    """Raise ``gr.Error`` with what to do instead when Compare cannot run ``source`` (before anything is queued)."""
-    refusal = compare_refusal(source)
-    if refusal:
-        raise gr.Error(refusal)
 
 
 def check_image_upload(path: Path, name: str | None) -> None:
@@ -299,7 +291,6 @@ class Studio:
         from ..compare import run_compare
 
         source = form.get(MODEL) or DEMO
-        check_compare(source)
         out_dir = new_output_path(self.output_dir, "compare", "")
 
         def work(on_event, cancel):
