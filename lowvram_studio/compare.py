@@ -40,7 +40,6 @@ from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline
-from lowvram_studio.plan.moves import FAMILY_MOVES
 from lowvram_studio.plan.planner import Planner, plan_for_settings
 from lowvram_studio.plan.replan import decode_retry
 from lowvram_studio.settings import Precision, RunSettings
@@ -151,8 +150,7 @@ def run_compare(
             if index == 0:  # every run has the same model and device; (c) is planned before any run, so a
                 # budget compare cannot honour fails before it starts
                 planner = Planner.for_gpu(family.dims(), detect_gpu(resolve_device(run.settings.device)),
-                                          dict(loaded.pipeline.unet.config) if family.kind == "svd" else None,
-                                          moves=FAMILY_MOVES.get(family.kind))
+                                          dict(loaded.pipeline.unet.config) if family.kind == "svd" else None)
                 runs[-1] = _with_budget(runs[-1], planner, notes)
             denoiser = by_role(family.components, DENOISER).label
             emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing ({denoiser} {run.settings.unet_dtype.value})"))

@@ -24,7 +24,6 @@ from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
 from .plan.memory_model import MEMORY_MODEL_PATHS
-from .plan.moves import FAMILY_MOVES
 from .plan.planner import Planner, plan_for_settings
 from .plan.ram import MachineRam, plan_ram
 from .plan.replan import decode_retry, run_with_replan
@@ -172,7 +171,7 @@ def run_job(
     if refusal and settings.vram_budget != "off":
         raise SettingsError([refusal])
     unet_config = dict(model.pipeline.unet.config) if family.kind == "svd" else None  # the speed model counts UNets
-    planner = Planner.for_gpu(dims, gpu, unet_config, moves=FAMILY_MOVES.get(family.kind))
+    planner = Planner.for_gpu(dims, gpu, unet_config)
     plan = plan_for_settings(planner, settings)
     if plan is not None:  # a VRAM budget (or, with none, the decode rule) chose the settings; each choice is explained
         settings = plan.settings

@@ -319,11 +319,10 @@ def _wan_request(height: int, width: int, frames: int) -> RunSettings:
 
 def test_wan_budgets_are_planned_with_wans_memory_model_and_only_its_moves():
     from lowvram_studio.models.wan_configs import ti2v_5b_dims
-    from lowvram_studio.plan.moves import FAMILY_MOVES
 
     dims = ti2v_5b_dims()
     assert dims.kind == "wan" and dims.latent_frames(81) == 21 and dims.tokens_per_latent_frame(480, 832) == 15 * 26
-    planner = Planner(dims, moves=FAMILY_MOVES["wan"])
+    planner = Planner(dims)  # Wan's moves: its family's
     assert planner.model.source.startswith("calibrated on") and "dit_tokens" in planner.model.coefficients
     for frames, budget in ((81, "8GB"), (121, "12GB"), (85, "4GB")):
         request = _wan_request(480, 832, frames)
@@ -363,3 +362,19 @@ def test_calibrate_fits_each_measured_phase_and_holds_fixed_coefficients():
     for row in rows:
         for phase, mib in fitted.predict(dims, row["settings"], 600).phases.items():
             assert mib == pytest.approx(row["phase_peaks_mib"][phase], rel=0.02)
+
+
+def test_only_wan_on_a_bf16_card_may_halve_the_vae_and_only_when_the_budget_needs_it():
+    from lowvram_studio.engine.precision import GpuInfo
+    from lowvram_studio.models.wan_configs import ti2v_5b_dims
+
+    ampere, turing = GpuInfo("NVIDIA GeForce RTX 3060", (8, 6)), GpuInfo("NVIDIA GeForce RTX 2060", (7, 5))
+    request = _wan_request(480, 832, 81)
+    roomy = Planner.for_gpu(ti2v_5b_dims(), ampere).plan(request, PRESETS["8GB"])
+    tight = Planner.for_gpu(ti2v_5b_dims(), ampere).plan(request, PRESETS["6GB"])
+    assert roomy.fits and roomy.settings.vae_dtype == Precision.FP32  # not needed at 8 GB
+    assert tight.fits and tight.settings.vae_dtype == Precision.BF16 and any("VAE in bf16" in r for r in tight.reasons)
+    no_bf16 = Planner.for_gpu(ti2v_5b_dims(), turing).plan(request, PRESETS["6GB"])
+    assert no_bf16.settings.vae_dtype == Precision.FP32
+    svd = Planner.for_gpu(SVD_XT_DIMS, ampere).plan(_case("B").replace(vae_dtype="fp32"), PRESETS["4GB"])
+    assert svd.settings.vae_dtype == Precision.FP32  # SVD's VAE stays fp32 unless the user asks

@@ -96,14 +96,13 @@ def test_step_reuse_is_diffusers_first_block_cache_with_one_state_per_branch(pip
 
 
 def test_an_out_of_memory_re_plan_on_wan_takes_only_moves_its_model_can_take(pipeline, image):
-    from lowvram_studio.plan.moves import FAMILY_MOVES
     from lowvram_studio.plan.planner import Planner
     from lowvram_studio.plan.replan import decode_retry, run_with_replan
     from lowvram_studio.settings import RunSettings
     from lowvram_studio.settings_adapter import generate
 
     family = WanFamily(pipeline)
-    planner = Planner(family.dims(), device_type="cpu", moves=FAMILY_MOVES["wan"])
+    planner = Planner(family.dims(), device_type="cpu")  # its family's moves
     failures = {"denoise": 3, "decode": 1}  # three transformer calls run out of memory, then one decode (192 px: a
     # 128 px tile is a move)
 

@@ -110,6 +110,10 @@ def _offload_loosen(mode: OffloadMode) -> Callable[[RunSettings, RunSettings], l
     return loosen
 
 
+def _vae_bf16(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
+    return settings.replace(vae_dtype=Precision.BF16) if settings.vae_dtype in (Precision.FP32, Precision.AUTO) else None
+
+
 def _fp8(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
     return None if settings.unet_dtype == Precision.FP8 else settings.replace(unet_dtype=Precision.FP8)
 
@@ -168,6 +172,9 @@ MOVES: tuple[Move, ...] = (
          _level_move("vae_tile", TILE_LEVELS, lambda s, d: max(s.height, s.width)),
          lambda s: f"VAE decode in {s.vae_tile} px tiles (lossy: blended tile seams)",
          _level_loosen("vae_tile", TILE_LEVELS)),
+    Move("vae_bf16", True, (Phase.ENCODE, Phase.DECODE), _vae_bf16,
+         lambda s: "VAE in bf16, half its weights and activations (lossy: 8 mantissa bits; Wan ships its VAE in fp32)",
+         _undo("vae_dtype")),
     Move("decode_chunk", True, (Phase.DECODE,),
          _level_move("decode_chunk", DECODE_LEVELS, lambda s, d: s.num_frames),
          lambda s: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)",
@@ -185,9 +192,11 @@ MOVES: tuple[Move, ...] = (
 )
 
 
-# The moves a family's model can take, by family kind (absent: every move): Wan's transformer has no UNet
-# layers for spatial / temporal chunks, and its VAE decodes frame by frame whatever decode_chunk says.
-FAMILY_MOVES = {"wan": tuple(move.name for move in MOVES
-                             if move.name not in ("spatial_chunk", "temporal_chunk", "decode_chunk"))}
-
-
+# The moves a family's model can take, by family kind: Wan's transformer has no UNet layers for spatial /
+# temporal chunks, and its VAE decodes frame by frame whatever decode_chunk says; SVD's VAE stays in fp32
+# unless the user asks (its fp16 decode is known to overflow), so only Wan's VAE may be halved, on a card
+# with bf16 (``Planner``).
+FAMILY_MOVES = {
+    "svd": tuple(move.name for move in MOVES if move.name != "vae_bf16"),
+    "wan": tuple(move.name for move in MOVES if move.name not in ("spatial_chunk", "temporal_chunk", "decode_chunk")),
+}

@@ -29,7 +29,7 @@ from ..settings import RunSettings
 from ..settings_adapter import step_config
 from .budgets import FREE_STREAMING_OVERHEAD, NO_BUDGET_DECODE_SLACK, NO_BUDGET_MIN_DECODE_CHUNK, PLAN_MARGIN, Budget, budget_for
 from .memory_model import PHASES, MemoryModel, Prediction
-from .moves import MOVES, Move
+from .moves import FAMILY_MOVES, MOVES, Move
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class Planner:
     ``speed``: the user's card (engine/speed_model.py); where it makes streaming nearly free, streaming is
     the first move of every ladder, ahead of slower chunking and of lossy moves. ``auto_fp32_compute``:
     the card's execution path computes fp16 weights in fp32 (``for_gpu`` sets it), which doubles the
-    activations the plan must fit.
+    activations the plan must fit. ``moves``: the moves this model can take (default: its family's,
+    ``FAMILY_MOVES``); ``bf16``: the card computes bf16 (a bf16 VAE is a move only there).
     """
 
     dims: ModelDims
@@ -93,11 +94,16 @@ class Planner:
     min_gain: float = 0.01  # a move must lower the predicted peak by 1 % to count as helping
     speed: CardSpeed | None = None
     auto_fp32_compute: bool = False
-    moves: tuple[str, ...] | None = None  # the moves this model can take (``FAMILY_MOVES``); None: all
+    moves: tuple[str, ...] | None = None
+    bf16: bool = True
 
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = MemoryModel.for_kind(self.dims.kind)
+        if self.moves is None:
+            self.moves = FAMILY_MOVES[self.dims.kind]
+        if not self.bf16:
+            self.moves = tuple(name for name in self.moves if name != "vae_bf16")
 
     @classmethod
     def for_gpu(cls, dims: ModelDims, gpu: GpuInfo | None, unet_config: dict[str, Any] | None = None,
@@ -108,8 +114,9 @@ class Planner:
         if gpu is None:
             return cls(dims, device_type="cpu", **kwargs)
         speed = CardSpeed.for_gpu(unet_config, gpu.name)[0] if unet_config is not None else None
-        return cls(dims, device_type="cuda", auto_fp32_compute=execution_path(gpu).half_compute == torch.float32,
-                   speed=speed, **kwargs)
+        path = execution_path(gpu)
+        return cls(dims, device_type="cuda", auto_fp32_compute=path.half_compute == torch.float32, speed=speed,
+                   bf16=path.bf16, **kwargs)
 
     def predict(self, settings: RunSettings, context_mib: float | None = None) -> Prediction:
         return self.model.predict(self.dims, settings, context_mib, self.device_type, self.auto_fp32_compute)
@@ -297,9 +304,8 @@ class Planner:
         return (current, reasons) if reasons else None
 
     def _moves(self, allowed: tuple[str, ...] | None) -> list[Move]:
-        """MOVES in priority order, among ``allowed`` and the model's own (``moves``) when given."""
-        return [move for move in MOVES if (allowed is None or move.name in allowed)
-                and (self.moves is None or move.name in self.moves)]
+        """MOVES in priority order, among ``allowed`` (when given) and the model's own (``moves``)."""
+        return [move for move in MOVES if (allowed is None or move.name in allowed) and move.name in self.moves]
 
     def _fixed_mib(self, prediction: Prediction) -> float:
         """The part of every phase's peak no setting changes: context and allocator overhead."""

@@ -26,7 +26,6 @@ from ..models.source_family import WAN, source_family
 from ..models.wan_configs import ti2v_5b_dims
 from ..engine.dims import ModelDims
 from ..plan.memory_model import SVD_DIMS, SVD_XT_DIMS
-from ..plan.moves import FAMILY_MOVES
 from ..plan.planner import Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
 from ..speed import estimate_for_card
@@ -36,10 +35,10 @@ from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
 logger = logging.getLogger(__name__)
 
 # The controls a plan may set (plan/planner.py: Planner.base; plan/moves.py: MOVES): the memory savers, plus frames and
-# interpolation (the last rung generates half the frames and interpolates) and the UNet precision (fp8).
-# Size, steps, guidance, the FP16 choices and pruning stay the user's.
-PLANNED_FIELDS = ("num_frames", "unet_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
-                  "decode_chunk", "vae_tile", "chunk_size", "overlap", "interpolate")
+# interpolation (the last rung generates half the frames and interpolates), the UNet precision (fp8) and, for
+# Wan, the VAE's (bf16). Size, steps, guidance, the other FP16 choices and pruning stay the user's.
+PLANNED_FIELDS = ("num_frames", "unet_dtype", "vae_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk",
+                  "offload", "decode_chunk", "vae_tile", "chunk_size", "overlap", "interpolate")
 # What the plan starts from: these at their defaults, so a larger budget loosens what a smaller one tightened.
 _RESET_FIELDS = ("cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk", "vae_tile",
                  "chunk_size", "overlap", "interpolate")
@@ -162,8 +161,7 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
         return BudgetAnswer(None, f"⚠ {exc}")
     source = form.get(MODEL) or DEMO_MODEL_NAME
     dims, dims_note = model_dims(source, loaded)
-    planner = Planner.for_gpu(dims, detect_gpu(device), unet_config(source, loaded, dims),
-                              moves=FAMILY_MOVES.get(dims.kind))
+    planner = Planner.for_gpu(dims, detect_gpu(device), unet_config(source, loaded, dims))
     plan = plan_for_settings(planner, request)
     if plan is None:  # 'auto' without a CUDA GPU
         return BudgetAnswer(None, "No CUDA GPU here, so Auto has no GPU memory to plan for; the settings were left "
