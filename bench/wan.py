@@ -51,6 +51,7 @@ ROWS: list[tuple[str, str, list[str]]] = [  # (name, case, our CLI flags); "diff
     ("480p ours stream, new prompt (encoder runs)", "480p", [*NEW_PROMPT, "--offload", "stream"]),
     # the promise: our planner, with the Wan memory model (plan/memory_model_wan.json), picks the settings
     ("480p ours budget 8GB", "480p", [*PROMPT, "--vram-budget", "8GB"]),
+    ("480p ours budget 6GB", "480p", [*PROMPT, "--vram-budget", "6GB"]),
     ("480p ours budget 12GB", "480p", [*PROMPT, "--vram-budget", "12GB"]),
     ("720p ours budget 12GB", "720p", [*PROMPT, "--vram-budget", "12GB"]),
     ("720p ours budget 16GB", "720p", [*PROMPT, "--vram-budget", "16GB"]),
