@@ -23,7 +23,6 @@ from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
-from .plan.memory_model import MEMORY_MODEL_PATHS
 from .plan.planner import Planner, plan_for_settings
 from .plan.ram import MachineRam, plan_ram
 from .plan.replan import decode_retry, run_with_replan
@@ -76,16 +75,6 @@ def check_outputs_free(video: str | Path, gif: bool = False) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK):
         raise media.MediaError(f"cannot write to {folder}: permission denied; choose a writable output folder")
-
-
-def budget_refusal(family_kind: str) -> str | None:
-    """Why a VRAM budget cannot be planned for a model of ``family_kind`` yet, or None: each family needs a
-    memory model fitted on its own measured runs (plan/memory_model.py ``MEMORY_MODEL_PATHS``). The studio asks
-    this before it offers the budget control."""
-    if family_kind in MEMORY_MODEL_PATHS:
-        return None
-    return (f"VRAM budgets are planned from a memory model fitted on measured runs, and none is fitted on "
-            f"{family_kind} yet; set vram_budget to off and choose offload, cfg_split and vae_tile yourself")
 
 
 def _emit(event: RunEvent, result: RunResult, on_event: EventCallback | None) -> RunEvent:
@@ -167,9 +156,6 @@ def run_job(
     baseline = measure_idle_baseline()
     family = model.family
     dims, gpu = family.dims(), detect_gpu(resolve_device(settings.device))
-    refusal = budget_refusal(family.kind)
-    if refusal and settings.vram_budget != "off":
-        raise SettingsError([refusal])
     unet_config = dict(model.pipeline.unet.config) if family.kind == "svd" else None  # the speed model counts UNets
     planner = Planner.for_gpu(dims, gpu, unet_config)
     plan = plan_for_settings(planner, settings)

@@ -28,7 +28,7 @@ from ..settings import RunSettings
 
 MIB = 2**20
 MEMORY_MODEL_PATH = Path(__file__).with_name("memory_model.json")
-# Each family's memory model, by ``ModelDims.kind``: a family without one gets no VRAM budget (jobs.budget_refusal)
+# Each family's memory model, by ``ModelDims.kind`` (a new family needs its own, fitted on its measured runs)
 MEMORY_MODEL_PATHS = {"svd": MEMORY_MODEL_PATH, "wan": Path(__file__).with_name("memory_model_wan.json")}
 PHASES = (Phase.ENCODE, Phase.DENOISE, Phase.DECODE)
 

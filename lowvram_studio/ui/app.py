@@ -33,7 +33,6 @@ from .family_form import (
     SNAPPED,
     family_props,
     fit_to_family,
-    locked_out,
     picked,
     sliders_for,
 )
@@ -244,16 +243,13 @@ def build_app(studio: Studio) -> gr.Blocks:
             if studio.worker.cancel_owner(request.session_hash or "anonymous"):
                 logger.info("a browser tab closed during its run; the run was stopped")
 
-        def set_locked(locked: bool, source: str | None = None) -> list[dict]:
-            """Lock (or unlock) the form, but for the controls ``source``'s family keeps locked (a budget that
-            cannot be planned); the queue's timer pauses while the tab's run streams: each tick is a round of
-            Gradio's loading-status updates over every component the page has, which a CPU run pays."""
-            kept = {controls[name] for name in locked_out(source)}
-            return [*(gr.update(interactive=not locked and c not in kept) for c in lockable),
-                    gr.Timer(active=not locked)]
+        def set_locked(locked: bool) -> list[dict]:
+            """Lock (or unlock) the form; the queue's timer pauses while the tab's run streams: each tick is a
+            round of Gradio's loading-status updates over every component the page has, which a CPU run pays."""
+            return [*(gr.update(interactive=not locked) for _ in lockable), gr.Timer(active=not locked)]
 
-        def unlock(source: str | None) -> list[dict]:
-            return set_locked(False, source)
+        def unlock() -> list[dict]:
+            return set_locked(False)
 
         def starting() -> list[Any]:
             """Lock the form and clear the last run's status and bar: nothing stale while the new run starts."""
@@ -414,8 +410,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 api_name=api_name,
                 concurrency_limit=None, show_progress="hidden",
             )
-            run.then(unlock, controls[MODEL], [*lockable, queue_timer], queue=False, api_name=False)
-            run.failure(unlock, controls[MODEL], [*lockable, queue_timer], queue=False, api_name=False)
+            run.then(unlock, None, [*lockable, queue_timer], queue=False, api_name=False)
+            run.failure(unlock, None, [*lockable, queue_timer], queue=False, api_name=False)
         # An upload PIL cannot read is named with the fix at once and the box emptied for the next file; the
         # check reads the upload itself (preprocess=False): Gradio's own decoding would fail with a bare "Error".
         image.upload(check_upload, image, preprocess=False, api_name=False, concurrency_limit=None,

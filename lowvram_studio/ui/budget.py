@@ -29,7 +29,6 @@ from ..plan.memory_model import SVD_DIMS, SVD_XT_DIMS
 from ..plan.planner import Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
 from ..speed import estimate_for_card
-from .family_form import budget_problem
 from .form import BUDGET_CHOICES, MODEL, form_to_settings, settings_to_form
 
 logger = logging.getLogger(__name__)
@@ -112,10 +111,8 @@ def unet_config(source: str, loaded: LoadedModel | None, dims: ModelDims) -> dic
 
 def speed_line(form: dict[str, Any], settings: RunSettings, loaded: LoadedModel | None) -> str:
     """The time estimate for the form's run (``settings``, read from it) on the GPU it goes to, as
-    ``jobs.run_job`` will announce it ('' on the CPU, when no device can be resolved, or for a family whose
-    memory and speed models are not fitted yet: ``run_job`` estimates nothing for it either)."""
-    if budget_problem(form.get(MODEL)):
-        return ""
+    ``jobs.run_job`` will announce it ('' on the CPU, when no device can be resolved, or for a family the
+    speed model does not count: ``run_job`` estimates nothing for it either)."""
     try:
         gpu = detect_gpu(resolve_device(settings.device))
     except RuntimeError:  # e.g. CUDA asked for without a GPU: the settings note says so
@@ -143,9 +140,6 @@ def budget_request(settings: RunSettings) -> RunSettings:
 
 def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswer:
     """Plan the form's request for its budget; the changes are the planned controls that differ from ``form``."""
-    problem = budget_problem(form.get(MODEL))
-    if problem:  # no memory model for this family: nothing to plan, Manual included (its decode rule is SVD's)
-        return BudgetAnswer(None, f"ℹ {problem[0].upper()}{problem[1:]}.")
     if BUDGET_CHOICES.get(form.get("vram_budget")) == "off" and source_family(form.get(MODEL)) == WAN:
         return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget.")
     if BUDGET_CHOICES.get(form.get("vram_budget")) == "off":

@@ -3,7 +3,7 @@
 SVD is steered by its image and per-frame guidance (motion bucket, noise augmentation, min / max guidance);
 Wan by a prompt, a negative prompt and one guidance scale. Wan's request refuses SVD's UNet-layer chunks and
 step reuse (``settings_adapter.request_for``) and takes 4k+1 frames; its VAE decodes frame by frame, so the
-decode chunk has nothing to cut. A VRAM budget is offered only where ``jobs.budget_refusal`` allows one.
+decode chunk has nothing to cut.
 The page hides what the family does not take and, on a switch, moves each value the new family cannot take
 to one it can, saying so in a note: a hidden control never holds a value that would fail the run.
 """
@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..jobs import budget_refusal
 from ..models.source_family import SVD, WAN, native_fps, source_family
-from .form import BUDGET_GIB, INFO, MODEL
-from .labels import LABELS, in_user_words, short_label
+from .form import MODEL
+from .labels import LABELS, short_label
 from .sliders import SLIDERS, SliderSpec, snap_note
 
 FAMILY_NAMES = {SVD: "SVD", WAN: "Wan"}  # as the user knows them
@@ -31,26 +30,16 @@ WAN_OFF = {"spatial_chunk": 0, "temporal_chunk": 0, "decode_chunk": 0}
 FAMILY_SLIDERS = {WAN: {"num_frames": SliderSpec(5, 125, 4), "width": SliderSpec(64, 1280, 32),
                         "height": SliderSpec(64, 1280, 32), "prune_threshold": SliderSpec(0, 0.3, 0.005)}}
 SNAPPED = ("num_frames", "width", "height", "prune_threshold")  # the sliders whose steps depend on the family
-BUDGET_CONTROLS = ("vram_budget", BUDGET_GIB)
-MANUAL = "Manual"  # form.BUDGET_CHOICES' "no budget"
 # Every control whose properties depend on the family, in the order the page's model update lists them.
-FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, *SNAPPED, "encoder_dtype", "fps", *BUDGET_CONTROLS)
+FAMILY_CONTROLS = (*WAN_ONLY, *SVD_ONLY, *SNAPPED, "encoder_dtype", "fps")
 # the encoder checkbox's label: SVD's CLIP image encoder in fp16, Wan's UMT5 text encoder in 16 bit (form.WAN_ENCODER_ON)
 ENCODER_LABELS = {SVD: LABELS["encoder_dtype"], WAN: "Text encoder 16-bit ⚠ lossy"}
-FITTED = (*SNAPPED, *WAN_OFF, "encoder_dtype", "vram_budget")  # the controls ``fit_to_family`` may move
+FITTED = (*SNAPPED, *WAN_OFF, "encoder_dtype")  # the controls ``fit_to_family`` may move
 
 
 def sliders_for(family: str) -> dict[str, SliderSpec]:
     """Every slider's range and step for ``family`` (Wan's frames slider moves 4 at a time, its sizes 32 px)."""
     return {**SLIDERS, **FAMILY_SLIDERS.get(family, {})}
-
-
-def budget_problem(source: str | None) -> str | None:
-    """Why no VRAM budget can be picked for ``source``, in the page's words, or None."""
-    refusal = budget_refusal(source_family(source))
-    if refusal is None:
-        return None
-    return in_user_words(refusal.replace("vram_budget to off", f"vram_budget to {MANUAL}"))  # the page's "off"
 
 
 @dataclass(frozen=True)
@@ -66,8 +55,7 @@ class FamilyFit:
 
 
 def fit_to_family(form: dict[str, Any]) -> FamilyFit:
-    """What must change for ``form``'s model: frames onto the family's steps, Wan's refused SVD knobs off, and
-    no VRAM budget where none can be planned."""
+    """What must change for ``form``'s model: frames onto the family's steps and Wan's refused SVD knobs off."""
     family = source_family(form.get(MODEL))
     changes: dict[str, Any] = {}
     notes: list[str] = []
@@ -86,10 +74,6 @@ def fit_to_family(form: dict[str, Any]) -> FamilyFit:
         if on:
             labels = ", ".join(f"“{short_label(name)}”" for name in on)
             notes.append(f"{labels} cut SVD's UNet or its decoder, which Wan models do not have: set to off.")
-    problem = budget_problem(form.get(MODEL))
-    if problem and form.get("vram_budget", MANUAL) != MANUAL:
-        changes["vram_budget"] = MANUAL
-        notes.append(f"“{short_label('vram_budget')}” set to {MANUAL}: {problem}.")
     return FamilyFit(changes, notes)
 
 
@@ -106,21 +90,14 @@ def picked(form: dict[str, Any]) -> FamilyFit:
 
 def family_props(form: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The page properties of each of FAMILY_CONTROLS for ``form``'s model: shown or hidden, the frames slider's
-    and size sliders' ranges and steps, and whether a budget can be picked (its info line says why not)."""
+    and size sliders' ranges and steps."""
     family = source_family(form.get(MODEL))
     props: dict[str, dict[str, Any]] = {name: {"visible": family == WAN} for name in WAN_ONLY}
     props.update({name: {"visible": family == SVD} for name in SVD_ONLY})
     specs = sliders_for(family)
     props.update({name: {"minimum": specs[name].minimum, "maximum": specs[name].maximum, "step": specs[name].step}
                   for name in SNAPPED})
-    problem = budget_problem(form.get(MODEL))
-    props["vram_budget"] = {"interactive": problem is None, "info": f"⚠ {problem}" if problem else INFO["vram_budget"]}
-    props[BUDGET_GIB] = {"interactive": problem is None}
     props["encoder_dtype"] = {"label": ENCODER_LABELS[family]}
     props["fps"] = {}  # its value moves on a pick (``picked``); its range is every family's
     return props
 
-
-def locked_out(source: str | None) -> tuple[str, ...]:
-    """The controls that stay locked when the form unlocks after a run: the budget where none can be planned."""
-    return BUDGET_CONTROLS if budget_problem(source) else ()

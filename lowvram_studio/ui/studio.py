@@ -36,12 +36,7 @@ from ..settings_adapter import precision_request
 from ..sysinfo import check_torch_runs, collect_env, torch_gpu_problem
 from .config_store import ConfigStore, default_output_dir
 from .curves import CurveRun, phase_caption, write_curve_png
-from .family_form import (
-    MANUAL,
-    budget_problem,
-    picked,
-    sliders_for,
-)
+from .family_form import picked, sliders_for
 from .form import (
     GIF,
     MODEL,
@@ -234,9 +229,6 @@ class Studio:
         try:
             image = load_image(image_path)
             problems = off_step_problems(form, sliders_for(source_family(form.get(MODEL))))
-            budget = budget_problem(form.get(MODEL))
-            if budget and form.get("vram_budget") != MANUAL:
-                problems.append(budget)
             if problems:
                 raise SettingsError(problems)
             settings = form_to_settings(form)
