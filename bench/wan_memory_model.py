@@ -10,7 +10,9 @@ weights reached the GPU, which the memory model, planning for a new prompt, alwa
 streamed row measured before the encoder's memory was handed back, ``ENCODE_BEFORE_RELEASE``). A row whose
 encoder did not run and whose weights all stay on the GPU (offload none) predicts weights it never held,
 so it is not fitted; it is checked to be over-predicted (a safe plan). Writes the coefficients to
-``--model-out`` and ``--out`` (JSON + markdown: each row's prediction when the fit left that row out).
+``--model-out`` and ``--out`` (JSON + markdown: each row's prediction when the fit left that row out, and the
+plans the planner makes with the fitted model for the write-up's budgets on an Ampere card: predictions,
+which bench/wan.py's budget rows measure on the GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_report  # noqa: E402
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.models.wan_configs import ti2v_5b_dims  # noqa: E402
+from lowvram_studio.engine.precision import GpuInfo  # noqa: E402
+from lowvram_studio.plan.budgets import PRESETS  # noqa: E402
 from lowvram_studio.plan.memory_model import MEMORY_MODEL_PATHS, PHASES, MemoryModel, calibrate  # noqa: E402
+from lowvram_studio.plan.planner import Planner  # noqa: E402
 from lowvram_studio.settings import OffloadMode, RunSettings  # noqa: E402
 
 CONTEXT_MIB = 600.0  # the CUDA context the memory model assumes on the H100 (plan/memory_model.json)
@@ -94,6 +99,40 @@ def leave_one_out(rows: list[dict[str, Any]], prior: MemoryModel) -> list[dict[s
     return results
 
 
+PLAN_CARD = GpuInfo("NVIDIA GeForce RTX 3060", (8, 6))  # an Ampere card: bf16, the fp16 compute path
+PLAN_CASES = {"480p": (480, 832, 81), "720p": (704, 1280, 121)}
+PLAN_BUDGETS = ("24GB", "12GB", "8GB", "6GB", "4GB")
+PLANNED = ("offload", "cfg_split", "ff_chunk", "vae_tile", "vae_dtype", "chunk_size", "unet_dtype", "interpolate",
+           "num_frames")
+
+
+def plans(model: MemoryModel) -> list[dict[str, Any]]:
+    """What the planner makes of each budget with ``model``, from the CLI's defaults for a Wan prompt."""
+    planner = Planner.for_gpu(ti2v_5b_dims(), PLAN_CARD, model=model)
+    rows = []
+    for case, (height, width, frames) in PLAN_CASES.items():
+        request = RunSettings(height=height, width=width, num_frames=frames, device="cuda", prompt="a red ball",
+                              guidance_scale=5.0, encoder_dtype="auto")
+        for budget in PLAN_BUDGETS:
+            plan = planner.plan(request, PRESETS[budget])
+            changed = {name: getattr(plan.settings, name) for name in PLANNED
+                       if getattr(plan.settings, name) != getattr(request, name)}
+            rows.append({"case": case, "budget": budget, "fits": plan.fits,
+                         "predicted_peak_mib": round(plan.prediction.peak_mib), "peak_phase": plan.prediction.peak_phase,
+                         "settings": {k: getattr(v, "value", v) for k, v in changed.items()}})
+    return rows
+
+
+def plans_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"Plans with this model for TI2V-5B on an Ampere card ({PLAN_CARD.name}; predictions, not measurements):",
+             "", "| case | budget | fits | predicted peak MiB (phase) | settings the plan changed |", "|---|---|---|---|---|"]
+    for r in rows:
+        changed = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "none"
+        lines.append(f"| {r['case']} | {r['budget']} | {r['fits']} | {r['predicted_peak_mib']} ({r['peak_phase']}) | "
+                     f"{changed} |")
+    return lines
+
+
 def table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["| row | measured peak MiB | predicted (left out) MiB | error | phases measured: error |",
              "|---|---|---|---|---|"]
@@ -123,13 +162,15 @@ def main() -> int:
                     f"by bench/wan_memory_model.py; leave-one-out {within}/{len(fitted)} peaks within {WITHIN:.0%}")
     model.save(args.model_out)
     source = json.loads(args.results[-1].read_text(encoding="utf-8"))
+    planned = plans(model)
     report = {"env": source.get("env", {}), "command": "python " + " ".join(sys.argv), "inputs": files,
               "coefficients": model.coefficients, "within": f"{within}/{len(fitted)}", "unfitted_over_predicted": safe,
-              "rows": results}
+              "rows": results, "plans": planned}
     write_report(args.out, "The Wan memory model: leave-one-out errors", report, [
         *table(results), "",
         f"Leave-one-out: {within}/{len(fitted)} fitted rows' peaks within {WITHIN:.0%}; rows not fitted over-predicted: "
-        f"{safe}. GPU and versions above are those of the last input file's rows; this script ran on no GPU."])
+        f"{safe}. GPU and versions above are those of the last input file's rows; this script ran on no GPU.", "",
+        *plans_table(planned)])
     return 0
 
 
