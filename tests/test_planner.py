@@ -378,3 +378,28 @@ def test_only_wan_on_a_bf16_card_may_halve_the_vae_and_only_when_the_budget_need
     assert no_bf16.settings.vae_dtype == Precision.FP32
     svd = Planner.for_gpu(SVD_XT_DIMS, ampere).plan(_case("B").replace(vae_dtype="fp32"), PRESETS["4GB"])
     assert svd.settings.vae_dtype == Precision.FP32  # SVD's VAE stays fp32 unless the user asks
+
+
+def test_the_shipped_wan_memory_model_is_the_one_its_script_fits_from_the_committed_rows(tmp_path, monkeypatch):
+    """plan/memory_model_wan.json is bench/wan_memory_model.py's fit of the results its source names."""
+    import json
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+    from bench import wan_memory_model
+
+    shipped = MemoryModel.for_kind("wan")
+    inputs = [root / "bench" / "results" / name for name in re.findall(r"wan_\d+\w*\.json", shipped.source)]
+    assert inputs, shipped.source
+    out, model_out = tmp_path / "fit.json", tmp_path / "model.json"
+    monkeypatch.setattr(sys, "argv", ["wan_memory_model.py", *map(str, inputs), "--out", str(out),
+                                      "--model-out", str(model_out)])
+    assert wan_memory_model.main() == 0
+    refitted = MemoryModel.load(model_out)
+    assert refitted.coefficients == pytest.approx(shipped.coefficients, rel=1e-6)
+    report = json.loads(out.read_text())
+    assert all(abs(row["peak_error"]) <= 0.15 for row in report["rows"] if row["fitted"])  # the promise
+    assert out.with_suffix(".md").read_text().count("| 480p |") == len(wan_memory_model.PLAN_BUDGETS)
