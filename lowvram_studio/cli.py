@@ -271,7 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .jobs import check_outputs_free, run_job
     from .media import load_image
     from .models.load import load_model
-    from .models.single_file import tqdm_progress
+    from .models.safetensors_file import tqdm_progress
 
     recorded = _apply_record(args)
     args.model = args.model or "demo"

@@ -353,7 +353,7 @@ def _pruning_problems(settings: RunSettings) -> list[str]:
     import is deferred so reading a settings file needs no torch."""
     if not any(key.startswith("prune_") for key in settings.extra):
         return []
-    from .engine.pruning import PruningConfig
+    from .engine.pruning_config import PruningConfig
 
     try:
         PruningConfig.from_knobs(settings.prune_threshold, settings.prune_mode, settings.extra)

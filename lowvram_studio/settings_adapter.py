@@ -25,7 +25,7 @@ from .engine.oom import DecodeTightener
 from .engine.options import DeviceChoice, OffloadMode, PruneMode, WindowBlend
 from .engine.precision import GpuInfo, PrecisionPolicy, PrecisionRequest
 from .engine.prompt_cache import PromptCache
-from .engine.pruning import PruningConfig
+from .engine.pruning_config import PruningConfig
 from .engine.sampler import EngineResult, prepare, sample
 from .engine.speed_model import StepConfig
 from .engine.svd import SvdFamily, SvdRequest

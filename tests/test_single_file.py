@@ -16,6 +16,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from lowvram_studio.settings_adapter import generate
 from lowvram_studio.models import single_file as sf
+from lowvram_studio.models.safetensors_file import SafetensorsHeader, SingleFileError, TensorEntry, tqdm_progress
+from lowvram_studio.models.svd_file_info import _DERIVE, inspect_single_file
+from lowvram_studio.models.svd_key_map import COMPONENT_PREFIXES, UNET_PREFIX
 from lowvram_studio.models.svd_configs import SVD_IMAGE_ENCODER_CONFIG, SVD_VAE_CONFIG, SVD_XT_UNET_CONFIG
 
 KEY_DATA = Path(__file__).parent / "data" / "svd_xt_original_keys.json"
@@ -76,7 +79,7 @@ def write_key_data() -> None:
     """Regenerate tests/data/svd_xt_original_keys.json (run this file as a script)."""
     keys = _mapped_full_size_keys()
     params = {
-        c: sum(int(np.prod(s)) for k, s in keys.items() if k.startswith(p)) for c, p in sf.COMPONENT_PREFIXES.items()
+        c: sum(int(np.prod(s)) for k, s in keys.items() if k.startswith(p)) for c, p in COMPONENT_PREFIXES.items()
     }
     KEY_DATA.parent.mkdir(exist_ok=True)
     about = (
@@ -140,7 +143,7 @@ def test_loaded_single_file_generates_identical_frames(demo, demo_file, test_ima
 
 def test_fp16_file_loads_into_fp16_and_fp32(demo, tmp_path):
     path = sf.save_original_checkpoint(demo, tmp_path / "svd_xt_fp16.safetensors", dtype=torch.float16)
-    assert sf.inspect_single_file(path).dtype == torch.float16
+    assert inspect_single_file(path).dtype == torch.float16
 
     half = sf.load_single_file(path, dtype=torch.float16)
     full = sf.load_single_file(path, dtype=torch.float32)
@@ -169,7 +172,7 @@ def test_progress_reports_every_byte_read(demo_file):
 
 
 def test_cli_progress_bar_counts_bytes(demo_file, capsys):
-    sf.load_single_file(demo_file, on_progress=sf.tqdm_progress("svd_xt"))
+    sf.load_single_file(demo_file, on_progress=tqdm_progress("svd_xt"))
 
     bar = capsys.readouterr().err
     assert "svd_xt" in bar and "100%" in bar
@@ -188,16 +191,16 @@ def test_mapping_covers_every_real_svd_xt_key_and_shape():
 
 def test_configs_derived_from_real_svd_xt_shapes_equal_the_published_configs():
     keys = json.loads(KEY_DATA.read_text())["keys"]
-    header = sf.SafetensorsHeader(
+    header = SafetensorsHeader(
         Path("svd_xt.safetensors"),
-        {k: sf.TensorEntry(torch.float32, tuple(s), 0, 0) for k, s in keys.items()},
+        {k: TensorEntry(torch.float32, tuple(s), 0, 0) for k, s in keys.items()},
         {},
         0,
     )
     published = {"unet": SVD_XT_UNET_CONFIG, "vae": SVD_VAE_CONFIG, "image_encoder": SVD_IMAGE_ENCODER_CONFIG}
 
-    for component, prefix in sf.COMPONENT_PREFIXES.items():
-        derived = sf._DERIVE[component](header.shapes(prefix))
+    for component, prefix in COMPONENT_PREFIXES.items():
+        derived = _DERIVE[component](header.shapes(prefix))
         assert {k: derived[k] for k in published[component]} == published[component], component
         sf._plan_component(header, component, derived)  # raises on any missing / unexpected key
 
@@ -211,9 +214,9 @@ def test_variant_is_read_from_the_file_name(demo, tmp_path):
     }
     for name, (variant, frames) in names.items():
         save_file(state, str(tmp_path / name))
-        info = sf.inspect_single_file(tmp_path / name)
+        info = inspect_single_file(tmp_path / name)
         assert (info.variant, info.num_frames, info.has_vae, info.has_image_encoder) == (variant, frames, True, True)
-    assert sf.inspect_single_file(tmp_path / "svd.safetensors", num_frames=25).num_frames == 25
+    assert inspect_single_file(tmp_path / "svd.safetensors", num_frames=25).num_frames == 25
 
 
 def test_unused_parts_of_stability_files_are_skipped(demo, tmp_path):
@@ -245,16 +248,16 @@ def test_image_decoder_variant_is_rejected(demo, tmp_path):
     path = tmp_path / "svd_image_decoder.safetensors"
     save_file(state, str(path))
 
-    with pytest.raises(sf.SingleFileError, match="per-frame image decoder"):
+    with pytest.raises(SingleFileError, match="per-frame image decoder"):
         sf.load_single_file(path)
 
 
 def test_unet_only_file_asks_for_the_missing_components(demo, tmp_path):
-    state = {k: v for k, v in sf.to_original_state_dict(demo).items() if k.startswith(sf.UNET_PREFIX)}
+    state = {k: v for k, v in sf.to_original_state_dict(demo).items() if k.startswith(UNET_PREFIX)}
     path = tmp_path / "svd_xt_unet.safetensors"
     save_file(state, str(path), metadata=sf.original_metadata(demo))
 
-    with pytest.raises(sf.SingleFileError, match="holds no vae"):
+    with pytest.raises(SingleFileError, match="holds no vae"):
         sf.load_single_file(path)
     loaded = sf.load_single_file(path, vae=demo.vae, image_encoder=demo.image_encoder)
     assert loaded.vae is demo.vae
@@ -267,7 +270,7 @@ def test_missing_and_unexpected_keys_are_named(demo, tmp_path):
     path = tmp_path / "svd_xt.safetensors"
     save_file(state, str(path), metadata=sf.original_metadata(demo))
 
-    with pytest.raises(sf.SingleFileError) as error:
+    with pytest.raises(SingleFileError) as error:
         sf.load_single_file(path)
     message = str(error.value)
     assert str(path) in message
@@ -281,7 +284,7 @@ def test_wrong_shape_is_named(demo, tmp_path):
     path = tmp_path / "svd_xt.safetensors"
     save_file(state, str(path), metadata=sf.original_metadata(demo))
 
-    with pytest.raises(sf.SingleFileError, match=r"input_blocks\.1\.0\.time_mixer\.mix_factor has shape \(2,\)"):
+    with pytest.raises(SingleFileError, match=r"input_blocks\.1\.0\.time_mixer\.mix_factor has shape \(2,\)"):
         sf.load_single_file(path)
 
 
@@ -296,7 +299,7 @@ def test_image_model_checkpoint_is_rejected(tmp_path):
     path = tmp_path / "v1-5-pruned.safetensors"
     save_file(state, str(path))
 
-    with pytest.raises(sf.SingleFileError, match="image model .*not Stable Video Diffusion"):
+    with pytest.raises(SingleFileError, match="image model .*not Stable Video Diffusion"):
         sf.load_single_file(path)
 
 
@@ -304,7 +307,7 @@ def test_file_of_another_kind_is_rejected(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, str(path))
 
-    with pytest.raises(sf.SingleFileError, match="no 'model.diffusion_model.' keys"):
+    with pytest.raises(SingleFileError, match="no 'model.diffusion_model.' keys"):
         sf.load_single_file(path)
 
 
@@ -313,7 +316,7 @@ def test_truncated_file_is_rejected(demo_file, tmp_path):
     for cut in (len(data) // 2, 100, 4):
         path = tmp_path / "svd_xt.safetensors"
         path.write_bytes(data[:cut])
-        with pytest.raises(sf.SingleFileError, match="truncated|not a valid safetensors"):
+        with pytest.raises(SingleFileError, match="truncated|not a valid safetensors"):
             sf.load_single_file(path)
 
 
@@ -323,7 +326,7 @@ def test_corrupt_header_is_rejected(demo_file, tmp_path):
     path = tmp_path / "svd_xt.safetensors"
     path.write_bytes(bytes(data))
 
-    with pytest.raises(sf.SingleFileError, match="corrupt safetensors header"):
+    with pytest.raises(SingleFileError, match="corrupt safetensors header"):
         sf.load_single_file(path)
 
 
@@ -343,7 +346,7 @@ def test_pickle_checkpoint_is_refused_without_running_it(tmp_path, suffix):
     path = tmp_path / f"svd_xt{suffix}"
     path.write_bytes(pickle.dumps({"state_dict": _RunsCode(str(marker))}))
 
-    with pytest.raises(sf.SingleFileError, match="pickle .*runs whatever code"):
+    with pytest.raises(SingleFileError, match="pickle .*runs whatever code"):
         sf.load_single_file(path)
     assert not marker.exists()
 
@@ -353,13 +356,13 @@ def test_pickle_renamed_to_safetensors_is_rejected(tmp_path):
     path = tmp_path / "svd_xt.safetensors"
     path.write_bytes(pickle.dumps(_RunsCode(str(marker))))
 
-    with pytest.raises(sf.SingleFileError, match="not a valid safetensors"):
+    with pytest.raises(SingleFileError, match="not a valid safetensors"):
         sf.load_single_file(path)
     assert not marker.exists()
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(sf.SingleFileError, match="does not exist"):
+    with pytest.raises(SingleFileError, match="does not exist"):
         sf.load_single_file(tmp_path / "nope.safetensors")
 
 

@@ -12,7 +12,7 @@ import torch
 from lowvram_studio.engine.config import EngineConfig
 from lowvram_studio.engine.options import DeviceChoice, OffloadMode
 from lowvram_studio.engine.precision import PrecisionRequest
-from lowvram_studio.engine.pruning import PruningConfig
+from lowvram_studio.engine.pruning_config import PruningConfig
 from lowvram_studio.engine.sampler import sample
 from lowvram_studio.engine.vae import DecodeConfig
 from lowvram_studio.engine.wan import WanFamily, WanRequest

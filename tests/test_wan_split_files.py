@@ -21,7 +21,7 @@ from lowvram_studio.cli import EXIT_BAD_INPUT, main
 from lowvram_studio.media import read_video
 from lowvram_studio.models.discovery import CandidateKind, DiscoveryConfig, discover_models, format_candidates
 from lowvram_studio.models.load import load_model
-from lowvram_studio.models.single_file import METADATA_KEY
+from lowvram_studio.models.safetensors_file import METADATA_KEY
 from lowvram_studio.models.wan_configs import TI2V_5B_SCHEDULER
 from lowvram_studio.models.wan_split_files import SplitTextEncoder, find_tokenizer, wan22_vae_source
 from lowvram_studio.models.wan_toy import build_toy_wan_pipeline
@@ -81,7 +81,7 @@ def comfy_text_encoder_state(encoder, fp8: bool) -> dict[str, torch.Tensor]:
 
 def write_comfy_models(pipeline, models: Path, encoder_file: str = FP16_ENCODER) -> Path:
     """ComfyUI's models/ folder with the pipeline's three files; the hyperparameters no shape tells (the toy's
-    head count, rope length and latent statistics) in the metadata, as single_file.METADATA_KEY records them."""
+    head count, rope length and latent statistics) in the metadata, as safetensors_file.METADATA_KEY records them."""
     recorded = {"transformer": {k: pipeline.transformer.config[k] for k in (
         "num_attention_heads", "attention_head_dim", "rope_max_seq_len")},
         "vae": {k: list(pipeline.vae.config[k]) for k in ("latents_mean", "latents_std")}}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .chunking import ChunkingConfig
 from .options import DeviceChoice, OffloadMode
 from .precision import PrecisionRequest
-from .pruning import PruningConfig
+from .pruning_config import PruningConfig
 from .vae import DecodeConfig
 from .windows import WindowConfig
 

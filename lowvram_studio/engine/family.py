@@ -25,7 +25,8 @@ from .components import Component, by_role
 from .dims import ModelDims
 from .events import CancelToken
 from .precision import PrecisionPolicy
-from .pruning import PruningConfig, PruningSummary
+from .pruning_config import PruningConfig
+from .pruning_record import PruningSummary
 from .vae import DecodeConfig
 
 

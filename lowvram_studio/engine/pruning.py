@@ -25,17 +25,18 @@ here are built on the same ``diffusers.hooks`` registry.
 
 Every run records a pruning map (frames x steps: 0 computed, 1 copied from a neighbour frame,
 2 deep features reused from a previous step), the pruned fraction and a FLOP-based speedup estimate.
+
+The settings are ``pruning_config.py``; what a run reused (the map, the summary) is ``pruning_record.py``.
+This module holds the measures, the run's state machine and the hooks.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
-from enum import Enum, IntEnum
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import BasicTransformerBlock
@@ -47,141 +48,13 @@ from diffusers.models.transformers.transformer_temporal import (
 )
 
 from .options import PruneMode
+from .pruning_config import LARGE_MOTION_THRESHOLD, FrameSignal, PruningConfig, StepSignal
+from .pruning_record import MapCode, PruningSummary
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.012  # the write-up's THRESHOLD
-GHOSTING_BELOW = 0.008  # the write-up: "ghosting" under this threshold
-LARGE_MOTION_THRESHOLD = 0.02  # the write-up: large-motion clips use at least this threshold
-
 _HOOK_PREFIX = "lowvram_pruning"
 _EPS = 1e-8
-
-
-class StepSignal(str, Enum):
-    """What the across-steps decision measures (the change since the last computed step)."""
-
-    INPUT = "input"  # the noisy latents entering the UNet, accumulated step to step (TeaCache)
-    SHALLOW = "shallow"  # the first down block's output, i.e. the deep path's own input
-
-
-class FrameSignal(str, Enum):
-    """What the across-frames grouping compares between neighbouring frames."""
-
-    LATENTS = "latents"  # the noisy latents entering the UNet this step
-    DENOISED = "denoised"  # the scheduler's denoised estimate from the previous step
-
-
-class MapCode(IntEnum):
-    """One cell of the pruning map (frame, step)."""
-
-    COMPUTED = 0
-    NEIGHBOUR = 1  # spatial layers copied from the frame's anchor in this step
-    PREVIOUS_STEP = 2  # deep features reused from the last computed step
-
-
-def ghosting_warning(threshold: float) -> str | None:
-    """A user-facing warning for a threshold the write-up or our measurements flag, else None."""
-    if 0 < threshold < GHOSTING_BELOW:
-        return (
-            f"pruning threshold {threshold:g} is below {GHOSTING_BELOW:g}: the write-up reports ghosting there; "
-            f"raise it to {DEFAULT_THRESHOLD:g} or set 0 to turn pruning off"
-        )
-    return None
-
-
-def _strict_bool(value: Any) -> bool:
-    """true or false only: ``bool("no")`` is True, which would turn a knob on that the user meant off."""
-    if not isinstance(value, bool):
-        raise TypeError(value)
-    return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(value)
-    return float(value)
-
-
-@dataclass
-class PruningConfig:
-    """How the UNet reuses work. ``threshold`` 0 turns pruning off."""
-
-    threshold: float = DEFAULT_THRESHOLD
-    mode: PruneMode = PruneMode.STEPS
-    step_signal: StepSignal = StepSignal.SHALLOW
-    frame_signal: FrameSignal = FrameSignal.LATENTS
-    max_consecutive_reuse: int = 3  # DeepCache's cache interval minus one
-    # Layers of the first down block kept on a reused step (None: the whole block). 0 keeps only conv_in
-    # and the last up layer: at equal threshold ~1.25x more speed for ~1 dB (bench/results/pruning_branches_20261126.md,
-    # demo_fidelity_20261126.md).
-    branch_layers: int | None = 0
-    motion_adaptive: bool = False  # raise the threshold to LARGE_MOTION_THRESHOLD on large motion
-    large_motion: float = 0.1  # clip motion (median inter-frame change of the denoised estimate) deemed large
-    record_signals: bool = False  # also record the deep-feature and output change each step (for measurements)
-
-    @property
-    def enabled(self) -> bool:
-        return self.threshold > 0
-
-    @property
-    def reuse_steps(self) -> bool:
-        return self.enabled and self.mode in (PruneMode.STEPS, PruneMode.BOTH)
-
-    @property
-    def reuse_frames(self) -> bool:
-        return self.enabled and self.mode in (PruneMode.FRAMES, PruneMode.BOTH)
-
-    def problems(self) -> list[str]:
-        out = []
-        if not 0.0 <= self.threshold <= 1.0:
-            out.append(f"prune threshold must be between 0 (off) and 1; got {self.threshold!r}")
-        if not (isinstance(self.max_consecutive_reuse, int) and self.max_consecutive_reuse >= 0):
-            out.append(
-                f"prune_max_reuse must be a whole number of steps, 0 or more; got {self.max_consecutive_reuse!r}"
-            )
-        if self.branch_layers is not None and not (isinstance(self.branch_layers, int) and self.branch_layers >= 0):
-            out.append(f"prune_branch_layers must be a whole number, 0 or more (or unset); got {self.branch_layers!r}")
-        if self.large_motion <= 0:
-            out.append(f"prune_large_motion must be positive; got {self.large_motion!r}")
-        return out
-
-    def validate(self) -> "PruningConfig":
-        found = self.problems()
-        if found:
-            raise ValueError("; ".join(found))
-        return self
-
-    @classmethod
-    def from_knobs(cls, threshold: float, mode: PruneMode | str, extra: dict[str, Any]) -> "PruningConfig":
-        """Threshold and mode, and the finer knobs from the ``extra`` keys ``prune_*`` of a settings file.
-
-        A bad value raises ValueError naming its ``extra`` key and the values it takes (the settings'
-        validation reports it before any run).
-        """
-
-        def knob(key: str, convert: Any, default: Any, expected: str) -> Any:
-            value = extra.get(key, default)
-            try:
-                return convert(value)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"extra {key} must be {expected}; got {value!r}") from error
-
-        def choice(key: str, kind: type[Enum], default: Enum) -> Any:
-            return knob(key, kind, default.value, "one of " + ", ".join(e.value for e in kind))
-
-        config = cls(
-            threshold=threshold,
-            mode=PruneMode(mode),
-            step_signal=choice("prune_step_signal", StepSignal, cls.step_signal),
-            frame_signal=choice("prune_frame_signal", FrameSignal, cls.frame_signal),
-            max_consecutive_reuse=extra.get("prune_max_reuse", cls.max_consecutive_reuse),
-            branch_layers=extra.get("prune_branch_layers", cls.branch_layers),
-            motion_adaptive=knob("prune_motion_adaptive", _strict_bool, cls.motion_adaptive, "true or false"),
-            large_motion=knob("prune_large_motion", _number, cls.large_motion, "a number"),
-            record_signals=knob("prune_record_signals", _strict_bool, cls.record_signals, "true or false"),
-        )
-        return config.validate()
 
 
 # ---- measures -------------------------------------------------------------------------------------
@@ -270,29 +143,6 @@ class _Slot:
     shallow_anchor: torch.Tensor | None = None
     last_output: torch.Tensor | None = None
 
-
-@dataclass
-class PruningSummary:
-    """What pruning did in one run; ``map`` is frames x steps of ``MapCode`` values."""
-
-    threshold: float
-    mode: str
-    step_signal: str
-    frame_signal: str
-    map: list[list[int]]
-    pruned_fraction: float
-    neighbour_fraction: float
-    previous_step_fraction: float
-    reused_steps: int
-    speedup_estimate: float | None
-    full_tflop: float | None
-    executed_tflop: float | None
-    cache_mib: float
-    step_decision: str
-    signals: list[dict[str, float | None]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class PruningState:
@@ -747,40 +597,3 @@ def apply_pruning(unet: torch.nn.Module, config: PruningConfig) -> PruningState 
         for _, unit in _spatial_units(unet):
             HookRegistry.check_if_exists_or_initialize(unit).register_hook(_SpatialFramesHook(state), _HOOK_NAMES[4])
     return state
-
-
-# ---- drawing --------------------------------------------------------------------------------------
-
-_MAP_COLOURS = {
-    MapCode.COMPUTED: ((60, 60, 60), "computed"),
-    MapCode.NEIGHBOUR: ((240, 150, 40), "copied from neighbour frame"),
-    MapCode.PREVIOUS_STEP: ((70, 140, 230), "reused from previous step"),
-}
-
-
-def draw_pruning_map(pruning_map: np.ndarray | list, title: str = "", cell: int = 16) -> PIL.Image.Image:
-    """The map as an image: frames down, steps across, one colour per ``MapCode``, with a legend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    grid = np.asarray(pruning_map, dtype=np.int8)
-    frames, steps = grid.shape
-    colours = [tuple(c / 255 for c in _MAP_COLOURS[code][0]) for code in MapCode]
-    width = max(4.0, steps * cell / 72 + 2.5)
-    height = max(2.5, frames * cell / 72 + 1.6)
-    figure = Figure(figsize=(width, height), dpi=100)
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.imshow(grid, cmap=ListedColormap(colours), vmin=0, vmax=len(MapCode) - 1, aspect="auto",
-                interpolation="nearest")
-    axes.set_xlabel("step")
-    axes.set_ylabel("frame")
-    pruned = float((grid != MapCode.COMPUTED).mean()) if grid.size else 0.0
-    axes.set_title(f"{title + ' - ' if title else ''}pruned {pruned:.0%}", fontsize=10)
-    handles = [Patch(color=colours[code], label=_MAP_COLOURS[code][1]) for code in MapCode]
-    axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize=8, frameon=False)
-    figure.tight_layout()
-    canvas.draw()
-    return PIL.Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())

@@ -5,7 +5,8 @@ every call and, when that block's residual changed by less than ``threshold`` (m
 relative to the cached one) since the last fully computed call, adds the cached residual of the other
 blocks instead of running them. It is the DiT counterpart of engine/pruning.py's DeepCache/TeaCache-style
 step reuse on SVD's UNet, with the same knob (``PruningConfig.threshold``) and the same record
-(``PruningSummary``); frame reuse has no counterpart here (every token attends across frames).
+(``PruningSummary``, engine/pruning_record.py); frame reuse has no counterpart here (every token attends
+across frames).
 
 What diffusers does not report is which calls it skipped: a forward pre-hook on a layer inside the last
 block counts the calls that ran it. The cache keeps one state per context; ``context`` names one per
@@ -22,7 +23,8 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig
 
 from .options import PruneMode
-from .pruning import MapCode, PruningConfig, PruningSummary
+from .pruning_config import PruningConfig
+from .pruning_record import MapCode, PruningSummary
 
 STEP_DECISION = ("diffusers FirstBlockCache: the other blocks are skipped while the first block's residual "
                  "changes by less than the threshold (mean absolute change, relative)")

@@ -23,7 +23,8 @@ from .events import CancelToken
 from .family import ClipRequest
 from .placement import make_room
 from .precision import PrecisionPolicy, compute_dtype
-from .pruning import PruningConfig, PruningState, apply_pruning
+from .pruning import PruningState, apply_pruning
+from .pruning_config import PruningConfig
 from .vae import DecodeConfig, decode_latents
 
 

@@ -34,7 +34,7 @@ from .family import ClipRequest
 from .placement import drop_component, make_room, release_memory
 from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype
 from .prompt_cache import EncoderIdentity, PromptCache
-from .pruning import PruningConfig
+from .pruning_config import PruningConfig
 from .step_cache import FirstBlockCacheState, apply_first_block_cache
 from .vae import DecodeConfig
 

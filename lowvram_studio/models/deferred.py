@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from .errors import ModelError
-from .single_file import SafetensorsHeader, SingleFileError, read_header
+from .safetensors_file import SafetensorsHeader, SingleFileError, read_header
 
 BLOCKS_PER_FILE = 16
 BLOCK_BYTES = 64 * 1024

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .single_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, UNET_PREFIX, SafetensorsHeader, SingleFileError, read_header
+from .safetensors_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SafetensorsHeader, SingleFileError, read_header
+from .svd_key_map import UNET_PREFIX
 from .wan_split_set import TRANSFORMER, find_set, wan_part
 
 logger = logging.getLogger(__name__)

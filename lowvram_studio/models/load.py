@@ -27,7 +27,8 @@ from .errors import ModelError
 from .demo import DEMO_MODEL_NAME, build_demo_pipeline, demo_model_info
 from .latent_rgb import cached_projection_path, load_or_fit_latent_rgb
 from .discovery import WEIGHT_COMPONENTS, pickle_only_weights, pickle_refusal
-from .single_file import SingleFileError, check_checkpoint_path, load_single_file, narrowest_stored, read_header
+from .safetensors_file import SingleFileError, check_checkpoint_path, narrowest_stored, read_header
+from .single_file import load_single_file
 from .source_family import wan_fps
 from .wan_split_files import SplitTextEncoder, load_split_set
 from .wan_split_set import TRANSFORMER, find_set, is_comfy_folder, transformer_in, wan_part

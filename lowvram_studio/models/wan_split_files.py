@@ -3,7 +3,7 @@
 
 What diffusers and transformers do not do, written here:
 - one reader for the three files: each tensor is read at its offset into its final tensor
-  (``single_file.TensorReader``) of modules built on the meta device. Measured (ru_maxrss of a child process, a
+  (``safetensors_file.TensorReader``) of modules built on the meta device. Measured (ru_maxrss of a child process, a
   0.77 B-parameter Wan transformer in fp16, 1,473 MiB of weights): 1,489 MiB above the imports, 1.01x.
   diffusers' ``from_single_file`` memory-maps the file instead (48 MiB after loading, 1.02x once every weight is
   touched), but it needs a hub config, and it cannot read Wan2.2's VAE or ComfyUI's scaled fp8 (below);
@@ -42,8 +42,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT
 from .deferred import files_fingerprint
 from .discovery import hf_cache_dir, hf_snapshot
 from .errors import ModelError
-from .single_file import (SafetensorsHeader, SingleFileError, TensorReader, narrowest_stored, read_header,
-                          recorded_configs)
+from .safetensors_file import (SafetensorsHeader, SingleFileError, TensorReader, narrowest_stored, read_header,
+                               recorded_configs)
 from .wan_configs import TI2V_5B_SCHEDULER, UMT5_XXL, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 from .wan_split_set import TEXT_ENCODER, TRANSFORMER, VAE, WanSplitSet, transformer_prefix
 

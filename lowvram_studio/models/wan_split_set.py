@@ -16,7 +16,7 @@ from pathlib import Path
 
 from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
 
-from .single_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SafetensorsHeader, SingleFileError, read_header
+from .safetensors_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SafetensorsHeader, SingleFileError, read_header
 
 TRANSFORMER, VAE, TEXT_ENCODER = "transformer", "VAE", "text encoder"
 # ComfyUI's folders under models/, first the current name

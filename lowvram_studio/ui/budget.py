@@ -20,7 +20,7 @@ from ..engine.precision import GpuInfo, detect_gpu
 from ..engine.sampler import resolve_device
 from ..models.demo import DEMO_MODEL_NAME, DEMO_UNET_CONFIG, build_demo_pipeline
 from ..models.load import LoadedModel
-from ..models.single_file import inspect_single_file
+from ..models.svd_file_info import inspect_single_file
 from ..models.svd_configs import SVD_XT_UNET_CONFIG
 from ..models.source_family import WAN, source_family
 from ..models.wan_configs import ti2v_5b_dims

@@ -24,7 +24,7 @@ from ..engine.precision import (
     execution_path,
     rounded_components,
 )
-from ..engine.pruning import draw_pruning_map
+from ..engine.pruning_record import draw_pruning_map
 from ..engine.sampler import resolve_device
 from ..jobs import JobOutput, check_outputs_free, new_output_path, run_job
 from ..media import MediaError, fit_image, load_image, unique_path
