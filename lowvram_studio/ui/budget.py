@@ -16,15 +16,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..engine.dims import ModelDims
 from ..engine.precision import GpuInfo, detect_gpu
 from ..engine.sampler import resolve_device
 from ..models.demo import DEMO_MODEL_NAME, DEMO_UNET_CONFIG, build_demo_pipeline
 from ..models.load import LoadedModel
-from ..models.svd_file_info import inspect_single_file
-from ..models.svd_configs import SVD_XT_UNET_CONFIG
 from ..models.source_family import WAN, source_family
+from ..models.svd_configs import SVD_XT_UNET_CONFIG
+from ..models.svd_file_info import inspect_single_file
 from ..models.wan_configs import ti2v_5b_dims
-from ..engine.dims import ModelDims
 from ..plan.memory_model import SVD_DIMS, SVD_XT_DIMS
 from ..plan.planner import Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
