@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from lowvram_studio.plan.memory_model import SVD_XT_DIMS
 from lowvram_studio.settings import RunSettings
@@ -63,3 +64,23 @@ def test_a_plan_that_stores_the_unet_in_fp8_shows_it_and_generate_arrives_at_it(
     shown = form_to_settings({**form, **answer.changes})
     again = plan_for_settings(Planner(model_dims(str(tmp_path), None)[0], device_type=resolve_device("auto").type), shown)
     assert again.settings.unet_dtype.value == "fp8" and again.fits
+
+
+def test_a_wan_folder_not_loaded_yet_is_planned_with_its_own_sizes_and_split_files_with_ti2v_5bs(tmp_path):
+    from dataclasses import replace
+
+    from lowvram_studio.engine.wan import WanFamily
+    from lowvram_studio.models.wan_configs import ti2v_5b_dims
+    from lowvram_studio.models.wan_toy import build_toy_wan_pipeline
+
+    pipeline = build_toy_wan_pipeline()
+    pipeline.save_pretrained(tmp_path / "toy-wan")
+    dims, note = model_dims(str(tmp_path / "toy-wan"), None)  # counted from its config files, no weights read
+    assert dims == replace(WanFamily(pipeline, "toy-wan").dims(), encoder_dropped=True) and note == ""
+    answer = plan_budget(_form(model=str(tmp_path / "toy-wan"), width=64, height=64, num_frames=9, vram_budget="6 GB",
+                               prompt="a red ball", guidance_scale=4.0), None)
+    assert "for toy-wan at 64x64" in answer.note and "Fits" in answer.note
+    shutil.copytree(tmp_path / "toy-wan", tmp_path / "no-config")
+    (tmp_path / "no-config" / "transformer" / "config.json").unlink()  # nothing to count from
+    dims, note = model_dims(str(tmp_path / "no-config"), None)
+    assert dims == ti2v_5b_dims() and "planned with Wan2.2 TI2V-5B's sizes" in note

@@ -9,7 +9,9 @@ tokenizer is the toy one (models/wan_toy): a prompt's token count, not its vocab
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
@@ -72,3 +74,21 @@ def ti2v_5b_dims() -> ModelDims:
     before the model is loaded. Loaded from a folder, its text encoder waits on disk and is dropped after each
     encode (models/deferred.py), as in the benchmark's runs."""
     return replace(WanFamily(build_ti2v_5b_pipeline("meta"), "wan2.2-ti2v-5b").dims(), encoder_dropped=True)
+
+
+@functools.lru_cache(maxsize=8)
+def folder_dims(folder: Path) -> ModelDims:
+    """The planner's dimensions of a diffusers Wan folder not loaded yet, counted from its config files on the
+    meta device (no weights read): a Wan2.1 14B folder is planned with its own sizes, not TI2V-5B's. Raises
+    OSError / ValueError / KeyError when the folder lacks a config. Its text encoder is dropped after each
+    encode, as the loader leaves it on disk (models/deferred.py)."""
+    def config(component: str) -> dict:
+        return json.loads((folder / component / "config.json").read_text(encoding="utf-8"))
+
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel.from_config(config("transformer"))
+        vae = AutoencoderKLWan.from_config(config("vae"))
+        text_encoder = UMT5EncoderModel(UMT5Config(**config("text_encoder")))
+    pipeline = WanImageToVideoPipeline(tokenizer=toy_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                       scheduler=UniPCMultistepScheduler(**TI2V_5B_SCHEDULER), transformer=transformer)
+    return replace(WanFamily(pipeline, folder.name).dims(), encoder_dropped=True)

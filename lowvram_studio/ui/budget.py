@@ -21,10 +21,10 @@ from ..engine.precision import GpuInfo, detect_gpu
 from ..engine.sampler import resolve_device
 from ..models.demo import DEMO_MODEL_NAME, DEMO_UNET_CONFIG, build_demo_pipeline
 from ..models.load import LoadedModel
-from ..models.source_family import WAN, source_family
+from ..models.source_family import WAN, local_folder, source_family
 from ..models.svd_configs import SVD_XT_UNET_CONFIG
 from ..models.svd_file_info import inspect_single_file
-from ..models.wan_configs import ti2v_5b_dims
+from ..models.wan_configs import folder_dims, ti2v_5b_dims
 from ..plan.memory_model import SVD_DIMS, SVD_XT_DIMS
 from ..plan.planner import Plan, Planner, plan_for_settings
 from ..settings import Precision, RunSettings, SettingsError
@@ -83,8 +83,12 @@ def model_dims(source: str, loaded: LoadedModel | None) -> tuple[ModelDims, str]
     if source == DEMO_MODEL_NAME:
         return _demo_dims(), ""
     if source_family(source) == WAN:
-        return ti2v_5b_dims(), (f"{Path(source).name} is not loaded yet: planned with Wan2.2 TI2V-5B's sizes; "
-                                "press the budget again after a Generate has loaded it")
+        try:
+            return folder_dims(local_folder(source)), ""
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. ComfyUI's split files: no config files
+            logger.info("planning %s with TI2V-5B's dimensions: %s", source, exc)
+            return ti2v_5b_dims(), (f"{Path(source).name} is not loaded yet: planned with Wan2.2 TI2V-5B's sizes; "
+                                    "press the budget again after a Generate has loaded it")
     try:
         frames = _native_frames(Path(source).expanduser())
     except (OSError, ValueError, KeyError) as exc:  # not found / not SVD: Generate reports it with the fix
