@@ -23,7 +23,7 @@ class Move:
     lossy: bool
     phases: tuple[Phase, ...]
     apply: Callable[[RunSettings, ModelDims], RunSettings | None]
-    reason: Callable[[RunSettings], str]
+    reason: Callable[[RunSettings, ModelDims], str]
     loosen: Callable[[RunSettings, RunSettings], list[RunSettings]]
 
 
@@ -62,6 +62,13 @@ def _undo(*names: str) -> Callable[[RunSettings, RunSettings], list[RunSettings]
         return [] if all(getattr(settings, n) == v for n, v in asked.items()) else [settings.replace(**asked)]
 
     return loosen
+
+
+def _window_length(latent_frames: int, dims: ModelDims) -> str:
+    """A window's length as the user counts it: SVD's frames; Wan's latent frames, with the frames they make."""
+    if dims.temporal_scale == 1:
+        return f"{latent_frames} frames"
+    return f"{latent_frames} latent frames ({(latent_frames - 1) * dims.temporal_scale + 1} frames)"
 
 
 def _fitting_overlap(settings: RunSettings, request_overlap: int) -> RunSettings:
@@ -150,44 +157,44 @@ TILE_LEVELS, DECODE_LEVELS, WINDOW_LEVELS = (512, 256, 128), (8, 4, 2, 1), (16, 
 
 MOVES: tuple[Move, ...] = (
     Move("cfg_split", False, (Phase.DENOISE,), _cfg_split,
-         lambda s: "CFG split: the two guidance branches run one after the other, halving UNet activations (lossless)",
+         lambda s, d: "CFG split: the two guidance branches run one after the other, halving UNet activations (lossless)",
          _undo("cfg_split")),
     Move("ff_chunk", False, (Phase.DENOISE,), _level_move("ff_chunk", FF_LEVELS, lambda s, d: 1 << 62),
-         lambda s: f"feed-forward chunks of {s.ff_chunk} tokens: the widest UNet layers run in pieces (lossless)",
+         lambda s, d: f"feed-forward chunks of {s.ff_chunk} tokens: the widest UNet layers run in pieces (lossless)",
          _level_loosen("ff_chunk", FF_LEVELS)),
     Move("spatial_chunk", False, (Phase.DENOISE,),
          _level_move("spatial_chunk", SPATIAL_LEVELS, lambda s, d: 2 * window_frames(s, d)),
-         lambda s: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)",
+         lambda s, d: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)",
          _level_loosen("spatial_chunk", SPATIAL_LEVELS)),
     Move("temporal_chunk", False, (Phase.DENOISE,), _level_move("temporal_chunk", TEMPORAL_LEVELS, _tokens),
-         lambda s: f"temporal layers {s.temporal_chunk} positions at a time (lossless)",
+         lambda s, d: f"temporal layers {s.temporal_chunk} positions at a time (lossless)",
          _level_loosen("temporal_chunk", TEMPORAL_LEVELS)),
     Move("offload_model", False, PHASES, _offload(OffloadMode.MODEL),
-         lambda s: "model offload: only the component at work stays on the GPU (lossless, a few s per run)",
+         lambda s, d: "model offload: only the component at work stays on the GPU (lossless, a few s per run)",
          _offload_loosen(OffloadMode.MODEL)),
     Move("offload_stream", False, (Phase.ENCODE, Phase.DENOISE), _offload(OffloadMode.STREAM),
-         lambda s: "weight streaming: UNet blocks stream in one at a time (lossless, slower per step)",
+         lambda s, d: "weight streaming: UNet blocks stream in one at a time (lossless, slower per step)",
          _offload_loosen(OffloadMode.STREAM)),
     Move("vae_tile", True, (Phase.DECODE,),
          _level_move("vae_tile", TILE_LEVELS, lambda s, d: max(s.height, s.width)),
-         lambda s: f"VAE decode in {s.vae_tile} px tiles (lossy: blended tile seams)",
+         lambda s, d: f"VAE decode in {s.vae_tile} px tiles (lossy: blended tile seams)",
          _level_loosen("vae_tile", TILE_LEVELS)),
     Move("vae_bf16", True, (Phase.ENCODE, Phase.DECODE), _vae_bf16,
-         lambda s: "VAE in bf16, half its weights and activations (lossy: 8 mantissa bits; Wan ships its VAE in fp32)",
+         lambda s, d: "VAE in bf16, half its weights and activations (lossy: 8 mantissa bits; Wan ships its VAE in fp32)",
          _undo("vae_dtype")),
     Move("decode_chunk", True, (Phase.DECODE,),
          _level_move("decode_chunk", DECODE_LEVELS, lambda s, d: s.num_frames),
-         lambda s: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)",
+         lambda s, d: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)",
          _level_loosen("decode_chunk", DECODE_LEVELS)),
     Move("chunk_size", True, (Phase.DENOISE,),
          _with_fitting_overlap(_level_move("chunk_size", WINDOW_LEVELS,
                                            lambda s, d: min(d.latent_frames(s.num_frames), d.native_frames + 1))),
-         lambda s: f"temporal windows of {s.chunk_size} frames (lossy: motion is coherent within a window)",
+         lambda s, d: f"temporal windows of {_window_length(s.chunk_size, d)} (lossy: motion is coherent within a window)",
          _windows_loosen),
-    Move("fp8", True, PHASES, _fp8, lambda s: "UNet weights stored in fp8, computed in 16 bit (lossy)",
+    Move("fp8", True, PHASES, _fp8, lambda s, d: "UNet weights stored in fp8, computed in 16 bit (lossy)",
          _undo("unet_dtype")),
     Move("interpolate", True, (Phase.DENOISE, Phase.DECODE), _interpolate,
-         lambda s: f"generate {s.num_frames} frames and interpolate {s.interpolate}x (lossy: in-between frames are synthesised)",
+         lambda s, d: f"generate {s.num_frames} frames and interpolate {s.interpolate}x (lossy: in-between frames are synthesised)",
          _interpolate_loosen),
 )
 

@@ -193,7 +193,7 @@ class Planner:
             lowers = after.phases[target] <= before.phases[target] - self.min_gain * variable
             if lowers and after.peak_mib <= before.peak_mib + 1e-6:
                 change = f"{_gib(before.peak_mib)} -> {_gib(after.peak_mib)}"
-                return tighter, f"{move.reason(tighter)}; predicted peak {change}", after, move
+                return tighter, f"{move.reason(tighter, self.dims)}; predicted peak {change}", after, move
         return None
 
     def plan(self, settings: RunSettings, budget: Budget, allowed: tuple[str, ...] | None = None) -> Plan:
@@ -232,10 +232,10 @@ class Planner:
                     continue
                 change = f"predicted peak {_gib(prediction.peak_mib)} -> {_gib(after.peak_mib)}"
                 if move.loosen(looser, request):  # still tighter than the request: a looser level of the move
-                    reasons.append(f"loosened again: {move.reason(looser)} is enough once later moves lowered "
+                    reasons.append(f"loosened again: {move.reason(looser, self.dims)} is enough once later moves lowered "
                                    f"the other phases; {change}")
                 else:
-                    reasons.append(f"undone: {move.reason(current)} -- not needed once later moves lowered "
+                    reasons.append(f"undone: {move.reason(current, self.dims)} -- not needed once later moves lowered "
                                    f"the other phases; {change}")
                 current, prediction = looser, after
                 break
@@ -320,7 +320,7 @@ class Planner:
                 continue
             tighter = move.apply(settings, self.dims)
             if tighter is not None:
-                return tighter, move.reason(tighter), self.predict(tighter), move
+                return tighter, move.reason(tighter, self.dims), self.predict(tighter), move
         return None
 
 
