@@ -28,14 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowvram_studio.demo_training.latent_bank import LatentBank  # noqa: E402
 from lowvram_studio.demo_training.objective import draw_unet_inputs, encode_for_unet  # noqa: E402
-from lowvram_studio.demo_training.train import (  # noqa: E402
-    FINETUNE_DEFAULTS,
-    Trainer,
-    TrainConfig,
-    make_loader,
-    smoke_config,
-    to_model_range,
-)
+from lowvram_studio.demo_training.train import Trainer  # noqa: E402
+from lowvram_studio.demo_training.train_config import FINETUNE_DEFAULTS, TrainConfig, smoke_config  # noqa: E402
+from lowvram_studio.demo_training.train_data import make_loader, to_model_range  # noqa: E402
 from lowvram_studio.models.demo import demo_model_info  # noqa: E402
 
 from common import new_report, write_report  # noqa: E402  (bench/common.py)

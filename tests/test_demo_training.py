@@ -13,7 +13,7 @@ from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from lowvram_studio.demo_training import objective, train
+from lowvram_studio.demo_training import objective, train, train_config, train_data
 from lowvram_studio.demo_training.latent_bank import LatentBank
 from lowvram_studio.demo_training.evaluate import STILL_FLOOR, measure_motion, psnr
 from lowvram_studio.demo_training.procedural import ClipSpec, MotionClass, make_clip
@@ -77,7 +77,7 @@ def test_latent_bank_replaces_oldest_clips_and_samples_only_stored_ones():
 
 
 def test_motion_weights_favour_the_moving_region_and_keep_each_clip_mean_one():
-    config = train.TrainConfig()
+    config = train_config.TrainConfig()
     mean = torch.zeros(2, 3, 4, 8, 8)
     mean[0, 1:, :, 2:4, 2:4] = 2.0  # clip 0: a small moving patch; clip 1: still
     weights = objective.motion_weights(mean, config)
@@ -95,12 +95,12 @@ def test_temporal_difference_l1_sees_flicker_but_not_a_steady_offset():
 
 
 def test_still_oversampling_turns_a_seeded_share_of_clips_still_and_leaves_uniform_streams_alone():
-    assert all(train.stream_motion(seed, 0.1) is None for seed in range(200))
-    forced = [train.stream_motion(seed, 0.2) for seed in range(4000)]
+    assert all(train_data.stream_motion(seed, 0.1) is None for seed in range(200))
+    forced = [train_data.stream_motion(seed, 0.2) for seed in range(4000)]
     assert set(forced) == {None, MotionClass.STILL}
     # 0.1 of clips are still by their own pick; a further (0.2 - 0.1) / 0.9 of the rest are made still.
     assert np.mean([m is MotionClass.STILL for m in forced]) == pytest.approx(0.1 / 0.9, abs=0.015)
-    assert forced == [train.stream_motion(seed, 0.2) for seed in range(4000)]
+    assert forced == [train_data.stream_motion(seed, 0.2) for seed in range(4000)]
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_init_from_starts_from_the_weights_and_the_decoder_phase_leaves_the_late
     folder = demo_model_info().weights_dir
     shipped = {name: load_file(str(folder / filename)) for name, filename in WEIGHT_FILES.items()}
     # The VAE phase runs; the UNet phase would need 579 s of the 580 left, so it waits for a resume.
-    config = replace(train.smoke_config(), init_from=str(folder), min_phase_minutes=579 / 60)
+    config = replace(train_config.smoke_config(), init_from=str(folder), min_phase_minutes=579 / 60)
     trainer = train.Trainer(config, tmp_path, torch.device("cpu"))
     for name, tensors in shipped.items():
         state = trainer.models[name].state_dict()
@@ -157,7 +157,7 @@ def test_first_invocation_checkpoint_holds_only_the_frozen_vae_and_a_final_resum
         tmp_path, a_second_per_clock_reading):
     ckpt = tmp_path / "ckpt"
     # 10 minutes leave 580 s to train; phases need 579 s to start: the VAE starts, the UNet does not.
-    config = replace(train.smoke_config(), min_phase_minutes=579 / 60)
+    config = replace(train_config.smoke_config(), min_phase_minutes=579 / 60)
     first = train.Trainer(config, ckpt, torch.device("cpu"))
     first.run(minutes=10)
     assert first.state.phase == "unet" and first.state.step["unet"] == 0
@@ -288,7 +288,7 @@ def test_zero_vae_budget_without_init_from_is_a_clear_error(tmp_path):
 
 def unet_step_trainers(tmp_path, device: torch.device) -> tuple:
     """Two trainers from the same seed in the UNet phase, one eager, one replaying a CUDA graph."""
-    config = replace(train.smoke_config(), init_from=None, vae_steps=0)
+    config = replace(train_config.smoke_config(), init_from=None, vae_steps=0)
     trainers = []
     for graphed in (False, True):
         trainer = train.Trainer(replace(config, cuda_graph=graphed), tmp_path / str(graphed), device)
@@ -306,7 +306,7 @@ def test_graphed_unet_step_follows_the_eager_step(tmp_path):
     bank = LatentBank(8)
     clips = torch.from_numpy(np.stack([make_clip(i, ClipSpec(num_frames=2, size=64)).frames for i in range(4)]))
     with eager.autocast:
-        bank.add(objective.encode_for_unet(eager.models["vae"], train.to_model_range(clips, device), torch.full((4,), 64.0), config, eager.generator))
+        bank.add(objective.encode_for_unet(eager.models["vae"], train_data.to_model_range(clips, device), torch.full((4,), 64.0), config, eager.generator))
     def set_lr(lr: float) -> None:
         for trainer in (eager, graphed):
             for group in trainer.optimizer.param_groups:

@@ -24,7 +24,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from lowvram_studio.models.demo import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
 if TYPE_CHECKING:
-    from lowvram_studio.demo_training.train import TrainConfig
+    from lowvram_studio.demo_training.train_config import TrainConfig
 
 
 @torch.no_grad()

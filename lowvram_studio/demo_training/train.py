@@ -17,7 +17,7 @@ Two phases share one wall-clock budget and one checkpoint folder:
 **Fine-tuning** (``--init-from DIR``): the models start from exported fp16 weights (fp32 master
 copies, fresh optimizers with a short warm-up); the VAE phase then trains the decoder only (encoder
 and ``quant_conv`` frozen, no second latent-scale fold), so the UNet's latent space stays the one the
-UNet phase continues in. ``FINETUNE_DEFAULTS`` holds the recipe. A phase budget of 0
+UNet phase continues in. ``FINETUNE_DEFAULTS`` (``train_config.py``) holds the recipe. A phase budget of 0
 (``--vae-minutes 0`` / ``--unet-minutes 0``) skips that phase: a UNet-only or decoder-only fine-tune.
 
 Every invocation trains for ``--minutes`` of wall time, checkpoints every few minutes and at the end,
@@ -33,18 +33,14 @@ import base64
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from lowvram_studio.demo_training.checkpoint import (
@@ -65,7 +61,9 @@ from lowvram_studio.demo_training.objective import (
     unet_loss_on,
     vae_loss,
 )
-from lowvram_studio.demo_training.procedural import MOTION_CLASSES, ClipSpec, MotionClass, make_clip
+from lowvram_studio.demo_training.procedural import ClipSpec, make_clip
+from lowvram_studio.demo_training.train_config import FINETUNE_DEFAULTS, TrainConfig, smoke_config
+from lowvram_studio.demo_training.train_data import make_loader, to_model_range
 from lowvram_studio.models.demo import (
     DEMO_IMAGE_ENCODER_CONFIG,
     DEMO_UNET_CONFIG,
@@ -77,139 +75,6 @@ logger = logging.getLogger(__name__)
 
 SAVE_MARGIN_S = 20.0  # an invocation stops training this long before its --minutes run out
 HOLDOUT_FIRST_SEED = 10**9 + 10**6  # VAE round-trip clips: held out, apart from evaluate.py's
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run; stored in the checkpoint and the exported log."""
-
-    seed: int = 0
-    num_frames: int = 14
-    size: int = 128
-    vae_minutes: float = 8.2
-    unet_minutes: float = 7.0  # --final replaces it so that the phase ends at the invocation's deadline
-    vae_steps: int | None = None  # a step budget replaces the minute budget (reproducible runs, smoke)
-    unet_steps: int | None = None
-    # Clips of num_frames frames per VAE step. CPU A/B at 64 px, 4 frames, equal frames seen: 4 clips x 150
-    # steps 13.83 dB, 1 clip x 600 steps 13.86 dB held-out; the sample count matters, not the batch, so
-    # this only trades the GPU's per-frame efficiency (better at 16) against step count (better at 4).
-    vae_batch: int = 8
-    unet_batch: int = 64
-    vae_lr: float = 4e-4
-    unet_lr: float = 4e-4
-    warmup_steps: int = 200
-    kl_weight: float = 1e-4
-    edge_weight: float = 0.0  # weight of the image-gradient L1 term of the VAE loss
-    temporal_weight: float = 1.0  # weight of the frame-difference L1 term of the VAE loss (flicker)
-    bank_size: int = 16384  # clips held in the latent bank (~110 KB each on the device)
-    bank_initial: int = 1024  # clips encoded before the first UNet step
-    bank_refresh: int = 8  # fresh clips encoded into the bank per UNet step
-    cuda_graph: bool = True  # replay each UNet step from a CUDA graph (graphed_step.py); CUDA only
-    motion_weight: float = 3.0  # extra loss weight where the clip moves (objective.motion_weights)
-    motion_threshold: float = 0.25  # scaled-latent change that counts as fully moving
-    holdout_clips: int = 8  # VAE round trip measured on these held-out clips
-    holdout_every: int = 1000  # VAE steps between held-out measurements
-    min_phase_minutes: float = 1.5  # a phase does not start in an invocation with less time left
-    p_mean: float = 0.7  # SVD's log-normal training sigmas
-    p_std: float = 1.6
-    high_sigma_fraction: float = 0.1  # extra samples log-uniform up to sigma_max, where inference starts
-    sigma_min: float = 0.002
-    sigma_max: float = 700.0
-    cond_dropout: float = 0.1
-    noise_aug_mean: float = 0.02
-    workers: int = field(default_factory=lambda: max(0, min(14, (os.cpu_count() or 2) - 2)))
-    save_every_minutes: float = 3.0
-    log_every: int = 25  # steps averaged into one training-log entry
-    clip_pool: int | None = None  # cycle through this many clips (smoke: see the loss fall in a few steps)
-    still_fraction: float = 1 / len(MOTION_CLASSES)  # share of still clips in the training streams (uniform: 0.1)
-    init_from: str | None = None  # fine-tune: exported weights folder the models start from (decoder-only VAE phase)
-
-
-# Fine-tune recipe, applied by --init-from on top of TrainConfig's defaults (not to --smoke's sizes).
-FINETUNE_DEFAULTS: dict = {
-    "seed": 1,  # fresh clips: seed 0's streams are the ones the first two releases were trained on
-    "vae_minutes": 2.0,  # 0 skips the VAE phase: the UNet trains on the --init-from VAE as it is
-    "unet_minutes": 5.0,
-    "vae_lr": 2e-4,  # the decoder is trained: no need for the 4e-4 of a scratch run
-    # Replayed from a CUDA graph a step of 64 clips takes ~0.10 s (eager: 0.25 s at 16, 64 or 128 clips,
-    # bench/results/demo_train_step_20261126.md), so the batch no longer costs steps.
-    "unet_batch": 64,
-    "unet_lr": 2e-4,
-    "warmup_steps": 100,
-    "still_fraction": 0.2,  # the shipped model drifts on still scenes: twice their natural share
-}
-
-
-def smoke_config() -> TrainConfig:
-    """A few steps at tiny size: proves the loop on a CPU in well under a minute."""
-    return TrainConfig(
-        num_frames=2, size=64, vae_steps=5, unet_steps=3, vae_batch=1, unet_batch=2,
-        vae_lr=1e-3, unet_lr=1e-3, warmup_steps=1, workers=0, log_every=1, clip_pool=1,
-        bank_size=4, bank_initial=2, bank_refresh=1, holdout_clips=1, holdout_every=4, min_phase_minutes=0.0,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def stream_motion(seed: int, still_fraction: float) -> MotionClass | None:
-    """The class forced on a stream's clip ``seed`` (None: the seed's own, uniform pick).
-
-    Still clips are oversampled by turning a seeded share of the other clips still, so that a share
-    of 0.1 (uniform over the ten classes) leaves every clip as ``make_clip(seed)`` draws it.
-    """
-    natural = 1 / len(MOTION_CLASSES)
-    if still_fraction <= natural:
-        return None
-    extra = (still_fraction - natural) / (1 - natural)
-    return MotionClass.STILL if np.random.default_rng([seed, 7]).random() < extra else None
-
-
-class ClipStream(IterableDataset):
-    """Endless procedural clips; clip ``i`` has seed ``first_seed + i``, split across workers."""
-
-    def __init__(self, first_seed: int, spec: ClipSpec, pool: int | None = None, still_fraction: float = 0.1) -> None:
-        self.first_seed = first_seed
-        self.spec = spec
-        self.pool = pool
-        self.still_fraction = still_fraction
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if info is not None:
-            cv2.setNumThreads(1)  # one clip per worker at a time; OpenCV's own threads only contend
-        i = worker
-        while True:
-            seed = self.first_seed + (i % self.pool if self.pool else i)
-            clip = make_clip(seed, self.spec, stream_motion(seed, self.still_fraction))
-            yield torch.from_numpy(clip.frames), clip.motion_bucket_id
-            i += workers
-
-
-def training_seed(config: TrainConfig, phase: str, clips_seen: int) -> int:
-    """First clip seed of a phase's stream; held-out evaluation seeds start at 10**9."""
-    return config.seed * 10**8 + (0 if phase == "vae" else 5 * 10**7) + clips_seen
-
-
-def make_loader(config: TrainConfig, phase: str, clips_seen: int, batch: int) -> DataLoader:
-    spec = ClipSpec(num_frames=config.num_frames, size=config.size)
-    dataset = ClipStream(training_seed(config, phase, clips_seen), spec, config.clip_pool, config.still_fraction)
-    # Spawned, not forked, workers: forking while the previous phase's loader threads (pin memory) still run left
-    # the UNet phase's loader stalled for minutes on the GPU. A stalled worker raises after 2 minutes anyway.
-    extra = (
-        {"prefetch_factor": 4, "persistent_workers": True, "timeout": 120, "multiprocessing_context": "spawn"}
-        if config.workers
-        else {}
-    )
-    return DataLoader(dataset, batch_size=batch, num_workers=config.workers, pin_memory=torch.cuda.is_available(), **extra)
-
-
-def to_model_range(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, F, H, W, 3) -> float (B, F, 3, H, W) in [-1, 1], as VideoProcessor.preprocess gives."""
-    x = frames.to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float()
-    return x / 127.5 - 1.0
 
 
 # ---------------------------------------------------------------------------------------------
