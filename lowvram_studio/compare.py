@@ -31,11 +31,13 @@ from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
 from lowvram_studio.engine.placement import release_memory as free_cached_memory
 from lowvram_studio.engine.preview import split_preview
-from lowvram_studio.engine.precision import detect_gpu, forget_precision
+from lowvram_studio.engine.precision import PrecisionPolicy, detect_gpu, forget_precision
 from lowvram_studio.engine.sampler import resolve_device
 from lowvram_studio.engine.components import DENOISER, Component, by_role
 from lowvram_studio.engine.sampler import prepare
-from lowvram_studio.settings_adapter import engine_config, generate
+from lowvram_studio.engine.dims import ModelDims
+from lowvram_studio.plan.ram import MachineRam, plan_ram
+from lowvram_studio.settings_adapter import engine_config, generate, precision_request
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
@@ -152,6 +154,7 @@ def run_compare(
                 planner = Planner.for_gpu(family.dims(), detect_gpu(resolve_device(run.settings.device)),
                                           dict(loaded.pipeline.unet.config) if family.kind == "svd" else None)
                 runs[-1] = _with_budget(runs[-1], planner, notes)
+                check_ram(family.dims(), family.components, runs, MachineRam.now())
             denoiser = by_role(family.components, DENOISER).label
             emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing ({denoiser} {run.settings.unet_dtype.value})"))
             prepare(family, engine_config(run.settings), resolve_device(run.settings.device))
@@ -215,6 +218,19 @@ def _with_budget(run: CompareRun, planner: Planner, notes: list[str]) -> Compare
                            "size or frame count, or use Generate with this budget")
     notes.append(f"{run.label}, planned for {run.settings.vram_budget}: " + "; ".join(plan.summary()))
     return CompareRun(run.label, plan.settings)
+
+
+def check_ram(dims: ModelDims, components: tuple[Component, ...], runs: list[CompareRun], machine: MachineRam) -> None:
+    """Refuse, before any run, a compare whose weights kept in host RAM exceed ``machine``'s RAM and swap (as a
+    Generate is refused): the FP32 reference of a full-size Wan holds its 5.7 B-parameter text encoder in fp32."""
+    for run in runs:
+        gpu = detect_gpu(resolve_device(run.settings.device))
+        policy = PrecisionPolicy.resolve(precision_request(run.settings), gpu, components)
+        refusal = plan_ram(dims, policy, run.settings.offload, gpu is not None, machine).refusal()
+        if refusal:
+            raise CompareError(f"{run.label}: {refusal}; compare's first run keeps every component in fp32, so "
+                               "compare this model on a machine with more RAM, or press Generate twice at the same "
+                               "seed (FP32, then FP16) and compare the two records")
 
 
 def _check_precision(settings: RunSettings) -> None:

@@ -219,3 +219,17 @@ def test_psnr_of_a_real_run_against_itself_is_infinite_and_against_another_seed_
     other = generate(pipeline, test_image, TINY_RUN.replace(seed=1)).frames
     assert math.isinf(psnr_ssim(again, first)[0])
     assert psnr_ssim(other, first)[0] < 25  # far below fp16 vs fp32 (> 30 dB)
+
+
+def test_a_compare_whose_fp32_reference_cannot_fit_the_machines_ram_is_refused_before_any_run():
+    from lowvram_studio.compare import check_ram, compare_runs
+    from lowvram_studio.engine.components import SVD_COMPONENTS
+    from lowvram_studio.plan.memory_model import SVD_XT_DIMS
+    from lowvram_studio.plan.ram import MachineRam
+
+    runs = compare_runs(RunSettings(device="cpu"))  # on the CPU every weight stays in RAM
+    small = MachineRam(total=4 * 2**30, available=2 * 2**30, swap=0)
+    with pytest.raises(CompareError, match="FP32 original: this run keeps .* GiB of weights in RAM .*compare this model "
+                                           "on a machine with more RAM"):
+        check_ram(SVD_XT_DIMS, SVD_COMPONENTS, runs, small)
+    check_ram(SVD_XT_DIMS, SVD_COMPONENTS, runs, MachineRam(total=64 * 2**30, available=64 * 2**30, swap=0))
