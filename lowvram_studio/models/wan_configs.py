@@ -50,13 +50,20 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 is_gated_act=True, tie_word_embeddings=False)
 
 
+def tied(encoder: UMT5EncoderModel) -> UMT5EncoderModel:
+    """The encoder's input embedding as one tensor with ``shared``, as Wan ships it (one ``shared.weight``) and
+    as transformers >= 5.1 builds it; 5.0 builds two, which would count 1.05 B parameters twice."""
+    encoder.encoder.embed_tokens.weight = encoder.shared.weight
+    return encoder
+
+
 def build_ti2v_5b_pipeline(device: str | torch.device = "cuda", seed: int = 0) -> WanImageToVideoPipeline:
     """Random weights seeded ``seed``, initialised on ``device`` (minutes on a CPU, seconds on a GPU), stored
     as Wan-AI ships them: transformer and text encoder bf16, VAE fp32."""
     torch.manual_seed(seed)
     with torch.device(device):  # one component at a time: fp32 init, then cast, keeps the peak at one fp32 copy
         transformer = WanTransformer3DModel(**TI2V_5B_TRANSFORMER).to(torch.bfloat16)
-        text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16)
+        text_encoder = tied(UMT5EncoderModel(UMT5Config(**UMT5_XXL))).to(torch.bfloat16)
         vae = AutoencoderKLWan(**WAN22_VAE)
     scheduler = UniPCMultistepScheduler(**TI2V_5B_SCHEDULER)
     pipeline = WanImageToVideoPipeline(tokenizer=toy_tokenizer(), text_encoder=text_encoder, vae=vae,
@@ -88,7 +95,7 @@ def folder_dims(folder: Path) -> ModelDims:
     with torch.device("meta"):
         transformer = WanTransformer3DModel.from_config(config("transformer"))
         vae = AutoencoderKLWan.from_config(config("vae"))
-        text_encoder = UMT5EncoderModel(UMT5Config(**config("text_encoder")))
+        text_encoder = tied(UMT5EncoderModel(UMT5Config(**config("text_encoder"))))
     pipeline = WanImageToVideoPipeline(tokenizer=toy_tokenizer(), text_encoder=text_encoder, vae=vae,
                                        scheduler=UniPCMultistepScheduler(**TI2V_5B_SCHEDULER), transformer=transformer)
     return replace(WanFamily(pipeline, folder.name).dims(), encoder_dropped=True)
