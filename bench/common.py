@@ -14,11 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lowvram_studio.sysinfo import collect_env  # noqa: E402
 
 
-def device_run_arguments(parser: argparse.ArgumentParser, name: str, steps: int) -> None:
+def device_run_arguments(parser: argparse.ArgumentParser, name: str, steps: int,
+                         model_dir: str = "/tmp/svd-xt-random") -> None:
     """The flags every device benchmark takes: where its JSON goes, the full-size model folder it builds once
     (bench/budgets.py ``build_model``), steps per row and the deadline after which it starts no row."""
     parser.add_argument("--out", type=Path, default=Path(f"bench/results/{name}_{time.strftime('%Y%m%d')}.json"))
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/svd-xt-random"))
+    parser.add_argument("--model-dir", type=Path, default=Path(model_dir))
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--deadline", type=float, default=540.0, help="start no row after this many seconds")
 

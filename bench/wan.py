@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.budgets import PHASE_COLUMNS, ChildMeter, run_metered, run_row, write_input_image  # noqa: E402
-from bench.common import write_report  # noqa: E402
+from bench.common import device_run_arguments, write_report  # noqa: E402
 from lowvram_studio.plan.budgets import PRESETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,10 +119,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(f"bench/results/wan_{time.strftime('%Y%m%d')}.json"))
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/wan2.2-ti2v-5b-random"))
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--deadline", type=float, default=540.0, help="start no row after this many seconds")
+    device_run_arguments(parser, "wan", steps=2, model_dir="/tmp/wan2.2-ti2v-5b-random")
     parser.add_argument("--row-timeout", type=float, default=240.0)
     parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: the toy Wan model")

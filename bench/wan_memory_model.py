@@ -77,18 +77,13 @@ def measured_rows(paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def prediction(model: MemoryModel, row: dict[str, Any]) -> dict[str, float]:
-    return model.predict(row["dims"], row["settings"], CONTEXT_MIB).phases
-
-
-def leave_one_out(rows: list[dict[str, Any]], prior: MemoryModel) -> list[dict[str, Any]]:
-    """Each fitted row predicted by the model fitted on all the other rows; unfitted rows by the full fit."""
-    full = calibrate([r for r in rows if r["fitted"]], prior, fixed=FIXED)
+def leave_one_out(rows: list[dict[str, Any]], prior: MemoryModel, full: MemoryModel) -> list[dict[str, Any]]:
+    """Each fitted row predicted by the model fitted on all the other rows; unfitted rows by the ``full`` fit."""
     results = []
     for index, row in enumerate(rows):
         others = [r for i, r in enumerate(rows) if i != index and r["fitted"]]
         model = calibrate(others, prior, fixed=FIXED) if row["fitted"] else full
-        phases = prediction(model, row)
+        phases = model.predict(row["dims"], row["settings"], CONTEXT_MIB).phases
         peak = max(phases.values())
         errors = {phase: round(phases[phase] / mib - 1, 3) for phase, mib in row["phase_peaks_mib"].items()}
         results.append({"name": row["name"], "fitted": row["fitted"], "encoder_ran": row["encoder_ran"],
@@ -152,11 +147,11 @@ def main() -> int:
     args = parser.parse_args()
     rows = measured_rows(args.results)
     prior = MemoryModel(dict(PRIOR), {"cpu": 0.0, "cuda": CONTEXT_MIB})
-    results = leave_one_out(rows, prior)
+    model = calibrate([r for r in rows if r["fitted"]], prior, fixed=FIXED)
+    results = leave_one_out(rows, prior, model)
     fitted = [r for r in results if r["fitted"]]
     within = sum(abs(r["peak_error"]) <= WITHIN for r in fitted)
     safe = all(r["peak_error"] >= 0 for r in results if not r["fitted"])
-    model = calibrate([r for r in rows if r["fitted"]], prior, fixed=FIXED)
     files = ", ".join(path.name for path in args.results)
     model.source = (f"calibrated on the {len(fitted)} measured rows of {files} (H100, Wan2.2 TI2V-5B, bf16, VAE fp32) "
                     f"by bench/wan_memory_model.py; leave-one-out {within}/{len(fitted)} peaks within {WITHIN:.0%}")

@@ -151,10 +151,11 @@ def run_compare(
             family = loaded.family
             if index == 0:  # every run has the same model and device; (c) is planned before any run, so a
                 # budget compare cannot honour fails before it starts
-                planner = Planner.for_gpu(family.dims(), detect_gpu(resolve_device(run.settings.device)),
+                dims = family.dims()
+                planner = Planner.for_gpu(dims, detect_gpu(resolve_device(run.settings.device)),
                                           dict(loaded.pipeline.unet.config) if family.kind == "svd" else None)
                 runs[-1] = _with_budget(runs[-1], planner, notes)
-                check_ram(family.dims(), family.components, runs, MachineRam.now())
+                check_ram(dims, family.components, runs, MachineRam.now())
             denoiser = by_role(family.components, DENOISER).label
             emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing ({denoiser} {run.settings.unet_dtype.value})"))
             prepare(family, engine_config(run.settings), resolve_device(run.settings.device))

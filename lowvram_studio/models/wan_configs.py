@@ -78,17 +78,15 @@ def build_ti2v_5b_pipeline(device: str | torch.device = "cuda", seed: int = 0) -
 def ti2v_5b_dims() -> ModelDims:
     """The planner's dimensions of the full-size TI2V-5B, counted on the meta device (no memory, a second):
     what the Wan memory model was fitted on (bench/wan_memory_model.py) and what a budget is planned with
-    before the model is loaded. Loaded from a folder, its text encoder waits on disk and is dropped after each
-    encode (models/deferred.py), as in the benchmark's runs."""
-    return replace(WanFamily(build_ti2v_5b_pipeline("meta"), "wan2.2-ti2v-5b").dims(), encoder_dropped=True)
+    before the model is loaded, loaded from a folder as in the benchmark's runs."""
+    return _as_loaded_from_a_folder(build_ti2v_5b_pipeline("meta"), "wan2.2-ti2v-5b")
 
 
 @functools.lru_cache(maxsize=8)
 def folder_dims(folder: Path) -> ModelDims:
     """The planner's dimensions of a diffusers Wan folder not loaded yet, counted from its config files on the
     meta device (no weights read): a Wan2.1 14B folder is planned with its own sizes, not TI2V-5B's. Raises
-    OSError / ValueError / KeyError when the folder lacks a config. Its text encoder is dropped after each
-    encode, as the loader leaves it on disk (models/deferred.py)."""
+    OSError / ValueError / KeyError when the folder lacks a config."""
     def config(component: str) -> dict:
         return json.loads((folder / component / "config.json").read_text(encoding="utf-8"))
 
@@ -98,4 +96,10 @@ def folder_dims(folder: Path) -> ModelDims:
         text_encoder = tied(UMT5EncoderModel(UMT5Config(**config("text_encoder"))))
     pipeline = WanImageToVideoPipeline(tokenizer=toy_tokenizer(), text_encoder=text_encoder, vae=vae,
                                        scheduler=UniPCMultistepScheduler(**TI2V_5B_SCHEDULER), transformer=transformer)
-    return replace(WanFamily(pipeline, folder.name).dims(), encoder_dropped=True)
+    return _as_loaded_from_a_folder(pipeline, folder.name)
+
+
+def _as_loaded_from_a_folder(pipeline: WanImageToVideoPipeline, name: str) -> ModelDims:
+    """The dims of ``pipeline``'s family as the loader hands it over: the text encoder left on disk, dropped
+    after each encode (models/deferred.py)."""
+    return replace(WanFamily(pipeline, name).dims(), encoder_dropped=True)

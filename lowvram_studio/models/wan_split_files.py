@@ -44,7 +44,7 @@ from .discovery import hf_cache_dir, hf_snapshot
 from .errors import ModelError
 from .safetensors_file import (SafetensorsHeader, SingleFileError, TensorReader, narrowest_stored, read_header,
                                recorded_configs)
-from .wan_configs import TI2V_5B_SCHEDULER, UMT5_XXL, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from .wan_configs import TI2V_5B_SCHEDULER, UMT5_XXL, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, tied
 from .wan_split_set import TEXT_ENCODER, TRANSFORMER, VAE, WanSplitSet, transformer_prefix
 
 ProgressCallback = Callable[[int, int], None]
@@ -275,8 +275,7 @@ class SplitTextEncoder:
             model = _fill(model, sources, header, TEXT_ENCODER, lambda name: dtype, None)
         except SingleFileError as exc:
             raise ModelError(str(exc)) from exc
-        model.encoder.embed_tokens.weight = model.shared.weight  # one tensor, as transformers ties them
-        return model
+        return tied(model)
 
 
 # ---------------------------------------------------------------------------------------------

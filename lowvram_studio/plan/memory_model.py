@@ -106,7 +106,7 @@ def phase_features(
     if dims.kind == "wan":
         return {**features, **_wan_features(dims, settings, phase, device_type, auto_fp32_compute, vae_bytes)}
     if phase == Phase.DENOISE:
-        tokens = (height // dims.latent_scale) * (width // dims.latent_scale)
+        tokens = dims.tokens_per_latent_frame(height, width)
         frames = window_frames(settings, dims)
         branches = 2 if settings.guidance_enabled and not settings.cfg_split else 1
         unet_bytes = _compute_bytes(settings.unet_dtype, device_type, settings, auto_fp32_compute)

@@ -14,6 +14,7 @@ from ..engine.options import OffloadMode, Precision
 from ..settings import RunSettings
 from .memory_model import PHASES, window_frames
 
+
 @dataclass(frozen=True)
 class Move:
     """One tightening: ``apply`` returns the tighter settings, or None when it no longer applies;
@@ -146,15 +147,11 @@ def _interpolate_loosen(settings: RunSettings, request: RunSettings) -> list[Run
     return looser
 
 
-def _tokens(settings: RunSettings, dims: ModelDims) -> int:
-    return (settings.height // dims.latent_scale) * (settings.width // dims.latent_scale)
-
-
-# Priority order: lossless first (cheapest slowdown first), then lossy by fidelity cost (DESIGN §3).
 # The levels each chunking move steps through, loosest first (0 = off is looser than any)
 FF_LEVELS, SPATIAL_LEVELS, TEMPORAL_LEVELS = (16384, 4096), (4, 1), (2048, 512)
 TILE_LEVELS, DECODE_LEVELS, WINDOW_LEVELS = (512, 256, 128), (8, 4, 2, 1), (16, 12, 8, 6, 4, 2)
 
+# Priority order: lossless first (cheapest slowdown first), then lossy by fidelity cost (DESIGN §3).
 MOVES: tuple[Move, ...] = (
     Move("cfg_split", False, (Phase.DENOISE,), _cfg_split,
          lambda s, d: "CFG split: the two guidance branches run one after the other, halving UNet activations (lossless)",
@@ -166,7 +163,8 @@ MOVES: tuple[Move, ...] = (
          _level_move("spatial_chunk", SPATIAL_LEVELS, lambda s, d: 2 * window_frames(s, d)),
          lambda s, d: f"spatial layers {s.spatial_chunk} frame(s) at a time (lossless)",
          _level_loosen("spatial_chunk", SPATIAL_LEVELS)),
-    Move("temporal_chunk", False, (Phase.DENOISE,), _level_move("temporal_chunk", TEMPORAL_LEVELS, _tokens),
+    Move("temporal_chunk", False, (Phase.DENOISE,),
+         _level_move("temporal_chunk", TEMPORAL_LEVELS, lambda s, d: d.tokens_per_latent_frame(s.height, s.width)),
          lambda s, d: f"temporal layers {s.temporal_chunk} positions at a time (lossless)",
          _level_loosen("temporal_chunk", TEMPORAL_LEVELS)),
     Move("offload_model", False, PHASES, _offload(OffloadMode.MODEL),

@@ -75,7 +75,8 @@ def model_dims(source: str, loaded: LoadedModel | None) -> tuple[ModelDims, str]
 
     The loaded model counts its own (as ``run_job`` does); the demo is counted once; another model is not
     loaded for a dropdown: an SVD model gets the standard SVD / SVD-XT counts for the native frames its config
-    names, a Wan model TI2V-5B's (the model the Wan memory model was fitted on).
+    names, a Wan folder the counts of its config files (ComfyUI's split files: TI2V-5B's, the model the Wan
+    memory model was fitted on).
     """
     source = (source or DEMO_MODEL_NAME).strip()
     if loaded is not None and loaded.source == source:
