@@ -53,7 +53,7 @@ def rows_to_run(smoke: bool) -> list[dict[str, Any]]:
             for budget in BUDGETS for case in CASES]
     for case in ("A", "B"):
         for compute in ("fp16", "fp32"):
-            flags = ["--unet-dtype", "fp16", "--half-compute", compute, "--cfg-split", "--decode-chunk", "4"]
+            flags = ["--unet-dtype", "fp16", "--half-compute", compute, "--cfg-split", "--decode-frames", "4"]
             rows.append({"name": f"{case} fp16-storage {compute}-compute", "case": case, "flags": flags, "budget": None})
     for case in ("A", "B"):  # no budget, default settings: the decode rule alone keeps decode from setting the peak
         rows.append({"name": f"{case} no budget", "case": case, "flags": [], "budget": None})

@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument(
         "--optimized",
-        default='{"cfg_split": true, "decode_chunk": 2}',
+        default='{"cfg_split": true, "decode_frames": 2}',
         help="RunSettings fields (JSON) of run (c), on top of FP16 UNet",
     )
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: demo model, 64x64x4, 2 steps")

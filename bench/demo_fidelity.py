@@ -48,8 +48,8 @@ def configurations(cuda: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """(group, name, RunSettings changes) against the plain FP32 run; fp16 only where a GPU computes it."""
     rows: list[tuple[str, str, dict[str, Any]]] = [
         ("lossless", "CFG split + spatial/temporal/FF chunks (fp32)", dict(LOSSLESS)),
-        ("decode", "decode chunk 7 (two halves)", {"decode_chunk": 7}),
-        ("decode", "decode chunk 2", {"decode_chunk": 2}),
+        ("decode", "decode chunk 7 (two halves)", {"decode_frames": 7}),
+        ("decode", "decode chunk 2", {"decode_frames": 2}),
         ("decode", "VAE tiles 64 px", {"vae_tile": 64}),
     ]
     if cuda:
@@ -64,7 +64,7 @@ def configurations(cuda: bool) -> list[tuple[str, str, dict[str, Any]]]:
     for chunk, overlap, blend in windows:
         rows.append(
             ("windows", f"windows {chunk} frames, overlap {overlap}, {blend}",
-             {"chunk_size": chunk, "overlap": overlap, "window_blend": blend})
+             {"window_frames": chunk, "overlap": overlap, "window_blend": blend})
         )
     prune = [
         ("steps 0.004", 0.004, "steps", {}),
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = 3 if args.smoke else args.steps
     configs = configurations(cuda)
     if args.smoke:  # windows need more than 4 frames: keep one that fits
-        configs = [c for c in configs if c[0] != "windows"] + [("windows", "windows 3, overlap 2", {"chunk_size": 3, "overlap": 2})]
+        configs = [c for c in configs if c[0] != "windows"] + [("windows", "windows 3, overlap 2", {"window_frames": 3, "overlap": 2})]
 
     rows: list[dict[str, Any]] = []
     for clip in clips:

@@ -71,7 +71,7 @@ OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-lossless": ("model", {}),
     "ours-stream": ("stream", {}),
     "ours-fp8": ("model", {"unet_dtype": "fp8"}),
-    "ours-fidelity": ("model", {"decode_chunk": 0, "vae_tile": 0}),
+    "ours-fidelity": ("model", {"decode_frames": 0, "vae_tile": 0}),
 }
 NOTES = {
     "ours-fp8": "lossy: UNet weights stored in fp8 (diffusers layerwise casting), computed in fp16",
@@ -195,7 +195,7 @@ class Timed:
     step_times: list[float]
 
 
-def run_diffusers(pipeline, image, case, steps: int, decode_chunk: int | None, device: torch.device) -> Timed:
+def run_diffusers(pipeline, image, case, steps: int, decode_frames: int | None, device: torch.device) -> Timed:
     height, width, frames = case
     step_times: list[float] = []
 
@@ -212,7 +212,7 @@ def run_diffusers(pipeline, image, case, steps: int, decode_chunk: int | None, d
         width=width,
         num_frames=frames,
         num_inference_steps=steps,
-        decode_chunk_size=decode_chunk,
+        decode_chunk_size=decode_frames,
         generator=torch.Generator("cpu").manual_seed(0),
         output_type="np",
         callback_on_step_end=on_step,
@@ -260,7 +260,7 @@ def ours_settings(
             "temporal_chunk": args.temporal_chunk,
             "ff_chunk": args.ff_chunk,
             "offload": offload,
-            "decode_chunk": args.decode_chunk,
+            "decode_frames": args.decode_frames,
             "vae_tile": args.vae_tile if tiled else 0,
             **overrides,
         }
@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spatial-chunk", type=int, default=5, help="ours: frames per spatial-layer call")
     parser.add_argument("--temporal-chunk", type=int, default=2304, help="ours: positions per temporal-block call")
     parser.add_argument("--ff-chunk", type=int, default=4096, help="ours: tokens per feed-forward call")
-    parser.add_argument("--decode-chunk", type=int, default=5, help="ours: frames per VAE decode call (0 = all)")
+    parser.add_argument("--decode-frames", type=int, default=5, help="ours: frames per VAE decode call (0 = all)")
     parser.add_argument("--vae-tile", type=int, default=256, help="ours: VAE tile side in pixels (0 = none)")
     parser.add_argument("--smoke", action="store_true", help="demo model on the CPU at tiny sizes (logic check)")
     args = parser.parse_args(argv)
@@ -429,7 +429,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown case/config {', '.join(unknown)}; choose cases from A,B and configs from {', '.join(CONFIGS)}")
     if args.smoke:
         args.spatial_chunk, args.temporal_chunk, args.ff_chunk = 2, 16, 64
-        args.decode_chunk, args.vae_tile = 3, 64
+        args.decode_frames, args.vae_tile = 3, 64
     return args
 
 
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. ours on the fp32-built pipeline (the policy casts the UNet to fp16: the same weights as above)
     report["ours_settings"] = {
-        k: getattr(args, k) for k in ("spatial_chunk", "temporal_chunk", "ff_chunk", "decode_chunk", "vae_tile")
+        k: getattr(args, k) for k in ("spatial_chunk", "temporal_chunk", "ff_chunk", "decode_frames", "vae_tile")
     }
 
     def run_ours_config(name: str) -> None:

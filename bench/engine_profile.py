@@ -272,7 +272,7 @@ def peak_allocations(snapshot: dict[str, Any], top: int = 14) -> dict[str, Any]:
 def memory_profile(pipeline, case, device: torch.device, smoke: bool) -> dict[str, Any]:
     """One 2-step generate of ours-lossless with whole-model placement: torch peak per phase, the peak's holders."""
     settings = settings_for(case, SMOKE_LOSSLESS if smoke else LOSSLESS, True, device.type, 2, offload="model")
-    settings = RunSettings.from_dict({**settings.to_dict(), "decode_chunk": 5, "vae_tile": 0 if smoke else 256})
+    settings = RunSettings.from_dict({**settings.to_dict(), "decode_frames": 5, "vae_tile": 0 if smoke else 256})
     image = test_image(case[1], case[0])
     result: dict[str, Any] = {"settings": settings.to_dict()}
     if device.type != "cuda":

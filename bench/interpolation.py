@@ -9,7 +9,7 @@ full-size SVD-XT with random weights seeded 0 (case A, 512x512, CFG on, decode i
                                                                  -> 23 frames at 8 fps
 
 each in fp16 under two decode profiles: ``decode-all`` (the VAE decodes all frames at once, as
-diffusers fp16) and ``decode-2`` (decode_chunk=2, how a small card runs, where the decode peak no
+diffusers fp16) and ``decode-2`` (decode_frames=2, how a small card runs, where the decode peak no
 longer dominates). The delivery rule keeps every generated frame and inserts one
 between neighbours, so 12 become 23.
 Process peak: NVML per-process used memory (device used minus the idle baseline where the
@@ -58,7 +58,7 @@ class Case:
 
 
 # Engine profiles: RunSettings changes on top of the base settings (fp16 everywhere on the GPU).
-PROFILES: dict[str, dict[str, Any]] = {"decode-all": {"decode_chunk": 0}, "decode-2": {"decode_chunk": 2}}
+PROFILES: dict[str, dict[str, Any]] = {"decode-all": {"decode_frames": 0}, "decode-2": {"decode_frames": 2}}
 
 
 # ---- memory sampling ------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
-            raise SystemExit(f"error: --set {pair!r} is not key=value; write e.g. --set decode_chunk=4")
+            raise SystemExit(f"error: --set {pair!r} is not key=value; write e.g. --set decode_frames=4")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:

@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     image = test_image(512)
-    base = RunSettings(height=512, width=512, num_frames=24, num_inference_steps=args.steps, unet_dtype="fp16", decode_chunk=8)
+    base = RunSettings(height=512, width=512, num_frames=24, num_inference_steps=args.steps, unet_dtype="fp16", decode_frames=8)
     rows = []
     pipeline = build_svd_xt_pipeline(torch.float32, "cuda")
     reference = None

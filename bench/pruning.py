@@ -1,7 +1,7 @@
 """What does pruning / feature reuse buy, and what does it cost in fidelity? (issue 6, target P4)
 
 Full-size SVD-XT with random weights seeded 0, fp16 (UNet, VAE, image encoder), CFG on, 25 steps,
-decode included (decode_chunk 8). Every pruned run is compared with the unpruned run of the same
+decode included (decode_frames 8). Every pruned run is compared with the unpruned run of the same
 input in the same process: denoise speedup (wall time of the denoise phase) and PSNR / SSIM of the
 decoded frames. Inputs:
 
@@ -103,7 +103,7 @@ def base_settings(case: Case, kind: str, device: str, fp16: bool) -> RunSettings
         "unet_dtype": precision,
         "vae_dtype": precision,
         "encoder_dtype": precision,
-        "decode_chunk": 8,
+        "decode_frames": 8,
     }
     return RunSettings.from_dict(fields)  # from_dict turns the enum strings into enums
 

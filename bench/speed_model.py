@@ -56,7 +56,7 @@ def run_row(row: dict[str, Any], pipeline: Any, card: CardSpeed, image: Any, arg
     settings = RunSettings(height=height, width=width, num_frames=frames, num_inference_steps=args.steps, seed=0,
                            device="cpu" if args.smoke else "cuda", unet_dtype="fp16",
                            half_compute=row["half_compute"], cfg_split=row["cfg_split"], offload=row["offload"],
-                           decode_chunk=4)
+                           decode_frames=4)
     step = step_config(settings, card.gpu.info)
     predicted = card.step_seconds(step)
     out: dict[str, Any] = {**row, "steps": args.steps, "predicted_s_per_step": round(predicted, 4),

@@ -49,7 +49,7 @@ def serve(folder: Path, settings: RunSettings) -> tuple[Studio, str]:
     form = studio.default_form(FORM_NAMES)
     store.save_last({**form, **{name: getattr(settings, name) for name in
                                 ("width", "height", "num_frames", "num_inference_steps", "preview_every", "device")},
-                     "chunk_size": 0, "gif": False})
+                     "window_frames": 0, "gif": False})
     _, url, _ = serve_studio(studio, server_name="127.0.0.1", quiet=True)
     return studio, url
 

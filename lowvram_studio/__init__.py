@@ -3,7 +3,7 @@
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Before torch starts CUDA: expandable segments stop the caching allocator fragmenting in the VAE decode
 # (#21: the lossless case-B peak fell 6.43 -> 5.70 GiB at the same speed; bench/results/budgets_*.json

@@ -33,57 +33,45 @@ EXIT_CODES = (
 NAME_MAX_BYTES = 255
 OUT_NAME_MAX_BYTES = 200
 
-# Engine flags: CLI name -> RunSettings field (DESIGN §7 "Engine knobs as CLI flags").
-_SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--frames": ("num_frames", int, "frames to generate (default: the model's native count)"),
-    "--height": ("height", int, "height in pixels, a multiple of 64 for SVD, 32 for Wan2.2 TI2V (default: the model's)"),
-    "--width": ("width", int, "width in pixels, a multiple of 64 for SVD, 32 for Wan2.2 TI2V (default: the model's)"),
-    "--steps": ("num_inference_steps", int, "denoising steps"),
-    "--seed": ("seed", int, "random seed"),
-    "--fps": ("fps", int, "frame rate: SVD's fps conditioning and the video's rate"),
-    "--motion-bucket": ("motion_bucket_id", int, "SVD motion bucket id (more = more motion)"),
-    "--noise-aug": ("noise_aug_strength", float, "noise added to the conditioning image"),
-    "--min-guidance": ("min_guidance_scale", float, "guidance at the first frame"),
-    "--max-guidance": ("max_guidance_scale", float, "guidance at the last frame (<= 1 turns CFG off)"),
-    "--prompt": ("prompt", str, "what the clip shows (Wan models; SVD takes only the image)"),
-    "--negative-prompt": ("negative_prompt", str, "what to steer away from (Wan models)"),
-    "--guidance": ("guidance_scale", float, "Wan's guidance scale (<= 1 turns CFG off; SVD uses --min/--max-guidance)"),
-    "--device": ("device", str, "auto | cpu | cuda"),
-    "--unet-dtype": ("unet_dtype", str, "auto | fp32 | fp16 | bf16 | fp8"),
-    "--vae-dtype": ("vae_dtype", str, "fp32 | fp16 | bf16 (fp32 avoids colour shifts)"),
-    "--encoder-dtype": ("encoder_dtype", str, "auto | fp32 | fp16 | bf16 (auto: fp32 for SVD's image encoder, bf16 "
-                        "for Wan's text encoder where the device has bf16; default: fp32 for SVD, auto for Wan)"),
-    "--half-compute": ("half_compute", str, "auto | fp16 | fp32: what fp16-stored weights compute in "
-                       "(auto: by GPU generation, fp32 below Turing and on GTX 16xx)"),
-    "--spatial-chunk": ("spatial_chunk", int, "frames per chunk in spatial layers (lossless; 0 = off)"),
-    "--temporal-chunk": ("temporal_chunk", int, "positions per chunk in temporal layers (lossless; 0 = off)"),
-    "--ff-chunk": ("ff_chunk", int, "tokens per feed-forward chunk (lossless; 0 = off)"),
-    "--offload": ("offload", str, "none | model | stream (weights off the GPU while idle)"),
-    "--decode-chunk": ("decode_chunk", int, "frames decoded at once (lossy below all frames; 0 = all)"),
-    "--vae-tile": ("vae_tile", int, "VAE decode tile size in pixels (lossy seams; 0 = off)"),
-    "--chunk-size": ("chunk_size", int, "temporal window length in frames (lossy; 0 = whole clip)"),
-    "--overlap": ("overlap", int, "frames shared by neighbouring windows"),
-    "--window-blend": ("window_blend", str, "flat | linear | pyramid"),
-    "--prune-threshold": ("prune_threshold", float, "step/frame reuse threshold (lossy; 0 = off); SVD: relative L1 "
-                          "of the pruning signal, Wan: diffusers FirstBlockCache, e.g. 0.05-0.2"),
-    "--prune-mode": ("prune_mode", str, "steps | frames | both"),
-    "--vram-budget": ("vram_budget", str, "off | auto | 4GB | 6GB | 8GB | 12GB | 24GB | e.g. 5GB"),
-    "--preview-every": ("preview_every", int, "live latent preview every N denoise steps (0 = off; no effect on the video)"),
-    "--interpolate": ("interpolate", int, "optical-flow interpolation: N generated frames become (N-1)*k+1 (lossy; 1 = off)"),
-}
-
-
 class UserError(Exception):
     """Anything the user can fix; printed as one ``error:`` line."""
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunSettings field the table gives a flag (settings_table.TABLE), with its help; a renamed
+    field's old flag is accepted too, hidden from the help (``_warn_old_flags`` says the new name)."""
+    from enum import Enum
+
+    from .settings import VRAM_BUDGETS, field_types
+    from .settings_table import TABLE
+
     group = parser.add_argument_group("generation and engine settings")
-    for flag, (field_name, kind, help_text) in _SETTING_FLAGS.items():
-        group.add_argument(flag, dest=field_name, type=kind, default=None, help=help_text)
-    group.add_argument("--cfg-split", dest="cfg_split", action="store_true", default=None,
-                       help="run the two guidance branches one after the other (lossless, less memory)")
+    for row in TABLE.values():
+        if row.flag is None:
+            continue
+        kind = field_types()[row.name]
+        old_flags = [f"--{alias.replace('_', '-')}" for alias in row.aliases]
+        if kind is bool:
+            group.add_argument(row.flag, dest=row.name, action="store_true", default=None, help=row.help)
+            continue
+        values = ([e.value for e in kind] if issubclass(kind, Enum)
+                  else [*VRAM_BUDGETS, "e.g. 5GB"] if row.name == "vram_budget" else [])
+        flag_type = str if issubclass(kind, Enum) else kind
+        group.add_argument(row.flag, dest=row.name, type=flag_type, default=None,
+                           help=f"{row.help} ({' | '.join(values)})" if values else row.help)
+        for old in old_flags:
+            group.add_argument(old, dest=row.name, type=flag_type, default=None, help=argparse.SUPPRESS)
     group.add_argument("--settings", type=Path, help="start from a settings JSON file (flags override it)")
+
+
+def _warn_old_flags(argv: Sequence[str]) -> None:
+    """A note on stderr for each flag of a renamed setting, so scripts move before the old names go."""
+    from .settings_table import RENAMED, TABLE
+
+    for old, new in RENAMED.items():
+        flag = f"--{old.replace('_', '-')}"
+        if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+            print(f"note: {flag} is now {TABLE[new].flag}; the old name is accepted until 0.3", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setting_names() -> list[str]:
-    return [f[0] for f in _SETTING_FLAGS.values()] + ["cfg_split"]
+    from .settings_table import TABLE
+
+    return [row.name for row in TABLE.values() if row.flag is not None]
 
 
 def read_settings_file(path: Path | None) -> dict:
     """The settings a ``--settings`` file holds, each of its field's type (checked before any model loads)."""
     from .models.load import json_kind
     from .settings import RunSettings, SettingsError
+    from .settings_table import renamed
 
     if path is None:
         return {}
@@ -157,7 +148,7 @@ def read_settings_file(path: Path | None) -> dict:
         RunSettings.from_dict(data)  # unknown names and wrong types; values are checked with the flags
     except SettingsError as exc:
         raise UserError(f"settings file {path}: {exc}; fix the file or leave the setting out") from exc
-    return data
+    return renamed(data, f"settings file {path}")  # 0.1.0's names (chunk_size, ...) under today's
 
 
 def settings_from_args(args: argparse.Namespace, pipeline, base_settings: "RunSettings | None" = None) -> "RunSettings":
@@ -436,6 +427,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _warn_old_flags(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         check_paths(args)

@@ -31,20 +31,20 @@ from lowvram_studio import media
 from lowvram_studio.engine.events import CancelToken, EventCallback, Phase, RunEvent
 from lowvram_studio.engine.placement import release_memory as free_cached_memory
 from lowvram_studio.engine.preview import split_preview
-from lowvram_studio.engine.precision import PrecisionPolicy, detect_gpu, forget_precision
+from lowvram_studio.engine.precision import forget_precision
 from lowvram_studio.engine.sampler import resolve_device
 from lowvram_studio.engine.components import DENOISER, Component, by_role
 from lowvram_studio.engine.sampler import prepare
-from lowvram_studio.engine.dims import ModelDims
-from lowvram_studio.plan.ram import MachineRam, plan_ram
-from lowvram_studio.settings_adapter import engine_config, generate, precision_request
+from lowvram_studio.plan.ram import MachineRam
+from lowvram_studio.settings_adapter import engine_config
 from lowvram_studio.models.load import LoadedModel
 from lowvram_studio.monitor.record import RunRecord, record_run, write_text_atomic
 from lowvram_studio.monitor.report import compare_table_md, curves_dataframe, plot_curves, psnr_ssim
 from lowvram_studio.monitor.vram import MonitorConfig, measure_idle_baseline
-from lowvram_studio.plan.planner import Planner, plan_for_settings
-from lowvram_studio.plan.replan import decode_retry
-from lowvram_studio.settings import Precision, RunSettings
+from lowvram_studio.plan.planner import Planner
+from lowvram_studio.planned_run import PlannedRun, execute, plan_run
+from lowvram_studio.settings import Precision, RunSettings, SettingsError
+from lowvram_studio.settings_table import names
 
 LOG = logging.getLogger(__name__)
 
@@ -55,11 +55,7 @@ COLORS = {FP32_LABEL: "tab:red", FP16_LABEL: "tab:blue", OPTIMIZED_LABEL: "tab:g
 COMPARE_FILES = ("compare.json", "curves.png", "table.md", "side_by_side.mp4")
 COMPARE_VERSION = 1
 # What a run makes (kept from the user's settings in every compare run); every other field is a technique.
-WHAT_TO_MAKE = (
-    "height", "width", "num_frames", "num_inference_steps", "seed", "fps", "motion_bucket_id",
-    "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "device",
-    "prompt", "negative_prompt", "guidance_scale",
-)
+WHAT_TO_MAKE = names("make")
 # The settings run (b) "FP16 only" turns to fp16. The UNet alone follows the engine's precision
 # policy (VAE and image encoder stay fp32 unless the user asks); the write-up's "FP16" cast all three.
 FP16_ONLY_FIELDS = ("unet_dtype",)
@@ -149,14 +145,11 @@ def run_compare(
                 cancel.raise_if_cancelled()
             emit = _tagged(on_event, run.label, index, len(runs))
             family = loaded.family
-            if index == 0:  # every run has the same model and device; (c) is planned before any run, so a
-                # budget compare cannot honour fails before it starts
-                dims = family.dims()
-                planner = Planner.for_gpu(dims, detect_gpu(resolve_device(run.settings.device)),
-                                          dict(loaded.pipeline.unet.config) if family.kind == "svd" else None)
-                runs[-1] = _with_budget(runs[-1], planner, notes)
-                check_ram(dims, family.components, runs, MachineRam.now())
+            if index == 0:  # every run has the same model and device: all are planned (and (c)'s budget applied)
+                # before any runs, so a compare that cannot be honoured fails before it starts
+                planned = plan_compare(loaded, runs, notes)
             denoiser = by_role(family.components, DENOISER).label
+            run = CompareRun(run.label, planned[index].settings)
             emit(RunEvent(Phase.LOAD, message=f"{run.label}: preparing ({denoiser} {run.settings.unet_dtype.value})"))
             prepare(family, engine_config(run.settings), resolve_device(run.settings.device))
             release_memory()
@@ -169,10 +162,9 @@ def run_compare(
 
             try:
                 result, record = record_run(
-                    lambda pipe=loaded.pipeline, run=run, collect=collect: generate(
-                        pipe, image, run.settings, on_event=collect, cancel=cancel,
-                        decode_retry=decode_retry(planner), text_encoder_source=loaded.text_encoder_source,
-                    ),
+                    # no re-plan: an out-of-memory run is a result here (the write-up's "OOM" cell)
+                    lambda loaded=loaded, one=planned[index], collect=collect: execute(
+                        loaded, image, one, on_event=collect, cancel=cancel, replan=False),
                     run.settings,
                     model=loaded.describe(),
                     label=run.label,
@@ -203,35 +195,32 @@ def run_compare(
     return _write(records, out_dir, notes, clips, settings.fps)
 
 
-def _with_budget(run: CompareRun, planner: Planner, notes: list[str]) -> CompareRun:
-    """Run (c) under the user's VRAM budget, planned as Generate plans it (the plan goes into the notes);
-    (a) and (b) are the references and never carry a budget. The planner is the first run's: the same
-    model on the same device."""
-    if run.settings.vram_budget == "off":
-        return run
-    plan = plan_for_settings(planner, run.settings)
-    if plan is None:  # 'auto' without a CUDA GPU
-        notes.append(f"{run.label}: no CUDA GPU, so the 'auto' budget had nothing to plan for; ran as set")
-        return run
-    if plan.settings.interpolate > 1:
-        raise CompareError(f"{run.settings.vram_budget} fits only by generating fewer frames and interpolating, "
-                           "but compare needs the same frames from every run: pick a larger budget or a smaller "
-                           "size or frame count, or use Generate with this budget")
-    notes.append(f"{run.label}, planned for {run.settings.vram_budget}: " + "; ".join(plan.summary()))
-    return CompareRun(run.label, plan.settings)
-
-
-def check_ram(dims: ModelDims, components: tuple[Component, ...], runs: list[CompareRun], machine: MachineRam) -> None:
-    """Refuse, before any run, a compare whose weights kept in host RAM exceed ``machine``'s RAM and swap (as a
-    Generate is refused): the FP32 reference of a full-size Wan holds its 5.7 B-parameter text encoder in fp32."""
+def plan_compare(model: LoadedModel, runs: list[CompareRun], notes: list[str], *, planner: Planner | None = None,
+                 machine: MachineRam | None = None) -> list[PlannedRun]:
+    """Every run planned as Generate plans (planned_run), before any runs: (a) and (b) are the references and run
+    exactly as set; (c) runs under the user's VRAM budget, whose plan goes into the notes. A run whose weights kept in
+    host RAM exceed ``machine``'s RAM and swap is refused: the FP32 reference of a full-size Wan holds its
+    5.7 B-parameter text encoder in fp32. ``planner``: one for other dims than the model's (tests)."""
+    planned: list[PlannedRun] = []
     for run in runs:
-        gpu = detect_gpu(resolve_device(run.settings.device))
-        policy = PrecisionPolicy.resolve(precision_request(run.settings), gpu, components)
-        refusal = plan_ram(dims, policy, run.settings.offload, gpu is not None, machine).refusal()
-        if refusal:
-            raise CompareError(f"{run.label}: {refusal}; compare's first run keeps every component in fp32, so "
+        budgeted = run is runs[-1] and run.settings.vram_budget != "off"
+        try:
+            one = plan_run(model, run.settings, planner=planner, apply_plan=budgeted, machine=machine)
+        except SettingsError as error:
+            raise CompareError(f"{run.label}: {error}; compare's first run keeps every component in fp32, so "
                                "compare this model on a machine with more RAM, or press Generate twice at the same "
-                               "seed (FP32, then FP16) and compare the two records")
+                               "seed (FP32, then FP16) and compare the two records") from error
+        planner = one.planner
+        if budgeted and one.plan is None:  # 'auto' without a CUDA GPU
+            notes.append(f"{run.label}: no CUDA GPU, so the 'auto' budget had nothing to plan for; ran as set")
+        elif budgeted:
+            if one.settings.interpolate > 1:
+                raise CompareError(f"{run.settings.vram_budget} fits only by generating fewer frames and "
+                                   "interpolating, but compare needs the same frames from every run: pick a larger "
+                                   "budget or a smaller size or frame count, or use Generate with this budget")
+            notes.append(f"{run.label}, planned for {run.settings.vram_budget}: " + "; ".join(one.plan.summary()))
+        planned.append(one)
+    return planned
 
 
 def _check_precision(settings: RunSettings) -> None:

@@ -42,7 +42,7 @@ from .settings_adapter import decode_config, engine_config
 
 # What a bare ``pipe(...)`` can honour: moves inside the UNet's and the VAE's calls. Model offload is left
 # out because only the engine's loop sends the idle components back (``make_room``) between phases.
-FIT_MOVES = ("cfg_split", "ff_chunk", "spatial_chunk", "temporal_chunk", "offload_stream", "vae_tile", "decode_chunk")
+FIT_MOVES = ("cfg_split", "ff_chunk", "spatial_chunk", "temporal_chunk", "offload_stream", "vae_tile", "decode_frames")
 FIT_HOOK = "lowvram_fit_unet"
 UNET_ARGUMENTS = ("encoder_hidden_states", "added_time_ids", "return_dict")  # after sample, timestep
 _MODULE_STATE = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_hooks_with_kwargs",
@@ -158,7 +158,7 @@ def _settings_for(pipeline: Any, budget: str | None, height: int, width: int, nu
         raise SettingsError([f"{width}x{height}x{frames} does not fit {budget} on a bare pipe(): "
                              + "; ".join(plan.summary()) + "; or use lowvram_studio's generate(), which can also "
                              "use temporal windows, model offload and fp8"])
-    if plan.settings.chunk_size:
+    if plan.settings.window_frames:
         raise SettingsError([f"{frames} frames are more than the model was trained on ({pipeline.unet.config.num_frames}); "
                              "a bare pipe() cannot run temporal windows: ask for fewer frames or use generate()"])
     return plan.settings, plan

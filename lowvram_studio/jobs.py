@@ -1,4 +1,4 @@
-"""One job from image to files on disk: fit the image, generate, export the video and its run record.
+"""One job from image to files on disk: fit the image, run it (planned_run), export the video and its record.
 
 The CLI and the studio's worker both call this, so every output gets the same record.
 """
@@ -16,19 +16,13 @@ import PIL.Image
 
 from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
-from .engine.precision import PrecisionPolicy, detect_gpu
-from .engine.sampler import resolve_device
-from .engine.speed_model import steady_seconds_per_step
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
 from .monitor.record import RunRecord, input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
-from .plan.planner import Planner, plan_for_settings
-from .plan.ram import MachineRam, plan_ram
-from .plan.replan import decode_retry, run_with_replan
-from .settings import RunSettings, SettingsError
-from .settings_adapter import RunResult, generate, precision_request
-from .speed import estimate_for_card, estimate_record, remember_speed
+from .planned_run import execute, plan_run
+from .settings import RunSettings
+from .settings_adapter import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -154,47 +148,14 @@ def run_job(
     cancel = cancel or CancelToken()
     input_info = input_image_info(image_path)
     baseline = measure_idle_baseline()
-    family = model.family
-    dims, gpu = family.dims(), detect_gpu(resolve_device(settings.device))
-    unet_config = dict(model.pipeline.unet.config) if family.kind == "svd" else None  # the speed model counts UNets
-    planner = Planner.for_gpu(dims, gpu, unet_config)
-    plan = plan_for_settings(planner, settings)
-    if plan is not None:  # a VRAM budget (or, with none, the decode rule) chose the settings; each choice is explained
-        settings = plan.settings
-        if on_event:
-            on_event(RunEvent(Phase.LOAD, message="plan: " + "; ".join(plan.summary()), data={"plan": plan.to_dict()}))
-    ram = plan_ram(dims, PrecisionPolicy.resolve(precision_request(settings), gpu, family.components),
-                   settings.offload, gpu is not None, MachineRam.now())
-    ram_refusal, ram_warning = ram.refusal(), ram.warning()
-    if ram_refusal:
-        raise SettingsError([ram_refusal])
-    if ram_warning and on_event:
-        on_event(RunEvent(Phase.LOAD, message=f"warning: {ram_warning}"))
-    estimate = None if unet_config is None else estimate_for_card(unet_config, dims, settings, gpu)
-    if estimate is not None and on_event:
-        on_event(RunEvent(Phase.LOAD, message=f"estimate: {estimate.text}"))
+    planned = plan_run(model, settings)  # the budget's plan (or the decode rule) and the RAM check, decided once
+    planned.announce(on_event)
     monitor = monitor or take_offered_monitor() or VramMonitor()
     if not monitor.running:
         monitor.start()
     try:
-        result = run_with_replan(
-            lambda current, callback: generate(model.pipeline, fitted, current, on_event=callback, cancel=cancel,
-                                               decode_retry=decode_retry(planner),
-                                               text_encoder_source=model.text_encoder_source),
-            settings,
-            planner,
-            on_event=on_event,
-        )
-        if plan is not None:
-            result.info["plan"] = plan.to_dict()
-        result.info["ram_plan"] = {**ram.to_dict(), "warning": ram_warning}
-        if estimate is not None and result.settings != settings:  # a re-plan ran other settings: judge the estimate for those
-            estimate = estimate_for_card(unet_config, dims, result.settings, gpu)
+        result = execute(model, fitted, planned, on_event=on_event, cancel=cancel)
         settings = result.settings
-        steady = steady_seconds_per_step(result.events)  # the estimate predicts steps after CUDA's warm-up
-        if estimate is not None:
-            result.info["speed_estimate"] = estimate_record(estimate, steady)
-        remember_speed(dims, settings, gpu, steady, estimate)
         if settings.interpolate > 1:
             _interpolate(result, on_event, cancel)
         fps = output_fps(settings.fps, settings.interpolate)

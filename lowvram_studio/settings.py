@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine.options import DeviceChoice, HalfCompute, OffloadMode, Precision, PruneMode, WindowBlend
+from .settings_table import lossy_names, renamed
 
 
 class SettingsError(ValueError):
@@ -34,7 +35,8 @@ class SettingsTypeError(SettingsError, TypeError):
     """
 
 
-VRAM_BUDGETS = ("off", "auto", "4GB", "6GB", "8GB", "12GB", "24GB")
+BUDGET_PRESETS = ("4GB", "6GB", "8GB", "12GB", "24GB")  # the cards plan/budgets.py plans for; any size also works
+VRAM_BUDGETS = ("off", "auto", *BUDGET_PRESETS)
 INTERPOLATION_FACTORS = (1, 2, 4)
 MAX_SIDE = 2048
 MAX_FRAMES = 256
@@ -82,12 +84,12 @@ class RunSettings:
     # Placement (engine/placement.py)
     offload: OffloadMode = OffloadMode.NONE
 
-    # Decode (engine/vae.py); decode_chunk 0 = all frames at once, vae_tile 0 = no tiling
-    decode_chunk: int = 0
+    # Decode (engine/vae.py); decode_frames 0 = all frames at once, vae_tile 0 = no tiling
+    decode_frames: int = 0
     vae_tile: int = 0
 
-    # Temporal windows (engine/windows.py); chunk_size 0 = the whole clip at once
-    chunk_size: int = 0
+    # Temporal windows (engine/windows.py); window_frames 0 = the whole clip at once
+    window_frames: int = 0
     overlap: int = 2
     window_blend: WindowBlend = WindowBlend.PYRAMID
 
@@ -165,7 +167,7 @@ class RunSettings:
             f"min_guidance_scale ({self.min_guidance_scale}) must not exceed max_guidance_scale "
             f"({self.max_guidance_scale}); lower the minimum or raise the maximum",
         )
-        for name in ("spatial_chunk", "temporal_chunk", "ff_chunk", "decode_chunk"):
+        for name in ("spatial_chunk", "temporal_chunk", "ff_chunk", "decode_frames"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 0, f"{name} must be 0 (off) or a positive whole number; got {value!r}")
         check(
@@ -173,22 +175,22 @@ class RunSettings:
             f"vae_tile must be 0 (off) or a multiple of 8 of at least 64 pixels; got {self.vae_tile!r}",
         )
         check(
-            isinstance(self.chunk_size, int) and (self.chunk_size == 0 or self.chunk_size >= 2),
-            f"chunk_size must be 0 (whole clip) or at least 2 frames; got {self.chunk_size!r}",
+            isinstance(self.window_frames, int) and (self.window_frames == 0 or self.window_frames >= 2),
+            f"window_frames must be 0 (whole clip) or at least 2 frames; got {self.window_frames!r}",
         )
-        if self.chunk_size:
+        if self.window_frames:
             check(
-                isinstance(self.overlap, int) and 0 <= self.overlap < self.chunk_size,
-                f"overlap must be at least 0 and smaller than chunk_size ({self.chunk_size}); got {self.overlap!r}",
+                isinstance(self.overlap, int) and 0 <= self.overlap < self.window_frames,
+                f"overlap must be at least 0 and smaller than window_frames ({self.window_frames}); got {self.overlap!r}",
             )
         check(
             0.0 <= self.prune_threshold <= 1.0,
             f"prune_threshold must be between 0 (off) and 1; got {self.prune_threshold!r}",
         )
         check(
-            not (self.prune_threshold > 0 and 0 < self.chunk_size < self.num_frames),
-            "pruning (prune_threshold) and temporal windows (chunk_size) cannot be combined yet; "
-            "set prune_threshold to 0 or chunk_size to 0",
+            not (self.prune_threshold > 0 and 0 < self.window_frames < self.num_frames),
+            "pruning (prune_threshold) and temporal windows (window_frames) cannot be combined yet; "
+            "set prune_threshold to 0 or window_frames to 0",
         )
         check(
             self.vram_budget in VRAM_BUDGETS or _parse_gib(self.vram_budget) is not None,
@@ -224,25 +226,8 @@ class RunSettings:
         return self.max_guidance_scale > 1.0
 
     def lossy_settings(self) -> list[str]:
-        """Names of the settings that change the output against the reference run (DESIGN §3)."""
-        lossy = []
-        if self.unet_dtype not in (Precision.FP32,):
-            lossy.append("unet_dtype")
-        if self.vae_dtype != Precision.FP32:
-            lossy.append("vae_dtype")
-        if self.encoder_dtype != Precision.FP32:
-            lossy.append("encoder_dtype")
-        if self.decode_chunk and self.decode_chunk < self.num_frames:
-            lossy.append("decode_chunk")
-        if self.vae_tile:
-            lossy.append("vae_tile")
-        if self.chunk_size and self.chunk_size < self.num_frames:
-            lossy.append("chunk_size")
-        if self.prune_threshold > 0:
-            lossy.append("prune_threshold")
-        if self.interpolate > 1:
-            lossy.append("interpolate")
-        return lossy
+        """Names of the settings that change the output against the reference run (DESIGN §3; settings_table)."""
+        return lossy_names(self)
 
     # ---- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -255,6 +240,7 @@ class RunSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunSettings":
         """Build settings from a dict; unknown keys are an error naming them (see ``from_dict_lenient``)."""
+        data = _today(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -264,6 +250,7 @@ class RunSettings:
     @classmethod
     def from_dict_lenient(cls, data: dict[str, Any]) -> tuple["RunSettings", list[str]]:
         """Like ``from_dict`` but ignores unknown keys, returning their names (records of other versions)."""
+        data = _today(data)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**_coerce({k: v for k, v in data.items() if k in known})), sorted(set(data) - known)
 
@@ -345,6 +332,14 @@ def _coerce(data: dict[str, Any]) -> dict[str, Any]:
         elif kind is float:
             out[name] = float(value)
     return out
+
+
+def _today(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` under today's field names: records and settings files of 0.1.0 say chunk_size, decode_chunk."""
+    try:
+        return renamed(data, "these settings")
+    except ValueError as error:
+        raise SettingsError([str(error)]) from None
 
 
 def _pruning_problems(settings: RunSettings) -> list[str]:

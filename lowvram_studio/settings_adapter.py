@@ -59,7 +59,7 @@ def step_config(settings: RunSettings, gpu: GpuInfo | None) -> StepConfig:
     (None: the CPU's): the window length and count, the guidance branches, the placement and the UNet's
     storage and compute dtypes."""
     frames = settings.num_frames
-    window = settings.chunk_size if settings.chunk_size and settings.chunk_size < frames else frames
+    window = settings.window_frames if settings.window_frames and settings.window_frames < frames else frames
     windows = 1 if window == frames else math.ceil((frames - settings.overlap) / max(window - settings.overlap, 1))
     denoiser = precision_policy(settings, gpu).denoiser
     compute = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(denoiser.compute, "fp32")
@@ -68,7 +68,7 @@ def step_config(settings: RunSettings, gpu: GpuInfo | None) -> StepConfig:
 
 
 def decode_config(settings: RunSettings) -> DecodeConfig:
-    return DecodeConfig(chunk=settings.decode_chunk, tile=settings.vae_tile)
+    return DecodeConfig(chunk=settings.decode_frames, tile=settings.vae_tile)
 
 
 def engine_config(settings: RunSettings) -> EngineConfig:
@@ -80,7 +80,7 @@ def engine_config(settings: RunSettings) -> EngineConfig:
         chunking=ChunkingConfig(settings.spatial_chunk, settings.temporal_chunk, settings.ff_chunk, SPATIAL_MIN_BYTES),
         offload=OffloadMode(settings.offload),
         decode=decode_config(settings),
-        windows=WindowConfig(size=settings.chunk_size, overlap=settings.overlap, blend=WindowBlend(settings.window_blend)),
+        windows=WindowConfig(size=settings.window_frames, overlap=settings.overlap, blend=WindowBlend(settings.window_blend)),
         reuse=PruningConfig.from_knobs(settings.prune_threshold, settings.prune_mode, settings.extra),
         preview_every=settings.preview_every,
     )
@@ -143,7 +143,7 @@ def request_for(family: VideoFamily, settings: RunSettings, image: PIL.Image.Ima
 
 
 def with_decode(settings: RunSettings, decode: DecodeConfig) -> RunSettings:
-    return settings.replace(decode_chunk=decode.chunk, vae_tile=decode.tile)
+    return settings.replace(decode_frames=decode.chunk, vae_tile=decode.tile)
 
 
 def decode_tightener(settings: RunSettings, tighten: DecodeTightener) -> DecodeTightener:

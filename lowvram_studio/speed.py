@@ -18,14 +18,14 @@ from .engine.speed_model import SpeedCalibration, SpeedEstimate, estimate_speed
 from .engine.dims import ModelDims
 from .plan.memory_model import vae_and_encoder_bytes
 from .settings import RunSettings
+from .settings_table import names
 from .settings_adapter import step_config
 from .userdirs import data_dir
 
 logger = logging.getLogger(__name__)
 
-# the settings that change s/step besides those StepConfig holds: one calibration entry per combination
-STEP_SETTINGS = ("unet_dtype", "half_compute", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
-                 "chunk_size", "overlap", "prune_threshold", "prune_mode", "max_guidance_scale")
+# the settings that change s/step (settings_table: cost "step"): one calibration entry per combination
+STEP_SETTINGS = names(cost="step")
 
 
 def speed_key(model: str, gpu_name: str, settings: RunSettings) -> str:

@@ -109,7 +109,7 @@ def test_user_errors_arrive_as_messages_with_the_fix(studio_url, tmp_path):
         client.predict(image_path=None, **SMALL, api_name="/generate")
     with pytest.raises(AppError, match="“Window overlap \\(frames\\)” must be at least 0 and smaller than "
                                        "“Frame window \\(frames\\)”"):  # the page's labels, not field names
-        client.predict(image_path=handle_file(str(ASSET)), **SMALL, chunk_size=4, overlap=6, api_name="/generate")
+        client.predict(image_path=handle_file(str(ASSET)), **SMALL, window_frames=4, overlap=6, api_name="/generate")
     with pytest.raises(AppError, match="“Temporal-layer chunk \\(positions\\)” moves in steps of 256 from 0; "
                                        "127 is not one of them: use 0"):  # a typed value between steps never runs
         client.predict(image_path=handle_file(str(ASSET)), **SMALL, temporal_chunk=127, api_name="/generate")

@@ -175,9 +175,9 @@ def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_pa
     _wait(driver, lambda d: "✔ Fits" in _text(d, "budget-note") and "64x64, 4 frames" in _text(d, "budget-note"), 10)
     _pick_budget(driver, "Manual")  # the sliders are the user's; Generate applies no budget
     _wait(driver, lambda d: _text(d, "budget-note").startswith("Manual"), 10)
-    chunk = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-chunk_size input[type=range]"), 30)
+    chunk = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-window_frames input[type=range]"), 30)
     chunk.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
-    _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-chunk_size input[type=number]")
+    _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#ctl-window_frames input[type=number]")
           .get_attribute("value") == "3", 10)
     _wait(driver, lambda d: "Frame window" in _text(d, "lossy-note"), 10)  # marked lossy (by its label) as it moves
 
@@ -188,7 +188,7 @@ def test_upload_move_chunk_slider_generate_then_video_and_curve_appear(studio_pa
     assert video.get_attribute("src").split("?")[0].endswith(".mp4")
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#curve canvas, #curve svg.marks"), 30)
     assert "optimized" in _text(driver, "stats")  # chunk size made it a lossy ("optimized") run
-    assert studio.store.data.last["chunk_size"] == 3
+    assert studio.store.data.last["window_frames"] == 3
     driver.execute_script("window.scrollTo(0, 0)")
     _wait(driver, lambda d: video.get_property("readyState") >= 2, 30)  # its first frame is decoded
     _screenshot(driver, "studio.png")
@@ -237,7 +237,7 @@ def test_live_preview_animates_while_generating_then_gives_way_to_the_video_and_
     _set_number(driver, "num_frames", frames)
     _set_number(driver, "num_inference_steps", steps)
     _open_tab(driver, "Optimizations")
-    _set_number(driver, "chunk_size", 0)  # a plain run, whatever an earlier test left in the saved form
+    _set_number(driver, "window_frames", 0)  # a plain run, whatever an earlier test left in the saved form
     _open_tab(driver, "Generation")
     assert studio_page.studio.store.data.last.get("preview_every", 1) == 1
     driver.execute_script(WATCH_PREVIEW)
@@ -422,7 +422,7 @@ def _errors_leave_the_form_usable(studio_page):
     _fresh_page(studio_page)
     _upload_image(driver)
     _open_tab(driver, "Optimizations")
-    _set_number(driver, "chunk_size", 4)
+    _set_number(driver, "window_frames", 4)
     _set_number(driver, "overlap", 6)  # conflicts with the chunk size: refused before anything runs
     for button in ("generate", "compare"):
         driver.find_element(By.ID, button).click()
@@ -434,7 +434,7 @@ def _errors_leave_the_form_usable(studio_page):
         _close_toasts(driver)
 
     _set_number(driver, "overlap", 0)
-    _set_number(driver, "chunk_size", 0)
+    _set_number(driver, "window_frames", 0)
     _open_tab(driver, "Generation")
     model = driver.find_element(By.CSS_SELECTOR, "#ctl-model input")  # a model that fails once the run started
     model.send_keys(Keys.CONTROL, "a")
@@ -493,7 +493,7 @@ def test_a_conflict_offers_a_one_click_fix_in_the_page_labels(studio_page):
     driver = studio_page.driver
     _fresh_page(studio_page)
     _open_tab(driver, "Optimizations")
-    _set_number(driver, "chunk_size", 4)
+    _set_number(driver, "window_frames", 4)
     _set_number(driver, "overlap", 6)
     _wait(driver, lambda d: "“Window overlap (frames)” must be" in _text(d, "lossy-note"), 10)
     fix = _wait(driver, lambda d: d.find_element(By.ID, "fix") if d.find_element(By.ID, "fix").is_displayed() else None,
@@ -503,7 +503,7 @@ def test_a_conflict_offers_a_one_click_fix_in_the_page_labels(studio_page):
     _wait(driver, lambda d: _number(d, "overlap").get_attribute("value") == "3", 10)
     _wait(driver, lambda d: "must be" not in _text(d, "lossy-note")
           and not [b for b in d.find_elements(By.ID, "fix") if b.is_displayed()], 10)
-    _set_number(driver, "chunk_size", 0)
+    _set_number(driver, "window_frames", 0)
     _set_number(driver, "overlap", 0)
 
 

@@ -30,9 +30,9 @@ def test_a_larger_budget_loosens_what_a_smaller_one_tightened():
 def test_changing_the_frames_with_a_budget_picked_plans_again():
     long = _form(**SVD_SIZE, vram_budget="4 GB")
     planned = {**long, **plan_budget(long, None).changes}
-    assert planned["chunk_size"] == 14  # the demo was trained on 14 frames: 25 run in windows
+    assert planned["window_frames"] == 14  # the demo was trained on 14 frames: 25 run in windows
     replanned = plan_budget({**planned, "num_frames": 8}, None)
-    assert replanned.changes["chunk_size"] == 0 and "8 frames" in replanned.note
+    assert replanned.changes["window_frames"] == 0 and "8 frames" in replanned.note
 
 
 def test_a_budget_plans_for_the_delivered_clip_not_the_frames_left_to_interpolation():

@@ -120,7 +120,7 @@ def test_models_lists_what_it_found(tmp_path):
 
 def test_compare_writes_report_files(tmp_path):
     done = run_cli("compare", "--image", str(ASSET), "--out", str(tmp_path / "cmp"), "--frames", "4",
-                   "--height", "64", "--width", "64", "--steps", "2", "--decode-chunk", "2")
+                   "--height", "64", "--width", "64", "--steps", "2", "--decode-frames", "2")
     assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (tmp_path / "cmp").iterdir())
     assert {"compare.json", "curves.png", "table.md"} <= set(names)

@@ -138,7 +138,7 @@ def compared(tmp_path_factory, test_image):
     model = weights_heavy_model()
     before = {k: v.clone() for k, v in model.pipeline.unet.state_dict().items()}
     events = []
-    settings = TINY_RUN.replace(decode_chunk=1, vram_budget="8GB")  # (c) is planned for it; (a), (b) are not
+    settings = TINY_RUN.replace(decode_frames=1, vram_budget="8GB")  # (c) is planned for it; (a), (b) are not
     result = run_compare(model, test_image, settings, tmp_path_factory.mktemp("cmp"), on_event=events.append)
     return result, model, before, events
 
@@ -178,7 +178,7 @@ def test_fp16_is_close_to_fp32_and_lossy_decode_costs_fidelity(compared):
     fp32, fp16, optimized = (r.results for r in result.records)
     assert fp32["psnr_db"] is None  # the reference itself
     assert fp16["psnr_db"] > 30 and fp16["ssim"] > 0.95
-    assert optimized["psnr_db"] < fp16["psnr_db"]  # decode_chunk 1 < 2 frames is lossy
+    assert optimized["psnr_db"] < fp16["psnr_db"]  # decode_frames 1 < 2 frames is lossy
 
 
 def test_compare_restores_the_model_and_tags_events(compared):
@@ -222,14 +222,22 @@ def test_psnr_of_a_real_run_against_itself_is_infinite_and_against_another_seed_
 
 
 def test_a_compare_whose_fp32_reference_cannot_fit_the_machines_ram_is_refused_before_any_run():
-    from lowvram_studio.compare import check_ram, compare_runs
-    from lowvram_studio.engine.components import SVD_COMPONENTS
+    from lowvram_studio.compare import compare_runs, plan_compare
     from lowvram_studio.plan.memory_model import SVD_XT_DIMS
+    from lowvram_studio.plan.planner import Planner
     from lowvram_studio.plan.ram import MachineRam
 
-    runs = compare_runs(RunSettings(device="cpu"))  # on the CPU every weight stays in RAM
+    model = LoadedModel(build_demo_pipeline(), "demo", "tests", "demo")
+    runs = compare_runs(RunSettings(device="cpu", vram_budget="6GB"))  # on the CPU every weight stays in RAM
+    full_size = Planner.for_gpu(SVD_XT_DIMS, None)  # the RAM of SVD-XT's weights, planned on the demo model
     small = MachineRam(total=4 * 2**30, available=2 * 2**30, swap=0)
     with pytest.raises(CompareError, match="FP32 original: this run keeps .* GiB of weights in RAM .*compare this model "
                                            "on a machine with more RAM"):
-        check_ram(SVD_XT_DIMS, SVD_COMPONENTS, runs, small)
-    check_ram(SVD_XT_DIMS, SVD_COMPONENTS, runs, MachineRam(total=64 * 2**30, available=64 * 2**30, swap=0))
+        plan_compare(model, runs, [], planner=full_size, machine=small)
+    notes: list[str] = []
+    planned = plan_compare(model, runs, notes, planner=full_size,
+                           machine=MachineRam(total=64 * 2**30, available=64 * 2**30, swap=0))
+    # the references run exactly as set; (c) under the budget, the plan named in the notes
+    assert [one.settings for one in planned[:2]] == [run.settings for run in runs[:2]]
+    assert all(one.plan is None for one in planned[:2]) and planned[2].plan is not None
+    assert any(note.startswith(f"{OPTIMIZED_LABEL}, planned for 6GB: predicted peak") for note in notes), notes

@@ -13,7 +13,7 @@ from lowvram_studio.models.demo import build_demo_pipeline
 from lowvram_studio.settings import RunSettings, SettingsError
 
 EVERY_TECHNIQUE = RunSettings(unet_dtype="bf16", cfg_split=True, spatial_chunk=1, temporal_chunk=16, ff_chunk=64,
-                              offload="stream", vae_tile=64, decode_chunk=2)
+                              offload="stream", vae_tile=64, decode_frames=2)
 COMPONENTS = ("unet", "vae", "image_encoder")
 
 

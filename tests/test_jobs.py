@@ -140,12 +140,12 @@ def test_after_a_decode_out_of_memory_the_record_and_the_mp4_name_the_decode_tha
     finally:
         handle.remove()
     retries = output.record.info["oom_retries"]
-    ran = retries[-1]["changed_settings"]["decode_chunk"][1]
+    ran = retries[-1]["changed_settings"]["decode_frames"][1]
     assert ran <= 2 and {r["phase"] for r in retries} == {Phase.DECODE.value}
     saved = json.loads(output.record_path.read_text(encoding="utf-8"))
-    assert saved["settings"]["decode_chunk"] == ran
+    assert saved["settings"]["decode_frames"] == ran
     tag = json.loads(read_mp4_comment(output.video))
-    assert tag["settings"]["decode_chunk"] == ran
+    assert tag["settings"]["decode_frames"] == ran
 
 
 def test_a_monitor_passed_to_run_job_is_started_stopped_and_recorded(model, test_image, tmp_path):

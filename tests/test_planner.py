@@ -42,8 +42,8 @@ def _looseness(settings: RunSettings) -> tuple:
         size(settings.temporal_chunk),
         -list(OffloadMode).index(settings.offload),
         size(settings.vae_tile),
-        size(settings.decode_chunk),
-        size(settings.chunk_size),
+        size(settings.decode_frames),
+        size(settings.window_frames),
         settings.unet_dtype != Precision.FP8,
         -settings.interpolate,
     )
@@ -76,12 +76,12 @@ def test_moves_a_later_move_made_unneeded_are_loosened_again_lossy_ones_first():
     at a time and the chunked layers are no longer needed (bench/results/fit_20261207b.md ran them all)."""
     planner = Planner(SVD_XT_DIMS, auto_fp32_compute=False)
     request = RunSettings(height=576, width=1024, num_frames=25, device="cuda")
-    moves = ("cfg_split", "ff_chunk", "spatial_chunk", "temporal_chunk", "offload_stream", "vae_tile", "decode_chunk")
+    moves = ("cfg_split", "ff_chunk", "spatial_chunk", "temporal_chunk", "offload_stream", "vae_tile", "decode_frames")
     plan = planner.plan(request, PRESETS["8GB"], allowed=moves)
     rung = planner.ladder(request, PRESETS["8GB"].context_mib, moves)[plan.rung].settings
     assert plan.fits and plan.prediction.peak_mib <= PRESETS["8GB"].plan_to_mib
-    assert rung.decode_chunk == 8 and rung.spatial_chunk and rung.offload == OffloadMode.STREAM
-    assert plan.settings.decode_chunk == 0 and plan.settings.spatial_chunk == 0  # undone
+    assert rung.decode_frames == 8 and rung.spatial_chunk and rung.offload == OffloadMode.STREAM
+    assert plan.settings.decode_frames == 0 and plan.settings.spatial_chunk == 0  # undone
     assert plan.settings.offload == OffloadMode.STREAM  # still needed: the denoise loop does not fit without it
     assert plan.settings.offload != OffloadMode.MODEL  # never a mode the allowed moves cannot choose
     undone = [reason for reason in plan.reasons if reason.startswith(("undone", "loosened again"))]
@@ -91,7 +91,7 @@ def test_moves_a_later_move_made_unneeded_are_loosened_again_lossy_ones_first():
 
 def test_lossless_moves_come_before_lossy_ones_when_they_suffice():
     planner = Planner(SVD_XT_DIMS)
-    request = _case("A").replace(decode_chunk=2)  # decode already small: the UNet sets the peak
+    request = _case("A").replace(decode_frames=2)  # decode already small: the UNet sets the peak
     plan = planner.plan(request, Budget("tight", planner.predict(request).peak_mib * 0.8, 600))
     assert plan.fits
     assert plan.settings.lossy_settings() == request.lossy_settings()
@@ -106,7 +106,7 @@ def test_every_preset_yields_a_plan_and_a_long_clip_costs_no_more_than_a_short_o
         if short.fits and long.fits:
             assert long.prediction.peak_mib <= 1.1 * short.prediction.peak_mib, name
     long = planner.plan(_case("C"), PRESETS["24GB"])
-    assert long.settings.chunk_size == SVD_XT_DIMS.native_frames and "trained on 25" in long.reasons[0]
+    assert long.settings.window_frames == SVD_XT_DIMS.native_frames and "trained on 25" in long.reasons[0]
     assert budget_for("6GB", planner.model) is PRESETS["6GB"]
     assert budget_for("5GB", planner.model).total_mib == 5 * 1024
     assert budget_for("off", planner.model) is None
@@ -116,10 +116,10 @@ def test_calibrate_recovers_a_known_memory_model():
     truth = MemoryModel.load()
     truth.coefficients = {k: v * (1.3 if i % 2 else 0.8) for i, (k, v) in enumerate(sorted(truth.coefficients.items()))}
     variants = [
-        {}, {"cfg_split": True}, {"cfg_split": True, "ff_chunk": 4096}, {"decode_chunk": 2},
-        {"decode_chunk": 1, "vae_tile": 256}, {"offload": "model", "decode_chunk": 2},
-        {"offload": "stream", "cfg_split": True, "decode_chunk": 2}, {"spatial_chunk": 2, "temporal_chunk": 512},
-        {"chunk_size": 8, "decode_chunk": 4}, {"unet_dtype": "fp8", "offload": "model", "decode_chunk": 1},
+        {}, {"cfg_split": True}, {"cfg_split": True, "ff_chunk": 4096}, {"decode_frames": 2},
+        {"decode_frames": 1, "vae_tile": 256}, {"offload": "model", "decode_frames": 2},
+        {"offload": "stream", "cfg_split": True, "decode_frames": 2}, {"spatial_chunk": 2, "temporal_chunk": 512},
+        {"window_frames": 8, "decode_frames": 4}, {"unet_dtype": "fp8", "offload": "model", "decode_frames": 1},
     ]
     rows = []
     for case in CASES:
@@ -215,8 +215,8 @@ def test_out_of_memory_replans_records_and_keeps_the_denoised_result(demo_pipeli
     assert [r["phase"] for r in retries][0] == Phase.DENOISE.value
     assert retries[0]["changed_settings"]["cfg_split"] == [False, True]
     assert {r["phase"] for r in retries[1:]} == {Phase.DECODE.value}
-    ran_chunk = retries[-1]["changed_settings"]["decode_chunk"][1]
-    assert ran_chunk <= 2 and result.settings.decode_chunk == ran_chunk  # the result names what ran (#18.3)
+    ran_chunk = retries[-1]["changed_settings"]["decode_frames"][1]
+    assert ran_chunk <= 2 and result.settings.decode_frames == ran_chunk  # the result names what ran (#18.3)
     assert result.settings.cfg_split  # and the denoise re-plan too
     messages = [e.message for e in events if e.message]
     assert messages == [r["message"] for r in retries] and "Out of GPU memory during denoise" in messages[0]
@@ -276,10 +276,10 @@ def test_no_budget_never_decodes_all_frames_at_once_when_that_alone_sets_the_pea
     assert before.peak_phase == "decode"  # the premise: decode alone sets this run's peak
     plan = plan_for_settings(planner, settings)
     assert plan is not None and plan.budget is None and plan.fits
-    assert plan.settings.decode_chunk == 9  # 9 + 9 + 7: the fewest equal chunks of at least 8 frames
+    assert plan.settings.decode_frames == 9  # 9 + 9 + 7: the fewest equal chunks of at least 8 frames
     assert plan.prediction.phases["decode"] < before.phases["decode"] / 2
-    assert "set decode_chunk to 25" in plan.reasons[0] and "never cuts below 8" in plan.reasons[0]
-    assert plan.settings.replace(decode_chunk=0) == settings  # nothing else changed
+    assert "set decode_frames to 25" in plan.reasons[0] and "never cuts below 8" in plan.reasons[0]
+    assert plan.settings.replace(decode_frames=0) == settings  # nothing else changed
 
 
 def test_no_budget_stops_at_the_first_chunk_that_brings_decode_under_the_other_phases():
@@ -288,17 +288,17 @@ def test_no_budget_stops_at_the_first_chunk_that_brings_decode_under_the_other_p
     model = MemoryModel.load()
     light = MemoryModel({**model.coefficients, "vae_decode": model.coefficients["vae_decode"] / 5}, model.context_mib)
     planner = Planner(SVD_XT_DIMS, model=light)
-    settings = _case("B").replace(vae_dtype="fp32", num_frames=48, chunk_size=24)
+    settings = _case("B").replace(vae_dtype="fp32", num_frames=48, window_frames=24)
     plan = planner.no_budget(settings)
     assert plan is not None and "still above" not in plan.reasons[0]
-    chunk, phases = plan.settings.decode_chunk, plan.prediction.phases
+    chunk, phases = plan.settings.decode_frames, plan.prediction.phases
     assert chunk >= 8 and phases["decode"] <= phases["denoise"]
-    fewer = settings.replace(decode_chunk=math.ceil(48 / (math.ceil(48 / chunk) - 1)))
+    fewer = settings.replace(decode_frames=math.ceil(48 / (math.ceil(48 / chunk) - 1)))
     assert planner.predict(fewer).phases["decode"] > phases["denoise"]
 
 
 @pytest.mark.parametrize("change", [
-    {"decode_chunk": 25},  # the user asked for all frames at once by naming the frame count
+    {"decode_frames": 25},  # the user asked for all frames at once by naming the frame count
     {"vae_tile": 256},  # the user already chose how to decode
     {"vae_dtype": "fp16", "height": 256, "width": 256, "num_frames": 4},  # decode sets the peak by only 10 %
 ])
@@ -328,11 +328,11 @@ def test_wan_budgets_are_planned_with_wans_memory_model_and_only_its_moves():
         request = _wan_request(480, 832, frames)
         plan = planner.plan(request, PRESETS[budget])
         settings = plan.settings
-        assert (settings.spatial_chunk, settings.temporal_chunk, settings.decode_chunk) == (0, 0, 0)  # SVD's knobs
+        assert (settings.spatial_chunk, settings.temporal_chunk, settings.decode_frames) == (0, 0, 0)  # SVD's knobs
         assert (settings.num_frames - 1) % 4 == 0  # interpolation leaves a clip Wan can make
         assert (settings.num_frames - 1) * settings.interpolate + 1 == frames
-        if settings.chunk_size:
-            assert settings.chunk_size < dims.latent_frames(settings.num_frames) and settings.overlap < settings.chunk_size
+        if settings.window_frames:
+            assert settings.window_frames < dims.latent_frames(settings.num_frames) and settings.overlap < settings.window_frames
         if plan.fits:
             assert plan.prediction.peak_mib <= PRESETS[budget].plan_to_mib and settings.offload == OffloadMode.STREAM
     plan = planner.plan(_wan_request(480, 832, 81), PRESETS["8GB"])

@@ -82,7 +82,7 @@ def test_cancel_stops_between_steps(demo_pipeline, test_image, small_settings):
 def test_cancel_during_decode_stops_before_the_next_chunk(demo_pipeline, test_image, small_settings):
     """The token passed to generate reaches the decode (no thread-current token needed: the CLI's path)."""
     token = CancelToken()
-    settings = small_settings.replace(decode_chunk=1)
+    settings = small_settings.replace(decode_frames=1)
     seen = []
 
     def on_event(event):

@@ -20,13 +20,13 @@ def test_defaults_are_valid():
         ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 200; got 0"),
         ({"seed": -1}, "seed must be a whole number"),
         ({"min_guidance_scale": 4.0, "max_guidance_scale": 2.0}, "must not exceed max_guidance_scale"),
-        ({"chunk_size": 1}, "chunk_size must be 0 (whole clip) or at least 2 frames; got 1"),
-        ({"chunk_size": 4, "overlap": 4}, "overlap must be at least 0 and smaller than chunk_size (4); got 4"),
+        ({"window_frames": 1}, "window_frames must be 0 (whole clip) or at least 2 frames; got 1"),
+        ({"window_frames": 4, "overlap": 4}, "overlap must be at least 0 and smaller than window_frames (4); got 4"),
         ({"vae_tile": 50}, "vae_tile must be 0 (off) or a multiple of 8 of at least 64 pixels; got 50"),
         ({"prune_threshold": 2.0}, "prune_threshold must be between 0 (off) and 1; got 2.0"),
         ({"vram_budget": "lots"}, "vram_budget must be one of off, auto, 4GB"),
         ({"interpolate": 3}, "interpolate must be 1, 2 or 4; got 3"),
-        ({"prune_threshold": 0.02, "chunk_size": 4}, "pruning (prune_threshold) and temporal windows (chunk_size)"),
+        ({"prune_threshold": 0.02, "window_frames": 4}, "pruning (prune_threshold) and temporal windows (window_frames)"),
     ],
 )
 def test_bad_values_are_rejected_with_a_message(changes, message):

@@ -105,7 +105,7 @@ def test_compute_paths_follow_the_card_generation():
     # CFG split: the same FLOPs in two calls; never predicted faster
     split = step_config(_case("A", cfg_split=True), ada.gpu.info)
     assert (split.calls, split.batch) == (2, 1) and ada.step_seconds(split) >= ada.step_seconds(fp16)
-    windows = step_config(_case("B", chunk_size=12, overlap=4), ada.gpu.info)
+    windows = step_config(_case("B", window_frames=12, overlap=4), ada.gpu.info)
     assert (windows.frames_per_call, windows.windows) == (12, 3)
 
 

@@ -34,22 +34,22 @@ def test_every_control_has_its_own_label_and_the_two_temporal_chunks_say_what_th
     assert set(FORM_NAMES) <= set(LABELS)
     assert len(set(LABELS.values())) == len(LABELS)
     assert not [label for label in LABELS.values() if label.startswith("Temporal chunk")]
-    assert "frames" in LABELS["chunk_size"] and "positions" in LABELS["temporal_chunk"]
+    assert "frames" in LABELS["window_frames"] and "positions" in LABELS["temporal_chunk"]
 
 
 def test_a_conflict_reads_in_the_page_labels_and_its_fix_resolves_it(studio):
-    form = {**studio.default_form(FORM_NAMES), "chunk_size": 4, "overlap": 6}
+    form = {**studio.default_form(FORM_NAMES), "window_frames": 4, "overlap": 6}
     with pytest.raises(SettingsError) as raised:
         form_to_settings(form)
     message = in_user_words(str(raised.value))
     assert "“Window overlap (frames)” must be at least 0 and smaller than “Frame window (frames)” (4)" in message
-    assert "chunk_size" not in message and "overlap must" not in message
+    assert "window_frames" not in message and "overlap must" not in message
     fix = suggest_fix(form)
     assert fix.label == "Fix: set Window overlap (frames) to 3"
     form_to_settings({**form, **fix.changes})  # one click and it runs
 
 
-@pytest.mark.parametrize("conflict", [{"chunk_size": 4, "prune_threshold": 0.02, "num_frames": 14},
+@pytest.mark.parametrize("conflict", [{"window_frames": 4, "prune_threshold": 0.02, "num_frames": 14},
                                       {"min_guidance_scale": 5.0, "max_guidance_scale": 2.0}])
 def test_each_conflict_with_an_obvious_remedy_gets_a_fix_that_resolves_it(studio, conflict):
     form = {**studio.default_form(FORM_NAMES), **conflict}

@@ -77,7 +77,7 @@ def test_seam_ratio_sees_jumps_at_boundaries():
 
 def test_one_window_spanning_the_clip_equals_the_plain_run(demo_pipeline, test_image, tiny_settings):
     plain = generate(demo_pipeline, test_image, tiny_settings)
-    spanning = generate(demo_pipeline, test_image, tiny_settings.replace(chunk_size=tiny_settings.num_frames))
+    spanning = generate(demo_pipeline, test_image, tiny_settings.replace(window_frames=tiny_settings.num_frames))
     assert np.array_equal(plain.frames, spanning.frames)
     assert "seam_ratio" not in spanning.info
 
@@ -89,7 +89,7 @@ def test_windowed_run_feeds_the_unet_windows_and_records_the_seam_ratio(demo_pip
         with_kwargs=True,
     )
     try:
-        result = generate(demo_pipeline, test_image, tiny_settings.replace(chunk_size=4, overlap=2))
+        result = generate(demo_pipeline, test_image, tiny_settings.replace(window_frames=4, overlap=2))
     finally:
         handle.remove()
     assert result.frames.shape == (tiny_settings.num_frames, 64, 64, 3)

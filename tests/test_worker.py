@@ -118,7 +118,7 @@ def _decoder_calls(pipeline, after_each=None):
 def test_stop_when_decode_starts_ends_the_run_cancelled_before_the_first_chunk_and_writes_nothing(
     worker, model, test_image, small_settings, tmp_path
 ):
-    settings = small_settings.replace(num_frames=4, num_inference_steps=2, decode_chunk=1)
+    settings = small_settings.replace(num_frames=4, num_inference_steps=2, decode_frames=1)
     video = tmp_path / "out.mp4"
 
     def work(on_event, cancel):
@@ -144,7 +144,7 @@ def test_stop_when_decode_starts_ends_the_run_cancelled_before_the_first_chunk_a
 def test_stop_during_an_all_frames_decode_ends_the_run_before_export_and_writes_nothing(
     worker, model, test_image, small_settings, tmp_path
 ):
-    settings = small_settings.replace(num_frames=4, num_inference_steps=2, decode_chunk=0)  # one decode call
+    settings = small_settings.replace(num_frames=4, num_inference_steps=2, decode_frames=0)  # one decode call
     job = None
 
     def stop_inside_decode(count):

@@ -36,6 +36,8 @@ class ModelDims:
     weight of the conditioning encoder, which leaf-level streaming moves in whole (UMT5's embedding).
     ``encoder_dropped``: the encoder leaves the GPU after the encode phase (a text encoder read from disk
     for one encode is dropped before the denoiser runs), even when every weight stays on the GPU.
+    ``vae_encode_params``: the VAE weights its encode needs, for a VAE that an offload mode moves in halves
+    (engine/placement.py; Wan's encoder and quantisation convolution); 0: the whole VAE moves at once.
     """
 
     name: str
@@ -52,6 +54,7 @@ class ModelDims:
     patch: int = 1
     encoder_stream_params: int = 0
     encoder_dropped: bool = False
+    vae_encode_params: int = 0
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a clip of ``frames`` pixel frames."""

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 MAX_DECODE_RETRIES = 8  # decode retries are cheap (the latents are kept) and go one lossy level at a time
 T = TypeVar("T")
-S = TypeVar("S")  # the decode's settings: anything whose to_dict() names decode_chunk and vae_tile (vae.DecodeConfig)
+S = TypeVar("S")  # the decode's settings: anything whose to_dict() names decode_frames and vae_tile (vae.DecodeConfig)
 # The tighter decode settings after an OOM and the reasons, or None when nothing is left to try.
 DecodeTightener = Callable[[S], "tuple[S, list[str]] | None"]
 
@@ -133,7 +133,7 @@ def decode_with_fallback(
         current = tighter[0]
     last = current.to_dict()
     raise OutOfMemoryAfterRetries(
-        f"out of GPU memory while decoding, even with decode_chunk={last['decode_chunk']} and "
-        f"vae_tile={last['vae_tile']}; decode fewer frames at a time (decode_chunk) or in tiles (vae_tile), "
+        f"out of GPU memory while decoding, even with decode_frames={last['decode_frames']} and "
+        f"vae_tile={last['vae_tile']}; decode fewer frames at a time (decode_frames) or in tiles (vae_tile), "
         "lower the size, or close other programs using the GPU"
     )

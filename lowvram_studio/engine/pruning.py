@@ -213,7 +213,7 @@ class PruningState:
         elif frames != self.num_frames:
             raise ValueError(
                 f"pruning expects every UNet call to see all {self.num_frames} frames, got {frames}; "
-                "turn temporal windows off (chunk_size 0) or pruning off (prune_threshold 0)"
+                "turn temporal windows off (window_frames 0) or pruning off (prune_threshold 0)"
             )
         if self.slot_index > 0:  # later calls of this step (CFG split) follow the first call's decisions
             self.plan = self._plan_for_batch(self.plan.source, batch, sample.device) if self.plan else None

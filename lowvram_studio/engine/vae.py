@@ -62,7 +62,7 @@ class DecodeConfig:
 
     def to_dict(self) -> dict[str, int]:
         """In the run record's words (the settings a decode retry changes)."""
-        return {"decode_chunk": self.chunk, "vae_tile": self.tile}
+        return {"decode_frames": self.chunk, "vae_tile": self.tile}
 
     @property
     def tile_latent(self) -> int:

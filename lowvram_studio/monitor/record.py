@@ -420,6 +420,7 @@ def reuse_from_dict(data: Any, origin: str, image_folders: Sequence[Path] | None
     see ``load_reuse``.
     """
     from lowvram_studio.settings import RunSettings, SettingsError
+    from lowvram_studio.settings_table import RENAMED
 
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
         raise ReuseError(f"{origin} is not a LowVRAM Studio run record (it has no settings); "
@@ -439,7 +440,8 @@ def reuse_from_dict(data: Any, origin: str, image_folders: Sequence[Path] | None
     if ignored:
         notes.append("ignored fields it does not know: " + ", ".join(ignored))
     defaults = RunSettings().to_dict()
-    missing = [f"{name}={defaults[name]}" for name in defaults if name not in data["settings"]]
+    given = {RENAMED.get(name, name) for name in data["settings"]}  # 0.1.0's names count as today's
+    missing = [f"{name}={defaults[name]}" for name in defaults if name not in given]
     if missing:
         notes.append("fields missing from the record took their defaults: " + ", ".join(missing))
     model = data.get("model") if isinstance(data.get("model"), dict) else {}

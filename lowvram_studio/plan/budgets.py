@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import budget_gib
+from ..settings import BUDGET_PRESETS, budget_gib
 from .memory_model import MIB, MemoryModel
 
 @dataclass(frozen=True)
@@ -48,15 +48,18 @@ DESKTOP_RESERVE_MIB = 256.0  # the desktop and other programs keep some VRAM on 
 # card (a GTX 1060 computes a step ~60x longer than an H100) the plan streams before any other move.
 FREE_STREAMING_OVERHEAD = 0.05
 
-# The write-up's table (reference/gtx1060-video-writeup.zh.txt): card and frames it ran.
+# The cards each preset stands for, after the write-up's table (reference/gtx1060-video-writeup.zh.txt): card and
+# frames it ran. The presets themselves are settings.BUDGET_PRESETS (the CLI's, the studio's and the planner's).
+CARDS = {
+    "4GB": "e.g. GTX 1050 Ti 4 GB",
+    "6GB": "GTX 1060 6 GB: the write-up ran 24 frames",
+    "8GB": "e.g. RTX 3070 8 GB",
+    "12GB": "RTX 2060 / 3060 12 GB: the write-up ran 32 / 48 frames",
+    "24GB": "RTX 4090 24 GB: the write-up ran 64 frames at once",
+}
 PRESETS: dict[str, Budget] = {
-    "4GB": Budget("4GB", 4096, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "e.g. GTX 1050 Ti 4 GB"),
-    "6GB": Budget("6GB", 6144, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "GTX 1060 6 GB: the write-up ran 24 frames"),
-    "8GB": Budget("8GB", 8192, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "e.g. RTX 3070 8 GB"),
-    "12GB": Budget(
-        "12GB", 12288, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "RTX 2060 / 3060 12 GB: the write-up ran 32 / 48 frames"
-    ),
-    "24GB": Budget("24GB", 24576, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, "RTX 4090 24 GB: the write-up ran 64 frames at once"),
+    label: Budget(label, budget_gib(label) * 1024, SMALL_CARD_CONTEXT_MIB, DESKTOP_RESERVE_MIB, CARDS[label])
+    for label in BUDGET_PRESETS
 }
 
 

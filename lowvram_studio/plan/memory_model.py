@@ -60,7 +60,7 @@ def window_frames(settings: RunSettings, dims: ModelDims) -> int:
     """Latent frames the denoiser sees in one call: the window length when temporal windows are on (windows
     count latent frames: SVD's are its pixel frames, Wan's each stand for four)."""
     frames = dims.latent_frames(settings.num_frames)
-    return settings.chunk_size if settings.chunk_size and settings.chunk_size < frames else frames
+    return settings.window_frames if settings.window_frames and settings.window_frames < frames else frames
 
 
 def vae_and_encoder_bytes(dims: ModelDims, settings: RunSettings, device_type: str = "cuda") -> float:
@@ -73,20 +73,23 @@ def vae_and_encoder_bytes(dims: ModelDims, settings: RunSettings, device_type: s
 def resident_weights_mib(dims: ModelDims, settings: RunSettings, phase: Phase, device_type: str = "cuda") -> float:
     """Weights on the GPU during ``phase``, given the offload mode (engine/placement.py)."""
     unet = dims.unet_params * _storage_bytes(settings.unet_dtype, device_type)
-    vae = dims.vae_params * _storage_bytes(settings.vae_dtype, device_type)
+    vae_bytes = _storage_bytes(settings.vae_dtype, device_type)
+    vae = dims.vae_params * vae_bytes
     encoder = dims.encoder_params * _storage_bytes(settings.encoder_dtype, device_type)
     if settings.offload == OffloadMode.NONE:
         total = unet + vae + (encoder if phase == Phase.ENCODE or not dims.encoder_dropped else 0)
     elif phase == Phase.ENCODE:
         # model: one whole component at a time; stream: the encoder streams leaf by leaf (its largest weight
-        # on the GPU at once), then the VAE moves in whole (engine/wan.py hands the encoder's memory back first)
+        # on the GPU at once), then the VAE moves in, or only its encoder half (engine/wan.py hands the text
+        # encoder's memory back first)
         streamed = dims.encoder_stream_params * _storage_bytes(settings.encoder_dtype, device_type)
-        total = max(encoder if settings.offload == OffloadMode.MODEL else streamed, vae)
+        total = max(encoder if settings.offload == OffloadMode.MODEL else streamed,
+                    (dims.vae_encode_params or dims.vae_params) * vae_bytes)
     elif phase == Phase.DENOISE:
         streamed = dims.unet_stream_params * _storage_bytes(settings.unet_dtype, device_type)
         total = unet if settings.offload == OffloadMode.MODEL else streamed
     else:
-        total = vae
+        total = (dims.vae_params - dims.vae_encode_params) * vae_bytes  # the decoder half, or the whole VAE
     return total / MIB
 
 
@@ -124,7 +127,7 @@ def phase_features(
             stream_extra_mib=1.0 if settings.offload == OffloadMode.STREAM and device_type == "cuda" else 0.0,
         )
         return features
-    frames_per_call = min(settings.decode_chunk or settings.num_frames, settings.num_frames)
+    frames_per_call = min(settings.decode_frames or settings.num_frames, settings.num_frames)
     features["vae_decode"] = _decoded_px(settings) * frames_per_call * vae_bytes * dims.vae_width / MIB
     features["decode_output"] = settings.num_frames * height * width * 3 / MIB
     return features

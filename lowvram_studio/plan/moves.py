@@ -74,9 +74,9 @@ def _window_length(latent_frames: int, dims: ModelDims) -> str:
 
 def _fitting_overlap(settings: RunSettings, request_overlap: int) -> RunSettings:
     """Windows overlap by fewer frames than they hold: the request's overlap, cut to the window's length - 1."""
-    if not settings.chunk_size:
+    if not settings.window_frames:
         return settings.replace(overlap=request_overlap)
-    return settings.replace(overlap=min(request_overlap, settings.chunk_size - 1))
+    return settings.replace(overlap=min(request_overlap, settings.window_frames - 1))
 
 
 def _with_fitting_overlap(apply: Callable[[RunSettings, ModelDims], RunSettings | None]):
@@ -89,7 +89,7 @@ def _with_fitting_overlap(apply: Callable[[RunSettings, ModelDims], RunSettings 
 
 def _windows_loosen(settings: RunSettings, request: RunSettings) -> list[RunSettings]:
     return [_fitting_overlap(looser, request.overlap)
-            for looser in _level_loosen("chunk_size", WINDOW_LEVELS)(settings, request)]
+            for looser in _level_loosen("window_frames", WINDOW_LEVELS)(settings, request)]
 
 
 def _cfg_split(settings: RunSettings, dims: ModelDims) -> RunSettings | None:
@@ -180,14 +180,14 @@ MOVES: tuple[Move, ...] = (
     Move("vae_bf16", True, (Phase.ENCODE, Phase.DECODE), _vae_bf16,
          lambda s, d: "VAE in bf16, half its weights and activations (lossy: 8 mantissa bits; Wan ships its VAE in fp32)",
          _undo("vae_dtype")),
-    Move("decode_chunk", True, (Phase.DECODE,),
-         _level_move("decode_chunk", DECODE_LEVELS, lambda s, d: s.num_frames),
-         lambda s, d: f"decode {s.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames)",
-         _level_loosen("decode_chunk", DECODE_LEVELS)),
-    Move("chunk_size", True, (Phase.DENOISE,),
-         _with_fitting_overlap(_level_move("chunk_size", WINDOW_LEVELS,
+    Move("decode_frames", True, (Phase.DECODE,),
+         _level_move("decode_frames", DECODE_LEVELS, lambda s, d: s.num_frames),
+         lambda s, d: f"decode {s.decode_frames} frame(s) at a time (lossy: the temporal decoder sees fewer frames)",
+         _level_loosen("decode_frames", DECODE_LEVELS)),
+    Move("window_frames", True, (Phase.DENOISE,),
+         _with_fitting_overlap(_level_move("window_frames", WINDOW_LEVELS,
                                            lambda s, d: min(d.latent_frames(s.num_frames), d.native_frames + 1))),
-         lambda s, d: f"temporal windows of {_window_length(s.chunk_size, d)} (lossy: motion is coherent within a window)",
+         lambda s, d: f"temporal windows of {_window_length(s.window_frames, d)} (lossy: motion is coherent within a window)",
          _windows_loosen),
     Move("fp8", True, PHASES, _fp8, lambda s, d: "UNet weights stored in fp8, computed in 16 bit (lossy)",
          _undo("unet_dtype")),
@@ -198,10 +198,10 @@ MOVES: tuple[Move, ...] = (
 
 
 # The moves a family's model can take, by family kind: Wan's transformer has no UNet layers for spatial /
-# temporal chunks, and its VAE decodes frame by frame whatever decode_chunk says; SVD's VAE stays in fp32
+# temporal chunks, and its VAE decodes frame by frame whatever decode_frames says; SVD's VAE stays in fp32
 # unless the user asks (its fp16 decode is known to overflow), so only Wan's VAE may be halved, on a card
 # with bf16 (``Planner``).
 FAMILY_MOVES = {
     "svd": tuple(move.name for move in MOVES if move.name != "vae_bf16"),
-    "wan": tuple(move.name for move in MOVES if move.name not in ("spatial_chunk", "temporal_chunk", "decode_chunk")),
+    "wan": tuple(move.name for move in MOVES if move.name not in ("spatial_chunk", "temporal_chunk", "decode_frames")),
 }

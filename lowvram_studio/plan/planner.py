@@ -123,9 +123,9 @@ class Planner:
 
     def base(self, settings: RunSettings) -> tuple[RunSettings, list[str]]:
         """The request, plus windows of the model's native length for clips longer than it was trained on."""
-        if self.dims.latent_frames(settings.num_frames) > self.dims.native_frames and not settings.chunk_size:
+        if self.dims.latent_frames(settings.num_frames) > self.dims.native_frames and not settings.window_frames:
             native = self.dims.native_frames
-            windowed = settings.replace(chunk_size=native, overlap=min(settings.overlap, 4) or 4)
+            windowed = settings.replace(window_frames=native, overlap=min(settings.overlap, 4) or 4)
             latent = "" if self.dims.temporal_scale == 1 else " latent"
             reason = (
                 f"temporal windows of {native}{latent} frames: {self.dims.name} was trained on {native}; "
@@ -243,16 +243,16 @@ class Planner:
 
     def no_budget(self, settings: RunSettings) -> Plan | None:
         """Without a budget the user's settings run as they are, with one exception on a GPU: when decoding
-        every frame at once (``decode_chunk`` 0) alone would set the run's peak (by more than
+        every frame at once (``decode_frames`` 0) alone would set the run's peak (by more than
         ``NO_BUDGET_DECODE_SLACK``), the frames are decoded in
         the fewest equal chunks that keep the decode at or under the other phases' peak, but never fewer
         than ``NO_BUDGET_MIN_DECODE_CHUNK`` frames (or half the clip) a chunk: with no budget, temporal coherence outranks
         memory. The VAE's fp32 decode of 25 frames at 576x1024 otherwise peaks far above the denoise loop
-        (76.9 GiB measured on the H100, diffusers fp16 60). ``decode_chunk`` = the frame count asks for all
+        (76.9 GiB measured on the H100, diffusers fp16 60). ``decode_frames`` = the frame count asks for all
         frames at once."""
         frames = settings.num_frames
         smallest = min(NO_BUDGET_MIN_DECODE_CHUNK, math.ceil(frames / 2))
-        if self.device_type != "cuda" or settings.decode_chunk or settings.vae_tile or not self._moves(("decode_chunk",)):
+        if self.device_type != "cuda" or settings.decode_frames or settings.vae_tile or not self._moves(("decode_frames",)):
             return None  # (a model whose VAE decodes frame by frame has no decode chunk: Wan)
         prediction = self.predict(settings)
         decode = prediction.phases[Phase.DECODE.value]
@@ -264,17 +264,17 @@ class Planner:
             chunk = math.ceil(frames / count)
             if chunk < smallest:
                 break
-            chunked = settings.replace(decode_chunk=chunk)
+            chunked = settings.replace(decode_frames=chunk)
             chunked_prediction = self.predict(chunked)
             if chunked_prediction.phases[Phase.DECODE.value] <= others:
                 break
         floor = "" if chunked_prediction.phases[Phase.DECODE.value] <= others else (
             f" (still above them: no budget never cuts below {smallest} frame(s) a chunk; a VRAM budget goes further)")
         reason = (
-            f"decode {chunked.decode_chunk} frame(s) at a time (lossy: the temporal decoder sees fewer frames): all "
+            f"decode {chunked.decode_frames} frame(s) at a time (lossy: the temporal decoder sees fewer frames): all "
             f"{frames} at once would alone set the peak at {_gib(decode)}, above the other phases' {_gib(others)}; "
             f"now {_gib(chunked_prediction.phases[Phase.DECODE.value])}{floor}; "
-            f"set decode_chunk to {frames} to decode all frames at once anyway"
+            f"set decode_frames to {frames} to decode all frames at once anyway"
         )
         return Plan(chunked, chunked_prediction, [reason], None, True)
 

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 5
 # What a decode retry can change without re-running the denoise loop.
-DECODE_MOVES = ("vae_tile", "decode_chunk")
+DECODE_MOVES = ("vae_tile", "decode_frames")
 T = TypeVar("T")
 
 

@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 # interpolation (the last rung generates half the frames and interpolates), the UNet precision (fp8) and, for
 # Wan, the VAE's (bf16). Size, steps, guidance, the other FP16 choices and pruning stay the user's.
 PLANNED_FIELDS = ("num_frames", "unet_dtype", "vae_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk",
-                  "offload", "decode_chunk", "vae_tile", "chunk_size", "overlap", "interpolate")
+                  "offload", "decode_frames", "vae_tile", "window_frames", "overlap", "interpolate")
 # What the plan starts from: these at their defaults, so a larger budget loosens what a smaller one tightened.
-_RESET_FIELDS = ("cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk", "vae_tile",
-                 "chunk_size", "overlap", "interpolate")
+_RESET_FIELDS = ("cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_frames", "vae_tile",
+                 "window_frames", "overlap", "interpolate")
 
 # Controls whose change alters the plan: with a budget picked, changing one plans again.
 REPLAN_INPUTS = (MODEL, "width", "height", "num_frames", "device", "max_guidance_scale", "unet_dtype", "vae_dtype",

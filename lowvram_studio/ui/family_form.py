@@ -21,9 +21,9 @@ from .sliders import SLIDERS, SliderSpec, snap_note
 FAMILY_NAMES = {SVD: "SVD", WAN: "Wan"}  # as the user knows them
 WAN_ONLY = ("prompt", "negative_prompt", "guidance_scale")
 SVD_ONLY = ("motion_bucket_id", "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "spatial_chunk",
-            "temporal_chunk", "decode_chunk")
-# The SVD-only knobs Wan refuses when on (decode_chunk: ignores), at the value Wan runs.
-WAN_OFF = {"spatial_chunk": 0, "temporal_chunk": 0, "decode_chunk": 0}
+            "temporal_chunk", "decode_frames")
+# The SVD-only knobs Wan refuses when on (decode_frames: ignores), at the value Wan runs.
+WAN_OFF = {"spatial_chunk": 0, "temporal_chunk": 0, "decode_frames": 0}
 # Wan2.1's and Wan2.2's VAEs compress time 4x, so a clip is 4k+1 frames (request_for checks the loaded model's).
 # Sizes: one Wan2.2 TI2V token per 32 px (16 px latent cells, 2x2 patches), up to its 1280x704.
 # Step reuse: diffusers' FirstBlockCache threshold (engine/step_cache.py), useful from about 0.05 to 0.2.

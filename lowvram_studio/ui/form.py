@@ -15,7 +15,8 @@ from ..engine.components import SVD_COMPONENTS
 from ..engine.precision import DTYPE_NAMES, detect_gpu
 from ..engine.sampler import resolve_device
 from ..models.source_family import WAN, source_family
-from ..settings import Precision, RunSettings, SettingsError, budget_gib
+from ..settings import BUDGET_PRESETS, Precision, RunSettings, SettingsError, budget_gib
+from ..settings_table import RENAMED, TABLE, renamed
 from ..settings_adapter import precision_policy
 
 # Controls that are not RunSettings fields but belong to the saved form.
@@ -37,41 +38,20 @@ FORM_NAMES = [
     MODEL, "num_frames", "num_inference_steps", "width", "height", "seed", "fps", "motion_bucket_id",
     "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "prompt", "negative_prompt", "guidance_scale",
     "device", "preview_every", "vram_budget", BUDGET_GIB,
-    *PRECISION_FIELDS, "half_compute", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_chunk",
-    "vae_tile", "chunk_size", "overlap", "prune_threshold", "interpolate", GIF,
+    *PRECISION_FIELDS, "half_compute", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload", "decode_frames",
+    "vae_tile", "window_frames", "overlap", "prune_threshold", "interpolate", GIF,
 ]
 
 # What the user picks -> RunSettings.vram_budget. "Manual" leaves every slider to the user.
-BUDGET_CHOICES = {"Manual": "off", "Auto": "auto", "4 GB": "4GB", "6 GB": "6GB", "8 GB": "8GB",
-                  "12 GB": "12GB", "24 GB": "24GB", "Custom": None}
+BUDGET_CHOICES = {"Manual": "off", "Auto": "auto",
+                  **{size.replace("GB", " GB"): size for size in BUDGET_PRESETS},
+                  "Custom": None}
 
-# What each control trades; shown as the control's info text. Lossy ones say so (DESIGN §3).
+# What each control trades, shown as its info text: the settings table's help as a sentence (DESIGN §3: lossy ones
+# say so), and the GIF toggle's.
 INFO = {
-    "prompt": "What the clip shows (Wan models steer by text; SVD by the image alone).",
-    "negative_prompt": "What to steer away from, e.g. 'blurry, still scene' (empty: nothing).",
-    "guidance_scale": "How strongly the prompt steers each step; 1 or less turns guidance off (one call per step).",
-    "preview_every": "Live preview every N denoise steps (0 = off): ~1 ms each, no VAE call, never changes the video.",
-    "vram_budget": "Fills the settings below with the planner's plan for this model, size and frames on a card of "
-                   "this size (the same plan Generate applies). Auto plans for this GPU's free memory.",
-    "unet_dtype": "LOSSY: FP16 / BF16 halve the UNet's weight and activation memory (FP16 is the closer to FP32; "
-                  "BF16 where FP16 overflows); FP8 storage halves the weights again, computed in FP16, slower.",
-    "half_compute": "What FP16-stored weights compute in. auto: by this GPU's generation (FP32 on GTX 10xx / "
-                    "Volta and GTX 16xx, FP16 from RTX 20xx on); FP32 costs speed, not memory.",
-    "vae_dtype": "LOSSY: half the VAE's memory; may shift colours. Keep off unless memory is short.",
-    "encoder_dtype": "LOSSY (tiny): saves ~0.6 GB of CLIP weights; the embedding changes slightly.",
-    "cfg_split": "Lossless: runs the two guidance branches one after the other: less memory, a little slower.",
-    "spatial_chunk": "Lossless: frames per chunk in spatial layers (0 = all): less activation memory, slower.",
-    "temporal_chunk": "Lossless: positions per chunk in temporal layers (0 = all): less activation memory.",
-    "ff_chunk": "Lossless: tokens per feed-forward chunk (0 = off): less activation memory, slightly slower.",
-    "offload": "Lossless: where weights wait while idle. model = whole parts on the GPU when used; "
-               "stream = UNet blocks stream in (least VRAM, slowest on fast GPUs).",
-    "decode_chunk": "LOSSY below all frames: frames the VAE decodes at once (0 = all, unless on a GPU that alone would set the peak: then the fewest chunks that do not; the frame count = all, always).",
-    "vae_tile": "LOSSY: decode in tiles of this many pixels (0 = off); seams are blended.",
-    "chunk_size": "LOSSY: generate long videos in temporal windows of this many frames (0 = whole clip).",
-    "overlap": "Frames shared by neighbouring windows: more overlap, smoother joins, more compute.",
-    "prune_threshold": "LOSSY: reuse work where frames barely change (0 = off). Higher = faster, more artefacts.",
-    "interpolate": "LOSSY: deliver 2x or 4x the frames by interpolating between generated ones.",
-    "gif": "Also write an animated GIF beside the mp4.",
+    **{name: row.help[0].upper() + row.help[1:] + "." for name, row in TABLE.items()},
+    GIF: "Also write an animated GIF beside the mp4.",
 }
 
 # The write-up (reference/gtx1060-video-writeup) saw ghosting below this pruning threshold.
@@ -128,7 +108,10 @@ def resolve_auto_precision(settings: RunSettings, keep: tuple[str, ...] = ()) ->
 
 
 def upgrade_stored_form(values: dict[str, Any]) -> dict[str, Any]:
-    """A saved form (last used, preset) as today's controls take it: the UNet's precision was a checkbox."""
+    """A saved form (last used, preset) as today's controls take it: the UNet's precision was a checkbox, and
+    0.1.0 named two settings differently (settings_table.RENAMED); a form holding both keeps today's."""
+    values = renamed({key: value for key, value in values.items()
+                      if not (key in RENAMED and RENAMED[key] in values)}, "the saved form")
     unet = values.get("unet_dtype")
     if isinstance(unet, bool):
         return {**values, "unet_dtype": Precision.FP16.value if unet else Precision.FP32.value}

@@ -35,6 +35,7 @@ import PIL.Image
 from ..media import sweep_partial_outputs, unique_path, write_atomically
 from ..monitor.record import write_text_atomic
 from ..settings import RunSettings
+from ..settings_table import names
 from .queue_lock import QueueLock
 from .worker import JobState
 
@@ -190,13 +191,9 @@ class Speed:
         return steps * self.seconds_per_step + self.overhead_s
 
 
-# Settings that change how long a run of a given size takes (precision, CFG split, chunks, offload, decode,
-# windows, pruning, budget plan, interpolation, guidance); seed, motion and fps conditioning do not.
-COST_FIELDS = (
-    "unet_dtype", "vae_dtype", "encoder_dtype", "cfg_split", "spatial_chunk", "temporal_chunk", "ff_chunk", "offload",
-    "decode_chunk", "vae_tile", "chunk_size", "overlap", "prune_threshold", "prune_mode", "vram_budget", "interpolate",
-    "max_guidance_scale", "extra",
-)
+# Settings that change how long a run of a given size takes (settings_table: each one's cost): precision, CFG split,
+# chunks, offload, decode, windows, pruning, budget plan, interpolation, guidance; seed, motion and fps do not.
+COST_FIELDS = names(cost="step") + names(cost="run")
 
 
 def speed_key(model: str, settings: RunSettings | dict[str, Any], same_settings: bool = False) -> str:

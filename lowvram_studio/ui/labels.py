@@ -1,6 +1,6 @@
 """The names the user sees for each setting, and conflicts said in those names with a one-click fix.
 
-``RunSettings.problems`` speaks in field names (``chunk_size``), which the CLI user types; the studio's
+``RunSettings.problems`` speaks in field names (``window_frames``), which the CLI user types; the studio's
 user knows the controls by their labels. One table (``LABELS``) names every control on the page and
 turns the settings' messages into the page's words, so a label is changed in one place. ``suggest_fix``
 knows, for the conflicts that have one obvious remedy, which control values resolve them.
@@ -12,47 +12,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..settings_table import LOSSY_MARK, TABLE
 from .form import BUDGET_GIB, GIF, MODEL
 
-# Every control's label. Two controls cut "temporal" things: one cuts the clip into frame windows (lossy),
-# the other cuts the temporal layers' positions (lossless); each is named for what it cuts.
+# Every control's label: the settings' from their table (settings_table), the form's own three here.
 LABELS = {
     MODEL: "Model",
-    "num_frames": "Frames",
-    "num_inference_steps": "Steps",
-    "width": "Width",
-    "height": "Height",
-    "seed": "Seed",
-    "fps": "FPS",
-    "motion_bucket_id": "Motion bucket",
-    "noise_aug_strength": "Noise augmentation",
-    "min_guidance_scale": "Min guidance (first frame)",
-    "max_guidance_scale": "Max guidance (last frame; ≤ 1 = no CFG)",
-    "prompt": "Prompt",
-    "negative_prompt": "Negative prompt",
-    "guidance_scale": "Guidance scale (≤ 1 = no CFG)",
-    "device": "Device",
-    "preview_every": "Live preview every N steps (0 = off)",
-    "vram_budget": "VRAM budget",
+    **{name: row.studio_label for name, row in TABLE.items() if name != "extra"},
     BUDGET_GIB: "Custom budget (GB)",
-    "unet_dtype": "UNet precision",
-    "vae_dtype": "VAE FP16 ⚠ lossy",
-    "encoder_dtype": "Image encoder FP16 ⚠ lossy",
-    "half_compute": "FP16 weights compute in",
-    "chunk_size": "Frame window (frames) ⚠ lossy",
-    "overlap": "Window overlap (frames)",
-    "prune_threshold": "Pruning threshold ⚠ lossy",
-    "offload": "Offload",
-    "decode_chunk": "Decode chunk (frames) ⚠ lossy",
-    "vae_tile": "VAE tile (px) ⚠ lossy",
-    "interpolate": "Interpolation ⚠ lossy",
-    "cfg_split": "CFG split",
-    "spatial_chunk": "Spatial-layer chunk (frames)",
-    "temporal_chunk": "Temporal-layer chunk (positions)",
-    "ff_chunk": "Feed-forward chunk (tokens)",
     GIF: "Also write a GIF",
 }
-_SHORT = {name: label.replace(" ⚠ lossy", "") for name, label in LABELS.items()}
+_SHORT = {name: label.removesuffix(LOSSY_MARK) for name, label in LABELS.items()}
 # "model" and "gif" are form controls, not settings fields, and everyday words in messages ("a memory model").
 _FIELDS = [name for name in _SHORT if name not in (MODEL, GIF)]
 _FIELD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _FIELDS), key=len, reverse=True)) + r")\b")
@@ -85,7 +55,7 @@ def suggest_fix(form: dict[str, Any]) -> Fix | None:
     Remedies keep what the user chose last where they can: the window keeps its size and loses overlap,
     windows win over pruning (the windows set the memory), the maximum guidance is kept.
     """
-    chunk, overlap = int(form.get("chunk_size") or 0), int(form.get("overlap") or 0)
+    chunk, overlap = int(form.get("window_frames") or 0), int(form.get("overlap") or 0)
     if chunk and overlap >= chunk:
         return Fix({"overlap": max(chunk - 1, 0)})
     if float(form.get("prune_threshold") or 0) > 0 and 0 < chunk < int(form.get("num_frames") or 0):

@@ -81,13 +81,13 @@ def optimization_controls(form: FormControls) -> tuple[gr.Markdown, gr.Markdown,
         form.add("encoder_dtype", gr.Checkbox)
         form.add("half_compute", gr.Dropdown, ["auto", "fp16", "fp32"])
     with gr.Row():
-        form.add("chunk_size", gr.Slider)
+        form.add("window_frames", gr.Slider)
         form.add("overlap", gr.Slider)
     form.add("prune_threshold", gr.Slider)
     warning = gr.Markdown(elem_id="prune-warning")
     with gr.Row():
         form.add("offload", gr.Radio, ["none", "model", "stream"])
-        form.add("decode_chunk", gr.Slider)
+        form.add("decode_frames", gr.Slider)
         form.add("vae_tile", gr.Slider)
     form.add("interpolate", gr.Radio, ["1", "2", "4"])
     with gr.Accordion("Lossless memory savers", open=False):

@@ -1,4 +1,4 @@
-"""The form's sliders in one table (range and step), and snapping a typed value onto its step.
+"""The form's sliders (range and step, from the settings table), and snapping a typed value onto its step.
 
 A slider's number box takes any typed number; a value between steps (127 in a step-64 box) would
 otherwise run as typed, as some fields accept it (``temporal_chunk`` any whole number). The page snaps
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..settings_table import TABLE
 from .labels import LABELS
 
 
@@ -33,27 +34,7 @@ class SliderSpec:
         return abs(steps - round(steps)) <= 1e-6
 
 
-SLIDERS = {
-    "num_frames": SliderSpec(2, 128, 1),
-    "num_inference_steps": SliderSpec(1, 100, 1),
-    "width": SliderSpec(64, 1024, 64),
-    "height": SliderSpec(64, 1024, 64),
-    "fps": SliderSpec(1, 60, 1),
-    "motion_bucket_id": SliderSpec(0, 1023, 1),
-    "noise_aug_strength": SliderSpec(0, 1, 0.01),
-    "min_guidance_scale": SliderSpec(0, 20, 0.1),
-    "max_guidance_scale": SliderSpec(0, 20, 0.1),
-    "guidance_scale": SliderSpec(0, 20, 0.1),
-    "preview_every": SliderSpec(0, 10, 1),
-    "chunk_size": SliderSpec(0, 64, 1),
-    "overlap": SliderSpec(0, 16, 1),
-    "prune_threshold": SliderSpec(0, 0.1, 0.001),
-    "decode_chunk": SliderSpec(0, 32, 1),
-    "vae_tile": SliderSpec(0, 1024, 64),
-    "spatial_chunk": SliderSpec(0, 32, 1),
-    "temporal_chunk": SliderSpec(0, 16384, 256),
-    "ff_chunk": SliderSpec(0, 16384, 256),
-}
+SLIDERS = {name: SliderSpec(*row.slider) for name, row in TABLE.items() if row.slider is not None}
 
 
 def snap_note(name: str, value: Any, specs: Mapping[str, SliderSpec] = SLIDERS) -> tuple[float, str] | None:
