@@ -369,10 +369,11 @@ def test_only_wan_on_a_bf16_card_may_halve_the_vae_and_only_when_the_budget_need
     from lowvram_studio.models.wan_configs import ti2v_5b_dims
 
     ampere, turing = GpuInfo("NVIDIA GeForce RTX 3060", (8, 6)), GpuInfo("NVIDIA GeForce RTX 2060", (7, 5))
-    request = _wan_request(480, 832, 81)
-    roomy = Planner.for_gpu(ti2v_5b_dims(), ampere).plan(request, PRESETS["8GB"])
+    request = _wan_request(704, 1280, 121)
+    # the VAE's decoder half alone on the GPU while decoding (engine/placement.py) leaves 480p at 6 GB in fp32
+    roomy = Planner.for_gpu(ti2v_5b_dims(), ampere).plan(_wan_request(480, 832, 81), PRESETS["6GB"])
     tight = Planner.for_gpu(ti2v_5b_dims(), ampere).plan(request, PRESETS["6GB"])
-    assert roomy.fits and roomy.settings.vae_dtype == Precision.FP32  # not needed at 8 GB
+    assert roomy.fits and roomy.settings.vae_dtype == Precision.FP32  # not needed there
     assert tight.fits and tight.settings.vae_dtype == Precision.BF16 and any("VAE in bf16" in r for r in tight.reasons)
     no_bf16 = Planner.for_gpu(ti2v_5b_dims(), turing).plan(request, PRESETS["6GB"])
     assert no_bf16.settings.vae_dtype == Precision.FP32

@@ -126,7 +126,7 @@ def test_an_out_of_memory_re_plan_on_wan_takes_only_moves_its_model_can_take(pip
             handle.remove()
     changed = {name for retry in result.info["oom_retries"] for name in retry["changed_settings"]}
     assert result.frames.shape == (FRAMES, 192, 192, 3) and len(result.info["oom_retries"]) == 4
-    assert changed and not changed & {"spatial_chunk", "temporal_chunk", "decode_chunk"}  # SVD's UNet / decoder
+    assert changed and not changed & {"spatial_chunk", "temporal_chunk", "decode_frames"}  # SVD's UNet / decoder
 
 
 def test_frame_reuse_is_refused_for_wan_with_the_fix(pipeline, image):
@@ -188,3 +188,36 @@ def test_auto_keeps_the_text_encoder_in_bf16_where_the_device_has_it_and_fp32_el
                           (GpuInfo("NVIDIA GeForce GTX 1060 6GB", (6, 1)), torch.float32)):
         assert PrecisionPolicy.resolve(auto, gpu, WAN_COMPONENTS).encoder.storage == expected
     assert PrecisionPolicy.resolve(auto, None, SVD_COMPONENTS).encoder.storage == torch.float32  # CLIP: fp32
+
+
+def test_an_offloaded_wan_vae_moves_its_encoder_and_decoder_halves_apart_and_frames_stay_equal(pipeline, image):
+    """Model offload and streaming hook Wan's VAE encoder and decoder separately (the encode phase holds only the
+    150 M-parameter encoder of TI2V-5B's 705 M), and the memory model counts just that half in each phase."""
+    from lowvram_studio.engine.placement import PlacementConfig, apply_placement, clear_placement, placement_hooks
+    from lowvram_studio.engine.wan import WAN_COMPONENTS
+    from lowvram_studio.models.wan_configs import ti2v_5b_dims
+    from lowvram_studio.plan.memory_model import resident_weights_mib
+    from lowvram_studio.engine.events import Phase
+    from lowvram_studio.settings import RunSettings
+
+    reference = ours(pipeline, image)
+    for mode in (OffloadMode.MODEL, OffloadMode.STREAM):
+        assert np.abs(ours(pipeline, image, PLAIN.replace(offload=mode)) - reference).max() <= 1e-6, mode
+    apply_placement(pipeline, PlacementConfig(OffloadMode.MODEL, "cpu", WAN_COMPONENTS))
+    try:
+        assert set(pipeline._lowvram_offload_hooks) == {"transformer", "text_encoder", "vae.encoder", "vae.decoder"}
+        assert not hasattr(pipeline.vae, "_hf_hook") and hasattr(pipeline.vae.decoder, "_hf_hook")
+        assert placement_hooks(pipeline)["vae"] == ["CpuOffload"]
+    finally:
+        clear_placement(pipeline)
+    assert not any(hasattr(module, "_hf_hook") for module in pipeline.vae.modules())
+
+    dims = ti2v_5b_dims()
+    vae_mib = dims.vae_params * 4 / 2**20  # fp32
+    streamed = RunSettings(offload="stream", device="cuda")
+    encode, decode = (resident_weights_mib(dims, streamed, phase) for phase in (Phase.ENCODE, Phase.DECODE))
+    assert dims.vae_encode_params / dims.vae_params < 0.25
+    assert decode == pytest.approx(vae_mib * (1 - dims.vae_encode_params / dims.vae_params))
+    assert encode == pytest.approx(max(dims.encoder_stream_params, dims.vae_encode_params) * 4 / 2**20)  # fp32
+    whole = RunSettings(device="cuda")  # offload none: every weight stays, nothing moves in halves
+    assert resident_weights_mib(dims, whole, Phase.DECODE) > vae_mib

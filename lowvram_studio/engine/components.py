@@ -25,6 +25,9 @@ class Component:
     # ``auto`` precision picks bf16 where the device has it: for a component trained and shipped in bf16
     # (Wan's UMT5 text encoder), whose fp32 copy would double its RAM (22.7 GB) for nothing
     auto_bf16: bool = False
+    # An offload mode moves its ``encoder`` and ``decoder`` halves separately, each when it runs: Wan2.2's VAE
+    # decoder is 555 M of its 705 M parameters, needless on the GPU while the first frame is encoded
+    moves_in_halves: bool = False
 
 
 SVD_COMPONENTS = (

@@ -16,6 +16,10 @@ Modes (``OffloadMode``), all through maintained hooks, no home-made mover:
              as in ``model`` (its ``decode`` is not ``forward``, which group offloading hooks, while
              accelerate's hook fires on ``decode`` through diffusers' ``apply_forward_hook``).
 
+A VAE that moves in halves (``Component.moves_in_halves``: Wan's) has, in ``model`` and ``stream``, one hook on
+its encoder and one on its decoder, so the encode phase holds only the encoder and the decode only the decoder;
+its few other weights (the quantisation convolutions) stay on the device.
+
 On the CPU every mode runs (streams are off, moves are no-ops) so tests can prove frames are equal.
 """
 
@@ -125,27 +129,47 @@ def apply_placement(pipeline: Any, config: PlacementConfig) -> None:
     if config.mode == OffloadMode.NONE:
         for module in modules.values():
             module.to(device)
-    elif config.mode == OffloadMode.MODEL:
-        for name, module in modules.items():
-            _, hooks[name] = cpu_offload_with_hook(module, device)
     else:
+        halves = {c.attribute for c in config.components if c.moves_in_halves}
         for name, module in modules.items():
-            if role_of[name] == DENOISER:
+            if config.mode == OffloadMode.STREAM and role_of[name] == DENOISER:
                 apply_group_offloading(module, offload_type="block_level", num_blocks_per_group=1,
                                        block_modules=stream_blocks(module), **_stream_options(device))
-            elif role_of[name] == ENCODER:
+            elif config.mode == OffloadMode.STREAM and role_of[name] == ENCODER:
                 apply_group_offloading(module, offload_type="leaf_level", **_stream_options(device))
+            elif name in halves:
+                _offload_in_halves(name, module, device, hooks)
             else:
                 _, hooks[name] = cpu_offload_with_hook(module, device)
     pipeline._lowvram_placement = config
     logger.info("placement: %s on %s", config.mode.value, device)
 
 
+def _offload_in_halves(name: str, module: torch.nn.Module, device: torch.device, hooks: dict[str, Any]) -> None:
+    """One accelerate hook on each of ``module``'s encoder and decoder (keyed ``vae.encoder``, ``vae.decoder``);
+    every other child on ``device`` for good. The halves' ``forward`` is what the VAE's encode and decode call."""
+    for child_name, child in module.named_children():
+        if child_name in ("encoder", "decoder"):
+            _, hooks[f"{name}.{child_name}"] = cpu_offload_with_hook(child, device)
+        else:
+            child.to(device)
+
+
 def make_room(pipeline: Any, component: str) -> None:
-    """Send every other whole-moving component back to the CPU before ``component`` runs."""
-    for name, hook in _offload_hooks(pipeline).items():
+    """Send every other whole-moving component (or half: ``vae.decoder``) back to the CPU before ``component``
+    (``vae.encoder`` for a VAE moving in halves) runs, and move ``component`` in now.
+
+    Moving it in here, not in its hook, matters for a half: accelerate's hook, when it moves a module, also copies
+    the call's arguments to the device, and a copied list is a new list, so the Wan VAE's causal feature cache
+    (a list its encoder and decoder fill in place) would lose what the first call wrote. Once the module is on its
+    device the hook passes the arguments through as they are.
+    """
+    hooks = _offload_hooks(pipeline)
+    for name, hook in hooks.items():
         if name != component:
             hook.offload()
+    if component in hooks:
+        hooks[component].model.to(hooks[component].hook.execution_device)
 
 
 def release_memory(pipeline: Any | None = None) -> None:

@@ -40,7 +40,7 @@ from .vae import DecodeConfig
 
 WAN_COMPONENTS = (
     Component("transformer", DENOISER, "transformer", "unet_dtype"),
-    Component("vae", VAE, "VAE", "vae_dtype"),
+    Component("vae", VAE, "VAE", "vae_dtype", moves_in_halves=True),
     Component("text_encoder", ENCODER, "text encoder", "encoder_dtype", auto_bf16=True),
 )
 
@@ -212,7 +212,7 @@ class WanFamily:
         if pipeline.transformer.config.image_dim is not None:
             image_embeds = pipeline.encode_image(request.image, device).to(dtype)
         pixels = pipeline.video_processor.preprocess(request.image, height=request.height, width=request.width)
-        make_room(pipeline, "vae")
+        make_room(pipeline, "vae.encoder")
         placeholder = torch.zeros(self._native_shape(request), device=device)  # the noise is drawn in initial_noise
         prepared = pipeline.prepare_latents(
             pixels.to(device, dtype=torch.float32), 1, pipeline.vae.config.z_dim, request.height, request.width,
@@ -290,7 +290,7 @@ class WanFamily:
         all frames' activations (``config.chunk`` has nothing to cut); ``config.tile`` turns on its own
         spatial tiling with about a quarter-tile overlap (tile and stride rounded to whole latent cells)."""
         vae = self.pipeline.vae
-        make_room(self.pipeline, "vae")
+        make_room(self.pipeline, "vae.decoder")
         cancel.raise_if_cancelled()
         if config.tile:
             factor = self.pipeline.vae_scale_factor_spatial  # tiles and strides are whole latent cells
@@ -319,6 +319,7 @@ class WanFamily:
             name=self.name,
             unet_params=count(transformer),
             vae_params=count(vae),
+            vae_encode_params=count(vae.encoder) + count(vae.quant_conv),
             encoder_params=self.text_encoder_source.parameters() if encoder is None else count(encoder),
             unet_stream_params=sum(blocks[-2:]) + count(transformer) - sum(blocks),
             native_frames=self.latent_frames(WanRequest(0, 0, 121, 1)),  # TI2V-5B's clip: 121 frames
