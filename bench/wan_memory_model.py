@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_report  # noqa: E402
 from lowvram_studio.engine.events import Phase  # noqa: E402
-from lowvram_studio.models.wan_configs import ti2v_5b_dims  # noqa: E402
+from lowvram_studio.models.wan_configs import UMT5_XXL, ti2v_5b_dims  # noqa: E402
 from lowvram_studio.engine.precision import GpuInfo  # noqa: E402
 from lowvram_studio.plan.budgets import PRESETS  # noqa: E402
 from lowvram_studio.plan.memory_model import MEMORY_MODEL_PATHS, PHASES, MemoryModel, calibrate  # noqa: E402
@@ -40,9 +40,9 @@ CONTEXT_MIB = 600.0  # the CUDA context the memory model assumes on the H100 (pl
 # Streamed rows of these files ran before the encoder's memory was handed back after the text encoding
 # (engine/wan.py, WanFamily.encode): their encode phase held the encoder's and the VAE's weights at once
 ENCODE_BEFORE_RELEASE = {"wan_20261207.json"}
-# ... and moved the VAE whole where an offload mode now moves its encoder and decoder apart (engine/placement.py):
-# their rows are fitted with the weights they held
-WHOLE_VAE = {"wan_20261207.json"}
+# ... and, offloaded, moved the VAE whole (now its encoder and decoder halves apart) and streamed UMT5's input
+# embedding (now looked up on the CPU; engine/placement.py): their rows are fitted with the weights they held
+BEFORE_HALVES = {"wan_20261207.json"}
 RISE_MIB = 256.0  # a phase above the ones before it by less is within the meter's noise: not its own peak
 WITHIN = 0.15  # the memory model's promise: leave-one-out errors within +/-15 %
 # A start for the fit, from the 480p / 720p rows of bench/results/wan_20261207.md by hand; the fit moves every
@@ -75,7 +75,9 @@ def measured_rows(paths: list[Path]) -> list[dict[str, Any]]:
             if path.name in ENCODE_BEFORE_RELEASE and settings.offload == OffloadMode.STREAM:
                 own.pop(Phase.ENCODE.value, None)
             fitted = encoder_ran or settings.offload != OffloadMode.NONE
-            dims = replace(ti2v_5b_dims(), vae_encode_params=0) if path.name in WHOLE_VAE else ti2v_5b_dims()
+            dims = ti2v_5b_dims()
+            if path.name in BEFORE_HALVES:
+                dims = replace(dims, vae_encode_params=0, encoder_stream_params=UMT5_XXL["vocab_size"] * UMT5_XXL["d_model"])
             rows.append({"name": f"{row['name']} ({path.name})", "settings": settings, "dims": dims,
                          "context_mib": CONTEXT_MIB, "process_peak_mib": float(row["process_peak_mib"]),
                          "phase_peaks_mib": own if fitted else {}, "fitted": fitted, "encoder_ran": encoder_ran})

@@ -221,3 +221,37 @@ def test_an_offloaded_wan_vae_moves_its_encoder_and_decoder_halves_apart_and_fra
     assert encode == pytest.approx(max(dims.encoder_stream_params, dims.vae_encode_params) * 4 / 2**20)  # fp32
     whole = RunSettings(device="cuda")  # offload none: every weight stays, nothing moves in halves
     assert resident_weights_mib(dims, whole, Phase.DECODE) > vae_mib
+
+
+def test_a_streamed_text_encoder_looks_its_tokens_up_on_the_cpu_and_gets_its_table_back(pipeline, image):
+    """Streaming leaves UMT5's token table (2 GB in bf16 at full size, the largest weight leaf-level streaming
+    would move whole) out of group offloading, looked up where it lies: the same frames, the same weights and
+    names, the planner counts the next-largest weight, and clearing the placement leaves no hook behind."""
+    from diffusers.hooks import HookRegistry
+
+    from lowvram_studio.engine.placement import (PlacementConfig, apply_placement, clear_placement,
+                                                 largest_streamed_parameter)
+    from lowvram_studio.engine.wan import WAN_COMPONENTS
+    from lowvram_studio.models.wan_configs import ti2v_5b_dims
+
+    encoder = pipeline.text_encoder
+    table = encoder.get_input_embeddings()
+    before = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
+    apply_placement(pipeline, PlacementConfig(OffloadMode.STREAM, "cpu", WAN_COMPONENTS))
+    try:
+        assert encoder.get_input_embeddings() is table and encoder.encoder.embed_tokens is table
+        assert HookRegistry.check_if_exists_or_initialize(table).get_hook("group_offloading") is None
+        assert HookRegistry.check_if_exists_or_initialize(encoder.encoder.block[0].layer[0].SelfAttention.q) \
+            .get_hook("group_offloading") is not None  # the rest streams
+        assert table._forward_pre_hooks and table._forward_hooks
+        assert encoder.state_dict().keys() == before.keys()
+        assert largest_streamed_parameter(encoder) == max(p.numel() for n, p in encoder.named_parameters()
+                                                          if not n.startswith("shared"))
+        streamed = ours(pipeline, image, PLAIN.replace(offload=OffloadMode.STREAM))
+    finally:
+        clear_placement(pipeline)
+    assert not table._forward_pre_hooks and not table._forward_hooks and not hasattr(table, "_lowvram_lookup")
+    after = encoder.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert np.abs(streamed - ours(pipeline, image)).max() <= 1e-6
+    assert ti2v_5b_dims().encoder_stream_params == 4096 * 10240  # a feed-forward weight, not the 256 k x 4096 table

@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 
 DENOISER, VAE, ENCODER = "denoiser", "vae", "encoder"
+# How a (U)T5 text encoder's checkpoint names its input embedding (tied: one tensor, either name)
+INPUT_EMBEDDING_NAMES = ("shared.weight", "embed_tokens.weight")
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,9 @@ class ComponentSource(Protocol):
         """How many parameters the component has (for the planner's dims and the record)."""
         ...
 
-    def largest_parameter(self) -> int:
-        """Elements of its largest weight: what leaf-level streaming holds on the GPU at once (the planner)."""
+    def largest_streamed_parameter(self) -> int:
+        """Elements of its largest weight but the input embedding (``INPUT_EMBEDDING_NAMES``, looked up on the CPU
+        while streaming): what leaf-level streaming holds on the GPU at once (the planner)."""
         ...
 
     def load(self, dtype: torch.dtype) -> torch.nn.Module:

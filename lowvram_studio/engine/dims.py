@@ -33,7 +33,8 @@ class ModelDims:
     ``kind``: the family, which picks its memory model (plan/memory_model.py). ``native_frames`` counts latent
     frames, which are ``temporal_scale`` pixel frames each after the first (Wan's VAE: 4; SVD's: 1); one
     denoiser token covers ``patch`` x ``patch`` latent cells. ``encoder_stream_params``: the largest single
-    weight of the conditioning encoder, which leaf-level streaming moves in whole (UMT5's embedding).
+    weight of the conditioning encoder, which leaf-level streaming moves in whole (but its input embedding: UMT5's
+    2 GB token table is looked up on the CPU, engine/placement.py).
     ``encoder_dropped``: the encoder leaves the GPU after the encode phase (a text encoder read from disk
     for one encode is dropped before the denoiser runs), even when every weight stays on the GPU.
     ``vae_encode_params``: the VAE weights its encode needs, for a VAE that an offload mode moves in halves

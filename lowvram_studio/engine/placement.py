@@ -12,7 +12,8 @@ Modes (``OffloadMode``), all through maintained hooks, no home-made mover:
              transformer and resampler is one group: ~150 MB at most instead of up_blocks[1]'s 1 GB, and
              the mid block no longer rides in the synchronously copied top-level group); the image encoder
              streams layer by layer
-             (its blocks sit deeper than group offloading's block search reaches); the VAE moves whole
+             (its blocks sit deeper than group offloading's block search reaches), a text encoder's input
+             token table left on the CPU and looked up there; the VAE moves whole
              as in ``model`` (its ``decode`` is not ``forward``, which group offloading hooks, while
              accelerate's hook fires on ``decode`` through diffusers' ``apply_forward_hook``).
 
@@ -88,8 +89,51 @@ def _stream_options(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _input_embedding(module: torch.nn.Module) -> torch.nn.Embedding | None:
+    """A transformers model's token table (None for other modules, and for models without one: CLIP's vision
+    tower answers with a convolution)."""
+    try:
+        table = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    except NotImplementedError:
+        return None
+    return table if isinstance(table, torch.nn.Embedding) else None
+
+
+def _stream_with_table_on_cpu(encoder: torch.nn.Module, device: torch.device) -> None:
+    """Leaf-level streaming for a text encoder whose token table stays on the CPU and is looked up there: only the
+    rows a prompt reads (512 x 4096 for UMT5-XXL) cross to ``device``, not the table (256 k x 4096: 1.05 B
+    parameters, 2 GB in bf16, the largest weight streaming would move in whole). Exact: a lookup copies rows.
+
+    Hand-written: group offloading has no way to leave one leaf out, so the table is out of the encoder (a plain
+    Embedding, through transformers' ``set_input_embeddings``, which keeps UMT5's ``embed_tokens`` tied) while
+    group offloading is applied, then back, with two forward hooks moving the ids to it and the rows to ``device``.
+    Its weights, names and state dict stay the encoder's; ``_unplace`` removes the hooks."""
+    table = _input_embedding(encoder)
+    if table is not None:
+        encoder.set_input_embeddings(torch.nn.Identity())  # no weights: group offloading makes no group of it
+    apply_group_offloading(encoder, offload_type="leaf_level", **_stream_options(device))
+    if table is None:
+        return
+    encoder.set_input_embeddings(table.to("cpu"))
+    table._lowvram_lookup = (
+        table.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.device), *args[1:])),
+        table.register_forward_hook(lambda module, args, rows: rows.to(device)),
+    )
+
+
+def largest_streamed_parameter(encoder: torch.nn.Module) -> int:
+    """Elements of the largest weight leaf-level streaming moves in whole: any but the token table."""
+    table = _input_embedding(encoder)
+    return max(p.numel() for p in encoder.parameters() if table is None or p is not table.weight)
+
+
 def _unplace(module: torch.nn.Module) -> None:
     """Remove the placement hooks of one module; its weights end on the CPU."""
+    table = _input_embedding(module)
+    for handle in getattr(table, "_lowvram_lookup", ()):
+        handle.remove()
+    if hasattr(table, "_lowvram_lookup"):
+        del table._lowvram_lookup
     remove_hook_from_module(module, recurse=True)
     registry = HookRegistry.check_if_exists_or_initialize(module)
     for name in GROUP_OFFLOAD_HOOKS:
@@ -136,7 +180,7 @@ def apply_placement(pipeline: Any, config: PlacementConfig) -> None:
                 apply_group_offloading(module, offload_type="block_level", num_blocks_per_group=1,
                                        block_modules=stream_blocks(module), **_stream_options(device))
             elif config.mode == OffloadMode.STREAM and role_of[name] == ENCODER:
-                apply_group_offloading(module, offload_type="leaf_level", **_stream_options(device))
+                _stream_with_table_on_cpu(module, device)
             elif name in halves:
                 _offload_in_halves(name, module, device, hooks)
             else:

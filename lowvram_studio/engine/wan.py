@@ -31,7 +31,7 @@ from .components import DENOISER, ENCODER, VAE, Component, ComponentSource
 from .dims import WAN_TRANSFORMER_WIDTH, WAN_VAE_WIDTH, ModelDims
 from .events import CancelToken
 from .family import ClipRequest
-from .placement import drop_component, make_room, release_memory
+from .placement import drop_component, largest_streamed_parameter, make_room, release_memory
 from .precision import ComponentPrecision, PrecisionPolicy, compute_dtype
 from .prompt_cache import EncoderIdentity, PromptCache
 from .pruning_config import PruningConfig
@@ -329,7 +329,7 @@ class WanFamily:
             kind=self.kind,
             temporal_scale=self.pipeline.vae_scale_factor_temporal,
             patch=transformer.config.patch_size[1],
-            encoder_stream_params=(self.text_encoder_source.largest_parameter() if encoder is None
-                                   else max(p.numel() for p in encoder.parameters())),
+            encoder_stream_params=(self.text_encoder_source.largest_streamed_parameter() if encoder is None
+                                   else largest_streamed_parameter(encoder)),
             encoder_dropped=self.text_encoder_source is not None,
         )

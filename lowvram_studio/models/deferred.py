@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..engine.components import INPUT_EMBEDDING_NAMES
 from .errors import ModelError
 from .safetensors_file import SafetensorsHeader, SingleFileError, read_header
 
@@ -84,8 +85,9 @@ class DeferredTextEncoder:
         """Counted from the headers' shapes (a tied embedding is stored, and counted, once)."""
         return sum(math.prod(entry.shape) for header in self.headers for entry in header.entries.values())
 
-    def largest_parameter(self) -> int:
-        return max(math.prod(entry.shape) for header in self.headers for entry in header.entries.values())
+    def largest_streamed_parameter(self) -> int:
+        return max(math.prod(entry.shape) for header in self.headers for name, entry in header.entries.items()
+                   if not name.endswith(INPUT_EMBEDDING_NAMES))
 
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         try:

@@ -39,6 +39,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideo
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
+from ..engine.components import INPUT_EMBEDDING_NAMES
 from .deferred import files_fingerprint
 from .discovery import hf_cache_dir, hf_snapshot
 from .errors import ModelError
@@ -263,8 +264,9 @@ class SplitTextEncoder:
     def parameters(self) -> int:
         return sum(math.prod(self.header.entries[key].shape) for key in _weight_keys(self.header))
 
-    def largest_parameter(self) -> int:
-        return max(math.prod(self.header.entries[key].shape) for key in _weight_keys(self.header))
+    def largest_streamed_parameter(self) -> int:
+        return max(math.prod(self.header.entries[key].shape) for key in _weight_keys(self.header)
+                   if not key.endswith(INPUT_EMBEDDING_NAMES))
 
     def load(self, dtype: torch.dtype) -> torch.nn.Module:
         header = self.header
