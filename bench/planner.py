@@ -3,9 +3,9 @@
     python bench/planner.py --out $OUT/planner.json      # H100: full-size SVD-XT, random weights, fp16, 2 steps
     python bench/planner.py --out /tmp/planner --smoke   # CPU check of this script: demo model, tiny sizes, 1 step
 
-Every row runs ``run_with_replan(generate)`` once and measures its process peak (NVML per-process, or
-device used minus the idle baseline when the container hides PIDs; never below context + torch's
-reserved peak, which is what the GPU must hold) from the start of encode to the end of decode: when
+Every row runs once through ``planned_run`` (``plan_run`` + ``execute``: re-planned after an OOM) and
+measures its process peak (NVML per-process, or device used minus the idle baseline when the container
+hides PIDs; never below context + torch's reserved peak, which is what the GPU must hold) from the start of encode to the end of decode: when
 the load phase has placed the weights, cached blocks are returned to the driver, so weights an
 earlier row left on the GPU do not count. Runs take 2 denoising steps: the peak of a step does
 not depend on how many steps follow, so memory figures equal those of 25-step runs (times do not).
@@ -54,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lowvram_studio.engine.events import Phase  # noqa: E402
 from lowvram_studio.engine.oom import OutOfMemoryAfterRetries  # noqa: E402
-from lowvram_studio.settings_adapter import generate  # noqa: E402
 from lowvram_studio.engine.dims import ModelDims  # noqa: E402
 from lowvram_studio.plan.budgets import PRESETS, simulated_budget  # noqa: E402
 from lowvram_studio.plan.memory_model import MIB, MemoryModel, calibrate  # noqa: E402
 from lowvram_studio.plan.planner import Planner  # noqa: E402
-from lowvram_studio.plan.replan import decode_retry, run_with_replan  # noqa: E402
+from lowvram_studio.models.load import LoadedModel  # noqa: E402
+from lowvram_studio.planned_run import execute, plan_run  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
 
 LOG = logging.getLogger("bench.planner")
@@ -262,11 +262,10 @@ class Bench:
                     torch.cuda.reset_peak_memory_stats()
                 sampler.reset()
 
-        return run_with_replan(
-            lambda s, callback: generate(self.pipeline, image, s, on_event=callback,
-                                         decode_retry=decode_retry(self.planner)),
-            settings, self.planner, on_event=on_event,
-        )
+        # the rows' hand-set settings run as given (no budget, no decode rule), through the one run path
+        model = LoadedModel(self.pipeline, "svd-xt architecture, random weights", "bench/planner.py", "bench")
+        return execute(model, image, plan_run(model, settings, planner=self.planner, apply_plan=False),
+                       on_event=on_event)
 
     def _figures(self, result, sampled_peak_mib: float) -> dict[str, Any]:
         ran = result.settings
