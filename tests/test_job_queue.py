@@ -23,7 +23,8 @@ from lowvram_studio.media import read_video
 from lowvram_studio.settings import RunSettings
 from lowvram_studio.ui.studio import Studio
 from lowvram_studio.ui.config_store import ConfigStore
-from lowvram_studio.ui.job_queue import JobQueue, QueueError, parse_seeds
+from lowvram_studio.ui.job_queue import JobQueue
+from lowvram_studio.ui.queue_entry import QueueError, parse_seeds
 from lowvram_studio.ui.queue_lock import QueueLocked, default_queue_dir
 from lowvram_studio.ui.queue_runner import QueueRunner
 from lowvram_studio.ui.worker import JobState, Worker

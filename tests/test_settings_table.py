@@ -16,7 +16,7 @@ from lowvram_studio.settings import OffloadMode, Precision, RunSettings, Setting
 from lowvram_studio.settings_table import RENAMED, TABLE, lossy_names
 from lowvram_studio.speed import speed_key as calibration_key
 from lowvram_studio.ui.form import INFO, upgrade_stored_form
-from lowvram_studio.ui.job_queue import speed_key as eta_key
+from lowvram_studio.ui.queue_entry import speed_key as eta_key
 from lowvram_studio.ui.labels import LABELS, in_user_words
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "ball_and_box.png"

@@ -46,7 +46,6 @@ from .form import (
     prune_warning,
     upgrade_stored_form,
 )
-from .job_queue import QueueError
 from .labels import in_user_words, suggest_fix
 from .layout import (
     FormControls,
@@ -56,6 +55,7 @@ from .layout import (
     prompt_controls,
 )
 from .progress import progress_html
+from .queue_entry import QueueError
 from .queue_runner import QUEUE_COLUMNS
 from .reuse import restore_form
 from .runs_view import (

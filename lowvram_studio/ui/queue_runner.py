@@ -19,7 +19,8 @@ import PIL.Image
 
 from ..engine.events import CancelToken, EventCallback, Phase, RunCancelled
 from ..settings import RunSettings
-from .job_queue import FINISHED, JobQueue, QueueEntry, QueueError
+from .job_queue import FINISHED, JobQueue
+from .queue_entry import QueueEntry, QueueError
 from .worker import Job, JobState, Worker
 
 logger = logging.getLogger(__name__)

@@ -45,10 +45,11 @@ from .form import (
     settings_to_form,
     upgrade_stored_form,
 )
-from .job_queue import JobQueue, QueueEntry, QueueError, parse_seeds
+from .job_queue import JobQueue
 from .labels import in_user_words
 from .preview_view import PreviewPanel
 from .progress import progress_html
+from .queue_entry import QueueEntry, QueueError, parse_seeds
 from .queue_lock import QUEUE_FOLDER, default_queue_dir
 from .queue_runner import QueueRunner
 from .runs_view import (
