@@ -196,7 +196,7 @@ def _apply_record(args: argparse.Namespace) -> "RunSettings | None":
     """With --from-record: fill --image, --out and --model from the record where not given; print what was
     restored and what the explicit flags override. Returns the record's settings (None without a record)."""
     from .media import unique_path
-    from .monitor.record import load_reuse
+    from .monitor.reuse import load_reuse
 
     if args.from_record is None:
         for flag, value in (("--image", args.image), ("--out", args.out)):
@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .engine.precision import NonFiniteError, PrecisionError
     from .media import MediaError
     from .models.load import ModelError
-    from .monitor.record import ReuseError
+    from .monitor.reuse import ReuseError
     from .settings import SettingsError
     from .sysinfo import TorchGpuError
     try:

@@ -18,7 +18,8 @@ from . import media
 from .engine.events import CancelToken, EventCallback, Phase, RunCancelled, RunEvent
 from .interpolate import interpolate_frames, output_fps
 from .models.load import LoadedModel
-from .monitor.record import RunRecord, input_image_info, reuse_comment
+from .monitor.record import RunRecord
+from .monitor.reuse import input_image_info, reuse_comment
 from .monitor.vram import VramMonitor, measure_idle_baseline, take_offered_monitor
 from .planned_run import execute, plan_run
 from .settings import RunSettings

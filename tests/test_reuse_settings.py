@@ -13,7 +13,7 @@ import pytest
 
 from lowvram_studio.cli import main
 from lowvram_studio.media import read_mp4_comment, read_video, write_mp4
-from lowvram_studio.monitor.record import ReuseError, load_reuse
+from lowvram_studio.monitor.reuse import ReuseError, load_reuse
 from lowvram_studio.ui.form import FORM_NAMES, MODEL
 from lowvram_studio.ui.reuse import restore_form
 
@@ -157,7 +157,7 @@ def test_the_studio_reads_back_only_images_in_its_folders_and_never_says_whether
 
 
 def test_a_recorded_image_over_the_size_cap_is_not_read_in_the_studio_or_the_cli(first_run, tmp_path):
-    from lowvram_studio.monitor.record import MAX_RECORDED_IMAGE_BYTES
+    from lowvram_studio.monitor.reuse import MAX_RECORDED_IMAGE_BYTES
 
     huge = tmp_path / "huge.png"
     with huge.open("wb") as file:
@@ -187,7 +187,7 @@ def test_checking_a_recorded_image_hashes_it_in_chunks(first_run, tmp_path):
 
 
 def test_a_dropped_record_over_the_size_cap_is_refused_unread(tmp_path):
-    from lowvram_studio.monitor.record import MAX_RECORD_BYTES
+    from lowvram_studio.monitor.reuse import MAX_RECORD_BYTES
 
     huge = tmp_path / "huge.json"
     with huge.open("wb") as file:

@@ -11,7 +11,7 @@ import pytest
 
 from lowvram_studio.cli import build_parser, main
 from lowvram_studio.media import read_video
-from lowvram_studio.monitor.record import reuse_from_dict
+from lowvram_studio.monitor.reuse import reuse_from_dict
 from lowvram_studio.settings import OffloadMode, Precision, RunSettings, SettingsError
 from lowvram_studio.settings_table import RENAMED, TABLE, lossy_names
 from lowvram_studio.speed import speed_key as calibration_key

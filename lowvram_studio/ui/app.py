@@ -22,7 +22,7 @@ import gradio as gr
 
 from ..models.discovery import DiscoveryConfig, discover_models
 from ..models.source_family import source_family
-from ..monitor.record import ReuseError
+from ..monitor.reuse import ReuseError
 from ..settings import SettingsError
 from .badge import device_badge
 from .budget import PLANNED_FIELDS, REPLAN_INPUTS, plan_budget, speed_line

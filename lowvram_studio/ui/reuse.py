@@ -18,7 +18,7 @@ import PIL.Image
 
 from ..media import MediaError, load_image
 from ..models.source_family import WAN, source_family
-from ..monitor.record import ReuseError, load_reuse
+from ..monitor.reuse import ReuseError, load_reuse
 from ..settings import Precision, RunSettings
 from .form import FP16_TOGGLES, MODEL, resolve_auto_precision, settings_to_form
 
