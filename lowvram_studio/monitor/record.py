@@ -167,7 +167,7 @@ class RunRecord:
                 "device_baseline_mib": monitor.config.device_baseline_mib,
                 "gpu": monitor.gpu_info.name if monitor.gpu_info else None,
             },
-            info=_jsonable(info),
+            info=jsonable(info),
         )
         record.results["ram_peak_by_phase_mib"] = record.phase_peaks("rss_mib") or None
         return record
@@ -176,7 +176,7 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["samples"] = [s.to_dict() for s in self.samples]
-        return _jsonable(data)
+        return jsonable(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
@@ -333,12 +333,12 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON types from what runs produce (numpy scalars, enums, paths, tuples, dtypes)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, np.generic):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowvram_studio.monitor.record import RECORD_VERSION, RunRecord, _jsonable
+from lowvram_studio.monitor.record import RECORD_VERSION, RunRecord, jsonable
 
 if TYPE_CHECKING:
     from lowvram_studio.settings import RunSettings
@@ -61,7 +61,7 @@ def reuse_comment(settings: "RunSettings", model: dict[str, Any], input_info: di
         "model": {k: model[k] for k in MODEL_REUSE_KEYS if k in model},
         "input": input_info,
     }
-    return json.dumps(_jsonable(payload), separators=(",", ":"), sort_keys=True)
+    return json.dumps(jsonable(payload), separators=(",", ":"), sort_keys=True)
 
 
 @dataclass
