@@ -9,8 +9,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowvram_studio.engine.events import Phase
-from lowvram_studio.engine.pruning import deep_branch, group_frames, neighbour_distances
+from lowvram_studio.engine.pruning import group_frames, neighbour_distances
 from lowvram_studio.engine.pruning_config import GHOSTING_BELOW, PruningConfig, ghosting_warning
+from lowvram_studio.engine.pruning_hooks import deep_branch
 from lowvram_studio.engine.pruning_record import MapCode, draw_pruning_map
 from lowvram_studio.settings_adapter import generate
 from lowvram_studio.settings import RunSettings

@@ -26,8 +26,9 @@ here are built on the same ``diffusers.hooks`` registry.
 Every run records a pruning map (frames x steps: 0 computed, 1 copied from a neighbour frame,
 2 deep features reused from a previous step), the pruned fraction and a FLOP-based speedup estimate.
 
-The settings are ``pruning_config.py``; what a run reused (the map, the summary) is ``pruning_record.py``.
-This module holds the measures, the run's state machine and the hooks.
+The settings are ``pruning_config.py``; what a run reused (the map, the summary) is ``pruning_record.py``;
+where the hooks sit on the UNet and what each does is ``pruning_hooks.py``. This module holds the
+measures, the run's state machine and ``apply_pruning``, which attaches the hooks.
 """
 
 from __future__ import annotations
@@ -38,22 +39,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.hooks import HookRegistry
 from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_temporal import (
-    TransformerSpatioTemporalModel,
-    TransformerTemporalModelOutput,
-)
 
 from .options import PruneMode
 from .pruning_config import LARGE_MOTION_THRESHOLD, FrameSignal, PruningConfig, StepSignal
+from .pruning_hooks import (
+    HOOK_NAMES,
+    CachePointHook,
+    ShallowHook,
+    SkipHook,
+    SpatialFramesHook,
+    UNetHook,
+    deep_branch,
+    spatial_units,
+)
 from .pruning_record import MapCode, PruningSummary
 
 logger = logging.getLogger(__name__)
 
-_HOOK_PREFIX = "lowvram_pruning"
 _EPS = 1e-8
 
 
@@ -194,7 +198,7 @@ class PruningState:
         for handle in self._count_handles:
             handle.remove()
         registry = HookRegistry.check_if_exists_or_initialize(self.unet)
-        for name in _HOOK_NAMES:
+        for name in HOOK_NAMES:
             registry.remove_hook(name, recurse=True)
         self.slots.clear()
         self.plan = None
@@ -339,7 +343,7 @@ class PruningState:
         self._counting = {"full": 0.0, "deep": 0.0, "spatial": 0.0, "shallow_spatial": 0.0, "items": items}
         branch = deep_branch(self.unet, self.config.branch_layers)
         deep_prefixes = tuple(f"{name}." for name, _ in (*branch.skipped, branch.cache_point))
-        spatial_prefixes = tuple(f"{name}." for name, _ in _spatial_units(self.unet))
+        spatial_prefixes = tuple(f"{name}." for name, _ in spatial_units(self.unet))
         scale = items / len(self.plan.keep) if self.plan else 1.0  # spatial layers ran on the kept frames only
         handles = []
         for name, module in self.unet.named_modules():
@@ -405,176 +409,6 @@ class PruningState:
         )
 
 
-# ---- hooks ----------------------------------------------------------------------------------------
-
-
-class _UNetHook(ModelHook):
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.state.on_unet_call(args[0] if args else kwargs["sample"])
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        self.state.on_unet_done(sample)
-        return output
-
-
-class _ShallowHook(ModelHook):
-    """On the branch's signal module (the first down block, one of its layers, or conv_in)."""
-
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
-
-    def post_forward(self, module, output):
-        self.state.on_shallow_output(output[0] if isinstance(output, tuple) else output)
-        return output
-
-
-def _passthrough(module: torch.nn.Module, hidden: torch.Tensor, return_dict: bool) -> Any:
-    """What a skipped module hands on: its input, in the shape of result its caller unpacks.
-
-    Nothing downstream reads these values (the cache point replaces them before they matter); they
-    only keep the UNet's forward bookkeeping (skip-connection counts, tuple unpacking) intact.
-    """
-    if isinstance(module, TransformerSpatioTemporalModel):
-        return TransformerTemporalModelOutput(sample=hidden) if return_dict else (hidden,)
-    if hasattr(module, "downsamplers"):  # a down block: its output plus one skip feature per layer (and downsampler)
-        skip_outputs = len(module.resnets) + (1 if module.downsamplers is not None else 0)
-        return hidden, (hidden,) * skip_outputs
-    return hidden
-
-
-class _SkipHook(ModelHook):
-    """On every module of the deep path: not run on a reused step."""
-
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
-
-    def new_forward(self, module, *args, **kwargs):
-        if not self.state.deep_reused:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return _passthrough(module, hidden, kwargs.get("return_dict", True))
-
-
-class _CachePointHook(ModelHook):
-    """On the deep path's last module: caches its output on computed steps and replays it on reused ones."""
-
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
-        self.as_tuple = False  # the module's output form, seen on the (always computed) first step
-
-    def new_forward(self, module, *args, **kwargs):
-        if self.state.deep_reused:
-            cached = self.state.reused_deep_feature()
-            return (cached,) if self.as_tuple else cached
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        self.as_tuple = isinstance(output, tuple)
-        self.state.store_deep_feature(output[0] if self.as_tuple else output)
-        return output
-
-
-class _SpatialFramesHook(ModelHook):
-    """On every spatial layer: compute the kept frames only, then copy rows to their group's frames."""
-
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
-
-    def new_forward(self, module, *args, **kwargs):
-        plan = self.state.plan
-        hidden = args[0] if args else next(iter(kwargs.values()))
-        if plan is None or hidden.shape[0] != plan.items:  # off, or another hook already split the frames
-            return self.fn_ref.original_forward(*args, **kwargs)
-
-        def select(value):
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == plan.items:
-                return value.index_select(0, plan.keep)
-            return value
-
-        output = self.fn_ref.original_forward(
-            *(select(a) for a in args), **{k: select(v) for k, v in kwargs.items()}
-        )
-        return output.index_select(0, plan.scatter)
-
-
-_HOOK_NAMES = (
-    f"{_HOOK_PREFIX}_unet",
-    f"{_HOOK_PREFIX}_shallow",
-    f"{_HOOK_PREFIX}_deep",
-    f"{_HOOK_PREFIX}_cache_point",
-    f"{_HOOK_PREFIX}_frames",
-)
-
-
-@dataclass
-class DeepBranch:
-    """Where a reused step leaves the UNet and where it comes back (DeepCache's branch choice).
-
-    ``signal``'s output is the shallow feature the step decision looks at; ``skipped`` run only on
-    computed steps; ``cache_point``'s output is cached then and replayed on reused steps.
-    """
-
-    signal: tuple[str, torch.nn.Module]
-    skipped: list[tuple[str, torch.nn.Module]]
-    cache_point: tuple[str, torch.nn.Module]
-
-
-def deep_branch(unet: torch.nn.Module, branch_layers: int | None = None) -> DeepBranch:
-    """The branch that keeps the first ``branch_layers`` layers of the first down block (None: all).
-
-    With k of the first block's n layers kept, the skip connections still fresh are conv_in's and
-    those k layers', which feed the last k+1 layers of the last up block: those layers are computed,
-    the output of the layer before them is the cached feature. k = n is the whole-block branch
-    (cache at the last up block's input); smaller k skips more of the full-resolution work.
-    """
-    first = unet.down_blocks[0]
-    layers = len(first.resnets)
-    k = layers if branch_layers is None else min(branch_layers, layers)
-    deep = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks) if i > 0]
-    deep.append(("mid_block", unet.mid_block))
-    last = len(unet.up_blocks) - 1
-    deep += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks) if i < last]
-    if k == layers:  # the whole first block stays (its downsampler runs before the decision)
-        return DeepBranch(signal=("down_blocks.0", first), skipped=deep[:-1], cache_point=deep[-1])
-
-    def layer(prefix: str, block: torch.nn.Module, i: int) -> list[tuple[str, torch.nn.Module]]:
-        parts = [(f"{prefix}.resnets.{i}", block.resnets[i])]
-        if getattr(block, "attentions", None) is not None:
-            parts.append((f"{prefix}.attentions.{i}", block.attentions[i]))
-        return parts
-
-    signal = layer("down_blocks.0", first, k - 1)[-1] if k > 0 else ("conv_in", unet.conv_in)
-    skipped = [part for i in range(k, layers) for part in layer("down_blocks.0", first, i)]
-    if first.downsamplers is not None:
-        skipped += [(f"down_blocks.0.downsamplers.{i}", d) for i, d in enumerate(first.downsamplers)]
-    skipped += deep
-    up_name, up = f"up_blocks.{last}", unet.up_blocks[last]
-    cut = len(up.resnets) - k - 2  # the layer whose output is cached; the ones after it are computed
-    for i in range(cut):
-        skipped += layer(up_name, up, i)
-    *inside, cache_point = layer(up_name, up, cut)
-    return DeepBranch(signal=signal, skipped=skipped + inside, cache_point=cache_point)
-
-
-def _spatial_units(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The per-frame layers: spatial resnets and spatial transformer blocks (not their temporal twins)."""
-    units = []
-    for name, module in unet.named_modules():
-        if isinstance(module, ResnetBlock2D) and name.endswith("spatial_res_block"):
-            units.append((name, module))
-        elif isinstance(module, BasicTransformerBlock) and ".transformer_blocks." in f".{name}":
-            units.append((name, module))
-    return units
-
-
 def apply_pruning(unet: torch.nn.Module, config: PruningConfig) -> PruningState | None:
     """Hook pruning into a ``UNetSpatioTemporalConditionModel``; None when the threshold is 0 (off).
 
@@ -585,15 +419,15 @@ def apply_pruning(unet: torch.nn.Module, config: PruningConfig) -> PruningState 
     if not config.enabled:
         return None
     state = PruningState(unet, config)
-    HookRegistry.check_if_exists_or_initialize(unet).register_hook(_UNetHook(state), _HOOK_NAMES[0])
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(UNetHook(state), HOOK_NAMES[0])
     if config.reuse_steps or config.record_signals:
         register = HookRegistry.check_if_exists_or_initialize
         branch = deep_branch(unet, config.branch_layers)
-        register(branch.signal[1]).register_hook(_ShallowHook(state), _HOOK_NAMES[1])
+        register(branch.signal[1]).register_hook(ShallowHook(state), HOOK_NAMES[1])
         for _, module in branch.skipped:
-            register(module).register_hook(_SkipHook(state), _HOOK_NAMES[2])
-        register(branch.cache_point[1]).register_hook(_CachePointHook(state), _HOOK_NAMES[3])
+            register(module).register_hook(SkipHook(state), HOOK_NAMES[2])
+        register(branch.cache_point[1]).register_hook(CachePointHook(state), HOOK_NAMES[3])
     if config.reuse_frames:
-        for _, unit in _spatial_units(unet):
-            HookRegistry.check_if_exists_or_initialize(unit).register_hook(_SpatialFramesHook(state), _HOOK_NAMES[4])
+        for _, unit in spatial_units(unet):
+            HookRegistry.check_if_exists_or_initialize(unit).register_hook(SpatialFramesHook(state), HOOK_NAMES[4])
     return state

@@ -1,7 +1,7 @@
 """Pruning's settings: the knobs of static-frame pruning / step reuse, their defaults, checks and warnings.
 
 One job: what a run asks pruning to do (``PruningConfig``), so the settings, the adapter and every family can
-hold and validate it without importing the UNet hooks (``pruning.py``) that carry it out.
+hold and validate it without importing the UNet hooks (``pruning.py``, ``pruning_hooks.py``) that carry it out.
 """
 
 from __future__ import annotations
