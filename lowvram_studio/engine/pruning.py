@@ -33,7 +33,6 @@ measures, the run's state machine and ``apply_pruning``, which attaches the hook
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +55,6 @@ from .pruning_hooks import (
 )
 from .pruning_record import MapCode, PruningSummary
 
-logger = logging.getLogger(__name__)
 
 _EPS = 1e-8
 
@@ -146,7 +144,6 @@ class _Slot:
     deep_cache: torch.Tensor | None = None
     shallow_anchor: torch.Tensor | None = None
     last_output: torch.Tensor | None = None
-
 
 
 class PruningState:
