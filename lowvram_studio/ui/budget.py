@@ -149,9 +149,9 @@ def plan_budget(form: dict[str, Any], loaded: LoadedModel | None) -> BudgetAnswe
         return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget.")
     if BUDGET_CHOICES.get(form.get("vram_budget")) == "off":
         return BudgetAnswer(None, "Manual: the settings below are yours; Generate applies no budget. One exception "
-                                  "on a GPU: with Decode chunk 0, if decoding all frames at once would alone set the "
+                                  "on a GPU: with “Decode frames at once” 0, if decoding all frames at once would alone set the "
                                   "peak, Generate decodes in the fewest chunks that keep it under the denoise peak "
-                                  "(set Decode chunk to the frame count to decode all at once).")
+                                  "(set it to the frame count to decode all at once).")
     try:
         request = budget_request(form_to_settings(form)).validate()
         device = resolve_device(request.device)
