@@ -41,7 +41,8 @@ CONTEXT_MIB = 600.0  # the CUDA context the memory model assumes on the H100 (pl
 # (engine/wan.py, WanFamily.encode): their encode phase held the encoder's and the VAE's weights at once
 ENCODE_BEFORE_RELEASE = {"wan_20261207.json"}
 # ... and, offloaded, moved the VAE whole (now its encoder and decoder halves apart) and streamed UMT5's input
-# embedding (now looked up on the CPU; engine/placement.py): their rows are fitted with the weights they held
+# embedding (now looked up on the CPU; engine/placement.py), and held the decoded clip on the GPU (now its frames
+# move to the CPU as they are made; engine/wan.py): their rows are fitted with what they held
 BEFORE_HALVES = {"wan_20261207.json"}
 RISE_MIB = 256.0  # a phase above the ones before it by less is within the meter's noise: not its own peak
 WITHIN = 0.15  # the memory model's promise: leave-one-out errors within +/-15 %
@@ -77,7 +78,8 @@ def measured_rows(paths: list[Path]) -> list[dict[str, Any]]:
             fitted = encoder_ran or settings.offload != OffloadMode.NONE
             dims = ti2v_5b_dims()
             if path.name in BEFORE_HALVES:
-                dims = replace(dims, vae_encode_params=0, encoder_stream_params=UMT5_XXL["vocab_size"] * UMT5_XXL["d_model"])
+                dims = replace(dims, vae_encode_params=0, decode_to_host=False,
+                               encoder_stream_params=UMT5_XXL["vocab_size"] * UMT5_XXL["d_model"])
             rows.append({"name": f"{row['name']} ({path.name})", "settings": settings, "dims": dims,
                          "context_mib": CONTEXT_MIB, "process_peak_mib": float(row["process_peak_mib"]),
                          "phase_peaks_mib": own if fitted else {}, "fitted": fitted, "encoder_ran": encoder_ran})

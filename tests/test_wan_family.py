@@ -255,3 +255,24 @@ def test_a_streamed_text_encoder_looks_its_tokens_up_on_the_cpu_and_gets_its_tab
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert np.abs(streamed - ours(pipeline, image)).max() <= 1e-6
     assert ti2v_5b_dims().encoder_stream_params == 4096 * 10240  # a feed-forward weight, not the 256 k x 4096 table
+
+
+def test_wan_decoded_frames_leave_the_gpu_as_they_are_made_and_the_planner_counts_one_latent_frame(pipeline, image):
+    """The Wan VAE's decoder output moves to the CPU per call, so diffusers assembles the clip there (the GPU would
+    hold 1.3 GB at 720p x 121 in fp32, twice that while concatenating); the hook goes with the decode."""
+    from lowvram_studio.engine.events import Phase
+    from lowvram_studio.models.wan_configs import ti2v_5b_dims
+    from lowvram_studio.plan.memory_model import phase_features
+    from lowvram_studio.settings import RunSettings
+
+    assert np.abs(ours(pipeline, image, PLAIN.replace(decode=DecodeConfig(tile=16))) -
+                  ours(pipeline, image, PLAIN.replace(decode=DecodeConfig(tile=16)))).max() == 0
+    assert not pipeline.vae.decoder._forward_hooks
+    settings = RunSettings(height=704, width=1280, num_frames=121, device="cuda")
+    dims = ti2v_5b_dims()
+    assert dims.decode_to_host
+    held = phase_features(dims, settings, Phase.DECODE)["decode_output"]
+    assert held == pytest.approx(4 * 704 * 1280 * 3 / 2**20)  # one latent frame: 4 pixel frames
+    from dataclasses import replace
+    assert phase_features(replace(dims, decode_to_host=False), settings, Phase.DECODE)["decode_output"] == \
+        pytest.approx(121 * 704 * 1280 * 3 / 2**20)

@@ -39,6 +39,8 @@ class ModelDims:
     for one encode is dropped before the denoiser runs), even when every weight stays on the GPU.
     ``vae_encode_params``: the VAE weights its encode needs, for a VAE that an offload mode moves in halves
     (engine/placement.py; Wan's encoder and quantisation convolution); 0: the whole VAE moves at once.
+    ``decode_to_host``: decoded pixels move to the CPU as the VAE makes them (Wan, engine/wan.py), so the GPU
+    holds one latent frame's pixel frames, not the clip.
     """
 
     name: str
@@ -56,6 +58,7 @@ class ModelDims:
     encoder_stream_params: int = 0
     encoder_dropped: bool = False
     vae_encode_params: int = 0
+    decode_to_host: bool = False
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a clip of ``frames`` pixel frames."""

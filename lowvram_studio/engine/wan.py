@@ -302,7 +302,15 @@ class WanFamily:
         native = frame_major(latents).to(compute_dtype(vae))
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(native.device, native.dtype)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(native.device, native.dtype)
-        return vae.decode(native / inverse_std + mean, return_dict=False)[0].float()
+        # Each latent frame's pixels leave the GPU as the decoder makes them: diffusers assembles the clip (a
+        # torch.cat per frame, tiles blended) on whatever device they are on, so it does so on the CPU and the GPU
+        # never holds the clip (720p x 121: 1.3 GB in fp32, twice that while concatenating). Exact: the assembly
+        # only copies, blends and clamps. Hand-written: diffusers' Wan VAE has no output-device option.
+        to_host = vae.decoder.register_forward_hook(lambda module, args, pixels: pixels.to("cpu"))
+        try:
+            return vae.decode(native / inverse_std + mean, return_dict=False)[0].float()
+        finally:
+            to_host.remove()
 
     def to_frames(self, video: torch.Tensor) -> np.ndarray:
         frames = self.pipeline.video_processor.postprocess_video(video, output_type="np")
@@ -332,4 +340,5 @@ class WanFamily:
             encoder_stream_params=(self.text_encoder_source.largest_streamed_parameter() if encoder is None
                                    else largest_streamed_parameter(encoder)),
             encoder_dropped=self.text_encoder_source is not None,
+            decode_to_host=True,
         )

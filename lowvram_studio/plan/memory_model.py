@@ -144,7 +144,8 @@ def _wan_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_t
     """Wan's denoise and decode features. The transformer's activations are per token (latent frames x patches
     of latent cells) and hidden channel; the feed-forward's share shrinks with ``ff_chunk``. Its VAE decodes
     latent frame after latent frame with a feature cache, so the decode's transient scales with a frame's (or
-    a tile's) pixels, not with the clip's frames, while the decoded clip itself is held whole."""
+    a tile's) pixels, not with the clip's frames; the decoded clip is held whole on the GPU unless its frames move
+    to the CPU as they are made (``dims.decode_to_host``: then one latent frame's pixel frames)."""
     if phase == Phase.DENOISE:
         tokens = dims.tokens_per_latent_frame(settings.height, settings.width) * window_frames(settings, dims)
         branches = 2 if settings.guidance_enabled and not settings.cfg_split else 1
@@ -153,8 +154,9 @@ def _wan_features(dims: ModelDims, settings: RunSettings, phase: Phase, device_t
         ff = min(1.0, settings.ff_chunk / (branches * tokens)) if settings.ff_chunk else 1.0
         return {"dit_tokens": per_channel, "dit_ff": per_channel * ff,
                 "stream_extra_mib": 1.0 if settings.offload == OffloadMode.STREAM and device_type == "cuda" else 0.0}
+    held = min(dims.temporal_scale, settings.num_frames) if dims.decode_to_host else settings.num_frames
     return {"vae_decode": _decoded_px(settings) * vae_bytes * dims.vae_width / MIB,
-            "decode_output": settings.num_frames * settings.height * settings.width * 3 / MIB}
+            "decode_output": held * settings.height * settings.width * 3 / MIB}
 
 
 @dataclass(frozen=True)
