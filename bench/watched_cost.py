@@ -30,7 +30,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from bench.common import new_report, write_report  # noqa: E402
 from lowvram_studio.media import load_image  # noqa: E402
 from lowvram_studio.settings import RunSettings  # noqa: E402
-from lowvram_studio.ui.app import serve_studio  # noqa: E402
+from lowvram_studio.ui.serve import serve_studio  # noqa: E402
 from lowvram_studio.ui.studio import ASSETS, DEMO, Studio  # noqa: E402
 from lowvram_studio.ui.config_store import ConfigStore  # noqa: E402
 from lowvram_studio.ui.form import FORM_NAMES  # noqa: E402

@@ -338,7 +338,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from .ui.app import launch_studio
+    from .ui.serve import launch_studio
     from .ui.queue_entry import QueueError
     from .ui.queue_lock import QueueLocked
     from .ui.share import ShareError

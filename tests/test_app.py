@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from lowvram_studio.media import read_mp4_comment, read_video
-from lowvram_studio.ui.app import serve_studio, start_studio
+from lowvram_studio.ui.serve import serve_studio, start_studio
 from lowvram_studio.ui.studio import ASSETS, Studio
 from lowvram_studio.ui.budget import PLANNED_FIELDS
 from lowvram_studio.ui.config_store import ConfigStore

@@ -26,7 +26,8 @@ import pytest
 from lowvram_studio.jobs import run_job
 from lowvram_studio.media import load_image
 from lowvram_studio.settings import RunSettings
-from lowvram_studio.ui.app import QUEUE_REFRESH_S, serve_studio
+from lowvram_studio.ui.app import QUEUE_REFRESH_S
+from lowvram_studio.ui.serve import serve_studio
 from lowvram_studio.ui.studio import ASSETS, DEMO, Studio
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.form import FORM_NAMES

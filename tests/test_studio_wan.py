@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError
 
 from lowvram_studio.media import read_video
 from lowvram_studio.models.wan_toy import build_toy_wan_pipeline
-from lowvram_studio.ui.app import serve_studio
+from lowvram_studio.ui.serve import serve_studio
 from lowvram_studio.ui.studio import ASSETS, Studio
 from lowvram_studio.ui.config_store import ConfigStore
 from lowvram_studio.ui.family_form import FAMILY_CONTROLS

@@ -1,20 +1,18 @@
 """The studio: a Gradio Blocks app over the same engine the CLI uses.
 
-The page (``build_app``: layout, then the wiring of each control to a ``Studio`` method in ui/studio.py),
-and serving it; nothing runs at import. GPU work never runs in a Gradio handler: handlers submit a job to
-the background ``Worker`` and stream its progress to the page once a second and its memory curve every few
-seconds: each update costs the browser a redraw, and on a CPU run that competes with the run itself
-(#21: a page redrawing 2.5x a second made a CPU run 4x slower).
+The page (``build_app``: layout, then the wiring of each control to a ``Studio`` method in ui/studio.py);
+serving it is ui/serve.py's; nothing runs at import. GPU work never runs in a Gradio handler: handlers submit
+a job to the background ``Worker`` and stream its progress to the page once a second and its memory curve
+every few seconds: each update costs the browser a redraw, and on a CPU run that competes with the run itself
+(#21: a page redrawing 2.5x a second made a CPU run 4x slower). The module is over 400 lines because Gradio
+builds a page inside one ``with gr.Blocks()`` context: its components and their wiring cannot be split apart.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
-import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +62,6 @@ from .runs_view import (
     TabHistory,
     stats_headers,
 )
-from .share import LoginGuard, serve_options, share_report
 from .sliders import SLIDERS, snap_note
 from .starters import STARTERS, starter_form
 from .studio import (
@@ -93,15 +90,6 @@ def with_named_values(fn: Callable, names: list[str]) -> Callable:
     named = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
     fn.__signature__ = signature.replace(parameters=fixed + named)
     return fn
-
-
-def free_port(start: int = 7860, tries: int = 100) -> int:
-    """The first port from ``start`` that nothing listens on locally."""
-    for port in range(start, start + tries):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            if probe.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise OSError(f"no free port between {start} and {start + tries - 1}; close other servers or pass --port")
 
 
 # ---- layout -------------------------------------------------------------------------------------
@@ -461,66 +449,3 @@ def build_app(studio: Studio) -> gr.Blocks:
         reuse_file.upload(reuse_drop, reuse_file, [*components, image, reuse_note], api_name="reuse")
         reuse_file.upload(lambda: None, outputs=reuse_file, queue=False, api_name=False)
     return app
-
-
-@dataclass
-class RunningStudio:
-    """A started studio: the app, its studio, the addresses, and what to tell the user about sharing."""
-
-    app: gr.Blocks
-    studio: Studio
-    local_url: str
-    share_url: str | None
-    share_report: str | None
-
-    def close(self) -> None:
-        self.studio.close()
-        self.app.close()
-
-
-def serve_studio(studio: Studio, port: int | None = None, **launch: Any) -> tuple[gr.Blocks, str, str | None]:
-    """Build ``studio``'s page and serve it without blocking (the CLI, the tests and bench/watched_cost.py):
-    on ``port`` or the first free one from 7860, serving only its outputs and the assets. ``launch``: more
-    ``gr.Blocks.launch`` options. Returns the app, its local URL and its share URL (None unless shared)."""
-    app = build_app(studio)
-    app.queue(default_concurrency_limit=None)
-    _, local_url, share_url = app.launch(
-        server_port=port or free_port(),
-        allowed_paths=[str(studio.output_dir), str(ASSETS)],  # nothing else of this machine is served
-        prevent_thread_lock=True,
-        **launch,
-    )
-    return app, local_url, share_url
-
-
-def start_studio(args: argparse.Namespace) -> RunningStudio:
-    """Start serving without blocking (``launch_studio`` blocks; tests use this)."""
-    options = serve_options(args.listen, args.share, args.auth, args.insecure_share)
-    outputs = getattr(args, "outputs", None)
-    studio = Studio(args.model, Path(outputs) if outputs else None)  # QueueLocked if another studio runs
-    problem = studio.output_problem()  # also creates the folder
-    if problem:
-        logger.warning(problem)
-    app, local_url, share_url = serve_studio(
-        studio,
-        args.port,
-        server_name=options.server_name,
-        inbrowser=not args.no_browser,
-        share=options.share,
-        auth=LoginGuard(*options.auth) if options.auth else None,
-    )
-    studio.queue.set_owner(local_url)  # a second studio on this queue says where this one is
-    return RunningStudio(app, studio, local_url, share_url, share_report(options.share, share_url, local_url))
-
-
-def launch_studio(args: argparse.Namespace) -> int:
-    """Start the studio for ``lowvram-studio ui``; blocks until Ctrl+C."""
-    running = start_studio(args)
-    try:
-        if running.share_report:
-            logger.warning(running.share_report)
-        logger.warning("videos, records and curves are saved to %s", running.studio.output_dir)
-        running.app.block_thread()
-    finally:
-        running.studio.close()
-    return 0
