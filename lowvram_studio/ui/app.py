@@ -77,7 +77,6 @@ logger = logging.getLogger(__name__)
 QUEUE_REFRESH_S = 1.0  # the queue table is checked once a second and redrawn only when it changed
 
 
-
 # ---- helpers ------------------------------------------------------------------------------------
 def discovered_models() -> list[str]:
     """SVD and Wan models found on disk for the picker (ComfyUI folders, the HF cache, COMFYUI_ROOT)."""
@@ -93,12 +92,6 @@ def with_named_values(fn: Callable, names: list[str]) -> Callable:
 
 
 # ---- layout -------------------------------------------------------------------------------------
-# Tightens Gradio's spacing so image, main settings and Generate fit a 1366x768 laptop screen unscrolled.
-COMPACT_CSS = """
-#title h1 { font-size: 1.5em; margin: 0; }
-#title p { margin: 0; }
-#banner p { margin: 2px 0; font-size: 0.85em; }
-"""
 
 
 def build_app(studio: Studio) -> gr.Blocks:
