@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.budgets import PHASE_COLUMNS, ChildMeter, run_metered, run_row, write_input_image  # noqa: E402
 from bench.common import device_run_arguments, write_report  # noqa: E402
-from lowvram_studio.plan.budgets import PRESETS  # noqa: E402
+from lowvram_studio.plan.budgets import budget_for  # noqa: E402
+from lowvram_studio.plan.memory_model import MemoryModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"480p": (480, 832, 81), "720p": (704, 1280, 121)}
@@ -55,6 +56,11 @@ ROWS: list[tuple[str, str, list[str]]] = [  # (name, case, our CLI flags); "diff
     ("480p ours budget 12GB", "480p", [*PROMPT, "--vram-budget", "12GB"]),
     ("720p ours budget 12GB", "720p", [*PROMPT, "--vram-budget", "12GB"]),
     ("720p ours budget 16GB", "720p", [*PROMPT, "--vram-budget", "16GB"]),
+    # issue #19's anchors: a 6 GB card completes 704x1280x121; a 4 GB one 480p (both predicted to fit since the VAE
+    # moves in halves, UMT5's table stays on the CPU and decoded frames leave the GPU)
+    ("720p ours budget 6GB", "720p", [*PROMPT, "--vram-budget", "6GB"]),
+    ("480p ours budget 4GB", "480p", [*PROMPT, "--vram-budget", "4GB"]),
+    ("720p ours budget 4GB", "720p", [*PROMPT, "--vram-budget", "4GB"]),
 ]
 
 REFERENCE = r"""
@@ -148,7 +154,7 @@ def main() -> int:
             rows.append(reference_row(name, case, args, meter, cases))
         else:
             budget = flags[flags.index("--vram-budget") + 1] if "--vram-budget" in flags else None
-            available = {} if budget is None else {budget: PRESETS[budget].available_mib}
+            available = {} if budget is None else {budget: budget_for(budget, MemoryModel.for_kind("wan")).available_mib}
             rows.append(run_row({"name": name, "case": case, "flags": flags, "budget": budget}, args, meter, cases,
                                 image, available))
         env = next((r["env"] for r in rows if r.get("env")), {})  # the child's stamp: this process stays off CUDA
