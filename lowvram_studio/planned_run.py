@@ -22,7 +22,7 @@ from .engine.sampler import resolve_device
 from .engine.speed_model import SpeedEstimate, steady_seconds_per_step
 from .models.load import LoadedModel
 from .plan.planner import Plan, Planner, plan_for_settings
-from .plan.ram import MachineRam, RamPlan, plan_ram
+from .plan.ram import MachineRam, RamPlan, decoded_clip_bytes, plan_ram
 from .plan.replan import decode_retry, run_with_replan
 from .settings import RunSettings, SettingsError
 from .settings_adapter import RunResult, generate, precision_request
@@ -70,7 +70,8 @@ def plan_run(model: LoadedModel, settings: RunSettings, *, planner: Planner | No
     plan = plan_for_settings(planner, settings) if apply_plan else None
     chosen = plan.settings if plan is not None else settings
     policy = PrecisionPolicy.resolve(precision_request(chosen), gpu, family.components)
-    ram = plan_ram(planner.dims, policy, chosen.offload, gpu is not None, machine or MachineRam.now())
+    ram = plan_ram(planner.dims, policy, chosen.offload, gpu is not None, machine or MachineRam.now(),
+                   decoded_clip_bytes(chosen.num_frames, chosen.height, chosen.width))
     if ram.refusal():
         raise SettingsError([ram.refusal()])
     estimate = None if unet_config is None else estimate_for_card(unet_config, planner.dims, chosen, gpu)

@@ -52,7 +52,22 @@ def test_the_record_carries_the_ram_plan(tmp_path, capsys):
                  "--frames", "4", "--steps", "2", "--width", "64", "--height", "64", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     ram_plan = json.loads(out.with_suffix(".json").read_text())["info"]["ram_plan"]
-    assert ram_plan["needed_mib"] == sum(ram_plan["weights_on_host_mib"].values()) > 0
+    assert ram_plan["needed_mib"] == sum(ram_plan["weights_on_host_mib"].values()) + ram_plan["decoded_clip_mib"] > 0
     assert ram_plan["machine_total_mib"] > 0 and ram_plan["warning"] is None
 
 
+
+
+def test_the_decoded_clip_counts_too():
+    """Wan's decoded frames come to the host as they are made and are concatenated there: 1280x704x121 in float32
+    is 1.2 GiB, 2.4 GiB at the concatenation's peak, on top of the weights a streamed run keeps."""
+    from lowvram_studio.plan.ram import decoded_clip_bytes
+
+    bf16 = policy(RTX_3060, denoiser="bf16", encoder="auto")
+    clip = decoded_clip_bytes(121, 704, 1280)
+    assert clip == 2 * 121 * 704 * 1280 * 3 * 4
+    weights_only = plan_ram(TI2V_5B, bf16, OffloadMode.STREAM, True, DESKTOP)
+    with_clip = plan_ram(TI2V_5B, bf16, OffloadMode.STREAM, True, DESKTOP, clip)
+    assert with_clip.needed == weights_only.needed + clip
+    assert "22.5 GiB of weights in RAM (offload stream) and 2.4 GiB of decoded frames" in with_clip.warning()
+    assert with_clip.to_dict()["decoded_clip_mib"] == round(clip / 2**20)
