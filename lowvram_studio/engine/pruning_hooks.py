@@ -32,10 +32,16 @@ if TYPE_CHECKING:
 _HOOK_PREFIX = "lowvram_pruning"
 
 
-class UNetHook(ModelHook):
+class StateHook(ModelHook):
+    """A pruning hook: it reads and updates the run's one ``PruningState``."""
+
     def __init__(self, state: PruningState):
         super().__init__()
         self.state = state
+
+
+class UNetHook(StateHook):
+    """On the UNet: each call's input and output, for the step and frame decisions."""
 
     def pre_forward(self, module, *args, **kwargs):
         self.state.on_unet_call(args[0] if args else kwargs["sample"])
@@ -47,12 +53,8 @@ class UNetHook(ModelHook):
         return output
 
 
-class ShallowHook(ModelHook):
+class ShallowHook(StateHook):
     """On the branch's signal module (the first down block, one of its layers, or conv_in)."""
-
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
 
     def post_forward(self, module, output):
         self.state.on_shallow_output(output[0] if isinstance(output, tuple) else output)
@@ -73,12 +75,8 @@ def _passthrough(module: torch.nn.Module, hidden: torch.Tensor, return_dict: boo
     return hidden
 
 
-class SkipHook(ModelHook):
+class SkipHook(StateHook):
     """On every module of the deep path: not run on a reused step."""
-
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
 
     def new_forward(self, module, *args, **kwargs):
         if not self.state.deep_reused:
@@ -87,12 +85,11 @@ class SkipHook(ModelHook):
         return _passthrough(module, hidden, kwargs.get("return_dict", True))
 
 
-class CachePointHook(ModelHook):
+class CachePointHook(StateHook):
     """On the deep path's last module: caches its output on computed steps and replays it on reused ones."""
 
     def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
+        super().__init__(state)
         self.as_tuple = False  # the module's output form, seen on the (always computed) first step
 
     def new_forward(self, module, *args, **kwargs):
@@ -105,12 +102,8 @@ class CachePointHook(ModelHook):
         return output
 
 
-class SpatialFramesHook(ModelHook):
+class SpatialFramesHook(StateHook):
     """On every spatial layer: compute the kept frames only, then copy rows to their group's frames."""
-
-    def __init__(self, state: PruningState):
-        super().__init__()
-        self.state = state
 
     def new_forward(self, module, *args, **kwargs):
         plan = self.state.plan
