@@ -241,3 +241,7 @@ def test_a_compare_whose_fp32_reference_cannot_fit_the_machines_ram_is_refused_b
     assert [one.settings for one in planned[:2]] == [run.settings for run in runs[:2]]
     assert all(one.plan is None for one in planned[:2]) and planned[2].plan is not None
     assert any(note.startswith(f"{OPTIMIZED_LABEL}, planned for 6GB: predicted peak") for note in notes), notes
+    from lowvram_studio.planned_run import plan_run  # Generate's decision for the same request: the same plan
+
+    generate_plan = plan_run(model, runs[2].settings, planner=full_size, machine=MachineRam(64 * 2**30, 64 * 2**30, 0))
+    assert generate_plan.settings == planned[2].settings and generate_plan.plan.reasons == planned[2].plan.reasons
