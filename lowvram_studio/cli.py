@@ -43,12 +43,13 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     from enum import Enum
 
     from .settings import VRAM_BUDGETS, field_types
-    from .settings_table import TABLE
+    from .settings_table import GROUP_TITLES, TABLE
 
-    group = parser.add_argument_group("generation and engine settings")
+    groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()}
     for row in TABLE.values():
         if row.flag is None:
             continue
+        group = groups[row.group]
         kind = field_types()[row.name]
         old_flags = [f"--{alias.replace('_', '-')}" for alias in row.aliases]
         if kind is bool:
@@ -61,7 +62,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
                            help=f"{row.help} ({' | '.join(values)})" if values else row.help)
         for old in old_flags:
             group.add_argument(old, dest=row.name, type=flag_type, default=None, help=argparse.SUPPRESS)
-    group.add_argument("--settings", type=Path, help="start from a settings JSON file (flags override it)")
+    groups["make"].add_argument("--settings", type=Path, help="start from a settings JSON file (flags override it)")
 
 
 def _warn_old_flags(argv: Sequence[str]) -> None:

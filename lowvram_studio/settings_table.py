@@ -26,6 +26,17 @@ Group = Literal["make", "precision", "layer chunks", "placement", "decode", "win
 Cost = Literal["step", "run"] | None
 
 LOSSY_MARK = " ⚠ lossy"
+# Each group's heading (the CLI's --help sections)
+GROUP_TITLES: dict[str, str] = {
+    "make": "what to make",
+    "precision": "precision (below fp32: lossy)",
+    "layer chunks": "lossless layer chunks",
+    "placement": "weight placement (lossless)",
+    "decode": "VAE decode (lossy below all frames / with tiles)",
+    "windows": "temporal windows (lossy)",
+    "pruning": "static-frame pruning and step reuse (lossy)",
+    "delivery": "VRAM budget, interpolation, live preview",
+}
 
 
 @dataclass(frozen=True)

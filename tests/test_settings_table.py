@@ -93,3 +93,16 @@ def test_the_old_flags_still_run_and_say_their_new_names(tmp_path, capsys):
     assert read_video(out)[0].shape[0] == 4
     ran = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert (ran["window_frames"], ran["decode_frames"]) == (2, 2) and "chunk_size" not in ran
+
+
+def test_generate_help_lists_each_flag_under_its_group(capsys):
+    from lowvram_studio.settings_table import GROUP_TITLES
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for name, title in GROUP_TITLES.items():
+        section = text.split(f"\n{title}:\n", 1)[1].split("\n\n", 1)[0]
+        flags = [row.flag for row in TABLE.values() if row.group == name and row.flag]
+        assert flags and all(flag in section for flag in flags), (title, flags)
+    assert "--chunk-size" not in text and "--decode-chunk" not in text  # old names work, unlisted
