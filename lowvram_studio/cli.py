@@ -51,7 +51,6 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         group = groups[row.group]
         kind = field_types()[row.name]
-        old_flags = [f"--{alias.replace('_', '-')}" for alias in row.aliases]
         if kind is bool:
             group.add_argument(row.flag, dest=row.name, action="store_true", default=None, help=row.help)
             continue
@@ -60,19 +59,19 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         flag_type = str if issubclass(kind, Enum) else kind
         group.add_argument(row.flag, dest=row.name, type=flag_type, default=None,
                            help=f"{row.help} ({' | '.join(values)})" if values else row.help)
-        for old in old_flags:
+        for old in row.old_flags:
             group.add_argument(old, dest=row.name, type=flag_type, default=None, help=argparse.SUPPRESS)
     groups["make"].add_argument("--settings", type=Path, help="start from a settings JSON file (flags override it)")
 
 
 def _warn_old_flags(argv: Sequence[str]) -> None:
     """A note on stderr for each flag of a renamed setting, so scripts move before the old names go."""
-    from .settings_table import RENAMED, TABLE
+    from .settings_table import TABLE
 
-    for old, new in RENAMED.items():
-        flag = f"--{old.replace('_', '-')}"
-        if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
-            print(f"note: {flag} is now {TABLE[new].flag}; the old name is accepted until 0.3", file=sys.stderr)
+    for row in TABLE.values():
+        for flag in row.old_flags:
+            if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+                print(f"note: {flag} is now {row.flag}; the old name is accepted until 0.3", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,6 @@ from .speed import estimate_for_card, estimate_record, remember_speed
 class PlannedRun:
     """What one run will execute, and why: ``settings`` are the plan's when a plan chose them."""
 
-    request: RunSettings
     settings: RunSettings
     planner: Planner
     plan: Plan | None
@@ -74,8 +73,8 @@ def plan_run(model: LoadedModel, settings: RunSettings, *, planner: Planner | No
                    decoded_clip_bytes(chosen.num_frames, chosen.height, chosen.width))
     if ram.refusal():
         raise SettingsError([ram.refusal()])
-    estimate = None if unet_config is None else estimate_for_card(unet_config, planner.dims, chosen, gpu)
-    return PlannedRun(settings, chosen, planner, plan, ram, gpu, unet_config, estimate)
+    estimate = estimate_for_card(unet_config, planner.dims, chosen, gpu)
+    return PlannedRun(chosen, planner, plan, ram, gpu, unet_config, estimate)
 
 
 def execute(model: LoadedModel, image: PIL.Image.Image, planned: PlannedRun, *, on_event: EventCallback | None = None,

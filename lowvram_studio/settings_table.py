@@ -61,6 +61,11 @@ class Setting:
     marked: bool = True  # the label carries the lossy mark (the UNet's dropdown marks its choices instead)
 
     @property
+    def old_flags(self) -> tuple[str, ...]:
+        """The flags of the names this setting had before (``aliases``), still accepted."""
+        return tuple(f"--{alias.replace('_', '-')}" for alias in self.aliases)
+
+    @property
     def studio_label(self) -> str:
         """The label on the page: lossy settings carry ⚠."""
         return self.label + (LOSSY_MARK if self.lossy is not None and self.marked else "")

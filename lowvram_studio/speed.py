@@ -35,11 +35,12 @@ def speed_key(model: str, gpu_name: str, settings: RunSettings) -> str:
             + json.dumps(values, sort_keys=True))
 
 
-def estimate_for_card(unet_config: dict[str, Any], dims: ModelDims, settings: RunSettings,
+def estimate_for_card(unet_config: dict[str, Any] | None, dims: ModelDims, settings: RunSettings,
                       gpu: GpuInfo | None) -> SpeedEstimate | None:
     """s/step and the clip's denoising time on ``gpu``, calibrated by this card's earlier runs (None on the CPU,
-    where the GPU-class table has nothing to say). ``dims.name`` keys the calibration."""
-    if gpu is None:
+    where the GPU-class table has nothing to say, and without a UNet config: the speed model counts UNet layers,
+    a Wan transformer has none). ``dims.name`` keys the calibration."""
+    if gpu is None or unet_config is None:
         return None
     return estimate_speed(unet_config, step_config(settings, gpu), settings.num_inference_steps, gpu.name,
                           key=speed_key(dims.name, gpu.name, settings),

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lowvram_studio.ui.config_store import CONFIG_ENV, ConfigStore, PresetError, config_dir
+from lowvram_studio.ui.config_store import ConfigStore, PresetError
+from lowvram_studio.userdirs import CONFIG_ENV, config_dir
 
 
 def test_config_dir_follows_the_environment_override(tmp_path, monkeypatch):

@@ -130,8 +130,7 @@ def card_speed_line(form: dict[str, Any], loaded: LoadedModel | None, settings: 
     """``speed_line`` for a given card (None: the CPU, no estimate)."""
     source = form.get(MODEL) or DEMO_MODEL_NAME
     dims, _ = model_dims(source, loaded)
-    config = unet_config(source, loaded, dims)
-    estimate = None if config is None else estimate_for_card(config, dims, settings, gpu)
+    estimate = estimate_for_card(unet_config(source, loaded, dims), dims, settings, gpu)
     return f"⏱ Time: {estimate.text}" if estimate is not None else ""
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..userdirs import CONFIG_ENV, config_dir, data_dir
+from ..userdirs import config_dir, data_dir
 
 logger = logging.getLogger(__name__)
 
